@@ -1,0 +1,82 @@
+"""
+Settings for every script, the nanoGPT way: a script's settings are its module globals, and
+
+    python train.py config/toy_cpu.py --batch_size=32 --device=cpu
+
+first runs the config file(s) (plain Python that assigns some of those globals), then applies the
+--key=value overrides. Values are parsed as Python literals (32, 3e-4, False, 'x'), falling back to a
+plain string, so --device=cuda works without quotes. Each script calls
+
+    from configurator import configure
+    config = configure(globals())
+
+after its defaults. An unknown key or a value of the wrong type is an error that names the key,
+the source and what was expected, never a silently ignored setting.
+"""
+
+import ast
+import difflib
+import sys
+
+SETTING_TYPES = (bool, int, float, str)
+
+
+def setting_names(g):
+    # a setting is any public global of a plain type; modules, functions and classes are not
+    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)]
+
+
+def _fail(msg):
+    raise SystemExit(f"configurator: {msg}")
+
+
+def _unknown(key, names, source):
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    _fail(f"unknown setting '{key}' in {source}{hint}; settings are: {', '.join(sorted(names))}")
+
+
+def _checked(key, value, default, source):
+    # int -> float is the one promotion allowed (--learning_rate=1 means 1.0); bool is not an int here
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not type(default):
+        _fail(f"setting '{key}' from {source} is {type(value).__name__} {value!r}, "
+              f"expected {type(default).__name__} like the default {default!r}")
+    return value
+
+
+def configure(g, argv=None):
+    """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to globals g.
+    Returns the dict of all settings after the overrides, for logging and checkpoints."""
+    argv = sys.argv[1:] if argv is None else argv
+    names = setting_names(g)
+    for arg in argv:
+        if not arg.startswith('--'):
+            try:
+                with open(arg) as f:
+                    code = f.read()
+            except OSError as e:
+                _fail(f"cannot read config file {arg}: {e.strerror}")
+            scope = {}
+            exec(compile(code, arg, 'exec'), scope)
+            for key, value in scope.items():
+                if key.startswith('_') or not isinstance(value, SETTING_TYPES):
+                    continue  # imports and helpers inside a config file are fine
+                if key not in names:
+                    _unknown(key, names, f"config file {arg}")
+                g[key] = _checked(key, value, g[key], f"config file {arg}")
+        else:
+            key, eq, text = arg[2:].partition('=')
+            if not eq:
+                _fail(f"override '{arg}' must look like --key=value")
+            if key not in names:
+                _unknown(key, names, f"override {arg}")
+            try:
+                value = ast.literal_eval(text)
+            except (SyntaxError, ValueError):
+                value = text  # a bare word such as cuda or data/toy is a string
+            if isinstance(g[key], str) and not isinstance(value, str):
+                value = text  # --out_dir=123 is the folder '123'
+            g[key] = _checked(key, value, g[key], f"override {arg}")
+    return {k: g[k] for k in names}
