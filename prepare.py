@@ -1,0 +1,774 @@
+"""
+Kaggle-layout parquet -> packed, memory-mapped binaries, and the reader every later stage uses.
+
+    python prepare.py                                   # embedded default: simulate data/sim, pack to data/sim_packed
+    python prepare.py --raw_dir=/data/icecube --out_dir=data/kaggle_packed --num_proc=16
+
+Input: a folder in the Kaggle "IceCube - Neutrinos in Deep Ice" layout (real, or written by simulate.py).
+Output: out_dir/train, out_dir/val (the last `val_batches` batch files of train, held out whole) and
+out_dir/test, each a folder of shards, one per batch file, plus geometry.npy and manifest.json:
+
+    out_dir/<split>/batch_<N>/pulses.npy   (n_pulses,) 8-byte records, sorted by (event, sensor, time):
+                                             dt          uint32   time - t0 of the event (ns), exact
+                                             sensor_aux  uint16   sensor_id | auxiliary << 15, exact
+                                             charge      float16  photoelectrons (the data's own precision)
+                           doms.npy     (n_doms + 1,) uint32: shard-local index of each DOM's first pulse;
+                                        a DOM is one hit sensor in one event, its pulses contiguous
+                           events.npy   (n_events,) records: event_id, t0 (first pulse time, ns),
+                                        pulse_start (int64), n_pulses, dom_start (int64), n_doms,
+                                        azimuth, zenith (NaN in test), and the truth columns where the
+                                        raw folder has a truth file (simulate.py writes one)
+                           shard.json   counts and summary statistics; written last, inside the shard
+    out_dir/<split>/geometry.npy         (n_sensors, 3) float32 x, y, z in metres, indexed by sensor_id
+    out_dir/<split>/manifest.json        shards, counts, dtypes, statistics; written when the split is complete
+
+Event i of a shard has pulses [pulse_start, pulse_start + n_pulses) and DOMs [dom_start, dom_start + n_doms);
+DOM d has pulses [doms[d], doms[d+1]). Everything is found in O(1) from np.load(..., mmap_mode='r').
+Offsets are int64 at event level; DOM offsets are uint32 because they are local to one shard (a batch
+file holds tens of millions of pulses, never four billion; prepare checks it).
+
+Each shard is built in a temporary folder and renamed when complete, so an interrupted prepare never
+leaves a shard that looks complete, and a re-run skips the shards that are (and rebuilds one whose
+source file changed). Workers process one batch file each, so memory is bounded by num_proc batch files.
+Bad input stops the run with a message naming the file, the event and the problem.
+
+The reader:
+    from prepare import open_split
+    s = open_split('data/sim_packed/val')
+    len(s), s.event_id, s.azimuth, s.zenith, s.truth, s.geometry
+    s.event(i)          -> dict of numpy arrays sensor_id, time, charge, auxiliary in (sensor, time) order
+    s.events(idx)       -> the same for many events, concatenated, with pulse/DOM offsets (vectorised)
+and the batcher that turns events into the model's fixed-shape micro-batches:
+    pack_batch(s, idx, max_pulses, max_doms, max_events, max_pulses_per_dom) -> (batch, n_taken)
+    BatchLoader(s, ...)  iterates such batches, filled by a background thread
+"""
+
+import glob
+import json
+import os
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+from functools import cached_property
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
+
+# -----------------------------------------------------------------------------
+# settings (override with a config file or --key=value, see configurator.py)
+raw_dir = 'data/kaggle'   # Kaggle-layout folder; if this default one holds no data, the toy set is simulated
+sim_dir = 'data/sim'      # where the embedded default synthetic set is simulated (never the same as raw_dir)
+out_dir = ''              # '' = <raw_dir>_packed, so real and synthetic outputs never share a folder
+val_batches = 1           # the last val_batches train batch files become the val split
+train_batches = 0         # use only the first N train batch files of the meta (0 = all); for partial downloads
+num_proc = max(1, min(8, os.cpu_count() or 1))  # worker processes, one batch file each
+# -----------------------------------------------------------------------------
+
+FORMAT_VERSION = 1
+PULSE_DTYPE = np.dtype([('dt', '<u4'), ('sensor_aux', '<u2'), ('charge', '<f2')])
+EVENT_FIELDS = [('event_id', '<i8'), ('t0', '<i8'), ('pulse_start', '<i8'), ('n_pulses', '<i4'),
+                ('n_doms', '<i4'), ('dom_start', '<i8'), ('azimuth', '<f8'), ('zenith', '<f8')]
+TRUTH_FIELDS = [('energy', '<f4'), ('kind', 'u1'), ('vertex_x', '<f4'), ('vertex_y', '<f4'), ('vertex_z', '<f4')]
+KIND_NAMES = ['track', 'cascade']  # truth 'kind' codes
+AUX_BIT = 1 << 15
+MAX_DT = np.iinfo(np.uint32).max
+MAX_CHARGE = float(np.finfo(np.float16).max)
+BATCH_COLUMNS = {'event_id': 'integer', 'sensor_id': 'integer', 'time': 'integer',
+                 'charge': 'floating', 'auxiliary': 'boolean'}
+META_COLUMNS = {'batch_id': 'integer', 'event_id': 'integer', 'first_pulse_index': 'integer',
+                'last_pulse_index': 'integer', 'azimuth': 'floating', 'zenith': 'floating'}
+
+
+class PrepareError(Exception):
+    """Bad input: the message names the file, the event where relevant, and the problem."""
+
+
+# -----------------------------------------------------------------------------
+# input checks and reading
+
+def _kind_ok(arrow_type, kind):
+    return {'integer': pa.types.is_integer, 'floating': pa.types.is_floating,
+            'boolean': pa.types.is_boolean}[kind](arrow_type)
+
+
+def check_schema(path, schema, wanted):
+    for name, kind in wanted.items():
+        if name not in schema.names:
+            raise PrepareError(f"{path}: missing column '{name}' (has {', '.join(schema.names)})")
+        t = schema.field(name).type
+        if not _kind_ok(t, kind):
+            raise PrepareError(f"{path}: column '{name}' has type {t}, expected {kind}")
+
+
+def read_geometry(raw):
+    path = os.path.join(raw, 'sensor_geometry.csv')
+    if not os.path.exists(path):
+        raise PrepareError(f"{path}: missing file (the Kaggle layout has sensor_geometry.csv)")
+    try:
+        table = pyarrow.csv.read_csv(path)
+    except pa.ArrowInvalid as e:
+        raise PrepareError(f"{path}: cannot parse: {e}")
+    check_schema(path, table.schema, {'sensor_id': 'integer', 'x': 'floating', 'y': 'floating', 'z': 'floating'})
+    sensor = table['sensor_id'].to_numpy()
+    xyz = np.stack([table[c].to_numpy() for c in 'xyz'], 1).astype(np.float64)
+    if not np.isfinite(xyz).all():
+        row = int(np.flatnonzero(~np.isfinite(xyz).all(1))[0])
+        raise PrepareError(f"{path}: non-finite position for sensor_id {sensor[row]}")
+    if sensor.min() < 0 or sensor.max() >= AUX_BIT:
+        raise PrepareError(f"{path}: sensor_id must be in [0, {AUX_BIT}) for the packed format")
+    if len(np.unique(sensor)) != len(sensor):
+        raise PrepareError(f"{path}: duplicate sensor_id")
+    geometry = np.full((int(sensor.max()) + 1, 3), np.nan, np.float32)
+    geometry[sensor] = xyz
+    return geometry
+
+
+def iter_meta(path, wanted, batch_ids_wanted=None, rows_per_read=1 << 20):
+    """Stream a meta parquet file and yield (batch_id, dict of column arrays) per batch, without ever
+    holding the whole file (the real train_meta has 132M rows). Each batch's rows must be contiguous,
+    as in Kaggle's file."""
+    if not os.path.exists(path):
+        raise PrepareError(f"{path}: missing file")
+    pf = pq.ParquetFile(path)
+    check_schema(path, pf.schema_arrow, wanted)
+    seen, current, parts = set(), None, []
+    def flush():
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in wanted}
+        return current, cols
+    for rb in pf.iter_batches(batch_size=rows_per_read, columns=list(wanted)):
+        cols = {k: rb.column(k).to_numpy(zero_copy_only=False) for k in wanted}
+        bid = cols['batch_id']
+        cuts = np.flatnonzero(np.diff(bid)) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(bid)]):
+            b_id = int(bid[a])
+            if b_id != current:
+                if current is not None:
+                    yield flush()
+                    if batch_ids_wanted is not None and len(seen) >= batch_ids_wanted:
+                        return
+                if b_id in seen:
+                    raise PrepareError(f"{path}: rows of batch_id {b_id} are not contiguous")
+                seen.add(b_id)
+                current, parts = b_id, []
+            parts.append({k: v[a:b] for k, v in cols.items()})
+    if current is not None:
+        yield flush()
+
+
+def read_truth(path, batch_id, event_id):
+    """The simulation's truth for one batch, aligned to the meta's events (synthetic data only)."""
+    pf = pq.ParquetFile(path)
+    check_schema(path, pf.schema_arrow, {'batch_id': 'integer', 'event_id': 'integer', 'energy': 'floating',
+                                         'vertex_x': 'floating', 'vertex_y': 'floating', 'vertex_z': 'floating'})
+    t = pq.read_table(path, filters=[('batch_id', '=', batch_id)])
+    truth_id = t['event_id'].to_numpy()
+    order = np.argsort(truth_id)
+    pos = np.searchsorted(truth_id, event_id, sorter=order).clip(0, len(truth_id) - 1)
+    pos = order[pos] if len(order) else pos
+    if len(truth_id) == 0 or (truth_id[pos] != event_id).any():
+        missing = event_id[truth_id[pos] != event_id][0] if len(truth_id) else event_id[0]
+        raise PrepareError(f"{path}: no truth row for event_id {missing} of batch {batch_id}")
+    kinds = np.asarray(t['kind'].to_pylist(), dtype=object)[pos]
+    bad = ~np.isin(kinds, KIND_NAMES)
+    if bad.any():
+        raise PrepareError(f"{path}: event_id {event_id[bad][0]} has kind {kinds[bad][0]!r}, expected one of {KIND_NAMES}")
+    truth = {c: t[c].to_numpy()[pos] for c in ['energy', 'vertex_x', 'vertex_y', 'vertex_z']}
+    truth['kind'] = (kinds == 'cascade').astype(np.uint8)
+    return truth
+
+
+# -----------------------------------------------------------------------------
+# packing one batch file into one shard
+
+def _ranges(starts, lengths):
+    """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
+    lengths = np.asarray(lengths, np.int64)
+    ends = np.cumsum(lengths)
+    return np.repeat(np.asarray(starts, np.int64) - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
+
+
+def pack_file(src, meta, truth, geometry, has_labels):
+    """Read one Kaggle batch file, check it against its meta rows, and return the shard's arrays."""
+    pf = pq.ParquetFile(src)
+    check_schema(src, pf.schema_arrow, BATCH_COLUMNS)
+    table = pf.read(columns=list(BATCH_COLUMNS))
+    row_event = table['event_id'].to_numpy()
+    sensor = table['sensor_id'].to_numpy()
+    t = table['time'].to_numpy().astype(np.int64, copy=False)
+    charge = table['charge'].to_numpy()
+    aux = table['auxiliary'].to_numpy(zero_copy_only=False)
+    if table['auxiliary'].null_count or table['charge'].null_count or table['time'].null_count or table['sensor_id'].null_count:
+        raise PrepareError(f"{src}: null values in the pulse columns")
+    del table
+
+    # meta rows must tile the file: event k is rows first[k]..last[k], in order, nothing left over
+    event_id, first, last = meta['event_id'], meta['first_pulse_index'], meta['last_pulse_index']
+    n_events, n_rows = len(event_id), len(row_event)
+    counts = last - first + 1
+    where = lambda mask: f"event_id {event_id[np.flatnonzero(mask)[0]]}"
+    if (counts < 1).any():
+        raise PrepareError(f"{src}: {where(counts < 1)} has no pulses (last_pulse_index < first_pulse_index in the meta)")
+    expected_first = np.r_[0, np.cumsum(counts)[:-1]]
+    if (first != expected_first).any() or counts.sum() != n_rows:
+        bad = first != expected_first
+        what = where(bad) if bad.any() else f"the meta's last event (covers {counts.sum()} rows)"
+        raise PrepareError(f"{src}: meta pulse ranges do not match the batch file ({n_rows} rows) at {what}")
+    if (np.repeat(event_id, counts) != row_event).any():
+        row = int(np.flatnonzero(np.repeat(event_id, counts) != row_event)[0])
+        k = int(np.searchsorted(np.cumsum(counts), row, side='right'))
+        raise PrepareError(f"{src}: row {row} has event_id {row_event[row]} but the meta puts event_id {event_id[k]} there")
+    uniq, cnt = np.unique(event_id, return_counts=True)
+    if (cnt > 1).any():
+        raise PrepareError(f"{src}: duplicate event_id {uniq[cnt > 1][0]} in the meta")
+
+    # values the format must hold exactly
+    event_of_row = np.repeat(np.arange(n_events), counts)
+    def at(mask, what):
+        row = int(np.flatnonzero(mask)[0])
+        return PrepareError(f"{src}: event_id {event_id[event_of_row[row]]} (row {row}): {what}")
+    if not np.isfinite(charge).all():
+        raise at(~np.isfinite(charge), f"non-finite charge {charge[~np.isfinite(charge)][0]}")
+    if ((charge < 0) | (charge > MAX_CHARGE)).any():
+        bad = (charge < 0) | (charge > MAX_CHARGE)
+        raise at(bad, f"charge {charge[bad][0]} outside [0, {MAX_CHARGE:g}], which float16 cannot hold")
+    in_geometry = (sensor >= 0) & (sensor < len(geometry))
+    in_geometry[in_geometry] = np.isfinite(geometry[sensor[in_geometry], 0])
+    if not in_geometry.all():
+        raise at(~in_geometry, f"sensor_id {sensor[~in_geometry][0]} is not in sensor_geometry.csv")
+    t0 = np.minimum.reduceat(t, expected_first)
+    dt = t - np.repeat(t0, counts)
+    if (dt > MAX_DT).any():
+        raise at(dt > MAX_DT, f"time span {dt.max()} ns exceeds the format's uint32 limit")
+    if has_labels:
+        for name, hi in [('azimuth', 2 * np.pi), ('zenith', np.pi)]:
+            v = meta[name]
+            bad = ~np.isfinite(v) | (v < 0) | (v > hi + 1e-9)
+            if bad.any():
+                raise PrepareError(f"{src}: {where(bad)} has {name} {v[bad][0]} outside [0, {hi:.6f}] in the meta")
+    if n_rows >= 2**32:
+        raise PrepareError(f"{src}: {n_rows} pulses in one batch file exceed the shard format's uint32 DOM offsets")
+
+    # sort each event's pulses by (sensor, time): one stable sort on a packed integer key when it fits
+    dt = dt.astype(np.uint64)
+    bits_t, bits_e = max(int(dt.max()).bit_length(), 1), max(n_events.bit_length(), 1)
+    if bits_e + 15 + bits_t <= 64:
+        key = (event_of_row.astype(np.uint64) << np.uint64(15 + bits_t)) | (sensor.astype(np.uint64) << np.uint64(bits_t)) | dt
+        order = np.argsort(key, kind='stable')
+        del key
+    else:
+        order = np.lexsort((dt, sensor, event_of_row))
+    pulses = np.empty(n_rows, PULSE_DTYPE)
+    pulses['dt'] = dt[order]
+    sensor_sorted = sensor[order].astype(np.uint16)
+    pulses['sensor_aux'] = sensor_sorted | (aux[order].astype(np.uint16) << 15)
+    pulses['charge'] = charge[order]
+
+    # a DOM starts where the sensor changes or a new event starts
+    new_dom = np.ones(n_rows, bool)
+    new_dom[1:] = sensor_sorted[1:] != sensor_sorted[:-1]
+    new_dom[expected_first] = True
+    dom_first = np.flatnonzero(new_dom)
+    doms = np.r_[dom_first, n_rows].astype(np.uint32)
+    n_doms = np.add.reduceat(new_dom, expected_first).astype(np.int64)
+
+    events = np.zeros(n_events, EVENT_FIELDS + (TRUTH_FIELDS if truth is not None else []))
+    events['event_id'], events['t0'] = event_id, t0
+    events['pulse_start'], events['n_pulses'] = expected_first, counts
+    events['dom_start'], events['n_doms'] = np.cumsum(n_doms) - n_doms, n_doms
+    events['azimuth'] = meta['azimuth'] if has_labels else np.nan
+    events['zenith'] = meta['zenith'] if has_labels else np.nan
+    if truth is not None:
+        for name, _ in TRUTH_FIELDS:
+            events[name] = truth[name]
+
+    log_q = np.log10(np.maximum(pulses['charge'].astype(np.float64), 1e-3))
+    dom_size = np.diff(doms.astype(np.int64))
+    stats = {'n_events': n_events, 'n_pulses': n_rows, 'n_doms': int(len(dom_first)),
+             'n_aux': int(aux.sum()), 'n_single_pulse_doms': int((dom_size == 1).sum()),
+             'max_pulses_per_event': int(counts.max()), 'max_doms_per_event': int(n_doms.max()),
+             'max_pulses_per_dom': int(dom_size.max()), 'max_time_span': int(dt.max()),
+             'sum_log10_charge': float(log_q.sum()), 'sum_log10_charge_sq': float((log_q ** 2).sum()),
+             'event_id_min': int(event_id.min()), 'event_id_max': int(event_id.max())}
+    return pulses, doms, events, stats
+
+
+def _source_stamp(src):
+    st = os.stat(src)
+    return {'source': os.path.abspath(src), 'source_size': st.st_size, 'source_mtime_ns': st.st_mtime_ns}
+
+
+def shard_is_complete(shard_dir, src):
+    """A shard is complete when its folder exists under its final name with shard.json for the same source."""
+    try:
+        with open(os.path.join(shard_dir, 'shard.json')) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    stamp = _source_stamp(src)
+    return info if all(info.get(k) == v for k, v in stamp.items()) else None
+
+
+def write_shard(task):
+    """Worker: pack one batch file into out/<split>/batch_<N>, atomically (build in a temp folder, rename)."""
+    src, shard_dir, meta, truth, geometry, has_labels = task
+    t_start = time.time()
+    pulses, doms, events, stats = pack_file(src, meta, truth, geometry, has_labels)
+    tmp = f"{os.path.dirname(shard_dir)}/.tmp-{os.path.basename(shard_dir)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    np.save(f"{tmp}/pulses.npy", pulses)
+    np.save(f"{tmp}/doms.npy", doms)
+    np.save(f"{tmp}/events.npy", events)
+    info = {**_source_stamp(src), 'format_version': FORMAT_VERSION, **stats}
+    with open(f"{tmp}/shard.json", 'w') as f:
+        json.dump(info, f, indent=1)
+    shutil.rmtree(shard_dir, ignore_errors=True)  # a stale shard of a changed source file
+    os.rename(tmp, shard_dir)
+    return shard_dir, info, time.time() - t_start
+
+
+def _write_json_atomic(path, obj):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_manifest(split_dir, split, shard_infos, geometry, has_labels, has_truth):
+    """Written last: its presence is what makes a split readable. Also checks event ids across shards."""
+    names = [os.path.basename(d) for d, _ in shard_infos]
+    infos = [info for _, info in shard_infos]
+    # duplicate event ids across batch files: only shards whose id ranges overlap need a look
+    ranges = sorted((info['event_id_min'], info['event_id_max'], name) for name, info in zip(names, infos))
+    for (lo_a, hi_a, a), (lo_b, hi_b, b) in zip(ranges, ranges[1:]):
+        if lo_b <= hi_a:
+            ids_a = np.load(f"{split_dir}/{a}/events.npy", mmap_mode='r')['event_id']
+            ids_b = np.load(f"{split_dir}/{b}/events.npy", mmap_mode='r')['event_id']
+            dup = np.intersect1d(ids_a, ids_b)
+            if len(dup):
+                raise PrepareError(f"duplicate event_id {dup[0]} in {infos[names.index(a)]['source']} and {infos[names.index(b)]['source']}")
+    tmp = f"{split_dir}/geometry.npy.tmp.npy"
+    np.save(tmp, geometry)
+    os.replace(tmp, f"{split_dir}/geometry.npy")
+    total = lambda k: int(sum(info[k] for info in infos))
+    n_pulses = total('n_pulses')
+    mean_q = total('sum_log10_charge') / max(n_pulses, 1)
+    manifest = {
+        'format_version': FORMAT_VERSION, 'split': split, 'shards': names,
+        'n_events': total('n_events'), 'n_pulses': n_pulses, 'n_doms': total('n_doms'),
+        'has_labels': has_labels, 'has_truth': has_truth, 'kind_names': KIND_NAMES,
+        'pulse_dtype': PULSE_DTYPE.descr, 'n_sensors': len(geometry),
+        'stats': {
+            'aux_fraction': total('n_aux') / max(n_pulses, 1),
+            'single_pulse_dom_fraction': total('n_single_pulse_doms') / max(total('n_doms'), 1),
+            'mean_pulses_per_event': n_pulses / max(total('n_events'), 1),
+            'max_pulses_per_event': max(i['max_pulses_per_event'] for i in infos),
+            'max_doms_per_event': max(i['max_doms_per_event'] for i in infos),
+            'max_pulses_per_dom': max(i['max_pulses_per_dom'] for i in infos),
+            'max_time_span': max(i['max_time_span'] for i in infos),
+            'log10_charge_mean': mean_q,
+            'log10_charge_std': float(np.sqrt(max(total('sum_log10_charge_sq') / max(n_pulses, 1) - mean_q ** 2, 0))),
+        },
+    }
+    _write_json_atomic(f"{split_dir}/manifest.json", manifest)
+    return manifest
+
+
+def _batch_file(raw, part, batch_id):
+    return os.path.join(raw, part, f"batch_{batch_id}.parquet")
+
+
+def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print):
+    t_start = time.time()
+    for name in ['sensor_geometry.csv', 'train_meta.parquet']:
+        if not os.path.exists(os.path.join(raw, name)):
+            raise PrepareError(f"{os.path.join(raw, name)}: missing file; {raw} is not a Kaggle-layout folder")
+    if os.path.abspath(raw) == os.path.abspath(out):
+        raise PrepareError(f"out_dir {out} must differ from raw_dir")
+    geometry = read_geometry(raw)
+
+    plans = []  # (part, split, batch ids)
+    for part in ['train', 'test']:
+        meta_path = os.path.join(raw, f"{part}_meta.parquet")
+        if part == 'test' and not os.path.exists(meta_path):
+            log(f"prepare: no {meta_path}, so no test split")
+            continue
+        if not os.path.exists(meta_path):
+            raise PrepareError(f"{meta_path}: missing file")
+        pf = pq.ParquetFile(meta_path)
+        check_schema(meta_path, pf.schema_arrow, {'batch_id': 'integer'})
+        ids = pq.read_table(meta_path, columns=['batch_id'])['batch_id'].to_numpy()
+        ids = ids[np.r_[True, ids[1:] != ids[:-1]]]  # batch ids in file order (rows of a batch contiguous)
+        if part == 'train':
+            if train_batches:
+                ids = ids[:train_batches]
+            if val_batches >= len(ids):
+                raise PrepareError(f"{meta_path}: {len(ids)} train batch files leave none for training with val_batches={val_batches}")
+            plans.append((part, 'train', ids[:len(ids) - val_batches] if val_batches else ids))
+            plans.append((part, 'val', ids[len(ids) - val_batches:]))
+        else:
+            plans.append((part, 'test', ids))
+    for part, split, ids in plans:
+        for b in ids:
+            if not os.path.exists(_batch_file(raw, part, b)):
+                hint = " (for a partial download, set --train_batches=N to use the first N batch files)" if part == 'train' else ""
+                raise PrepareError(f"{_batch_file(raw, part, b)}: missing file, listed in {part}_meta.parquet{hint}")
+
+    with ProcessPoolExecutor(num_proc, mp_context=get_context('fork')) as pool:
+        for part, split, ids in plans:
+            split_dir = os.path.join(out, split)
+            os.makedirs(split_dir, exist_ok=True)
+            if os.path.exists(f"{split_dir}/manifest.json"):
+                os.remove(f"{split_dir}/manifest.json")  # the split is incomplete until rewritten below
+            for stale in glob.glob(f"{split_dir}/.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
+            wanted_shards = {f"batch_{b}" for b in ids}
+            for d in glob.glob(f"{split_dir}/batch_*"):
+                if os.path.basename(d) not in wanted_shards and os.path.exists(f"{d}/shard.json"):
+                    shutil.rmtree(d)  # a shard of another split layout (val_batches changed)
+            has_labels = part == 'train'
+            wanted = META_COLUMNS if has_labels else {k: v for k, v in META_COLUMNS.items() if k not in ('azimuth', 'zenith')}
+            truth_path = os.path.join(raw, f"{part}_truth.parquet")
+            has_truth = os.path.exists(truth_path)
+            id_set, done, pending, n_skipped, n_pulses = set(int(b) for b in ids), {}, set(), 0, 0
+            for b, meta in iter_meta(os.path.join(raw, f"{part}_meta.parquet"), wanted):
+                if b not in id_set:
+                    continue
+                src, shard_dir = _batch_file(raw, part, b), f"{split_dir}/batch_{b}"
+                info = shard_is_complete(shard_dir, src)
+                if info is not None:
+                    done[shard_dir], n_skipped = info, n_skipped + 1
+                else:
+                    truth = read_truth(truth_path, b, meta['event_id']) if has_truth else None
+                    pending.add(pool.submit(write_shard, (src, shard_dir, meta, truth, geometry, has_labels)))
+                # a bounded number of batch files in flight keeps memory bounded
+                while len(pending) >= 2 * num_proc or (pending and len(done) + len(pending) == len(id_set)):
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        shard_dir, info, dt = f.result()  # re-raises a worker's PrepareError here
+                        done[shard_dir] = info
+                        n_pulses += info['n_pulses']
+                        log(f"prepare: {split} {len(done)}/{len(id_set)} {os.path.basename(shard_dir)}: {info['n_events']} events, "
+                            f"{info['n_pulses']} pulses in {dt:.1f}s ({info['n_pulses'] / dt / 1e6:.1f}M pulses/s/process, "
+                            f"{n_pulses / (time.time() - t_start) / 1e6:.1f}M/s overall)")
+                if len(done) == len(id_set):
+                    break
+            if n_skipped:
+                log(f"prepare: {split}: {n_skipped} shards were already complete and were kept")
+            missing = [b for b in ids if f"{split_dir}/batch_{b}" not in done]
+            if missing:
+                raise PrepareError(f"{os.path.join(raw, part + '_meta.parquet')}: no meta rows for batch_id {missing[0]}")
+            shard_infos = [(f"{split_dir}/batch_{b}", done[f"{split_dir}/batch_{b}"]) for b in ids]
+            m = write_manifest(split_dir, split, shard_infos, geometry, has_labels, has_truth)
+            log(f"prepare: {split}: {m['n_events']} events, {m['n_pulses']} pulses, {m['n_doms']} DOMs in {len(ids)} shards -> {split_dir}")
+    log(f"prepare: done in {time.time() - t_start:.1f}s -> {out}")
+
+
+# -----------------------------------------------------------------------------
+# the reader
+
+class Split:
+    """One prepared split (a folder with manifest.json): the events of all its shards, memory-mapped."""
+
+    def __init__(self, path):
+        self.path = path
+        mpath = os.path.join(path, 'manifest.json')
+        if not os.path.exists(mpath):
+            raise FileNotFoundError(f"{mpath}: no manifest, so the split is missing or prepare did not finish; run prepare.py")
+        with open(mpath) as f:
+            self.manifest = json.load(f)
+        if self.manifest['format_version'] != FORMAT_VERSION:
+            raise ValueError(f"{mpath}: format version {self.manifest['format_version']}, this reader reads {FORMAT_VERSION}; re-run prepare.py")
+        self.shards = []
+        for name in self.manifest['shards']:
+            d = os.path.join(path, name)
+            self.shards.append({k: np.load(f"{d}/{k}.npy", mmap_mode='r') for k in ['pulses', 'doms', 'events']})
+        sizes = [len(s['events']) for s in self.shards]
+        self.shard_start = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+        self.geometry = np.load(os.path.join(path, 'geometry.npy'))
+        self.has_labels = self.manifest['has_labels']
+
+    def __len__(self):
+        return int(self.shard_start[-1])
+
+    def _column(self, name):
+        return np.concatenate([np.asarray(s['events'][name]) for s in self.shards]) if self.shards else np.zeros(0)
+
+    @cached_property
+    def event_id(self):
+        return self._column('event_id')
+
+    @cached_property
+    def azimuth(self):
+        return self._column('azimuth')
+
+    @cached_property
+    def zenith(self):
+        return self._column('zenith')
+
+    @cached_property
+    def n_pulses(self):
+        return self._column('n_pulses')
+
+    @cached_property
+    def n_doms(self):
+        return self._column('n_doms')
+
+    @cached_property
+    def truth(self):
+        """dict of energy (GeV), kind (0 track, 1 cascade), vertex_x/y/z (m), or None for real data."""
+        if not self.manifest['has_truth']:
+            return None
+        return {name: self._column(name) for name, _ in TRUTH_FIELDS}
+
+    def event_records(self, idx):
+        """The events.npy records of split-wide indices idx, in the order given."""
+        idx = np.asarray(idx, np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"event index out of range [0, {len(self)}) in {self.path}")
+        shard = np.searchsorted(self.shard_start, idx, side='right') - 1
+        out = np.empty(len(idx), self.shards[0]['events'].dtype) if self.shards else np.empty(0)
+        for s in np.unique(shard):  # a loop over shards, not events
+            m = shard == s
+            out[m] = self.shards[s]['events'][idx[m] - self.shard_start[s]]
+        return out, shard
+
+    def events(self, idx):
+        """Pulses of many events, concatenated in the order of idx, as a dict of numpy arrays:
+        sensor_id int16, time int64 (ns, as in the parquet), charge float32, auxiliary bool, and
+        pulse_offsets (n+1), event_dom_offsets (n+1), dom_offsets (n_doms+1) int64 into those arrays."""
+        ev, shard = self.event_records(idx)
+        n_p, n_d = ev['n_pulses'].astype(np.int64), ev['n_doms'].astype(np.int64)
+        pulse_offsets, dom_event_offsets = np.r_[0, np.cumsum(n_p)], np.r_[0, np.cumsum(n_d)]
+        pulses = np.empty(pulse_offsets[-1], PULSE_DTYPE)
+        dom_offsets = np.empty(dom_event_offsets[-1] + 1, np.int64)
+        dom_offsets[-1] = pulse_offsets[-1]
+        for s in np.unique(shard):
+            m = shard == s
+            sh = self.shards[s]
+            pulses[_ranges(pulse_offsets[:-1][m], n_p[m])] = sh['pulses'][_ranges(ev['pulse_start'][m], n_p[m])]
+            # DOM starts, moved from shard-local pulse positions to positions in the output
+            local = sh['doms'][_ranges(ev['dom_start'][m], n_d[m])].astype(np.int64)
+            shift = np.repeat(pulse_offsets[:-1][m] - ev['pulse_start'][m], n_d[m])
+            dom_offsets[_ranges(dom_event_offsets[:-1][m], n_d[m])] = local + shift
+        sensor_aux = pulses['sensor_aux']
+        return {
+            'sensor_id': (sensor_aux & (AUX_BIT - 1)).astype(np.int16),
+            'time': pulses['dt'].astype(np.int64) + np.repeat(ev['t0'], n_p),
+            'charge': pulses['charge'].astype(np.float32),
+            'auxiliary': sensor_aux >= AUX_BIT,
+            'pulse_offsets': pulse_offsets, 'event_dom_offsets': dom_event_offsets, 'dom_offsets': dom_offsets,
+        }
+
+    def event(self, i):
+        """One event's pulses in (sensor, time) order: sensor_id, time, charge, auxiliary."""
+        e = self.events([i])
+        return {k: e[k] for k in ['sensor_id', 'time', 'charge', 'auxiliary']}
+
+
+def open_split(path):
+    return Split(path)
+
+
+# -----------------------------------------------------------------------------
+# batching: events -> fixed-shape micro-batches of packed pulse and DOM streams for the model
+
+def pack_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom):
+    """Pack a prefix idx[:n_taken] of the given events into one micro-batch of fixed shapes
+    (P = max_pulses pulse slots, D = max_doms DOM slots, E = max_events event slots).
+
+    Truncation rules, applied in this order:
+    - a DOM with more than max_pulses_per_dom pulses keeps its earliest max_pulses_per_dom;
+    - events are taken in order while their pulses, DOMs and count fit the budgets;
+    - the first event alone may exceed a budget (a 100,000-pulse event): it then keeps its pulses in the
+      order non-auxiliary first, then earliest, up to max_pulses, and of those only the pulses of the
+      first max_doms DOMs in that order.
+    Returns (batch, n_taken) with batch a dict of numpy arrays (see the field list in the code)."""
+    cand = np.asarray(idx[:max_events], np.int64)
+    if len(cand) == 0:
+        raise ValueError("pack_batch needs at least one event")
+    ev, _ = split.event_records(cand)
+    # exact pulse cost after the per-DOM cap, from the DOM offsets alone (no pulse is read for this)
+    n_d = ev['n_doms'].astype(np.int64)
+    dom_sizes = _dom_sizes(split, cand, ev)
+    capped = np.minimum(dom_sizes, max_pulses_per_dom)
+    cost_p = np.add.reduceat(capped, np.r_[0, np.cumsum(n_d)[:-1]])
+    fits = (np.cumsum(cost_p) <= max_pulses) & (np.cumsum(n_d) <= max_doms)
+    n_taken = max(int(np.argmin(fits)) if not fits.all() else len(cand), 1)
+
+    e = split.events(cand[:n_taken])
+    n_pulses_raw = e['pulse_offsets'][-1]
+    dom_size = np.diff(e['dom_offsets'])
+    dom_of_pulse = np.repeat(np.arange(len(dom_size)), dom_size)
+    rank = np.arange(n_pulses_raw) - e['dom_offsets'][:-1][dom_of_pulse]
+    keep = rank < max_pulses_per_dom
+    if keep.sum() > max_pulses or len(dom_size) > max_doms:  # only a lone first event gets here
+        order = np.lexsort((e['time'], e['auxiliary']))  # non-auxiliary first, then earliest
+        order = order[keep[order]][:max_pulses]
+        dom_rank = np.full(len(dom_size), np.iinfo(np.int64).max)
+        np.minimum.at(dom_rank, dom_of_pulse[order], np.arange(len(order)))
+        first_doms = np.argsort(dom_rank, kind='stable')[:max_doms]
+        keep = np.zeros(n_pulses_raw, bool)
+        keep[order] = True
+        keep &= np.isin(dom_of_pulse, first_doms)
+
+    # kept pulses stay in (event, sensor, time) order; DOMs with no kept pulse disappear
+    kept = np.flatnonzero(keep)
+    old_dom = dom_of_pulse[kept]
+    dom_alive = np.zeros(len(dom_size), bool)
+    dom_alive[old_dom] = True
+    new_dom_index = np.cumsum(dom_alive) - 1
+    pulse_dom = new_dom_index[old_dom]
+    n_p, n_dm = len(kept), int(dom_alive.sum())
+    event_of_dom = np.repeat(np.arange(n_taken), np.diff(e['event_dom_offsets']))
+    dom_event = event_of_dom[dom_alive]
+    dom_sensor = e['sensor_id'][e['dom_offsets'][:-1]][dom_alive].astype(np.int32)
+    dom_first = np.r_[0, np.flatnonzero(np.diff(pulse_dom)) + 1]
+    pulse_rank = np.arange(n_p) - dom_first[pulse_dom]
+    event_of_pulse = dom_event[pulse_dom]
+    t = e['time'][kept]
+    t_first = np.full(n_taken, np.iinfo(np.int64).max)
+    np.minimum.at(t_first, event_of_pulse, t)
+
+    P, D, E = max_pulses, max_doms, max_events
+    b = {
+        'pulse_time': np.zeros(P, np.float32), 'pulse_charge': np.zeros(P, np.float32),
+        'pulse_aux': np.zeros(P, np.float32), 'pulse_rank': np.zeros(P, np.int32),
+        'pulse_dom': np.full(P, -1, np.int32),
+        'dom_pos': np.zeros((D, 3), np.float32), 'dom_sensor': np.full(D, -1, np.int32),
+        'dom_event': np.full(D, -1, np.int32), 'dom_n_pulses': np.zeros(D, np.int32),
+        'event_dir': np.zeros((E, 3), np.float32), 'event_index': np.full(E, -1, np.int64),
+        'event_n_pulses': np.zeros(E, np.int32), 'event_n_doms': np.zeros(E, np.int32),
+        'n_pulses': n_p, 'n_doms': n_dm, 'n_events': n_taken,
+    }
+    b['pulse_time'][:n_p] = t - t_first[event_of_pulse]
+    b['pulse_charge'][:n_p] = e['charge'][kept]
+    b['pulse_aux'][:n_p] = e['auxiliary'][kept]
+    b['pulse_rank'][:n_p] = pulse_rank
+    b['pulse_dom'][:n_p] = pulse_dom
+    b['dom_pos'][:n_dm] = split.geometry[dom_sensor]
+    b['dom_sensor'][:n_dm] = dom_sensor
+    b['dom_event'][:n_dm] = dom_event
+    b['dom_n_pulses'][:n_dm] = dom_size[dom_alive]
+    b['event_dir'][:n_taken] = angles_to_dir(ev['azimuth'][:n_taken], ev['zenith'][:n_taken])
+    b['event_index'][:n_taken] = cand[:n_taken]
+    b['event_n_pulses'][:n_taken] = ev['n_pulses'][:n_taken]
+    b['event_n_doms'][:n_taken] = n_d[:n_taken]
+    return b, n_taken
+
+
+def _dom_sizes(split, idx, ev):
+    """Pulse count of every DOM of the given events, concatenated, read from doms.npy only."""
+    n_d = ev['n_doms'].astype(np.int64)
+    shard = np.searchsorted(split.shard_start, idx, side='right') - 1
+    out_start = np.r_[0, np.cumsum(n_d)[:-1]]
+    sizes = np.empty(n_d.sum(), np.int64)
+    for s in np.unique(shard):
+        m = shard == s
+        bounds = split.shards[s]['doms'][_ranges(ev['dom_start'][m], n_d[m] + 1)].astype(np.int64)
+        # n_d + 1 bounds per event give n_d sizes; drop the difference across two events
+        diffs = np.diff(bounds)
+        last_of_event = np.cumsum(n_d[m] + 1)[:-1] - 1
+        sizes[_ranges(out_start[m], n_d[m])] = np.delete(diffs, last_of_event)
+    return sizes
+
+
+def angles_to_dir(azimuth, zenith):
+    """Unit vector of the direction the neutrino comes from (NaN in, NaN out)."""
+    s = np.sin(zenith)
+    return np.stack([np.cos(azimuth) * s, np.sin(azimuth) * s, np.cos(zenith)], -1).astype(np.float32)
+
+
+class BatchLoader:
+    """Iterator of pack_batch micro-batches, prepared ahead by a background thread.
+
+    shuffle=True: a new permutation per epoch (seed + epoch), each rank taking every world_size-th
+    event of it, so ranks draw different events; epochs=None runs forever.
+    shuffle=False: the split in order, rank r taking the r-th contiguous chunk, each event once per epoch."""
+
+    def __init__(self, split, max_pulses, max_doms, max_events, max_pulses_per_dom,
+                 shuffle=True, seed=0, rank=0, world_size=1, epochs=None, prefetch=4, max_events_total=0):
+        self.split, self.args = split, (max_pulses, max_doms, max_events, max_pulses_per_dom)
+        self.shuffle, self.seed, self.rank, self.world_size, self.epochs = shuffle, seed, rank, world_size, epochs
+        self.max_events_total = max_events_total  # evaluate only the first N events of the split (0 = all)
+        self.queue = queue.Queue(maxsize=prefetch)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._fill, daemon=True)
+        self.thread.start()
+
+    def _order(self, epoch):
+        n = len(self.split)
+        if self.max_events_total:
+            n = min(n, self.max_events_total)
+        if self.shuffle:
+            return np.random.default_rng([self.seed, epoch]).permutation(n)[self.rank::self.world_size]
+        return np.array_split(np.arange(n), self.world_size)[self.rank]
+
+    def _fill(self):
+        try:
+            epoch = 0
+            while self.epochs is None or epoch < self.epochs:
+                order, pos = self._order(epoch), 0
+                while pos < len(order) and not self.stop.is_set():
+                    batch, n = pack_batch(self.split, order[pos:], *self.args)
+                    pos += n
+                    batch['epoch'] = epoch
+                    self._put(batch)
+                if self.stop.is_set():
+                    return
+                epoch += 1
+            self._put(None)
+        except BaseException as e:  # hand the error to the consumer rather than hang it
+            self._put(e)
+
+    def _put(self, item):
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is None:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals())
+    raw = raw_dir
+    if raw_dir == 'data/kaggle' and not os.path.exists(os.path.join(raw_dir, 'train_meta.parquet')):
+        import simulate
+        raw = sim_dir
+        if os.path.exists(os.path.join(sim_dir, 'train_meta.parquet')):
+            print(f"prepare: no Kaggle data in {raw_dir}; using the synthetic set already in {sim_dir}")
+        else:
+            print(f"prepare: no Kaggle data in {raw_dir}; simulating the default synthetic set into {sim_dir} first")
+            simulate.simulate(out_dir=sim_dir)
+    out = out_dir or raw.rstrip('/') + '_packed'
+    try:
+        run(raw, out, val_batches=val_batches, train_batches=train_batches, num_proc=num_proc)
+    except PrepareError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        sys.exit(1)

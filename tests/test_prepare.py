@@ -1,0 +1,331 @@
+"""prepare.py: every pulse round-trips, resume after interruption, the reader and batcher, and bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare
+from prepare import PrepareError, open_split, pack_batch, BatchLoader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_raw(path, n_train=3, n_test=1, events=40, seed=0, truth=True):
+    """A small random data set in the Kaggle layout, independent of simulate.py, with awkward cases:
+    pulses out of (sensor, time) order, ties, big DOMs, a time span over 65,535 ns."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(f"{path}/train")
+    os.makedirs(f"{path}/test")
+    n_sensors = 5160
+    geo = np.c_[np.arange(n_sensors), rng.normal(0, 300, (n_sensors, 3)).round(2)]
+    with open(f"{path}/sensor_geometry.csv", 'w') as f:
+        f.write("sensor_id,x,y,z\n" + "\n".join(f"{int(r[0])},{r[1]},{r[2]},{r[3]}" for r in geo) + "\n")
+    next_id = 100
+    for part, n_batches, first_batch in [('train', n_train, 1), ('test', n_test, n_train + 1)]:
+        metas, truths = [], []
+        for b in range(first_batch, first_batch + n_batches):
+            counts = rng.integers(1, 60, events)
+            counts[0] = 400  # one DOM-heavy event
+            ids = next_id + np.cumsum(rng.integers(1, 5, events))
+            next_id = int(ids[-1]) + 1
+            rows = counts.sum()
+            event = np.repeat(ids, counts)
+            sensor = rng.integers(0, n_sensors, rows).astype(np.int16)
+            sensor[:300] = rng.integers(0, 3, 300)  # many pulses on a few DOMs
+            t = rng.integers(5000, 20000, rows)
+            t[5] = 90000  # span over 65,535 ns
+            t[7] = t[8]  # a tie
+            charge = (np.round(rng.exponential(1.5, rows) / 0.025) * 0.025).astype(np.float16).astype(np.float64)
+            aux = rng.random(rows) < 0.3
+            pq.write_table(pa.table({'event_id': event, 'sensor_id': sensor, 'time': t, 'charge': charge, 'auxiliary': aux}),
+                           f"{path}/{part}/batch_{b}.parquet")
+            last = np.cumsum(counts) - 1
+            meta = {'batch_id': np.full(events, b), 'event_id': ids, 'first_pulse_index': last - counts + 1, 'last_pulse_index': last}
+            if part == 'train':
+                meta['azimuth'] = rng.uniform(0, 2 * np.pi, events)
+                meta['zenith'] = np.arccos(rng.uniform(-1, 1, events))
+            metas.append(pa.table(meta))
+            truths.append(pa.table({'event_id': ids, 'batch_id': np.full(events, b), 'energy': rng.uniform(100, 1e6, events),
+                                    'kind': rng.choice(['track', 'cascade'], events), 'vertex_x': rng.normal(0, 1, events),
+                                    'vertex_y': rng.normal(0, 1, events), 'vertex_z': rng.normal(0, 1, events)}))
+        pq.write_table(pa.concat_tables(metas), f"{path}/{part}_meta.parquet")
+        if truth:
+            pq.write_table(pa.concat_tables(truths), f"{path}/{part}_truth.parquet")
+
+
+def read_raw_events(path, part, batches):
+    """All pulses of the raw files, keyed by event id, each sorted by (sensor, time, charge, aux)."""
+    out = {}
+    for b in batches:
+        t = pq.read_table(f"{path}/{part}/batch_{b}.parquet")
+        cols = {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
+        for i in np.unique(cols['event_id']):
+            m = cols['event_id'] == i
+            rec = np.rec.fromarrays([cols['sensor_id'][m], cols['time'][m], cols['charge'][m], cols['auxiliary'][m]])
+            out[int(i)] = np.sort(rec, order=['f0', 'f1', 'f2', 'f3'])
+    return out
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp('prep')
+    make_raw(f"{root}/raw")
+    prepare.run(f"{root}/raw", f"{root}/out", val_batches=1, num_proc=2, log=lambda *a: None)
+    return root
+
+
+def test_every_pulse_round_trips(prepared):
+    raw = read_raw_events(f"{prepared}/raw", 'train', [1, 2, 3])
+    raw.update(read_raw_events(f"{prepared}/raw", 'test', [4]))
+    meta = pq.read_table(f"{prepared}/raw/train_meta.parquet").to_pydict()
+    label = {e: (a, z) for e, a, z in zip(meta['event_id'], meta['azimuth'], meta['zenith'])}
+    seen = set()
+    for split, n in [('train', 80), ('val', 40), ('test', 40)]:
+        s = open_split(f"{prepared}/out/{split}")
+        assert len(s) == n
+        for i in range(len(s)):
+            e = s.event(i)
+            eid = int(s.event_id[i])
+            seen.add(eid)
+            order = np.lexsort((e['time'], e['sensor_id']))
+            assert (order == np.arange(len(order))).all(), "pulses must be in (sensor, time) order"
+            assert e['sensor_id'].dtype == np.int16 and e['time'].dtype == np.int64 and e['auxiliary'].dtype == bool
+            got = np.sort(np.rec.fromarrays([e['sensor_id'], e['time'], e['charge'].astype(np.float64), e['auxiliary']]),
+                          order=['f0', 'f1', 'f2', 'f3'])
+            want = raw[eid]
+            assert len(got) == len(want)
+            for f in ['f0', 'f1', 'f3']:
+                assert (got[f] == want[f]).all()
+            np.testing.assert_allclose(got['f2'], want['f2'], rtol=1e-3)  # float16 rounding
+            if split == 'test':
+                assert np.isnan(s.azimuth[i]) and np.isnan(s.zenith[i])
+            else:
+                assert (s.azimuth[i], s.zenith[i]) == label[eid]
+    assert seen == set(raw), "every event appears in exactly one split"
+
+
+def test_val_is_whole_held_out_batch_files(prepared):
+    man = {s: json.load(open(f"{prepared}/out/{s}/manifest.json")) for s in ['train', 'val', 'test']}
+    assert man['train']['shards'] == ['batch_1', 'batch_2'] and man['val']['shards'] == ['batch_3']
+    assert man['test']['shards'] == ['batch_4'] and not man['test']['has_labels']
+    assert man['train']['n_pulses'] == sum(len(np.load(f"{prepared}/out/train/{b}/pulses.npy", mmap_mode='r')) for b in ['batch_1', 'batch_2'])
+    assert np.load(f"{prepared}/out/train/batch_1/pulses.npy", mmap_mode='r').dtype.itemsize <= 8
+
+
+def test_events_offsets_and_truth(prepared):
+    s = open_split(f"{prepared}/out/val")
+    idx = np.array([5, 0, 39, 5])
+    e = s.events(idx)
+    for j, i in enumerate(idx):
+        one = s.event(i)
+        a, b = e['pulse_offsets'][j], e['pulse_offsets'][j + 1]
+        assert (e['sensor_id'][a:b] == one['sensor_id']).all() and (e['time'][a:b] == one['time']).all()
+        d0, d1 = e['event_dom_offsets'][j], e['event_dom_offsets'][j + 1]
+        starts = e['dom_offsets'][d0:d1 + 1]
+        assert starts[0] == a and starts[-1] == b
+        # each DOM is one sensor, and neighbouring DOMs differ in sensor
+        dom_sensor = e['sensor_id'][starts[:-1]]
+        assert (np.diff(dom_sensor) > 0).all()
+        for k in range(d1 - d0):
+            assert (e['sensor_id'][starts[k]:starts[k + 1]] == dom_sensor[k]).all()
+    assert set(s.truth) == {'energy', 'kind', 'vertex_x', 'vertex_y', 'vertex_z'}
+    assert set(np.unique(s.truth['kind'])) <= {0, 1}
+
+
+def test_pack_batch_budgets_and_truncation(prepared):
+    s = open_split(f"{prepared}/out/train")
+    P, D, E, M = 60, 200, 8, 4
+    b, n = pack_batch(s, np.arange(len(s)), P, D, E, M)
+    assert b['pulse_time'].shape == (P,) and b['dom_pos'].shape == (D, 3) and b['event_dir'].shape == (E, 3)
+    assert n == 1 and b['n_events'] == 1, "event 0 is over budget even after the per-DOM cap: alone and truncated"
+    assert b['n_pulses'] == P and b['n_doms'] <= D
+    assert (b['pulse_rank'][:P] < M).all()
+    assert (b['pulse_dom'][P:] == -1).all() and (np.diff(b['pulse_dom'][:P]) >= 0).all()
+    # the per-DOM cap keeps the earliest M pulses of each DOM; then non-auxiliary pulses go first
+    e = s.event(0)
+    dom_start = np.r_[0, np.flatnonzero(np.diff(e['sensor_id'])) + 1]
+    rank = np.arange(len(e['time'])) - dom_start[np.cumsum(np.isin(np.arange(len(e['time'])), dom_start)) - 1]
+    n_clean = int((~e['auxiliary'] & (rank < M)).sum())
+    assert b['pulse_aux'][:P].sum() == max(0, P - n_clean)
+    assert b['event_n_pulses'][0] == len(e['time']) and (b['event_dir'][1:] == 0).all()
+    b, n = pack_batch(s, np.arange(len(s)), 1000, 5, E, 1000)
+    assert n == 1 and b['n_doms'] == 5, "the DOM budget truncates too"
+    # a batch of small events: budgets respected, fields consistent with the reader
+    b, n = pack_batch(s, np.arange(1, len(s)), 2000, 2000, 16, 1000)
+    assert 1 <= n <= 16 and b['n_events'] == n
+    ev = s.events(np.arange(1, 1 + n))
+    assert b['n_pulses'] == ev['pulse_offsets'][-1] and b['n_doms'] == ev['event_dom_offsets'][-1]
+    assert (b['dom_sensor'][:b['n_doms']] == ev['sensor_id'][ev['dom_offsets'][:-1]]).all()
+    np.testing.assert_allclose(b['dom_pos'][:b['n_doms']], s.geometry[b['dom_sensor'][:b['n_doms']]])
+    first = np.minimum.reduceat(ev['time'], ev['pulse_offsets'][:-1])
+    np.testing.assert_array_equal(b['pulse_time'][:b['n_pulses']], ev['time'] - np.repeat(first, np.diff(ev['pulse_offsets'])))
+    assert (b['dom_n_pulses'][:b['n_doms']] == np.diff(ev['dom_offsets'])).all()
+    np.testing.assert_allclose(np.linalg.norm(b['event_dir'][:n], axis=1), 1, atol=1e-6)
+
+
+def test_loader_covers_split_once_and_ranks_differ(prepared):
+    s = open_split(f"{prepared}/out/train")
+    seen = []
+    for rank in range(2):
+        loader = BatchLoader(s, 3000, 3000, 16, 64, shuffle=False, rank=rank, world_size=2, epochs=1)
+        seen += [b['event_index'][:b['n_events']] for b in loader]
+    seen = np.concatenate(seen)
+    assert sorted(seen) == list(range(len(s)))
+    draws = []
+    for rank in range(2):
+        loader = BatchLoader(s, 3000, 3000, 16, 64, shuffle=True, seed=1, rank=rank, world_size=2)
+        draws.append(next(loader)['event_index'])
+        loader.close()
+    assert not set(draws[0][draws[0] >= 0]) & set(draws[1][draws[1] >= 0])
+
+
+def test_interrupted_prepare_resumes_to_identical_result(tmp_path, prepared):
+    ref = f"{prepared}/out"
+    shutil.copytree(f"{prepared}/raw", tmp_path / 'raw')
+    out = tmp_path / 'out'
+    prepare.run(str(tmp_path / 'raw'), str(out), val_batches=1, num_proc=1, log=lambda *a: None)
+    # interrupt: a half-written temp shard, a missing shard and a missing manifest
+    shutil.rmtree(out / 'train' / 'batch_2')
+    os.makedirs(out / 'train' / '.tmp-batch_2-999')
+    open(out / 'train' / '.tmp-batch_2-999' / 'pulses.npy', 'wb').write(b'partial')
+    os.remove(out / 'train' / 'manifest.json')
+    with pytest.raises(FileNotFoundError, match='manifest'):
+        open_split(str(out / 'train'))
+    logs = []
+    prepare.run(str(tmp_path / 'raw'), str(out), val_batches=1, num_proc=1, log=logs.append)
+    assert any('already complete' in line for line in logs)
+    assert not os.path.exists(out / 'train' / '.tmp-batch_2-999')
+    for split in ['train', 'val', 'test']:
+        for b in json.load(open(f"{ref}/{split}/manifest.json"))['shards']:
+            for f in ['pulses.npy', 'doms.npy', 'events.npy']:
+                assert open(f"{ref}/{split}/{b}/{f}", 'rb').read() == open(out / split / b / f, 'rb').read()
+
+
+def test_interrupted_process_leaves_no_complete_looking_shard(tmp_path):
+    make_raw(tmp_path / 'raw', n_train=4, events=300)
+    code = ("import prepare, os, signal\n"
+            "orig = prepare.write_shard\n"
+            "def w(task):\n"
+            "    r = orig(task)\n"
+            "    os.killpg(0, signal.SIGKILL)\n"  # kill the whole run right after its first shard
+            "    return r\n"
+            "prepare.write_shard = w\n"
+            f"prepare.run({str(tmp_path / 'raw')!r}, {str(tmp_path / 'out')!r}, num_proc=1)\n")
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, timeout=120, start_new_session=True)
+    assert r.returncode == -9
+    assert not os.path.exists(tmp_path / 'out' / 'train' / 'manifest.json')
+    for d in os.listdir(tmp_path / 'out' / 'train'):
+        if d.startswith('batch_'):
+            assert os.path.exists(tmp_path / 'out' / 'train' / d / 'shard.json')
+    r = subprocess.run([sys.executable, 'prepare.py', f"--raw_dir={tmp_path / 'raw'}", f"--out_dir={tmp_path / 'out'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(open_split(str(tmp_path / 'out' / 'train'))) == 3 * 300
+
+
+# -- bad input: each gets a message naming the file, the event and the problem, exit status 1 ------------
+
+def _corrupt_batch(raw, fn, part='train', b=1):
+    path = f"{raw}/{part}/batch_{b}.parquet"
+    t = pq.read_table(path)
+    pq.write_table(fn(t), path)
+
+
+def _set(t, name, values):
+    return t.set_column(t.column_names.index(name), name, pa.array(values))
+
+
+def _corrupt_meta(raw, fn, part='train'):
+    path = f"{raw}/{part}_meta.parquet"
+    pq.write_table(fn(pq.read_table(path)), path)
+
+
+def _bad_value(column, row, value, dtype=None):
+    def fn(t):
+        v = t[column].to_numpy().copy() if dtype is None else t[column].to_numpy().astype(dtype)
+        v[row] = value
+        return _set(t, column, v)
+    return fn
+
+
+BAD_INPUTS = {
+    'missing batch file': (lambda raw: os.remove(f"{raw}/train/batch_2.parquet"), r"batch_2\.parquet: missing file"),
+    'missing geometry': (lambda raw: os.remove(f"{raw}/sensor_geometry.csv"), r"sensor_geometry\.csv: missing file"),
+    'missing column': (lambda raw: _corrupt_batch(raw, lambda t: t.drop_columns(['charge'])), r"batch_1\.parquet: missing column 'charge'"),
+    'missing meta column': (lambda raw: _corrupt_meta(raw, lambda t: t.drop_columns(['zenith'])), r"train_meta\.parquet: missing column 'zenith'"),
+    'wrong dtype': (lambda raw: _corrupt_batch(raw, lambda t: _set(t, 'time', t['time'].to_numpy().astype(np.float64))),
+                    r"batch_1\.parquet: column 'time' has type double, expected integer"),
+    'nan charge': (lambda raw: _corrupt_batch(raw, _bad_value('charge', 450, np.nan)), r"batch_1\.parquet: event_id \d+ \(row 450\): non-finite charge"),
+    'inf charge': (lambda raw: _corrupt_batch(raw, _bad_value('charge', 3, np.inf)), r"event_id \d+ \(row 3\): non-finite charge inf"),
+    'huge charge': (lambda raw: _corrupt_batch(raw, _bad_value('charge', 3, 1e6)), r"charge 1000000\.0 outside .* float16 cannot hold"),
+    'unknown sensor': (lambda raw: _corrupt_batch(raw, _bad_value('sensor_id', 10, 6000)), r"event_id \d+ \(row 10\): sensor_id 6000 is not in sensor_geometry"),
+    'time span': (lambda raw: _corrupt_batch(raw, _bad_value('time', 10, 2**40)), r"event_id \d+ \(row 10\): time span \d+ ns exceeds"),
+    'nan zenith': (lambda raw: _corrupt_meta(raw, _bad_value('zenith', 2, np.nan)), r"batch_1\.parquet: event_id \d+ has zenith nan"),
+    'meta ranges': (lambda raw: _corrupt_meta(raw, lambda t: _set(t, 'last_pulse_index', t['last_pulse_index'].to_numpy() + (np.arange(len(t)) == 3))),
+                    r"batch_1\.parquet: meta pulse ranges do not match the batch file \(\d+ rows\) at event_id \d+"),
+    'empty event': (lambda raw: _corrupt_meta(raw, _bad_value('last_pulse_index', 3, 0)), r"batch_1\.parquet: event_id \d+ has no pulses"),
+    'meta too short': (lambda raw: _corrupt_meta(raw, lambda t: t.slice(1)), r"batch_1\.parquet: meta pulse ranges do not match"),
+    'duplicate event id': (lambda raw: _dup_event(raw), r"batch_1\.parquet: duplicate event_id \d+ in the meta"),
+    'duplicate across files': (lambda raw: _dup_across(raw), r"duplicate event_id \d+ in .*batch_1\.parquet and .*batch_2\.parquet"),
+    'not kaggle': (lambda raw: os.remove(f"{raw}/train_meta.parquet"), r"train_meta\.parquet: missing file"),
+}
+
+
+def _dup_event(raw):
+    # event 2 takes event 1's id, in the meta and in the batch file alike
+    meta = pq.read_table(f"{raw}/train_meta.parquet")
+    ids = meta['event_id'].to_numpy().copy()
+    old, ids[2] = ids[2], ids[1]
+    pq.write_table(_set(meta, 'event_id', ids), f"{raw}/train_meta.parquet")
+    _corrupt_batch(raw, lambda t: _set(t, 'event_id', np.where(t['event_id'].to_numpy() == old, ids[1], t['event_id'].to_numpy())))
+
+
+def _dup_across(raw):
+    # the last event of batch 2 takes the id of batch 1's last event
+    meta = pq.read_table(f"{raw}/train_meta.parquet")
+    ids, bid = meta['event_id'].to_numpy().copy(), meta['batch_id'].to_numpy()
+    target = ids[bid == 1][-1]
+    j = np.flatnonzero(bid == 2)[-1]
+    old, ids[j] = ids[j], target
+    pq.write_table(_set(meta, 'event_id', ids), f"{raw}/train_meta.parquet")
+    _corrupt_batch(raw, lambda t: _set(t, 'event_id', np.where(t['event_id'].to_numpy() == old, target, t['event_id'].to_numpy())), b=2)
+    truth = pq.read_table(f"{raw}/train_truth.parquet")
+    tid = truth['event_id'].to_numpy().copy()
+    tid[(tid == old)] = target
+    pq.write_table(_set(truth, 'event_id', tid), f"{raw}/train_truth.parquet")
+
+
+@pytest.fixture(scope='module')
+def clean_raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp('clean')
+    make_raw(f"{root}/raw", n_train=3, n_test=1, events=20)
+    return f"{root}/raw"
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error(case, clean_raw, tmp_path):
+    raw = str(tmp_path / 'raw')
+    shutil.copytree(clean_raw, raw)
+    corrupt, pattern = BAD_INPUTS[case]
+    corrupt(raw)
+    with pytest.raises(PrepareError, match=pattern):
+        prepare.run(raw, str(tmp_path / 'out'), num_proc=1, log=lambda *a: None)
+    if os.path.exists(tmp_path / 'out' / 'train'):
+        assert not os.path.exists(tmp_path / 'out' / 'train' / 'manifest.json')
+
+
+def test_bad_input_exit_status_and_message_on_the_command_line(clean_raw, tmp_path):
+    raw = str(tmp_path / 'raw')
+    shutil.copytree(clean_raw, raw)
+    _corrupt_batch(raw, _bad_value('sensor_id', 10, 6000))
+    r = subprocess.run([sys.executable, 'prepare.py', f'--raw_dir={raw}', f"--out_dir={tmp_path / 'out'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert 'batch_1.parquet' in r.stderr and 'sensor_id 6000' in r.stderr and 'event_id' in r.stderr
