@@ -233,13 +233,14 @@ def pack_file(src, meta, truth, geometry, has_labels):
     def at(mask, what):
         row = int(np.flatnonzero(mask)[0])
         return PrepareError(f"{src}: event_id {event_id[event_of_row[row]]} (row {row}): {what}")
-    if not np.isfinite(charge).all():
-        raise at(~np.isfinite(charge), f"non-finite charge {charge[~np.isfinite(charge)][0]}")
-    if ((charge < 0) | (charge > MAX_CHARGE)).any():
-        bad = (charge < 0) | (charge > MAX_CHARGE)
-        raise at(bad, f"charge {charge[bad][0]} outside [0, {MAX_CHARGE:g}], which float16 cannot hold")
-    in_geometry = (sensor >= 0) & (sensor < len(geometry))
-    in_geometry[in_geometry] = np.isfinite(geometry[sensor[in_geometry], 0])
+    charge_ok = (charge >= 0) & (charge <= MAX_CHARGE)  # False for NaN and inf too
+    if not charge_ok.all():
+        if not np.isfinite(charge).all():
+            raise at(~np.isfinite(charge), f"non-finite charge {charge[~np.isfinite(charge)][0]}")
+        raise at(~charge_ok, f"charge {charge[~charge_ok][0]} outside [0, {MAX_CHARGE:g}], which float16 cannot hold")
+    known = np.isfinite(geometry[:, 0])
+    in_range = (sensor >= 0) & (sensor < len(geometry))
+    in_geometry = in_range & known[np.where(in_range, sensor, 0)]
     if not in_geometry.all():
         raise at(~in_geometry, f"sensor_id {sensor[~in_geometry][0]} is not in sensor_geometry.csv")
     t0 = np.minimum.reduceat(t, expected_first)
@@ -275,7 +276,8 @@ def pack_file(src, meta, truth, geometry, has_labels):
     new_dom[1:] = sensor_sorted[1:] != sensor_sorted[:-1]
     new_dom[expected_first] = True
     dom_first = np.flatnonzero(new_dom)
-    doms = np.r_[dom_first, n_rows].astype(np.uint32)
+    doms = np.empty(len(dom_first) + 1, np.uint32)
+    doms[:-1], doms[-1] = dom_first, n_rows
     n_doms = np.add.reduceat(new_dom, expected_first).astype(np.int64)
 
     events = np.zeros(n_events, EVENT_FIELDS + (TRUTH_FIELDS if truth is not None else []))
@@ -288,13 +290,13 @@ def pack_file(src, meta, truth, geometry, has_labels):
         for name, _ in TRUTH_FIELDS:
             events[name] = truth[name]
 
-    log_q = np.log10(np.maximum(pulses['charge'].astype(np.float64), 1e-3))
-    dom_size = np.diff(doms.astype(np.int64))
+    log_q = np.log10(np.maximum(pulses['charge'], np.float16(1e-3)), dtype=np.float32)
+    dom_size = np.diff(doms)
     stats = {'n_events': n_events, 'n_pulses': n_rows, 'n_doms': int(len(dom_first)),
              'n_aux': int(aux.sum()), 'n_single_pulse_doms': int((dom_size == 1).sum()),
              'max_pulses_per_event': int(counts.max()), 'max_doms_per_event': int(n_doms.max()),
              'max_pulses_per_dom': int(dom_size.max()), 'max_time_span': int(dt.max()),
-             'sum_log10_charge': float(log_q.sum()), 'sum_log10_charge_sq': float((log_q ** 2).sum()),
+             'sum_log10_charge': float(log_q.sum(dtype=np.float64)), 'sum_log10_charge_sq': float(np.dot(log_q, log_q)),
              'event_id_min': int(event_id.min()), 'event_id_max': int(event_id.max())}
     return pulses, doms, events, stats
 

@@ -1,0 +1,38 @@
+"""configurator.py: config files and --key=value overrides of a script's globals."""
+
+import pytest
+
+from configurator import configure
+
+
+def settings():
+    return {'batch_size': 16, 'learning_rate': 1e-3, 'compile': True, 'device': 'cpu', 'out_dir': 'out', 'np': object()}
+
+
+def test_overrides_parse_literals_and_bare_words(tmp_path):
+    g = settings()
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("import math\nbatch_size = 64\nlearning_rate = 2 * math.pi\n")
+    out = configure(g, [str(cfg), '--learning_rate=1', '--compile=False', '--device=cuda', '--out_dir=123'])
+    assert g['batch_size'] == 64 and g['learning_rate'] == 1.0 and isinstance(g['learning_rate'], float)
+    assert g['compile'] is False and g['device'] == 'cuda' and g['out_dir'] == '123'
+    assert out == {k: g[k] for k in ['batch_size', 'learning_rate', 'compile', 'device', 'out_dir']}
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch_sise=3'], r"unknown setting 'batch_sise' in override --batch_sise=3 \(did you mean batch_size\?\)"),
+    (['--batch_size=0.5'], r"setting 'batch_size' from override --batch_size=0.5 is float 0.5, expected int"),
+    (['--compile=1'], r"setting 'compile' .* is int 1, expected bool"),
+    (['--batch_size'], r"must look like --key=value"),
+    (['no_such_config.py'], r"cannot read config file no_such_config.py"),
+])
+def test_bad_settings_are_errors(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        configure(settings(), argv)
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("batch_size = 8\nlearnin_rate = 0.1\n")
+    with pytest.raises(SystemExit, match=r"unknown setting 'learnin_rate' in config file .*c\.py"):
+        configure(settings(), [str(cfg)])
