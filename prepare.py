@@ -130,7 +130,7 @@ def read_geometry(raw):
     return geometry
 
 
-def iter_meta(path, wanted, batch_ids_wanted=None, rows_per_read=1 << 20):
+def iter_meta(path, wanted, rows_per_read=1 << 20):
     """Stream a meta parquet file and yield (batch_id, dict of column arrays) per batch, without ever
     holding the whole file (the real train_meta has 132M rows). Each batch's rows must be contiguous,
     as in Kaggle's file."""
@@ -139,9 +139,7 @@ def iter_meta(path, wanted, batch_ids_wanted=None, rows_per_read=1 << 20):
     pf = pq.ParquetFile(path)
     check_schema(path, pf.schema_arrow, wanted)
     seen, current, parts = set(), None, []
-    def flush():
-        cols = {k: np.concatenate([p[k] for p in parts]) for k in wanted}
-        return current, cols
+    joined = lambda: {k: np.concatenate([p[k] for p in parts]) for k in wanted}
     for rb in pf.iter_batches(batch_size=rows_per_read, columns=list(wanted)):
         cols = {k: rb.column(k).to_numpy(zero_copy_only=False) for k in wanted}
         bid = cols['batch_id']
@@ -150,16 +148,14 @@ def iter_meta(path, wanted, batch_ids_wanted=None, rows_per_read=1 << 20):
             b_id = int(bid[a])
             if b_id != current:
                 if current is not None:
-                    yield flush()
-                    if batch_ids_wanted is not None and len(seen) >= batch_ids_wanted:
-                        return
+                    yield current, joined()
                 if b_id in seen:
                     raise PrepareError(f"{path}: rows of batch_id {b_id} are not contiguous")
                 seen.add(b_id)
                 current, parts = b_id, []
             parts.append({k: v[a:b] for k, v in cols.items()})
     if current is not None:
-        yield flush()
+        yield current, joined()
 
 
 def read_truth(path, batch_id, event_id):
@@ -167,6 +163,8 @@ def read_truth(path, batch_id, event_id):
     pf = pq.ParquetFile(path)
     check_schema(path, pf.schema_arrow, {'batch_id': 'integer', 'event_id': 'integer', 'energy': 'floating',
                                          'vertex_x': 'floating', 'vertex_y': 'floating', 'vertex_z': 'floating'})
+    if 'kind' not in pf.schema_arrow.names:
+        raise PrepareError(f"{path}: missing column 'kind'")
     t = pq.read_table(path, filters=[('batch_id', '=', batch_id)])
     truth_id = t['event_id'].to_numpy()
     order = np.argsort(truth_id)
