@@ -406,6 +406,9 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print):
         check_schema(meta_path, pf.schema_arrow, {'batch_id': 'integer'})
         ids = pq.read_table(meta_path, columns=['batch_id'])['batch_id'].to_numpy()
         ids = ids[np.r_[True, ids[1:] != ids[:-1]]]  # batch ids in file order (rows of a batch contiguous)
+        if part == 'test' and len(ids) == 0:
+            log(f"prepare: {meta_path} lists no events, so no test split")
+            continue
         if part == 'train':
             if train_batches:
                 ids = ids[:train_batches]
@@ -604,6 +607,14 @@ def pack_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
     n_taken = max(int(np.argmin(fits)) if not fits.all() else len(cand), 1)
 
     e = split.events(cand[:n_taken])
+    return pack_events(e, ev['azimuth'][:n_taken], ev['zenith'][:n_taken], cand[:n_taken], split.geometry,
+                       max_pulses, max_doms, max_events, max_pulses_per_dom), n_taken
+
+
+def pack_events(e, azimuth, zenith, event_index, geometry, max_pulses, max_doms, max_events, max_pulses_per_dom):
+    """The model's micro-batch from events as split.events() returns them (all of them are packed,
+    truncated by the rules of pack_batch). Fixed shapes: P = max_pulses, D = max_doms, E = max_events."""
+    n_taken = len(e['pulse_offsets']) - 1
     n_pulses_raw = e['pulse_offsets'][-1]
     dom_size = np.diff(e['dom_offsets'])
     dom_of_pulse = np.repeat(np.arange(len(dom_size)), dom_size)
@@ -653,15 +664,15 @@ def pack_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
     b['pulse_aux'][:n_p] = e['auxiliary'][kept]
     b['pulse_rank'][:n_p] = pulse_rank
     b['pulse_dom'][:n_p] = pulse_dom
-    b['dom_pos'][:n_dm] = split.geometry[dom_sensor]
+    b['dom_pos'][:n_dm] = geometry[dom_sensor]
     b['dom_sensor'][:n_dm] = dom_sensor
     b['dom_event'][:n_dm] = dom_event
     b['dom_n_pulses'][:n_dm] = dom_size[dom_alive]
-    b['event_dir'][:n_taken] = angles_to_dir(ev['azimuth'][:n_taken], ev['zenith'][:n_taken])
-    b['event_index'][:n_taken] = cand[:n_taken]
-    b['event_n_pulses'][:n_taken] = ev['n_pulses'][:n_taken]
-    b['event_n_doms'][:n_taken] = n_d[:n_taken]
-    return b, n_taken
+    b['event_dir'][:n_taken] = angles_to_dir(azimuth, zenith)
+    b['event_index'][:n_taken] = event_index
+    b['event_n_pulses'][:n_taken] = np.diff(e['pulse_offsets'])
+    b['event_n_doms'][:n_taken] = np.diff(e['event_dom_offsets'])
+    return b
 
 
 def _dom_sizes(split, idx, ev):
