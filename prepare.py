@@ -405,7 +405,7 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print):
         pf = pq.ParquetFile(meta_path)
         check_schema(meta_path, pf.schema_arrow, {'batch_id': 'integer'})
         ids = pq.read_table(meta_path, columns=['batch_id'])['batch_id'].to_numpy()
-        ids = ids[np.r_[True, ids[1:] != ids[:-1]]]  # batch ids in file order (rows of a batch contiguous)
+        ids = ids[np.r_[True, ids[1:] != ids[:-1]]] if len(ids) else ids  # batch ids in file order
         if part == 'test' and len(ids) == 0:
             log(f"prepare: {meta_path} lists no events, so no test split")
             continue
