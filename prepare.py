@@ -440,7 +440,7 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print):
             wanted = META_COLUMNS if has_labels else {k: v for k, v in META_COLUMNS.items() if k not in ('azimuth', 'zenith')}
             truth_path = os.path.join(raw, f"{part}_truth.parquet")
             has_truth = os.path.exists(truth_path)
-            id_set, done, pending, n_skipped, n_pulses = set(int(b) for b in ids), {}, set(), 0, 0
+            id_set, done, pending, n_skipped, n_pulses, t_split = set(int(b) for b in ids), {}, set(), 0, 0, time.time()
             for b, meta in iter_meta(os.path.join(raw, f"{part}_meta.parquet"), wanted):
                 if b not in id_set:
                     continue
@@ -460,7 +460,7 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print):
                         n_pulses += info['n_pulses']
                         log(f"prepare: {split} {len(done)}/{len(id_set)} {os.path.basename(shard_dir)}: {info['n_events']} events, "
                             f"{info['n_pulses']} pulses in {dt:.1f}s ({info['n_pulses'] / dt / 1e6:.1f}M pulses/s/process, "
-                            f"{n_pulses / (time.time() - t_start) / 1e6:.1f}M/s overall)")
+                            f"{n_pulses / (time.time() - t_split) / 1e6:.1f}M/s for the split)")
                 if len(done) == len(id_set):
                     break
             if n_skipped:
