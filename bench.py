@@ -72,8 +72,8 @@ def bench_prepare(raw):
     truth = prepare.read_truth(f"{raw}/train_truth.parquet", 1, meta['event_id'])
     shard = f"{work_dir}/prepare_row/batch_1"
     os.makedirs(os.path.dirname(shard), exist_ok=True)
-    t_read, table = timed(lambda: pq.read_table(src), repeat=3)
-    t_pack, _ = timed(lambda: prepare.write_shard((src, shard, meta, truth, geometry, True)), repeat=3)
+    t_read, table = timed(lambda: pq.read_table(src), repeat=5)
+    t_pack, _ = timed(lambda: prepare.write_shard((src, shard, meta, truth, geometry, True)), repeat=5)
     shutil.rmtree(os.path.dirname(shard))
     n = table.num_rows
     return {'pulses': n, 'pyarrow_read_s': t_read, 'prepare_s': t_pack,

@@ -254,12 +254,14 @@ def pack_file(src, meta, truth, geometry, has_labels):
     if n_rows >= 2**32:
         raise PrepareError(f"{src}: {n_rows} pulses in one batch file exceed the shard format's uint32 DOM offsets")
 
-    # sort each event's pulses by (sensor, time): one stable sort on a packed integer key when it fits
+    # sort each event's pulses by (sensor, time): one sort of a packed integer key when it fits in 64 bits.
+    # Quicksort is twice as fast as a stable sort here and as deterministic; only pulses equal in
+    # (event, sensor, time) can come out in either order.
     dt = dt.astype(np.uint64)
     bits_t, bits_e = max(int(dt.max()).bit_length(), 1), max(n_events.bit_length(), 1)
     if bits_e + 15 + bits_t <= 64:
         key = (event_of_row.astype(np.uint64) << np.uint64(15 + bits_t)) | (sensor.astype(np.uint64) << np.uint64(bits_t)) | dt
-        order = np.argsort(key, kind='stable')
+        order = np.argsort(key)
         del key
     else:
         order = np.lexsort((dt, sensor, event_of_row))
@@ -492,7 +494,8 @@ class Split:
         self.shards = []
         for name in self.manifest['shards']:
             d = os.path.join(path, name)
-            self.shards.append({k: np.load(f"{d}/{k}.npy", mmap_mode='r') for k in ['pulses', 'doms', 'events']})
+            # plain ndarray views of the memory maps: same pages, without np.memmap's per-index overhead
+            self.shards.append({k: np.asarray(np.load(f"{d}/{k}.npy", mmap_mode='r')) for k in ['pulses', 'doms', 'events']})
         sizes = [len(s['events']) for s in self.shards]
         self.shard_start = np.r_[0, np.cumsum(sizes)].astype(np.int64)
         self.geometry = np.load(os.path.join(path, 'geometry.npy'))
