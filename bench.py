@@ -13,9 +13,32 @@ Rows:
              same width and depth over all pulses of each event, and T1 with every DOM padded
   scaling    single events of 100 .. 100,000 pulses, hierarchical against flat
   inference  events/s of the model beside LineFit (and the likelihood fit where classical.py has one)
+
+The baselines of the step and scaling rows (built here, from model.py's Block):
+  flat       one transformer over all pulses of an event: width t2_dim, t2_heads heads, depth t1_layers +
+             t2_layers (the hierarchical model's widest width and its total depth), the same pulse features
+             as IceModel plus the DOM position of each pulse, each event's pulses padded to the batch's
+             longest event and attended with scaled_dot_product_attention (key-padding mask), mean-pooled to
+             a 3-vector, the same vMF loss. It gets exactly the pulses the hierarchical model gets.
+  padded T1  IceModel itself with its own weights, except that T1 runs every DOM of the batch padded to the
+             longest DOM, one dense (n_doms, L_max) attention, instead of the packed document layout; T2 as is.
+             It computes the same function (checked every run: `padded_t1_max_abs_diff`).
+Peak memory: on CUDA torch.cuda.max_memory_allocated over the call; on the CPU the growth of the process's
+peak resident set (Linux VmHWM, reset through /proc/self/clear_refs, after gc and malloc_trim) over its
+resident set before the call: everything the call allocates (activations, gradients, attention buffers),
+measured around the same calls that are timed (NaN where /proc/self/clear_refs is missing: not Linux).
+The step row runs step_batches micro-batches drawn at random from the packed synthetic train split with the
+training budgets of config/toy_cpu.py, the same batches for all three models. The scaling row runs single
+whole events (no truncation); the flat model stops at the first size whose estimated time or memory passes
+flat_max_s / flat_max_gb. On the CPU scaled_dot_product_attention takes its flash kernel (also with a mask),
+so the flat model's memory grows linearly and only its time quadratically.
+Torch runs `threads` threads (1 by default, see the setting).
 """
 
+import ctypes
+import gc
 import json
+import math
 import os
 import shutil
 import time
@@ -24,6 +47,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+import classical
+import model as M
 import prepare
 import simulate
 
@@ -34,11 +59,35 @@ work_dir = 'data/bench'        # scratch: the synthetic files the rows read
 out = 'bench.json'
 events_per_batch = 20000       # the synthetic batch file of the prepare and reading rows
 read_events = 4096             # random events read per reading measurement
-max_pulses = 16384             # micro-batch budgets (as in config/toy_cpu.py)
+max_pulses = 16384             # micro-batch budgets of the reading row
 max_doms = 8192
 max_events = 256
 max_pulses_per_dom = 64
 seed = 1337
+threads = 1                    # torch threads (0 = all cores); 1 keeps one run's ratios meaningful on a shared
+                               # machine, where a thread that loses its core stalls every parallel op
+dtype = 'bfloat16'             # autocast dtype on CUDA ('float32' = off); the CPU always runs float32
+# model, as in config/toy_cpu.py
+t1_dim = 32
+t1_layers = 1
+t1_heads = 2
+t2_dim = 64
+t2_layers = 3
+t2_heads = 4
+mlp_ratio = 4
+# training step and inference rows: micro-batches drawn at random from the packed synthetic train split,
+# with the training budgets of config/toy_cpu.py (the flat model's padding makes bigger ones very slow)
+step_batches = 8
+step_max_pulses = 4096
+step_max_doms = 2048
+step_max_events = 64
+step_max_pulses_per_dom = 32
+step_repeat = 2                # best of step_repeat passes over the batches
+# scaling row: one synthetic event per size, whole (no truncation)
+scaling_sizes = '100,1000,10000,100000'
+flat_max_s = 120.0             # the flat model skips a size whose estimated step time exceeds this ...
+flat_max_gb = 8.0              # ... or whose estimated peak memory exceeds this
+likelihood_events = 64         # events of the inference row for the slower classical fits
 # -----------------------------------------------------------------------------
 
 
@@ -141,33 +190,363 @@ def bench_reading(raw, packed):
     return {'events': len(idx), 'packed_events_per_s': len(idx) / t_packed, 'parquet_events_per_s': len(idx) / t_parquet}
 
 
+# -----------------------------------------------------------------------------
+# peak memory
+
+_libc = None
+
+
+def _proc_status(key):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def peak_memory(fn):
+    """Runs fn once; returns (peak bytes the call allocated above its starting point, fn's result).
+    CUDA: torch.cuda.max_memory_allocated. CPU: growth of the peak resident set (VmHWM, reset through
+    /proc/self/clear_refs) over the resident set before the call, freed memory first handed back to the
+    system (gc, malloc_trim) so that the call cannot hide in pages the process already holds."""
+    global _libc
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, result
+    gc.collect()
+    try:
+        _libc = _libc or ctypes.CDLL('libc.so.6')
+        _libc.malloc_trim(0)
+    except OSError:
+        pass
+    if not os.path.exists('/proc/self/clear_refs'):
+        return float('nan'), fn()
+    base = _proc_status('VmRSS:')
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets VmHWM to the current resident set (Linux >= 4.0)
+    result = fn()
+    return _proc_status('VmHWM:') - base, result
+
+
+def measured(fn, repeat):
+    """(best seconds of `repeat` calls, peak bytes of the last call, its result)."""
+    t, (peak, result) = timed(lambda: peak_memory(fn), repeat=repeat)
+    return t, peak, result
+
+
+# -----------------------------------------------------------------------------
+# the models of the step, scaling and inference rows
+
+def new_model():
+    return M.IceModel(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim, t2_layers=t2_layers,
+                      t2_heads=t2_heads, mlp_ratio=mlp_ratio).to(device)
+
+
+def dense_docs(doc, pad_id, path):
+    """The naive T1 layout for model.attend: every document (DOM) padded to the longest one, one dense group."""
+    counts = torch.zeros(pad_id + 1, dtype=torch.long, device=doc.device)
+    counts.index_add_(0, doc, torch.ones_like(doc))
+    counts = counts[:pad_id]
+    start = counts.cumsum(0) - counts
+    d = torch.nonzero(counts > 0).squeeze(1)  # DOM slots without pulses are padding, not DOMs
+    ar = torch.arange(int(counts.max()), device=doc.device)
+    valid = ar[None, :] < counts[d, None]
+    idx = torch.where(valid, start[d, None] + ar[None, :], 0)
+    return doc.new_zeros(0), [(idx, valid)]
+
+
+class PaddedT1(M.IceModel):
+    """IceModel whose T1 pads every DOM to the longest DOM of the batch (dense attention) instead of packing."""
+
+    def embed_doms(self, b):
+        packed = M.make_docs
+        M.make_docs = dense_docs  # embed_doms builds its T1 layout through model.make_docs
+        try:
+            return super().embed_doms(b)
+        finally:
+            M.make_docs = packed
+
+
+def pulse_features(b):
+    """IceModel's six pulse features (as in embed_doms) plus the position of the pulse's DOM: (P, 9)."""
+    time, charge, aux = b['pulse_time'].float(), b['pulse_charge'].float(), b['pulse_aux'].float()
+    pdom = b['pulse_dom'].long()
+    P, D = pdom.shape[0], b['dom_pos'].shape[0]
+    real = pdom >= 0
+    pd = torch.where(real, pdom, D)
+    w = real.float()
+    dom_start = torch.searchsorted(pd, torch.arange(D + 1, device=pd.device)).clamp(max=P - 1)
+    kept = torch.zeros(D + 1, device=pd.device).index_add_(0, pd, w)
+    t0 = time[dom_start] * (kept > 0).float()
+    dt = (time - t0[pd]).clamp(min=0)
+    cq = torch.cumsum((charge * w).double(), 0) - charge * w
+    q_before = (cq - cq[dom_start[pd]]).float().clamp(min=0)
+    pos = torch.cat([b['dom_pos'].float(), torch.zeros(1, 3, device=pd.device)])[pd]
+    return torch.cat([torch.stack([
+        (time / 3000.0).clamp(max=10.0), torch.log1p(dt / 10.0) / 4.0, torch.log(charge.clamp(min=1e-3)) / 2.0,
+        aux, torch.log1p(b['pulse_rank'].float()) / 3.0, torch.log1p(q_before) / 3.0], dim=1), pos / 500.0], dim=1) * w[:, None]
+
+
+class FlatModel(torch.nn.Module):
+    """Transformer over all pulses of each event, events padded to the batch's longest (see the top of the file)."""
+
+    def __init__(self, dim, layers, heads, mlp_ratio):
+        super().__init__()
+        self.embed = torch.nn.Linear(9, dim)
+        self.blocks = torch.nn.ModuleList([M.Block(dim, heads, mlp_ratio) for _ in range(layers)])
+        self.ln = torch.nn.LayerNorm(dim)
+        self.head = torch.nn.Linear(dim, 3)
+
+    @staticmethod
+    def block(blk, x, mask):
+        B, L, C = x.shape
+        H = blk.n_head
+        q, k, v = blk.qkv(blk.ln1(x)).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + blk.proj(y.transpose(1, 2).reshape(B, L, C))
+        return x + blk.fc_out(torch.nn.functional.gelu(blk.fc(blk.ln2(x))))
+
+    def forward(self, b):
+        n_p, n_ev, E = int(b['n_pulses']), int(b['n_events']), b['event_index'].shape[0]
+        feats = pulse_features(b)[:n_p]  # the pulses of the batch's events fill the first n_p slots
+        ev = b['dom_event'].long()[b['pulse_dom'][:n_p].long()]
+        counts = torch.bincount(ev, minlength=n_ev)
+        start = counts.cumsum(0) - counts
+        L = int(counts.max())
+        valid = torch.arange(L, device=ev.device)[None, :] < counts[:, None]
+        x = torch.zeros(n_ev, L, self.embed.out_features, device=ev.device)
+        x = x.index_put((ev, torch.arange(n_p, device=ev.device) - start[ev]), self.embed(feats).float())
+        mask = None if bool(valid.all()) else valid[:, None, None, :]
+        for blk in self.blocks:
+            x = self.block(blk, x, mask)
+        x = self.ln(x) * valid[..., None]
+        pooled = x.sum(1) / counts[:, None]
+        out = torch.zeros(E, 3, device=ev.device)
+        return out.index_copy(0, torch.arange(n_ev, device=ev.device), self.head(pooled).float())
+
+
+def autocast():
+    on = device == 'cuda' and dtype != 'float32'
+    return torch.autocast('cuda', dtype=getattr(torch, dtype), enabled=on)
+
+
+def train_step(model, b):
+    """Forward and backward of one micro-batch (gradients are freed again at the end)."""
+    with autocast():
+        pred = model(b)
+    loss = M.loss_fn(pred.float(), b['event_dir'], b['event_index'] >= 0)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def step_batches_of(packed):
+    split = prepare.open_split(f"{packed}/train")
+    idx = np.random.default_rng(seed + 1).permutation(len(split))
+    batches, taken, pos = [], [], 0
+    while len(batches) < step_batches and pos < len(idx):
+        batch, n = prepare.pack_batch(split, idx[pos:], step_max_pulses, step_max_doms, step_max_events,
+                                      step_max_pulses_per_dom)
+        batches.append(M.batch_to_tensors(batch, device))
+        taken.append(idx[pos:pos + n])
+        pos += n
+    return split, batches, np.concatenate(taken)
+
+
+def bench_step(batches):
+    torch.manual_seed(seed)
+    hier = new_model()
+    padded = PaddedT1(**hier.args).to(device)
+    padded.load_state_dict(hier.state_dict())
+    flat = FlatModel(t2_dim, t1_layers + t2_layers, t2_heads, mlp_ratio).to(device)
+    with torch.no_grad():
+        diff = float((hier(batches[0]) - padded(batches[0])).abs().max())
+    models = {'hier': torch.compile(hier) if compile else hier, 'flat': flat, 'padded_t1': padded}
+    if compile:
+        for b in batches:
+            train_step(models['hier'], b)  # compile before the clock starts
+    n_events = sum(int(b['n_events']) for b in batches)
+    out = {'batches': len(batches), 'events': n_events, 'pulses': sum(int(b['n_pulses']) for b in batches),
+           'longest_event': max(int(b['event_n_pulses'].max()) for b in batches),
+           'budgets': [step_max_pulses, step_max_doms, step_max_events, step_max_pulses_per_dom],
+           'params': {k: sum(p.numel() for p in m.parameters()) for k, m in (('hier', hier), ('flat', flat))},
+           'padded_t1_max_abs_diff': diff}
+    for name, m in models.items():
+        train_step(m, batches[0])  # warm-up
+        t_sum, peak = 0.0, 0
+        for b in batches:
+            t, p, _ = measured(lambda: train_step(m, b), step_repeat)
+            t_sum, peak = t_sum + t, max(peak, p)
+        out[name] = {'s': t_sum, 'events_per_s': n_events / t_sum, 'peak_mb': peak / 2**20}
+    return out, hier
+
+
+def scaling_event(n, rng, geometry):
+    """One synthetic event of n pulses: n_doms ~ 5.85 n^0.513 DOMs (through real data's 49 DOMs at 63 pulses and
+    2,256 at 110,000), every DOM one pulse plus a heavy-tailed (Pareto, alpha 2) share of the rest. As split.events()."""
+    n_doms = int(min(n, len(geometry), round(5.85 * n ** 0.513)))
+    w = rng.pareto(2.0, n_doms) + 1e-3  # Lomax(2): a 100,000-pulse event has DOMs of a few thousand pulses
+    sizes = 1 + rng.multinomial(n - n_doms, w / w.sum())
+    sensors = np.sort(rng.choice(len(geometry), n_doms, replace=False))
+    dom = np.repeat(np.arange(n_doms), sizes)
+    time = 10000 + rng.integers(0, 20000, n)
+    order = np.lexsort((time, dom))
+    return {'sensor_id': sensors[dom].astype(np.int16), 'time': time[order].astype(np.int64),
+            'charge': (np.round(rng.exponential(1.0, n) / 0.025 + 1) * 0.025).astype(np.float32),
+            'auxiliary': rng.random(n) < 0.28, 'pulse_offsets': np.array([0, n]),
+            'dom_offsets': np.r_[0, np.cumsum(sizes)], 'event_dom_offsets': np.array([0, n_doms])}, sizes
+
+
+def bench_scaling(hier, geometry):
+    torch.manual_seed(seed)
+    flat = FlatModel(t2_dim, t1_layers + t2_layers, t2_heads, mlp_ratio).to(device)
+    rng = np.random.default_rng(seed + 2)
+    rows, flat_done = [], []  # (pulses, seconds, peak bytes) of the flat sizes that ran
+    for n in [int(s) for s in str(scaling_sizes).split(',') if s.strip()]:
+        e, sizes = scaling_event(n, rng, geometry)
+        batch = prepare.pack_events(e, np.array([1.0]), np.array([1.0]), np.array([0]), geometry, n, len(sizes), 1,
+                                    int(sizes.max()))
+        b = M.batch_to_tensors(batch, device)
+        row = {'n_pulses': n, 'n_doms': len(sizes), 'max_dom_pulses': int(sizes.max()),
+               'kept_pulses': int(b['n_pulses'])}
+        for name, m in (('hier', hier), ('flat', flat)):
+            if name == 'flat' and flat_done:
+                # time ~ n^k with k from the last two sizes that ran, at least 1.5 (attention tends to 2 when it
+                # dominates; small sizes are overhead-bound, so k = 2 from them would overestimate); memory ~ n
+                n0, t0, p0 = flat_done[-1]
+                k = 2.0
+                if len(flat_done) >= 2:
+                    (na, ta, _), (nb, tb, _) = flat_done[-2:]
+                    k = min(2.0, max(1.5, math.log(tb / ta) / math.log(nb / na)))
+                est_s = t0 * (n / n0) ** k
+                est_gb = p0 * (n / n0) / 2**30
+                if est_s > flat_max_s or est_gb > flat_max_gb:
+                    why = f"time ~{est_s:,.0f} s > {flat_max_s:g}" if est_s > flat_max_s else f"memory ~{est_gb:.1f} GB > {flat_max_gb:g}"
+                    score_gb = t2_heads * n * n * 4 / 2**30
+                    row[name] = {'skipped': f"estimated {why} (from {n0:,} pulses: time ~ n^{k:.2f}, memory ~ n); "
+                                            f"materialised attention scores would take {score_gb:,.1f} GB per layer",
+                                 'estimated_s': est_s, 'estimated_gb': est_gb, 'time_exponent': k,
+                                 'score_matrix_gb': score_gb}
+                    continue
+            t1, p, _ = measured(lambda: train_step(m, b), 1)  # first call: warm-up and a time estimate
+            t, p2, _ = measured(lambda: train_step(m, b), 3 if t1 < 1 else 1)
+            row[name] = {'s': t, 'peak_mb': max(p, p2) / 2**20}
+            if name == 'flat':
+                flat_done.append((n, t, max(p, p2)))
+        rows.append(row)
+    return rows
+
+
+def bench_inference(split, batches, idx, hier):
+    hier.eval()
+    n_events = sum(int(b['n_events']) for b in batches)
+
+    def model_pass():
+        with torch.inference_mode(), autocast():
+            for b in batches:
+                hier(b)
+    model_pass()
+    t_model, _ = timed(model_pass, repeat=3)
+    hier.train()
+    e = split.events(idx)
+    geometry = split.geometry
+    t_lf, _ = timed(lambda: classical.linefit(geometry[e['sensor_id']], e['time'], e['pulse_offsets']), repeat=3)
+    out = {'events': n_events, 'model_events_per_s': n_events / t_model, 'linefit_events_per_s': len(idx) / t_lf}
+    small = idx[:likelihood_events]
+    es = split.events(small)
+    for method in ('linefit_improved', 'mpe'):
+        if not hasattr(classical, 'reconstruct') or method not in getattr(classical, 'METHODS', ()):
+            out[method] = {'skipped': 'not in classical.py'}
+            continue
+        t, _ = timed(lambda: classical.reconstruct(method, es, geometry), repeat=1)
+        out[method] = {'events': len(small), 'events_per_s': len(small) / t}
+    return out
+
+
+def ratio_at(scaling, n_want):
+    """(size, flat time / hier time, flat memory / hier memory) at n_want pulses, or at the largest size that
+    both models ran when n_want is not among them (tiny test runs)."""
+    both = [r for r in scaling if 's' in r['flat']]
+    pick = [r for r in both if r['n_pulses'] == n_want] or both[-1:]
+    if not pick:
+        return None, float('nan'), float('nan')
+    r = pick[0]
+    return r['n_pulses'], r['flat']['s'] / r['hier']['s'], r['flat']['peak_mb'] / max(r['hier']['peak_mb'], 1e-9)
+
+
 def main():
     from configurator import configure
     config = configure(globals())
     torch.manual_seed(seed)
+    torch.set_num_threads(threads or os.cpu_count())
     t_start = time.time()
     raw, packed = make_data()
-    results = {'config': config, 'machine': {'device': device, 'cpus': os.cpu_count(), 'torch': torch.__version__}}
+    results = {'config': config, 'machine': {'device': device, 'cpus': os.cpu_count(), 'threads': torch.get_num_threads(),
+                                             'torch': torch.__version__,
+                                             'memory': 'torch.cuda.max_memory_allocated' if device == 'cuda' else
+                                             'peak resident set growth (VmHWM after clear_refs)'}}
     results['prepare'] = bench_prepare(raw)
     results['reading'] = bench_reading(raw, packed)
+    split, batches, idx = step_batches_of(packed)
+    results['step'], hier = bench_step(batches)
+    results['scaling'] = bench_scaling(hier, split.geometry)
+    results['inference'] = bench_inference(split, batches, idx, hier)
     r = results
+    st, sc, inf = r['step'], r['scaling'], r['inference']
+    n10k, t10k, m10k = ratio_at(sc, 10000)
+    hm = [(x['n_pulses'], x['hier']['peak_mb']) for x in sc if x['hier']['peak_mb'] > 0]
     results['ratios'] = {
         'prepare_over_pyarrow_read': r['prepare']['prepare_s'] / r['prepare']['pyarrow_read_s'],
         'reading_vs_parquet': r['reading']['packed_events_per_s'] / r['reading']['parquet_events_per_s'],
+        'step_vs_flat_realistic': st['hier']['events_per_s'] / st['flat']['events_per_s'],
+        'step_vs_padded_t1_realistic': st['hier']['events_per_s'] / st['padded_t1']['events_per_s'],
+        'step_memory_flat_over_hier_realistic': st['flat']['peak_mb'] / max(st['hier']['peak_mb'], 1e-9),
+        'step_memory_padded_t1_over_hier_realistic': st['padded_t1']['peak_mb'] / max(st['hier']['peak_mb'], 1e-9),
+        'step_vs_flat_10k': t10k,
+        'step_vs_flat_10k_pulses': n10k,  # 10,000 unless the scaling sizes leave it out
+        'memory_flat_over_hier_10k': m10k,
+        # d log(memory) / d log(pulses) of the hierarchical step between the two largest sizes (1 = linear)
+        'hier_memory_exponent': (math.log(hm[-1][1] / hm[-2][1]) / math.log(hm[-1][0] / hm[-2][0])
+                                 if len(hm) >= 2 else float('nan')),
+        'inference_vs_linefit': inf['model_events_per_s'] / inf['linefit_events_per_s'],
     }
+    q = results['ratios']
     rows = [
         ('prepare', f"{r['prepare']['prepare_pulses_per_s'] / 1e6:.2f}M pulses/s", f"pyarrow read {r['prepare']['pyarrow_read_pulses_per_s'] / 1e6:.1f}M pulses/s",
          f"{results['ratios']['prepare_over_pyarrow_read']:.2f}x the read time (goal <= 5)"),
         ('reading', f"{r['reading']['packed_events_per_s']:,.0f} events/s", f"parquet loader {r['reading']['parquet_events_per_s']:,.0f} events/s",
          f"{results['ratios']['reading_vs_parquet']:.1f}x faster (goal >= 20)"),
+        ('step', f"{st['hier']['events_per_s']:,.0f} events/s, {st['hier']['peak_mb']:,.0f} MB",
+         f"flat {st['flat']['events_per_s']:,.1f} events/s, {st['flat']['peak_mb']:,.0f} MB",
+         f"{q['step_vs_flat_realistic']:.1f}x faster (goal >= 1), {q['step_memory_flat_over_hier_realistic']:.1f}x less memory"),
+        ('', '', f"padded T1 {st['padded_t1']['events_per_s']:,.0f} events/s, {st['padded_t1']['peak_mb']:,.0f} MB",
+         f"{q['step_vs_padded_t1_realistic']:.1f}x faster, {q['step_memory_padded_t1_over_hier_realistic']:.1f}x less memory"),
     ]
-    print(f"\n{'row':<10} {'iceaggr':<26} {'naive alternative':<34} ratio")
+    for x in sc:
+        h, f = x['hier'], x['flat']
+        label = f"{x['n_pulses']:,} pulses / {x['n_doms']:,} DOMs"
+        if 's' in f:
+            rows.append(('scaling', f"{h['s'] * 1e3:,.0f} ms, {h['peak_mb']:,.0f} MB  {label}", f"flat {f['s'] * 1e3:,.0f} ms, {f['peak_mb']:,.0f} MB",
+                         f"{f['s'] / h['s']:.1f}x faster" + (" (goal >= 10)" if x['n_pulses'] == 10000 else "")))
+        else:
+            rows.append(('scaling', f"{h['s'] * 1e3:,.0f} ms, {h['peak_mb']:,.0f} MB  {label}", "flat skipped", f['skipped']))
+    lik = ', '.join(f"{m} {inf[m]['events_per_s']:,.0f}" for m in ('linefit_improved', 'mpe') if 'events_per_s' in inf[m])
+    rows.append(('inference', f"{inf['model_events_per_s']:,.0f} events/s",
+                 f"LineFit {inf['linefit_events_per_s']:,.0f} events/s" + (f"; {lik}" if lik else ""),
+                 f"{q['inference_vs_linefit']:.3f}x LineFit's rate"))
+    w1, w2 = max(len(x[1]) for x in rows) + 2, max(len(x[2]) for x in rows) + 2
+    print(f"\n{'row':<10} {'iceaggr':<{w1}} {'naive alternative':<{w2}} ratio")
     for row in rows:
-        print(f"{row[0]:<10} {row[1]:<26} {row[2]:<34} {row[3]}")
+        print(f"{row[0]:<10} {row[1]:<{w1}} {row[2]:<{w2}} {row[3]}")
+    print(f"hierarchical step memory ~ pulses^{q['hier_memory_exponent']:.2f} between the two largest scaling sizes; "
+          f"memory: {results['machine']['memory']}; device {device}, {torch.get_num_threads()} threads")
     with open(out, 'w') as f:
         json.dump(results, f, indent=1)
     print(f"\nbench: wrote {out} in {time.time() - t_start:.0f}s")
-
 
 if __name__ == '__main__':
     main()

@@ -1,0 +1,35 @@
+# The embedded default: the synthetic data set (python prepare.py -> data/sim_packed) on a 2-core CPU,
+# in at most 15 minutes of training, then python sample.py --out_dir=out-toy-cpu.
+#   python train.py config/toy_cpu.py
+# The CPU runs attention through padded scaled_dot_product_attention (FlexAttention has no CPU backward)
+# and eager mode (torch.compile brings no CPU speed-up and shapes vary with the document buckets).
+
+out_dir = 'out-toy-cpu'
+data_dir = 'data/sim_packed'
+max_iters = 20000            # on 2 cores the time budget below ends the run first
+max_minutes = 13.0           # training + periodic evaluations; the cosine decay follows this clock
+eval_interval = 1000
+eval_events = 2000
+log_interval = 50
+
+max_pulses = 4096            # ~30 synthetic events per micro-batch (~100 pulses, ~70 hit DOMs each)
+max_doms = 2048
+max_events = 64
+max_pulses_per_dom = 32
+
+t1_dim = 32
+t1_layers = 1
+t1_heads = 2
+t2_dim = 64
+t2_layers = 3
+t2_heads = 4
+
+angular_weight = 0.5
+learning_rate = 3e-3
+min_lr = 1e-4
+warmup_iters = 100
+weight_decay = 0.01
+grad_clip = 1.0
+
+device = 'cpu'
+compile = False

@@ -1,0 +1,437 @@
+"""
+The model: a hierarchical transformer over the pulses of IceCube events.
+
+    pulses --T1 (attention within each DOM)--> one embedding per DOM
+           --T2 (attention within each event, + DOM x,y,z and summaries, + one CLS token per event)--> 3-vector
+
+Both stages run the same packed transformer Block over one flat token stream holding every token of the
+micro-batch. A "document" is a DOM in T1 and an event in T2; a token attends only to tokens of its own
+document, so the result for a DOM or an event never depends on what else is in the batch.
+
+Attention, one function `attend(q, k, v, docs)` with two interchangeable document layouts, built once per
+stage per batch (not per layer):
+  - flex_docs(): on CUDA, a FlexAttention BlockMask built directly from the document boundaries
+    (vectorised, no mask_mod evaluation over the N x N grid, fixed shapes so no recompile per batch);
+  - padded_docs(): on the CPU (FlexAttention has no CPU backward in torch 2.13), the documents are gathered
+    into groups padded to the next power of two (or 1.5 x one) of their length and run through scaled_dot_product_attention;
+    one-token documents (most DOMs) skip attention altogether (softmax over one key is that key's value).
+Both compute the same function; tests/test_model.py checks it in the forward pass on the CPU.
+
+The input is a batch from prepare.pack_batch / prepare.BatchLoader (dict of fixed-shape arrays, see
+prepare.py) turned into tensors with batch_to_tensors(). The output is a 3-vector per event slot: its
+direction is the predicted direction the neutrino comes from, its norm kappa the von Mises-Fisher
+concentration (a per-event confidence). Also here: the vMF loss, the angular loss, helpers between angles
+and unit vectors, and the competition metric.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+BLOCK = 128  # FlexAttention block size; token streams are padded to a multiple of it
+
+# compiled once, lazily (compiling takes a while and is only needed on the flex path)
+_flex_compiled = None
+
+
+def _flex(q, k, v, block_mask):
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=block_mask)
+
+
+# -----------------------------------------------------------------------------
+# documents and attention
+
+def flex_docs(doc, pad_id):
+    """BlockMask for a stream whose documents are contiguous runs of equal ids in `doc` (N,), N a multiple
+    of BLOCK, padding tokens carrying pad_id at the end (they form one more document). Built from the
+    boundaries: a query block's documents span one contiguous range of key blocks; a key block is "full"
+    (no mask_mod needed) when both blocks lie inside the same single document. Cost O(N + (N/BLOCK)^2)."""
+    N = doc.numel()
+    nb = N // BLOCK
+    counts = torch.zeros(pad_id + 1, dtype=torch.long, device=doc.device)
+    counts.index_add_(0, doc, torch.ones_like(doc))
+    end = counts.cumsum(0)
+    start = end - counts
+    blk = doc.view(nb, BLOCK)
+    first, last = blk[:, 0], blk[:, -1]
+    lo = start[first] // BLOCK            # first key block of the query block's first document
+    hi = (end[last] - 1) // BLOCK         # last key block of its last document
+    j = torch.arange(nb, device=doc.device)
+    in_range = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
+    uniform = first == last
+    full = in_range & uniform[:, None] & uniform[None, :] & (first[None, :] == first[:, None])
+    partial = in_range & ~full
+
+    def to_indices(m):
+        num = m.sum(-1).to(torch.int32)
+        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # True columns first
+        return num[None, None], idx[None, None]
+
+    kv_num, kv_idx = to_indices(partial)
+    full_num, full_idx = to_indices(full)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(N, N))
+
+
+def padded_docs(doc, pad_id):
+    """Layout for the scaled_dot_product_attention path: documents bucketed by length, each bucket padded
+    to a power of two L. Returns (singles, groups): singles (n1,) the positions of one-token documents;
+    groups a list of (idx (n_docs, L), valid (n_docs, L)) with the stream positions of each document.
+    L is a power of two or 1.5 times one, so a document is padded by less than half its length.
+    Tokens with pad_id are in no document (their attention output is zero)."""
+    counts = torch.zeros(pad_id + 1, dtype=torch.long, device=doc.device)
+    counts.index_add_(0, doc, torch.ones_like(doc))
+    counts = counts[:pad_id]
+    start = counts.cumsum(0) - counts
+    # bucket lengths 2, 3, 4, 6, 8, 12, 16, 24, ...: powers of two and 1.5 x powers of two (waste < 50%)
+    p2 = torch.ceil(torch.log2(counts.clamp(min=1).double())).long()
+    bucket = 2 * p2 - ((p2 >= 2) & (counts * 4 <= 3 * (1 << p2))).long()
+    singles = start[counts == 1]
+    groups = []
+    for b in torch.unique(bucket[counts > 1]).tolist():
+        d = torch.nonzero((bucket == b) & (counts > 1)).squeeze(1)
+        L = (1 << (b + 1) // 2) * 3 // 4 if b % 2 else 1 << (b // 2)
+        ar = torch.arange(L, device=doc.device)
+        valid = ar[None, :] < counts[d, None]
+        idx = torch.where(valid, start[d, None] + ar[None, :], 0)
+        groups.append((idx, valid))
+    return singles, groups
+
+
+def make_docs(doc, pad_id, path):
+    return flex_docs(doc, pad_id) if path == 'flex' else padded_docs(doc, pad_id)
+
+
+def attend(q, k, v, docs):
+    """q, k, v: (N, H, hd), one packed stream, token-major. docs: a BlockMask (flex path) or the padded_docs
+    layout. Returns (N, H, hd): each token attends (softmax, scale 1/sqrt(hd)) over its document's tokens."""
+    if isinstance(docs, BlockMask):
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        return _flex(q, k, v, docs)[0].transpose(0, 1)
+    singles, groups = docs
+    pos, vals = [singles], [v[singles]]
+    for idx, valid in groups:
+        qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))  # (n_docs, H, L, hd)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=valid[:, None, None, :])
+        pos.append(idx[valid])
+        vals.append(o.transpose(1, 2)[valid])
+    return torch.zeros_like(v).index_copy(0, torch.cat(pos), torch.cat(vals))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class Block(nn.Module):
+    """Pre-norm transformer block over a packed stream (no positional encoding: tokens are a set)."""
+
+    def __init__(self, dim, n_head, mlp_ratio=4):
+        super().__init__()
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, mlp_ratio * dim)
+        self.fc_out = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x, docs):
+        N, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(N, 3, self.n_head, C // self.n_head).unbind(1)
+        y = attend(q, k, v, docs).reshape(N, C)
+        x = x + self.proj(y)
+        x = x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+        return x
+
+
+N_PULSE_FEATURES = 6
+N_DOM_FEATURES = 27
+N_EVENT_FEATURES = 13
+
+
+class IceModel(nn.Module):
+    """T1 over each DOM's pulses, T2 over each event's DOMs plus a CLS token, head -> 3-vector per event."""
+
+    def __init__(self, t1_dim=64, t1_layers=2, t1_heads=4, t2_dim=128, t2_layers=4, t2_heads=4,
+                 mlp_ratio=4, attn='auto'):
+        super().__init__()
+        self.args = dict(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim,
+                         t2_layers=t2_layers, t2_heads=t2_heads, mlp_ratio=mlp_ratio, attn=attn)
+        self.attn = attn  # 'flex', 'sdpa' or 'auto' (flex on CUDA, sdpa elsewhere)
+        self.pulse_embed = nn.Linear(N_PULSE_FEATURES, t1_dim)
+        self.t1 = nn.ModuleList([Block(t1_dim, t1_heads, mlp_ratio) for _ in range(t1_layers)])
+        self.t1_ln = nn.LayerNorm(t1_dim)
+        self.dom_embed = nn.Sequential(nn.Linear(N_DOM_FEATURES, t2_dim), nn.GELU(), nn.Linear(t2_dim, t2_dim))
+        self.t1_to_t2 = nn.Linear(t1_dim, t2_dim)
+        self.cls = nn.Parameter(torch.zeros(t2_dim))
+        self.event_embed = nn.Linear(N_EVENT_FEATURES, t2_dim)
+        self.t2 = nn.ModuleList([Block(t2_dim, t2_heads, mlp_ratio) for _ in range(t2_layers)])
+        self.t2_ln = nn.LayerNorm(t2_dim)
+        self.head = nn.Linear(t2_dim, 4)  # a 3-vector plus the weight of the LineFit seed, see forward
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * max(t1_layers, t2_layers)) if name.endswith(('proj.weight', 'fc_out.weight')) else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith('bias'):
+                nn.init.zeros_(p)
+        nn.init.normal_(self.cls, std=0.02)
+
+    def path(self, device):
+        if self.attn != 'auto':
+            return self.attn
+        return 'flex' if device.type == 'cuda' else 'sdpa'
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # --- T1: pulses -> one embedding per DOM, plus per-DOM summaries from the pulse arrays
+    def embed_doms(self, b):
+        """Returns (dom_emb (D, t1_dim), summaries dict of (D,) tensors). Padding DOM slots get zeros."""
+        time, charge, aux = b['pulse_time'].float(), b['pulse_charge'].float(), b['pulse_aux'].float()
+        rank = b['pulse_rank'].long()
+        pdom = b['pulse_dom'].long()
+        P, D = pdom.shape[0], b['dom_pos'].shape[0]
+        real = pdom >= 0
+        pd = torch.where(real, pdom, D)  # padding pulses go to a dummy DOM slot D
+        w = real.float()
+
+        def per_dom(x):
+            return torch.zeros(D + 1, dtype=x.dtype, device=x.device).index_add_(0, pd, x)
+
+        kept = per_dom(w)
+        q_dom = per_dom(charge * w)
+        n_aux = per_dom(aux * w)
+        tq = per_dom(time * charge * w) / q_dom.clamp(min=1e-6)
+        # each DOM's pulses are contiguous and time-ordered: its first pulse sits at dom_start
+        dom_start = torch.searchsorted(pd, torch.arange(D + 1, device=pd.device)).clamp(max=P - 1)
+        t0 = time[dom_start] * (kept > 0).float()
+        dt = (time - t0[pd]).clamp(min=0)
+        cq = torch.cumsum((charge * w).double(), 0) - charge * w  # charge of all earlier pulses in the stream
+        q_before = (cq - cq[dom_start[pd]]).float().clamp(min=0)  # ... of earlier pulses in the same DOM
+        feats = torch.stack([
+            (time / 3000.0).clamp(max=10.0),          # time since the event's first kept pulse
+            torch.log1p(dt / 10.0) / 4.0,             # time since the DOM's first pulse
+            torch.log(charge.clamp(min=1e-3)) / 2.0,  # log charge
+            aux,                                      # auxiliary flag
+            torch.log1p(rank.float()) / 3.0,          # rank of the pulse within its DOM
+            torch.log1p(q_before) / 3.0,              # charge the DOM saw before this pulse
+        ], dim=1) * w[:, None]
+
+        # pad the stream to a multiple of BLOCK; padding tokens form the last document (id D)
+        N = -(-P // BLOCK) * BLOCK
+        doc = F.pad(pd, (0, N - P), value=D)
+        x = F.pad(self.pulse_embed(feats).float(), (0, 0, 0, N - P))  # float32 residual stream under autocast
+        docs = make_docs(doc, D, self.path(x.device))
+        for blk in self.t1:
+            x = blk(x, docs)
+        x = self.t1_ln(x[:P]).float()
+        pooled = torch.zeros(D + 1, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, pd, x * w[:, None])
+        dom_emb = pooled[:D] / kept[:D, None].clamp(min=1)
+        summ = dict(kept=kept[:D], charge=q_dom[:D], t0=t0[:D], tq=tq[:D], aux_frac=n_aux[:D] / kept[:D].clamp(min=1))
+        return dom_emb, summ
+
+    # --- T2: DOM tokens + one CLS token per event -> 3-vector per event slot
+    def forward(self, b):
+        dom_emb, s = self.embed_doms(b)
+        pos = b['dom_pos'].float()
+        dev = pos.device
+        D, E = pos.shape[0], b['event_index'].shape[0]
+        dom_ev = b['dom_event'].long()
+        dreal = dom_ev >= 0
+        de = torch.where(dreal, dom_ev, E)  # padding DOMs -> dummy event slot E
+        ereal = b['event_index'] >= 0
+        # event reference point and time: weighted by each DOM's non-auxiliary charge (noise is mostly auxiliary)
+        wq = s['charge'] * (1 - s['aux_frac']) + 1e-3 * s['charge']
+        wq = wq * dreal.float()
+
+        def per_event(x):
+            return torch.zeros((E + 1,) + x.shape[1:], dtype=x.dtype, device=dev).index_add_(0, de, x)
+
+        wsum = per_event(wq).clamp(min=1e-6)
+        t_ref = per_event(wq * s['t0']) / wsum
+        p_ref = per_event(wq[:, None] * pos) / wsum[:, None]
+        ndom_pulses = b['dom_n_pulses'].float()
+        dp = (pos - p_ref[de]) / 300.0
+        dt = ((s['t0'] - t_ref[de]) / 1000.0).clamp(-10.0, 10.0)[:, None]
+        dist = torch.linalg.vector_norm(pos - p_ref[de], dim=1, keepdim=True)
+        unit = (pos - p_ref[de]) / dist.clamp(min=1.0)
+        # first-hit time residual for light spreading from the charge centre at t_ref (c_ice = 0.221 m/ns)
+        resid = ((s['t0'][:, None] - t_ref[de][:, None] - dist / 0.2210) / 1000.0).clamp(-10.0, 10.0)
+        # a vertex estimate from the earliest bright hits (weights fall off over 200 ns after the event's first
+        # non-auxiliary hit), and each DOM's distance, direction and time residual seen from it
+        has_clean = (s['aux_frac'] < 1) & dreal
+        t_min = torch.full((E + 1,), 1e9, device=dev).scatter_reduce(
+            0, de, torch.where(has_clean, s['t0'], 1e9), 'amin', include_self=True)
+        we = wq * torch.exp(-((s['t0'] - t_min[de]) / 200.0).clamp(min=0.0, max=50.0))
+        wes = per_event(we).clamp(min=1e-12)
+        p_e = per_event(we[:, None] * pos) / wes[:, None]
+        t_e = per_event(we * s['t0']) / wes
+        dist_e = torch.linalg.vector_norm(pos - p_e[de], dim=1, keepdim=True)
+        unit_e = (pos - p_e[de]) / dist_e.clamp(min=1.0)
+        resid_e = ((s['t0'][:, None] - t_e[de][:, None] - dist_e / 0.2210) / 1000.0).clamp(-10.0, 10.0)
+        dom_feats = torch.cat([
+            pos / 500.0,
+            dp,
+            (s['t0'] / 3000.0).clamp(max=10.0)[:, None],
+            dt,
+            dp * dt,                                  # this DOM's term of a LineFit through the first hits
+            dist / 300.0, unit, resid,                # distance and direction from the charge centre, time residual
+            dist_e / 300.0, unit_e, resid_e,          # the same from the early-hit vertex
+            torch.log1p((s['tq'] - s['t0']).clamp(min=0) / 10.0)[:, None] / 4.0,
+            torch.log1p(s['charge'])[:, None] / 2.0,
+            torch.log1p(ndom_pulses)[:, None] / 2.0,
+            torch.log1p(s['kept'])[:, None] / 2.0,
+            s['aux_frac'][:, None],
+            (pos[:, 2:3] > -160).float() * (torch.linalg.vector_norm(pos[:, :2], dim=1, keepdim=True) < 80).float(),  # DeepCore-ish
+        ], dim=1) * dreal.float()[:, None]
+        dom_tok = (self.dom_embed(dom_feats) + self.t1_to_t2(dom_emb)).float()
+        # a LineFit seed over the event's non-auxiliary pulses (all pulses where it has none), as a classical
+        # reconstruction would seed a likelihood fit: v = <(r - <r>)(t - <t>)> / <(t - <t>)^2>, direction -v
+        pdom = b['pulse_dom'].long()
+        pe = torch.where(pdom >= 0, de[pdom.clamp(min=0)], E)
+        ppos, pt = pos[pdom.clamp(min=0)], b['pulse_time'].float()
+        pw = (1.0 - b['pulse_aux'].float() + 1e-3) * (pdom >= 0).float()
+
+        def per_event_p(x):
+            return torch.zeros((E + 1,) + x.shape[1:], dtype=x.dtype, device=dev).index_add_(0, pe, x)
+
+        pws = per_event_p(pw).clamp(min=1e-9)
+        ptc = pt - (per_event_p(pw * pt) / pws)[pe]
+        prc = ppos - (per_event_p(pw[:, None] * ppos) / pws[:, None])[pe]
+        v = per_event_p((pw * ptc)[:, None] * prc) / per_event_p(pw * ptc * ptc).clamp(min=1e-6)[:, None]  # m/ns
+        speed = torch.linalg.vector_norm(v, dim=1)
+        lf_dir = -v / speed.clamp(min=1e-6)[:, None]
+        ev_feats = torch.cat([
+            torch.log1p(b['event_n_pulses'].float())[:, None] / 5.0,
+            torch.log1p(b['event_n_doms'].float())[:, None] / 5.0,
+            torch.log1p(per_event(s['charge'] * dreal.float())[:E])[:, None] / 5.0,
+            lf_dir[:E],
+            (per_event(wq[:, None] * unit) / wsum[:, None])[:E],  # charge dipole around the charge centre
+            (per_event(wq[:, None] * unit_e) / wsum[:, None])[:E],  # ... and around the early-hit vertex
+            (speed[:E] / 0.3).clamp(max=3.0)[:, None],
+        ], dim=1)
+        cls_tok = (self.cls + self.event_embed(ev_feats)).float()
+
+        # stream layout: for each event its CLS token then its DOMs (documents contiguous), then all padding
+        n_ev = ereal.sum()
+        ar_d = torch.arange(D, device=dev)
+        ar_e = torch.arange(E, device=dev)
+        pos_dom = torch.where(dreal, ar_d + de + 1, ar_d + n_ev)
+        cnt = torch.zeros(E + 1, dtype=torch.long, device=dev).index_add_(0, de, torch.ones_like(de))[:E]
+        first = cnt.cumsum(0) - cnt
+        pos_cls = torch.where(ereal, first + ar_e, D + ar_e)
+        N = -(-(D + E) // BLOCK) * BLOCK
+        x = torch.zeros(N, dom_tok.shape[1], dtype=dom_tok.dtype, device=dev)
+        x = x.index_copy(0, pos_dom, dom_tok).index_copy(0, pos_cls, cls_tok)
+        doc = torch.full((N,), E, dtype=torch.long, device=dev)
+        doc = doc.index_copy(0, pos_dom, torch.where(dreal, de, E)).index_copy(0, pos_cls, torch.where(ereal, ar_e, E))
+        docs = make_docs(doc, E, self.path(dev))
+        for blk in self.t2:
+            x = blk(x, docs)
+        out = self.head(self.t2_ln(x[pos_cls])).float()
+        # the output is a free 3-vector plus a learned multiple of the LineFit seed direction, so that the model
+        # can pass the seed through (with its own confidence) where it is good, and correct it where it is not
+        return out[:, :3] + out[:, 3:4] * lf_dir[:E]
+
+
+def batch_to_tensors(batch, device='cpu'):
+    """A prepare batch (dict of numpy arrays and ints) -> dict of tensors on device (ints stay ints)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, np.ndarray):
+            t = torch.from_numpy(v)
+            out[k] = t.to(device, non_blocking=True) if str(device) != 'cpu' else t
+        else:
+            out[k] = v
+    return out
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def log_c3(kappa):
+    """log of the vMF normaliser on the unit sphere, C3(k) = k / (4 pi sinh k), stable for all k >= 0."""
+    small = kappa < 1e-2
+    k = torch.where(small, torch.ones_like(kappa), kappa)
+    exact = torch.log(k) - math.log(2 * math.pi) - k - torch.log(-torch.expm1(-2 * k))
+    k2 = kappa * kappa
+    series = -math.log(4 * math.pi) - k2 / 6 + k2 * k2 / 180
+    return torch.where(small, series, exact)
+
+
+def vmf_nll(pred, target):
+    """von Mises-Fisher negative log-likelihood per event; pred (n,3) with kappa = |pred|, target unit (n,3)."""
+    kappa = torch.sqrt((pred * pred).sum(-1) + 1e-12)
+    return -log_c3(kappa) - (pred * target).sum(-1)
+
+
+def angle_between(pred, target):
+    """Angle (rad) between pred's direction and unit target, for the loss (clamped away from +-1 so its
+    gradient stays finite)."""
+    cos = (F.normalize(pred, dim=-1, eps=1e-8) * target).sum(-1)
+    return torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
+
+
+def per_event_loss(pred, target, real, angular_weight=0.0):
+    """vMF NLL + angular_weight * angle per event slot; 0 where not real. Padding slots and unknown (NaN)
+    targets are masked with where, so no NaN leaks into the gradient."""
+    target = torch.where(real[:, None], target, torch.zeros_like(target)).float()
+    per = vmf_nll(pred, target)
+    if angular_weight:
+        per = per + angular_weight * angle_between(pred, target)
+    return torch.where(real, per, torch.zeros_like(per))
+
+
+def loss_fn(pred, target, real, angular_weight=0.0):
+    """Mean over real event slots of per_event_loss."""
+    return per_event_loss(pred, target, real, angular_weight).sum() / real.sum().clamp(min=1)
+
+
+def direction_error(pred, target):
+    """The metric's per-event angle, arccos(clip(u_true . u_pred, -1, 1)), for tensors (no gradient use)."""
+    return torch.acos((F.normalize(pred.float(), dim=-1, eps=1e-12) * target).sum(-1).clamp(-1.0, 1.0))
+
+
+# -----------------------------------------------------------------------------
+# angles, unit vectors and the competition metric (numpy or torch)
+
+def angles_to_vector(azimuth, zenith):
+    """(azimuth, zenith) the neutrino comes from -> unit vector (..., 3)."""
+    xp = torch if isinstance(azimuth, torch.Tensor) else np
+    s = xp.sin(zenith)
+    return xp.stack([xp.cos(azimuth) * s, xp.sin(azimuth) * s, xp.cos(zenith)], -1)
+
+
+def vector_to_angles(v):
+    """(..., 3) vector (any norm > 0) -> (azimuth in [0, 2pi), zenith in [0, pi])."""
+    xp = torch if isinstance(v, torch.Tensor) else np
+    n = xp.sqrt((v * v).sum(-1))
+    az = xp.arctan2(v[..., 1], v[..., 0]) % (2 * math.pi)
+    az = xp.where(az >= 2 * math.pi, 0.0 * az, az)  # the modulo can round up to exactly 2 pi
+    zen = xp.arccos(xp.clip(v[..., 2] / n, -1.0, 1.0))
+    return az, zen
+
+
+def angular_errors(az_true, zen_true, az_pred, zen_pred):
+    """Per-event angle (rad) between true and predicted directions; non-finite input is an error."""
+    arrs = [np.asarray(a, dtype=np.float64) for a in (az_true, zen_true, az_pred, zen_pred)]
+    for name, a in zip(('az_true', 'zen_true', 'az_pred', 'zen_pred'), arrs):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"angular error: {name} has {int((~np.isfinite(a)).sum())} non-finite values")
+    dot = (angles_to_vector(arrs[0], arrs[1]) * angles_to_vector(arrs[2], arrs[3])).sum(-1)
+    return np.arccos(np.clip(dot, -1.0, 1.0))
+
+
+def mean_angular_error(az_true, zen_true, az_pred, zen_pred):
+    """The competition metric: mean over events of arccos(clip(u_true . u_pred, -1, 1)), in radians."""
+    return float(np.mean(angular_errors(az_true, zen_true, az_pred, zen_pred)))

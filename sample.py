@@ -1,0 +1,184 @@
+"""
+Evaluate a trained model on held-out events, beside plain LineFit on the same events.
+
+    python sample.py                                  # out/best.pt on the val split of its data
+    python sample.py --split=test                     # predictions + Kaggle submission.csv
+    python sample.py --out_dir=out-1m --max_events=100000 --ckpt=ckpt.pt
+
+Prints the competition metric (mean angular error) in rad and degrees, the median and percentiles, and
+breakdowns by pulse count, DOM count, zenith, predicted kappa, and energy and kind where the data has a
+truth file (the synthetic set does). Writes to out_dir:
+    eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
+                               linefit: {mean_angular_error, median_angular_error}, breakdowns)
+    predictions_<split>.csv    event_id, azimuth, zenith, kappa (+ true angles and errors where known)
+    submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format)
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+import model as M
+from classical import linefit
+from prepare import BatchLoader, open_split
+
+# -----------------------------------------------------------------------------
+# settings
+out_dir = 'out'
+ckpt = 'best.pt'          # file in out_dir
+data_dir = ''             # '' = the data_dir the model was trained on
+split = 'val'
+max_events = 0            # the first max_events events of the split (0 = all)
+max_pulses = 0            # micro-batch budgets; 0 = those of training
+max_doms = 0
+max_events_per_batch = 0
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16'        # autocast dtype on CUDA
+compile = False
+linefit_baseline = True
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+configure(globals())
+# -----------------------------------------------------------------------------
+
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+ck = torch.load(os.path.join(out_dir, ckpt), map_location='cpu', weights_only=False)
+cfg = ck['config']
+data_dir = data_dir or ck['data_dir']
+max_pulses = max_pulses or cfg['max_pulses']
+max_doms = max_doms or cfg['max_doms']
+max_events_per_batch = max_events_per_batch or cfg['max_events']
+raw_model = M.IceModel(**ck['model_args'])
+raw_model.load_state_dict(ck['model'])
+raw_model.to(device).eval()
+model = torch.compile(raw_model) if compile else raw_model
+autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=device_type == 'cuda' and dtype != 'float32')
+
+s = open_split(os.path.join(data_dir, split))
+n = min(max_events, len(s)) if max_events else len(s)
+print(f"sample: {os.path.join(out_dir, ckpt)} (iter {ck['iter_num']}, {raw_model.num_params() / 1e6:.3f}M parameters) "
+      f"on {n} of {len(s)} events of {os.path.join(data_dir, split)}, device {device}")
+
+# model predictions, in split order
+t0 = time.time()
+pred = np.zeros((n, 3), np.float64)
+seen = np.zeros(n, bool)
+loader = BatchLoader(s, max_pulses, max_doms, max_events_per_batch, ck['max_pulses_per_dom'], shuffle=False,
+                     epochs=1, max_events_total=n)
+with torch.no_grad():
+    for batch in loader:
+        b = M.batch_to_tensors(batch, device)
+        with autocast:
+            out = model(b)
+        k = batch['n_events']
+        pred[batch['event_index'][:k]] = out[:k].float().cpu().numpy()
+        seen[batch['event_index'][:k]] = True
+loader.close()
+assert seen.all(), "some events were not evaluated"
+t_model = time.time() - t0
+kappa = np.linalg.norm(pred, axis=1)
+az, zen = M.vector_to_angles(pred)
+print(f"sample: model on {n} events in {t_model:.1f}s ({n / t_model:.0f} events/s)")
+
+# plain LineFit on the same events (non-auxiliary pulses; all pulses where an event has none)
+lf = np.zeros((n, 3))
+if linefit_baseline:
+    t0 = time.time()
+    for lo in range(0, n, 20000):
+        e = s.events(np.arange(lo, min(n, lo + 20000)))
+        off = e['pulse_offsets']
+        ev_of_pulse = np.repeat(np.arange(len(off) - 1), np.diff(off))
+        n_clean = np.bincount(ev_of_pulse, weights=~e['auxiliary'], minlength=len(off) - 1)
+        use = ~e['auxiliary'] | (n_clean[ev_of_pulse] < 2)
+        counts = np.bincount(ev_of_pulse[use], minlength=len(off) - 1)
+        lf[lo:lo + len(off) - 1] = linefit(s.geometry[e['sensor_id'][use].astype(np.int64)],
+                                           e['time'][use].astype(np.float64), np.r_[0, np.cumsum(counts)])
+    print(f"sample: LineFit in {time.time() - t0:.1f}s")
+lf_az, lf_zen = M.vector_to_angles(lf)
+
+result = {'split': split, 'n_events': int(n), 'checkpoint': os.path.join(out_dir, ckpt), 'iter': int(ck['iter_num'])}
+has_labels = bool(np.isfinite(s.azimuth[:n]).all())
+cols = {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen, 'kappa': kappa}
+
+
+def summary(err):
+    return {'mean_angular_error': float(err.mean()), 'median_angular_error': float(np.median(err)),
+            'mean_angular_error_deg': math.degrees(err.mean()), 'median_angular_error_deg': math.degrees(np.median(err)),
+            'percentiles_deg': {str(p): math.degrees(np.percentile(err, p)) for p in (10, 25, 75, 90)}}
+
+
+def breakdown(name, values, edges, fmt):
+    """Mean error of the model and of LineFit per bin of values; prints a table, returns a list of rows."""
+    rows = []
+    print(f"  by {name}:")
+    idx = np.digitize(values, edges[1:-1])
+    for i in range(len(edges) - 1):
+        m = idx == i
+        if not m.any():
+            continue
+        row = {'bin': fmt(edges[i], edges[i + 1]), 'n': int(m.sum()), 'mean_angular_error': float(err[m].mean())}
+        if linefit_baseline:
+            row['linefit_mean_angular_error'] = float(lf_err[m].mean())
+        rows.append(row)
+        lf_txt = f"   LineFit {math.degrees(row['linefit_mean_angular_error']):6.2f} deg" if linefit_baseline else ""
+        print(f"    {row['bin']:>18} {row['n']:8d} events   model {math.degrees(row['mean_angular_error']):6.2f} deg{lf_txt}")
+    return rows
+
+
+if has_labels:
+    err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen)
+    lf_err = M.angular_errors(s.azimuth[:n], s.zenith[:n], lf_az, lf_zen)
+    result.update(summary(err))
+    if linefit_baseline:
+        result['linefit'] = summary(lf_err)
+    r, l = result, result.get('linefit')
+    print(f"mean angular error: model {r['mean_angular_error']:.4f} rad ({r['mean_angular_error_deg']:.2f} deg)"
+          + (f", LineFit {l['mean_angular_error']:.4f} rad ({l['mean_angular_error_deg']:.2f} deg), model/LineFit "
+             f"{r['mean_angular_error'] / l['mean_angular_error']:.3f}" if l else ""))
+    print(f"median angular error: model {r['median_angular_error_deg']:.2f} deg"
+          + (f", LineFit {l['median_angular_error_deg']:.2f} deg" if l else ""))
+    print("percentiles (deg): " + ", ".join(f"p{p} {v:.1f}" for p, v in r['percentiles_deg'].items()))
+    intfmt = lambda a, b: f"{a:.0f}-{b:.0f}" if np.isfinite(b) else f">= {a:.0f}"
+    ev_pulses, ev_doms = s.n_pulses[:n], s.n_doms[:n]
+    result['by_pulses'] = breakdown('pulse count', ev_pulses, [0, 30, 60, 100, 200, 500, 1000, 10000, np.inf], intfmt)
+    result['by_doms'] = breakdown('DOM count', ev_doms, [0, 10, 20, 40, 80, 160, 320, np.inf], intfmt)
+    result['by_zenith'] = breakdown('true zenith (deg)', np.degrees(s.zenith[:n]), np.arange(0, 181, 30.0), intfmt)
+    q = np.quantile(kappa, [0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    q[-1] = np.inf
+    result['by_kappa'] = breakdown('predicted kappa (quintiles)', kappa, q, lambda a, b: f"{a:.1f}-{b:.1f}")
+    if s.truth is not None:
+        energy = s.truth['energy'][:n].astype(np.float64)
+        result['by_energy'] = breakdown('energy (log10 GeV)', np.log10(np.maximum(energy, 1e-3)),
+                                        [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf],
+                                        lambda a, b: f"{a}-{b}" if np.isfinite(a) and np.isfinite(b) else (f"< {b}" if np.isfinite(b) else f">= {a}"))
+        kind = s.truth['kind'][:n]
+        result['by_kind'] = breakdown('kind (0 track, 1 cascade)', kind, [-0.5, 0.5, 1.5], lambda a, b: ['track', 'cascade'][int(a + 0.5)])
+    cols.update({'true_azimuth': s.azimuth[:n], 'true_zenith': s.zenith[:n], 'angular_error': err})
+    if linefit_baseline:
+        cols['linefit_angular_error'] = lf_err
+else:
+    print(f"sample: {split} has no labels; writing predictions only")
+    result['mean_angular_error'] = result['median_angular_error'] = None
+
+with open(os.path.join(out_dir, f'eval_{split}.json.tmp'), 'w') as f:
+    json.dump(result, f, indent=1)
+os.replace(os.path.join(out_dir, f'eval_{split}.json.tmp'), os.path.join(out_dir, f'eval_{split}.json'))
+
+
+def write_csv(path, columns):
+    names = list(columns)
+    fmts = ['%d' if np.issubdtype(np.asarray(columns[c]).dtype, np.integer) else '%.6f' for c in names]
+    np.savetxt(path + '.tmp', np.column_stack([np.asarray(columns[c], np.float64) if f != '%d' else columns[c] for c, f in zip(names, fmts)]),
+               fmt=fmts, delimiter=',', header=','.join(names), comments='')
+    os.replace(path + '.tmp', path)
+
+
+write_csv(os.path.join(out_dir, f'predictions_{split}.csv'), cols)
+if split == 'test':
+    write_csv(os.path.join(out_dir, 'submission.csv'), {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen})
+print(f"sample: wrote {os.path.join(out_dir, f'eval_{split}.json')}, predictions_{split}.csv"
+      + (", submission.csv" if split == 'test' else ""))

@@ -1,0 +1,41 @@
+"""bench.py end to end on tiny sizes, so that it cannot rot: every row and ratio lands in bench.json.
+(The figures themselves mean nothing at these sizes; `python bench.py` measures.)"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--events_per_batch=100', '--read_events=32', '--max_pulses=4096', '--max_doms=2048', '--max_events=32',
+        '--t1_dim=16', '--t1_heads=2', '--t2_dim=32', '--t2_layers=1', '--t2_heads=2',
+        '--step_batches=2', '--step_max_pulses=512', '--step_max_doms=512', '--step_max_events=16',
+        '--step_max_pulses_per_dom=8', '--step_repeat=1', '--likelihood_events=4', '--threads=1',
+        # flat_max_s=0: the flat model runs the first size only and must record the second as skipped
+        "--scaling_sizes=100,1000", '--flat_max_s=0.0']
+
+
+def test_bench_runs_end_to_end(tmp_path):
+    out = tmp_path / 'bench.json'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, 'bench.py', f'--work_dir={tmp_path / "work"}', f'--out={out}'] + TINY,
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for row in ('prepare', 'reading', 'step', 'scaling', 'inference', 'ratios'):
+        assert row in r, row
+        assert row in p.stdout or row == 'ratios'
+    for key in ('reading_vs_parquet', 'step_vs_flat_realistic', 'step_vs_flat_10k', 'prepare_over_pyarrow_read',
+                'step_vs_padded_t1_realistic', 'inference_vs_linefit'):
+        v = r['ratios'][key]
+        assert isinstance(v, float) and math.isfinite(v) and v > 0, (key, v)
+    for m in ('hier', 'flat', 'padded_t1'):
+        assert r['step'][m]['events_per_s'] > 0 and r['step'][m]['peak_mb'] >= 0
+    assert r['step']['padded_t1_max_abs_diff'] < 1e-4  # the padded-T1 baseline computes the same function
+    small, big = r['scaling']
+    assert small['n_pulses'] == 100 and big['n_pulses'] == 1000 and big['kept_pulses'] == 1000
+    assert small['hier']['s'] > 0 and small['flat']['s'] > 0 and big['hier']['s'] > 0
+    assert 'skipped' in big['flat'] and big['flat']['skipped'] in p.stdout
+    assert r['ratios']['step_vs_flat_10k_pulses'] == 100
+    assert r['inference']['model_events_per_s'] > 0 and r['inference']['linefit_events_per_s'] > 0

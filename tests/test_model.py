@@ -1,0 +1,252 @@
+"""Tests for model.py: batch composition does not change a result, the two attention paths agree,
+gradients reach every parameter, the loss and the metric."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+
+
+# -----------------------------------------------------------------------------
+# fake batches in exactly prepare.pack_batch's format
+
+def fake_events(rng, n_events, max_doms=40, big_dom=None):
+    """List of events; each a list of DOMs (sensor, pos (3,), times (k,), charges (k,), aux (k,))."""
+    events = []
+    for _ in range(n_events):
+        n_doms = int(rng.integers(1, max_doms))
+        doms = []
+        sensors = rng.choice(5160, size=n_doms, replace=False)
+        for s in np.sort(sensors):
+            k = int(min(rng.geometric(0.55), 30))
+            if big_dom is not None and rng.random() < 0.05:
+                k = big_dom
+            t = np.sort(rng.uniform(0, 5000, size=k)).astype(np.float32)
+            doms.append((int(s), rng.uniform(-500, 500, size=3).astype(np.float32), t,
+                         rng.gamma(2.0, 0.6, size=k).astype(np.float32) + 0.025,
+                         (rng.random(k) < 0.3).astype(np.float32)))
+        events.append(doms)
+    return events
+
+
+def pack(events, P, D, E, directions=None):
+    b = dict(pulse_time=np.zeros(P, np.float32), pulse_charge=np.zeros(P, np.float32),
+             pulse_aux=np.zeros(P, np.float32), pulse_rank=np.zeros(P, np.int32),
+             pulse_dom=np.full(P, -1, np.int32), dom_pos=np.zeros((D, 3), np.float32),
+             dom_sensor=np.full(D, -1, np.int32), dom_event=np.full(D, -1, np.int32),
+             dom_n_pulses=np.zeros(D, np.int32), event_dir=np.zeros((E, 3), np.float32),
+             event_index=np.full(E, -1, np.int64), event_n_pulses=np.zeros(E, np.int32),
+             event_n_doms=np.zeros(E, np.int32))
+    p = d = 0
+    for e, doms in enumerate(events):
+        for (s, pos, t, q, a) in doms:
+            k = len(t)
+            sl = slice(p, p + k)
+            b['pulse_time'][sl], b['pulse_charge'][sl], b['pulse_aux'][sl] = t, q, a
+            b['pulse_rank'][sl] = np.arange(k)
+            b['pulse_dom'][sl] = d
+            b['dom_pos'][d], b['dom_sensor'][d], b['dom_event'][d], b['dom_n_pulses'][d] = pos, s, e, k
+            p += k
+            d += 1
+        b['event_index'][e] = e
+        b['event_n_pulses'][e] = sum(len(x[2]) for x in doms)
+        b['event_n_doms'][e] = len(doms)
+        v = directions[e] if directions is not None else np.array([0.0, 0.0, 1.0])
+        b['event_dir'][e] = v
+    assert p <= P and d <= D and len(events) <= E
+    b['n_pulses'], b['n_doms'], b['n_events'] = p, d, len(events)
+    return b
+
+
+def tensors(b):
+    return M.batch_to_tensors(b)
+
+
+def small_model(**kw):
+    args = dict(t1_dim=32, t1_layers=2, t1_heads=2, t2_dim=32, t2_layers=2, t2_heads=2, attn='sdpa')
+    args.update(kw)
+    torch.manual_seed(0)
+    return M.IceModel(**args).eval()
+
+
+@pytest.fixture(scope='module')
+def data():
+    rng = np.random.default_rng(1)
+    events = fake_events(rng, 12, big_dom=200)
+    b = pack(events, P=4000, D=400, E=16)
+    return events, b
+
+
+# -----------------------------------------------------------------------------
+
+def test_t1_packed_equals_alone(data):
+    events, b = data
+    m = small_model()
+    with torch.no_grad():
+        packed, _ = m.embed_doms(tensors(b))
+        d = 0
+        for e, doms in enumerate(events):
+            for j, dom in enumerate(doms):
+                if j % 3 == 0 or len(dom[2]) > 5:  # a sample of DOMs and every big one
+                    alone, _ = m.embed_doms(tensors(pack([[dom]], P=300, D=3, E=2)))
+                    assert torch.allclose(packed[d], alone[0], atol=2e-5), (e, j)
+                d += 1
+    assert torch.all(packed[d:] == 0)
+
+
+def test_t2_packed_equals_alone(data):
+    events, b = data
+    m = small_model()
+    with torch.no_grad():
+        packed = m(tensors(b))
+        for e in range(len(events)):
+            alone = m(tensors(pack([events[e]], P=1000 + 7 * e, D=64 + e, E=1 + e % 3)))
+            assert torch.allclose(packed[e], alone[0], atol=2e-5), e
+        # a different set of companions
+        alone2 = m(tensors(pack(events[5:9], P=2000, D=300, E=5)))
+        assert torch.allclose(packed[5:9], alone2[:4], atol=2e-5)
+    assert torch.isfinite(packed).all()  # padding event slots too
+
+
+def random_docs(rng, lengths, n_pad):
+    doc = np.concatenate([np.full(l, i) for i, l in enumerate(lengths)] + [np.full(n_pad, len(lengths))])
+    return torch.from_numpy(doc).long(), len(lengths)
+
+
+@pytest.mark.parametrize('compiled', [False, True])
+def test_attention_paths_agree(compiled, monkeypatch):
+    """attend() with the FlexAttention block mask (forward; CPU) equals the padded-SDPA path. Document
+    lengths chosen to straddle blocks, fill whole blocks (full blocks) and be single tokens."""
+    rng = np.random.default_rng(0)
+    lengths = [1, 1, 300, 5, 128, 1, 2, 256, 17, 1, 3, 40]
+    N = -(-(sum(lengths) + 1) // M.BLOCK) * M.BLOCK
+    doc, pad_id = random_docs(rng, lengths, N - sum(lengths))
+    q, k, v = (torch.randn(N, 2, 16) for _ in range(3))
+    if not compiled:
+        monkeypatch.setattr(M, '_flex_compiled', M.flex_attention)  # the unfused reference on the CPU
+    out_flex = M.attend(q, k, v, M.flex_docs(doc, pad_id))
+    out_sdpa = M.attend(q, k, v, M.padded_docs(doc, pad_id))
+    real = doc < pad_id
+    # dense reference
+    mask = (doc[:, None] == doc[None, :])
+    qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))
+    ref = (torch.softmax((qh @ kh.transpose(-1, -2)) / 4.0 + torch.where(mask, 0.0, -math.inf), -1) @ vh).transpose(0, 1)
+    diff = (out_flex[real] - out_sdpa[real]).abs().max().item()
+    print(f"attention paths (compiled flex={compiled}): max abs diff {diff:.2e}")
+    assert diff < 1e-5
+    assert (out_sdpa[real] - ref[real]).abs().max() < 1e-5
+
+
+def test_model_paths_agree(data, monkeypatch):
+    """The whole model gives the same output with attn='flex' (forward, unfused reference on the CPU) and
+    attn='sdpa'."""
+    _, b = data
+    monkeypatch.setattr(M, '_flex_compiled', M.flex_attention)
+    m = small_model()
+    mf = small_model(attn='flex')
+    mf.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        a, bb = m(tensors(b)), mf(tensors(b))
+    n = b['n_events']  # padding event slots differ (the paths treat padding tokens differently)
+    diff = (a[:n] - bb[:n]).abs().max().item()
+    print(f"model sdpa vs flex: max abs diff {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_block_mask_blocks():
+    """Full and partial blocks of the boundary-built mask match the dense document mask."""
+    rng = np.random.default_rng(3)
+    lengths = list(rng.integers(1, 400, size=20))
+    N = -(-(sum(lengths) + 1) // M.BLOCK) * M.BLOCK
+    doc, pad_id = random_docs(rng, lengths, N - sum(lengths))
+    bm = M.flex_docs(doc, pad_id)
+    dense = (doc[:, None] == doc[None, :]).view(N // 128, 128, N // 128, 128)
+    any_ = dense.any(3).any(1)
+    all_ = dense.all(3).all(1)
+    kv_num, kv_idx = bm.kv_num_blocks[0, 0], bm.kv_indices[0, 0]
+    f_num, f_idx = bm.full_kv_num_blocks[0, 0], bm.full_kv_indices[0, 0]
+    for i in range(N // 128):
+        part = set(kv_idx[i, :kv_num[i]].tolist())
+        full = set(f_idx[i, :f_num[i]].tolist())
+        assert full == set(torch.nonzero(all_[i]).flatten().tolist())
+        assert part == set(torch.nonzero(any_[i] & ~all_[i]).flatten().tolist())
+
+
+def test_gradients_reach_every_parameter(data):
+    _, b = data
+    m = small_model().train()
+    t = tensors(b)
+    pred = m(t)
+    loss = M.loss_fn(pred, t['event_dir'], t['event_index'] >= 0, angular_weight=0.5)
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_bf16_autocast_forward(data):
+    _, b = data
+    m = small_model()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = m(tensors(b))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_log_c3_and_vmf():
+    k = torch.tensor([0.0, 1e-8, 1e-3, 0.0099, 0.0101, 0.1, 1.0, 10.0, 100.0, 1e4], dtype=torch.float64)
+    ref = torch.log(k / (4 * math.pi * torch.sinh(k)))
+    ref[0] = ref[1] = -math.log(4 * math.pi)
+    assert torch.allclose(M.log_c3(k)[:-1], ref[:-1], atol=1e-9)
+    assert torch.isfinite(M.log_c3(k.float())).all()
+    # finite gradient at zero output and at large kappa
+    pred = torch.zeros(4, 3, requires_grad=True)
+    target = torch.tensor([[0.0, 0.0, 1.0]] * 4)
+    M.vmf_nll(pred, target).sum().backward()
+    assert torch.isfinite(pred.grad).all()
+    # aligned with larger kappa is better; anti-aligned is worse
+    t = torch.tensor([[0.0, 0.0, 1.0]])
+    assert M.vmf_nll(torch.tensor([[0, 0, 5.0]]), t) < M.vmf_nll(torch.tensor([[0, 0, 1.0]]), t)
+    assert M.vmf_nll(torch.tensor([[0, 0, -5.0]]), t) > M.vmf_nll(torch.tensor([[0, 0, 1.0]]), t)
+    # masking: NaN targets in padding / test slots do not leak
+    pred = torch.randn(3, 3, requires_grad=True)
+    tgt = torch.tensor([[0, 0, 1.0], [math.nan] * 3, [0, 0, 0.0]])
+    loss = M.loss_fn(pred, tgt, torch.tensor([True, False, False]), angular_weight=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+
+
+def kaggle_reference(az_true, zen_true, az_pred, zen_pred):
+    # the competition's angular_dist_score
+    sa1, ca1, sz1, cz1 = np.sin(az_true), np.cos(az_true), np.sin(zen_true), np.cos(zen_true)
+    sa2, ca2, sz2, cz2 = np.sin(az_pred), np.cos(az_pred), np.sin(zen_pred), np.cos(zen_pred)
+    scalar_prod = sz1 * sz2 * (ca1 * ca2 + sa1 * sa2) + (cz1 * cz2)
+    return np.average(np.abs(np.arccos(np.clip(scalar_prod, -1, 1))))
+
+
+def test_metric_matches_reference():
+    rng = np.random.default_rng(0)
+    n = 1000
+    az1, az2 = rng.uniform(0, 2 * np.pi, n), rng.uniform(0, 2 * np.pi, n)
+    z1, z2 = np.arccos(rng.uniform(-1, 1, n)), np.arccos(rng.uniform(-1, 1, n))
+    z1[:50], z2[25:75] = 0.0, np.pi  # poles
+    az2[100:200] = az1[100:200] + 2 * np.pi  # wrap-around: same direction
+    z2[100:200] = z1[100:200]
+    az2[200:300] = az1[200:300] - 2 * np.pi + 1e-9
+    z2[200:300] = z1[200:300]
+    assert abs(M.mean_angular_error(az1, z1, az2, z2) - kaggle_reference(az1, z1, az2, z2)) < 1e-8
+    errs = M.angular_errors(az1, z1, az2, z2)
+    assert np.all(errs[100:300] < 1e-6)
+    assert abs(M.mean_angular_error([0.0], [0.0], [1.0], [np.pi]) - np.pi) < 1e-12
+    assert M.mean_angular_error([0.3], [0.0], [2.0], [0.0]) == 0.0  # azimuth is irrelevant at the pole
+    with pytest.raises(ValueError):
+        M.mean_angular_error([0.0, np.nan], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0])
+    with pytest.raises(ValueError):
+        M.mean_angular_error([0.0], [0.0], [np.inf], [0.0])
+    # round trip of the angle helpers, numpy and torch
+    v = M.angles_to_vector(az1, z1)
+    a, z = M.vector_to_angles(v * 3.0)
+    assert np.allclose(M.angles_to_vector(a, z), v, atol=1e-12)
+    vt = M.angles_to_vector(torch.tensor(az1), torch.tensor(z1))
+    assert torch.allclose(vt, torch.tensor(v))
