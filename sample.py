@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import model as M
-from classical import linefit
+import classical
 from prepare import BatchLoader, open_split
 
 # -----------------------------------------------------------------------------
@@ -39,12 +39,15 @@ max_events_per_batch = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'        # autocast dtype on CUDA
 compile = False
-linefit_baseline = True
+baselines = 'linefit'    # classical methods on the same events, from classical.METHODS: e.g. 'linefit,linefit_improved,mpe' ('' = none)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 configure(globals())
 # -----------------------------------------------------------------------------
 
+methods = [m for m in baselines.split(',') if m]
+if set(methods) - set(classical.METHODS):
+    raise SystemExit(f"sample: unknown baseline {sorted(set(methods) - set(classical.METHODS))}; choose from {classical.METHODS}")
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 ck = torch.load(os.path.join(out_dir, ckpt), map_location='cpu', weights_only=False)
 cfg = ck['config']
@@ -84,21 +87,17 @@ kappa = np.linalg.norm(pred, axis=1)
 az, zen = M.vector_to_angles(pred)
 print(f"sample: model on {n} events in {t_model:.1f}s ({n / t_model:.0f} events/s)")
 
-# plain LineFit on the same events (non-auxiliary pulses; all pulses where an event has none)
-lf = np.zeros((n, 3))
-if linefit_baseline:
+# the classical reconstructions on the same events (classical.py), timed like the model
+base_dirs, speed = {}, {'model': n / t_model}
+for name in methods:
     t0 = time.time()
-    for lo in range(0, n, 20000):
-        e = s.events(np.arange(lo, min(n, lo + 20000)))
-        off = e['pulse_offsets']
-        ev_of_pulse = np.repeat(np.arange(len(off) - 1), np.diff(off))
-        n_clean = np.bincount(ev_of_pulse, weights=~e['auxiliary'], minlength=len(off) - 1)
-        use = ~e['auxiliary'] | (n_clean[ev_of_pulse] < 2)
-        counts = np.bincount(ev_of_pulse[use], minlength=len(off) - 1)
-        lf[lo:lo + len(off) - 1] = linefit(s.geometry[e['sensor_id'][use].astype(np.int64)],
-                                           e['time'][use].astype(np.float64), np.r_[0, np.cumsum(counts)])
-    print(f"sample: LineFit in {time.time() - t0:.1f}s")
-lf_az, lf_zen = M.vector_to_angles(lf)
+    dirs = np.zeros((n, 3))
+    chunk = 2000 if name == 'mpe' else 20000
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device)
+    base_dirs[name], speed[name] = dirs, n / (time.time() - t0)
+    print(f"sample: {name} on {n} events in {time.time() - t0:.1f}s ({speed[name]:.0f} events/s)")
 
 result = {'split': split, 'n_events': int(n), 'checkpoint': os.path.join(out_dir, ckpt), 'iter': int(ck['iter_num'])}
 has_labels = bool(np.isfinite(s.azimuth[:n]).all())
@@ -112,7 +111,7 @@ def summary(err):
 
 
 def breakdown(name, values, edges, fmt):
-    """Mean error of the model and of LineFit per bin of values; prints a table, returns a list of rows."""
+    """Mean error of the model and of each baseline per bin of values; prints a table, returns a list of rows."""
     rows = []
     print(f"  by {name}:")
     idx = np.digitize(values, edges[1:-1])
@@ -121,27 +120,27 @@ def breakdown(name, values, edges, fmt):
         if not m.any():
             continue
         row = {'bin': fmt(edges[i], edges[i + 1]), 'n': int(m.sum()), 'mean_angular_error': float(err[m].mean())}
-        if linefit_baseline:
-            row['linefit_mean_angular_error'] = float(lf_err[m].mean())
+        row.update({f'{k}_mean_angular_error': float(e[m].mean()) for k, e in base_err.items()})
         rows.append(row)
-        lf_txt = f"   LineFit {math.degrees(row['linefit_mean_angular_error']):6.2f} deg" if linefit_baseline else ""
-        print(f"    {row['bin']:>18} {row['n']:8d} events   model {math.degrees(row['mean_angular_error']):6.2f} deg{lf_txt}")
+        txt = "".join(f"   {k} {math.degrees(row[f'{k}_mean_angular_error']):6.2f}" for k in base_err)
+        print(f"    {row['bin']:>18} {row['n']:8d} events   model {math.degrees(row['mean_angular_error']):6.2f} deg{txt}")
     return rows
 
 
 if has_labels:
     err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen)
-    lf_err = M.angular_errors(s.azimuth[:n], s.zenith[:n], lf_az, lf_zen)
+    base_err = {k: M.angular_errors(s.azimuth[:n], s.zenith[:n], *M.vector_to_angles(d)) for k, d in base_dirs.items()}
     result.update(summary(err))
-    if linefit_baseline:
-        result['linefit'] = summary(lf_err)
-    r, l = result, result.get('linefit')
-    print(f"mean angular error: model {r['mean_angular_error']:.4f} rad ({r['mean_angular_error_deg']:.2f} deg)"
-          + (f", LineFit {l['mean_angular_error']:.4f} rad ({l['mean_angular_error_deg']:.2f} deg), model/LineFit "
-             f"{r['mean_angular_error'] / l['mean_angular_error']:.3f}" if l else ""))
-    print(f"median angular error: model {r['median_angular_error_deg']:.2f} deg"
-          + (f", LineFit {l['median_angular_error_deg']:.2f} deg" if l else ""))
-    print("percentiles (deg): " + ", ".join(f"p{p} {v:.1f}" for p, v in r['percentiles_deg'].items()))
+    result['events_per_s'] = speed['model']
+    for k, e in base_err.items():
+        result[k] = {**summary(e), 'events_per_s': speed[k]}
+    # one table: a row per method, on the same events
+    print(f"{'method':<18} {'mean (rad)':>10} {'mean (deg)':>10} {'median (deg)':>12} {'events/s':>10}")
+    for k, e in [('model', err)] + list(base_err.items()):
+        print(f"{k:<18} {e.mean():10.4f} {math.degrees(e.mean()):10.2f} {math.degrees(np.median(e)):12.2f} {speed[k]:10.0f}")
+    if 'linefit' in base_err:
+        print(f"model / LineFit mean angular error: {err.mean() / base_err['linefit'].mean():.3f}")
+    print("model percentiles (deg): " + ", ".join(f"p{p} {v:.1f}" for p, v in result['percentiles_deg'].items()))
     intfmt = lambda a, b: f"{a:.0f}-{b:.0f}" if np.isfinite(b) else f">= {a:.0f}"
     ev_pulses, ev_doms = s.n_pulses[:n], s.n_doms[:n]
     result['by_pulses'] = breakdown('pulse count', ev_pulses, [0, 30, 60, 100, 200, 500, 1000, 10000, np.inf], intfmt)
@@ -158,8 +157,7 @@ if has_labels:
         kind = s.truth['kind'][:n]
         result['by_kind'] = breakdown('kind (0 track, 1 cascade)', kind, [-0.5, 0.5, 1.5], lambda a, b: ['track', 'cascade'][int(a + 0.5)])
     cols.update({'true_azimuth': s.azimuth[:n], 'true_zenith': s.zenith[:n], 'angular_error': err})
-    if linefit_baseline:
-        cols['linefit_angular_error'] = lf_err
+    cols.update({f'{k}_angular_error': e for k, e in base_err.items()})
 else:
     print(f"sample: {split} has no labels; writing predictions only")
     result['mean_angular_error'] = result['median_angular_error'] = None
