@@ -177,7 +177,7 @@ class IceModel(nn.Module):
         self.event_embed = nn.Linear(N_EVENT_FEATURES, t2_dim)
         self.t2 = nn.ModuleList([Block(t2_dim, t2_heads, mlp_ratio) for _ in range(t2_layers)])
         self.t2_ln = nn.LayerNorm(t2_dim)
-        self.head = nn.Linear(t2_dim, 4)  # a 3-vector plus the weight of the LineFit seed, see forward
+        self.head = nn.Linear(t2_dim, 3)
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * max(t1_layers, t2_layers)) if name.endswith(('proj.weight', 'fc_out.weight')) else 0.02
@@ -338,10 +338,7 @@ class IceModel(nn.Module):
         docs = make_docs(doc, E, self.path(dev))
         for blk in self.t2:
             x = blk(x, docs)
-        out = self.head(self.t2_ln(x[pos_cls])).float()
-        # the output is a free 3-vector plus a learned multiple of the LineFit seed direction, so that the model
-        # can pass the seed through (with its own confidence) where it is good, and correct it where it is not
-        return out[:, :3] + out[:, 3:4] * lf_dir[:E]
+        return self.head(self.t2_ln(x[pos_cls])).float()
 
 
 def batch_to_tensors(batch, device='cpu'):
