@@ -23,19 +23,30 @@ that vector.
                       xi = r / PANDEL_LAMBDA (r = d / sin theta_c, the photon path) and rate
                       b = 1/tau + c_ice/lambda_a. A DOM that saw N photoelectrons records the FIRST of N photons:
                       the "MPE" density N p1(t) (1 - P1(t))^(N-1), far sharper than one photon's p1 when N is
-                      large. Times within the PMT jitter of t_geo (and earlier, which Pandel forbids) are
-                      patched by a Gaussian of width MPE_JITTER_NS, and a noise floor keeps a stray noise hit
-                      from vetoing the true track. Seeded from both LineFits plus tilted copies, optimised with
+                      large. The Pandel shape uses the effective distance d_eff = r * 33.3 m / l_scat, l_scat the
+                      effective scattering length averaged along the photon's path from its emission point on the
+                      track to the DOM (MPE_ICE, ice_table). Times within the PMT jitter of t_geo (and earlier,
+                      which Pandel forbids) are patched by a Gaussian of width MPE_JITTER_NS, and a noise floor
+                      keeps a stray noise hit from vetoing the true track. Seeded from both LineFits plus tilted copies, optimised with
                       Adam for all events and seeds at once in torch; the best seed per event by likelihood wins.
     reconstruct       one entry point: reconstruct(method, ev, geometry) for ev = split.events(idx); METHODS.
     angles_to_vector  (azimuth, zenith) -> unit vectors
     vector_to_angles  unit vectors -> (azimuth in [0, 2pi), zenith in [0, pi])
     angular_error     angle between two sets of directions, radians (the Kaggle metric per event)
 
-The likelihood fit assumes one homogeneous ice (Pandel with the bulk numbers of DESIGN.md section 4). The toy
-simulation varies the scattering length with depth and has a dust layer, and real ice is more complex still
-(tilted layers, anisotropy, hole ice), so the fit is mis-specified by design, as it is for IceCube's own
-Pandel-based fits; they remain the standard first likelihood reconstruction all the same.
+Ice (MPE_ICE). Like IceCube's own fits, the likelihood fit takes a depth table of the ice: the Pandel distance of
+each DOM is scaled by the effective scattering length averaged over depth along the photon path (exactly the
+convention of simulate.py, whose d_eff = r * 33.3 m * <1/l_scat>; the Pandel time scale stays the bulk one).
+  'toy'   simulate.py's own scattering_length(z): the table the synthetic data were made with (the default).
+  'bulk'  one homogeneous ice, l_scat = PANDEL_LAMBDA = 33.3 m everywhere (the classic Pandel fit).
+  a path  for real data: a text/CSV file of rows 'z, l_scat' (z in m in the detector's coordinates, as
+          sensor_geometry; l_scat the effective scattering length in m), e.g. derived from IceCube's SPICE tables
+          (b_e(400) per depth layer: l_scat = 1 / b_e; convert depth below surface to z with z = 1948.07 m - depth).
+          Until such a table is plugged in, use 'bulk' on real data: the toy table is not real ice.
+Real ice is more complex still (tilted layers, anisotropy, hole ice), so even a tabulated fit stays approximate,
+as IceCube's Pandel-based fits are; they remain the standard first likelihood reconstruction all the same.
+Starting tracks (vertex cascade light, finite muon) are not modelled: the fit is worse on them than on
+through-going muons.
 """
 
 import math
@@ -68,9 +79,12 @@ MPE_AUX_DOMS = False  # also fit DOMs with only auxiliary pulses (isolated hits:
 MPE_MAX_DOMS = 300  # brightest DOMs per event used (bounds the cost of the biggest events)
 MPE_SEED_TILT = 0.25  # rad: extra seeds tilt the improved LineFit direction by this much
 MPE_EXTRA_SEEDS = 2  # tilted seeds (besides plain and improved LineFit)
-MPE_STEPS = 120
+MPE_STEPS = 250
 MPE_LR_DIR, MPE_LR_POS, MPE_LR_TIME = 0.03, 5.0, 15.0  # Adam steps: rad, m, ns
 MPE_CHUNK_DOMS = 60000  # DOMs per optimisation chunk (memory bound)
+MPE_DTYPE = 'float32'  # float32 is about twice as fast as float64 and as accurate here
+MPE_SHAPE_GRAD = False  # also differentiate log Q in the Pandel shape (a second gamma function call per step; no gain)
+MPE_ICE = 'toy'  # 'toy': simulate.py's depth-dependent ice; 'bulk': one Pandel scale; or a table file (see ice_table)
 METHODS = ['linefit', 'linefit_improved', 'mpe']
 # -----------------------------------------------------------------------------
 
@@ -212,7 +226,8 @@ class _LogQ(torch.autograd.Function):
         q = torch.special.gammaincc(a, x)
         log_pdf = (a - 1) * torch.log(x) - x - torch.lgamma(a)
         # deep in the tail Q underflows; its leading asymptotic term x^(a-1) e^-x / Gamma(a) takes over
-        log_q = torch.where(q > 1e-250, torch.log(q.clamp_min(1e-300)), log_pdf)
+        tiny = torch.finfo(q.dtype).tiny
+        log_q = torch.where(q > 1e6 * tiny, torch.log(q.clamp_min(tiny)), log_pdf)
         ctx.save_for_backward(a, x, log_q, log_pdf)
         return log_q
 
@@ -220,17 +235,36 @@ class _LogQ(torch.autograd.Function):
     def backward(ctx, grad):
         a, x, log_q, log_pdf = ctx.saved_tensors
         d_x = -torch.exp(log_pdf - log_q)  # dQ/dx = -x^(a-1) e^-x / Gamma(a)
-        h = 1e-5 * (1.0 + a)
+        if not MPE_SHAPE_GRAD:
+            return None, grad * d_x
+        tiny = torch.finfo(a.dtype).tiny
+        h = (1e-5 if a.dtype == torch.float64 else 3e-3) * (1.0 + a)
         q_h = torch.special.gammaincc(a + h, x)
-        d_a = torch.where(q_h > 1e-250, (torch.log(q_h.clamp_min(1e-300)) - log_q) / h, torch.log(x) - torch.digamma(a))
+        d_a = torch.where(q_h > 1e6 * tiny, (torch.log(q_h.clamp_min(tiny)) - log_q) / h, torch.log(x) - torch.digamma(a))
         return grad * d_a, grad * d_x
 
 
-def mpe_log_likelihood(t_res, d_perp, npe):
+def ice_table(ice=None):
+    """Effective scattering length vs depth for the fit: (z (K,) m on a uniform grid, ascending; 1 / l_scat (K,) 1/m),
+    or None for 'bulk' (one Pandel scale, PANDEL_LAMBDA, everywhere). ice: MPE_ICE by default."""
+    ice = MPE_ICE if ice is None else ice
+    if ice == 'bulk':
+        return None
+    z = np.arange(-1500.0, 1500.0 + 0.5, 1.0)
+    if ice == 'toy':
+        from simulate import scattering_length  # the toy ice the synthetic data were made with
+        return z, 1.0 / scattering_length(z)
+    table = np.loadtxt(ice, delimiter=',' if str(ice).endswith('.csv') else None, comments='#', ndmin=2)
+    table = table[np.argsort(table[:, 0])]  # rows: depth z (m, detector coordinates), effective scattering length (m)
+    return z, 1.0 / np.interp(z, table[:, 0], table[:, 1])
+
+
+def mpe_log_likelihood(t_res, d_perp, npe, inv_scat=1.0 / PANDEL_LAMBDA):
     """Log-likelihood of each DOM's first pulse at residual t_res (ns) from a track at perpendicular distance
-    d_perp (m), given npe photoelectrons: the first of N Pandel photons, patched below ~MPE_JITTER_NS, floored."""
+    d_perp (m), given npe photoelectrons: the first of N Pandel photons, patched below ~MPE_JITTER_NS, floored.
+    inv_scat: 1 / effective scattering length (1/m) along each photon's path (Pandel d_eff = r * 33.3 m / l_scat)."""
     sigma = MPE_JITTER_NS
-    xi = d_perp / SIN_CHERENKOV / PANDEL_LAMBDA  # Pandel shape: photon path in scattering lengths
+    xi = d_perp / SIN_CHERENKOV * inv_scat  # Pandel shape: photon path in scattering lengths
     # softplus maps t_res to a positive time that equals t_res well above the jitter and shrinks to ~0 below
     # it; the Gaussian term penalises light earlier than direct light, as the jitter convolution would
     t = (sigma * torch.nn.functional.softplus(t_res / sigma)).clamp_min(1e-6)
@@ -261,16 +295,30 @@ def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', 
     out, best_ll = seeds[:, 0].copy(), np.full(n_events, -np.inf)
     ends = event_dom_offsets[1:]
     cuts = np.unique(np.r_[0, np.searchsorted(ends, np.arange(MPE_CHUNK_DOMS, ends[-1], MPE_CHUNK_DOMS), 'right'), n_events])
-    for lo, hi in zip(cuts[:-1], cuts[1:]):  # chunks of events, to bound memory
-        a, b = event_dom_offsets[lo], event_dom_offsets[hi]
-        out[lo:hi], best_ll[lo:hi] = _mpe_chunk(dom_pos[a:b], dom_time[a:b], np.asarray(dom_npe[a:b], np.float64),
-                                                event_dom_offsets[lo:hi + 1] - a, seeds[lo:hi], device, steps)
+    # the likelihood's far tails (noise floor, underflowing Gamma tails) fill the tensors with subnormal numbers,
+    # which make CPU arithmetic ~50x slower: flush them to zero during the fit (torch's global switch, reset after).
+    # The switch holds for the calling thread only, so the fit runs on that one thread (torch's intra-op threads
+    # would compute with subnormals: a 2-thread fit was far slower than this 1-thread one)
+    flush = str(device).startswith('cpu')
+    if flush:
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        torch.set_flush_denormal(True)
+    try:
+        for lo, hi in zip(cuts[:-1], cuts[1:]):  # chunks of events, to bound memory
+            a, b = event_dom_offsets[lo], event_dom_offsets[hi]
+            out[lo:hi], best_ll[lo:hi] = _mpe_chunk(dom_pos[a:b], dom_time[a:b], np.asarray(dom_npe[a:b], np.float64),
+                                                    event_dom_offsets[lo:hi + 1] - a, seeds[lo:hi], device, steps)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+            torch.set_num_threads(n_threads)
     return out, best_ll
 
 
 def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps):
     n_events, n_seeds = seeds.shape[:2]
-    f64 = dict(dtype=torch.float64, device=device)
+    f64 = dict(dtype=getattr(torch, MPE_DTYPE), device=device)
     n_doms = np.diff(offsets)
     event = np.repeat(np.arange(n_events), n_doms)
     # the vertex lives in the plane through the charge-weighted centre, perpendicular to the track: the point
@@ -291,17 +339,42 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps):
     shift = torch.zeros(n_events * n_seeds, 3, **f64, requires_grad=True)
     n_groups = n_events * n_seeds
 
+    ice = ice_table()
+    if ice is not None:
+        # path average of 1/l_scat from the emission point to the DOM: (G(z_dom) - G(z_emit)) / (z_dom - z_emit),
+        # G the integral of 1/l_scat over depth, linear between grid points (so differentiable in z_emit)
+        z_grid, inv_grid = ice
+        z0, dz = float(z_grid[0]), float(z_grid[1] - z_grid[0])
+        cum = np.r_[0.0, np.cumsum(0.5 * (inv_grid[1:] + inv_grid[:-1]) * dz)]
+        cum_t, inv_t = torch.as_tensor(cum, **f64), torch.as_tensor(inv_grid, **f64)
+
+        def interp(table, z):
+            s = ((z - z0) / dz).clamp(0, len(z_grid) - 1.000001)
+            k = s.detach().floor().long()
+            f = s - k
+            return table[k] * (1 - f) + table[k + 1] * f
+        z_dom = x[:, 2]
+        g_dom = interp(cum_t, z_dom)
+
     def geometry(u, shift):
         unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
         vertex = centre_g + shift - (shift * unit).sum(1, keepdim=True) * unit
         rel = x - vertex[group]
         along = (rel * unit[group]).sum(1)
-        d_perp = torch.sqrt((rel * rel).sum(1) - along ** 2).clamp_min(0) + 1.0  # metre softening: no 1/d at d=0
-        return along, d_perp
+        d_perp = torch.sqrt(((rel * rel).sum(1) - along ** 2).clamp_min(1e-6))
+        if ice is None:
+            inv_scat = 1.0 / PANDEL_LAMBDA
+        else:
+            z_emit = vertex[group, 2] + (along - d_perp / math.tan(math.radians(40.7))) * unit[group, 2]
+            span = z_dom - z_emit
+            near = span.abs() < 1.0
+            safe = torch.where(near, torch.ones_like(span), span)
+            inv_scat = torch.where(near, interp(inv_t, 0.5 * (z_dom + z_emit)), (g_dom - interp(cum_t, z_emit)) / safe)
+        return along, d_perp + 1.0, inv_scat  # metre softening: no 1/d at d=0
 
     with torch.no_grad():
         # t0 starts at a low quantile of the direct-light offsets t - t_geo(t0 = 0): most first pulses come late
-        along, d_perp = geometry(u, shift)
+        along, d_perp, _ = geometry(u, shift)
         offset = t - (along + TRACK_DELAY_FACTOR * d_perp) / C_VACUUM
         by_value = torch.argsort(offset)
         by_group = by_value[torch.argsort(group[by_value], stable=True)]
@@ -314,9 +387,9 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps):
     base = [g['lr'] for g in opt.param_groups]
 
     def log_likelihood():
-        along, d_perp = geometry(u, shift)
+        along, d_perp, inv_scat = geometry(u, shift)
         t_res = t - t0[group] - (along + TRACK_DELAY_FACTOR * d_perp) / C_VACUUM
-        ll = mpe_log_likelihood(t_res, d_perp, n)
+        ll = mpe_log_likelihood(t_res, d_perp, n, inv_scat)
         return torch.zeros(n_groups, **f64).index_add_(0, group, ll)
 
     for step in range(steps):

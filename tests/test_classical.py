@@ -1,13 +1,15 @@
 """classical.py: LineFit is exact on a noise-free line, the MPE likelihood fit finds noise-free many-hit tracks
-to within a few degrees, and every method returns finite, in-range angles for degenerate events."""
+to within a few degrees (in the toy's depth-dependent ice with MPE_ICE = 'toy', in homogeneous ice with 'bulk'),
+the ice table reads a user's file, and every method returns finite, in-range angles for degenerate events."""
 
 import math
 
 import numpy as np
+import pytest
 import torch
 
 import classical as C
-from simulate import make_geometry
+from simulate import make_geometry, path_ice
 
 
 def test_linefits_recover_a_straight_line_exactly():
@@ -25,9 +27,11 @@ def test_linefits_recover_a_straight_line_exactly():
         assert err.max() < 1e-6, (fit.__name__, err)
 
 
-def simulated_tracks(n_events, rng):
+def simulated_tracks(n_events, rng, ice='toy'):
     """Noise-free through-going muons in the IceCube-like geometry, timed as the fit assumes: direct Cherenkov
-    time plus the first of N Pandel delays plus 2.5 ns jitter, N ~ Poisson of a light yield falling with d."""
+    time plus the first of N Pandel delays plus 2.5 ns jitter, N ~ Poisson of a light yield falling with d.
+    ice 'toy': the Pandel distance scaled by simulate.py's path-averaged scattering, as the simulation does;
+    'bulk': one scattering length, PANDEL_LAMBDA."""
     geo = make_geometry()
     zenith, azimuth = np.arccos(rng.uniform(-1, 1, n_events)), rng.uniform(0, 2 * np.pi, n_events)
     truth = C.angles_to_vector(azimuth, zenith)
@@ -40,16 +44,22 @@ def simulated_tracks(n_events, rng):
         d = np.sqrt(np.maximum((rel * rel).sum(1) - along ** 2, 0.0))
         n = rng.poisson(30 * np.exp(-d / 40) / np.sqrt(np.maximum(d, 1)))
         hit = n > 0
-        xi = np.maximum(d[hit], 1) / C.SIN_CHERENKOV / C.PANDEL_LAMBDA
+        inv_scat = np.full(hit.sum(), 1 / C.PANDEL_LAMBDA)
+        if ice == 'toy':  # average 1/l_scat from the emission point on the track to the DOM
+            z_emit = closest[2] + (along[hit] - d[hit] / math.tan(math.radians(40.7))) * u[2]
+            inv_scat = path_ice(z_emit, geo[hit, 2])[1]
+        xi = np.maximum(d[hit], 1) / C.SIN_CHERENKOV * inv_scat
         delay = np.array([rng.gamma(x, 1 / C.PANDEL_RATE, k).min() for x, k in zip(xi, n[hit])])
         t = 9000 + (along[hit] + C.TRACK_DELAY_FACTOR * d[hit]) / C.C_VACUUM + delay + rng.normal(0, 2.5, hit.sum())
         pos.append(geo[hit]), time.append(t), npe.append(n[hit].astype(float)), offsets.append(offsets[-1] + hit.sum())
     return np.concatenate(pos), np.concatenate(time), np.concatenate(npe), np.array(offsets), truth
 
 
-def test_mpe_fit_recovers_noise_free_tracks():
+@pytest.mark.parametrize('ice', ['toy', 'bulk'])
+def test_mpe_fit_recovers_noise_free_tracks(ice, monkeypatch):
+    monkeypatch.setattr(C, 'MPE_ICE', ice)
     torch.manual_seed(0)
-    pos, time, npe, offsets, truth = simulated_tracks(8, np.random.default_rng(1))
+    pos, time, npe, offsets, truth = simulated_tracks(8, np.random.default_rng(1), ice)
     assert np.diff(offsets).min() >= 40  # many hits
     plain = C.linefit(pos, time, offsets)
     improved = C.linefit_improved(pos, time, offsets)
@@ -59,6 +69,18 @@ def test_mpe_fit_recovers_noise_free_tracks():
     assert np.isfinite(ll).all()
     assert np.degrees(err).max() < 2.0, np.degrees(err)
     assert np.median(err) < np.median(C.angular_error(plain, truth))
+
+
+def test_ice_table_settings(tmp_path):
+    from simulate import scattering_length
+    assert C.ice_table('bulk') is None
+    z, inv = C.ice_table('toy')
+    assert np.all(np.diff(z) > 0) and np.allclose(inv, 1 / scattering_length(z))
+    path = tmp_path / 'ice.csv'  # a user's table, unsorted: z (m), effective scattering length (m)
+    path.write_text('# z, l_scat\n0, 20\n-500, 40\n500, 30\n')
+    z, inv = C.ice_table(str(path))
+    assert np.allclose(1 / inv[[np.argmin(abs(z + 500)), np.argmin(abs(z + 250)), np.argmin(abs(z - 500))]], [40, 30, 30])
+    assert np.allclose(1 / inv[0], 40) and np.allclose(1 / inv[-1], 30)  # held constant beyond the table
 
 
 def events(pulses):
