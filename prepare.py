@@ -278,7 +278,7 @@ def pack_file(src, meta, truth, geometry, has_labels):
     dom_first = np.flatnonzero(new_dom)
     doms = np.empty(len(dom_first) + 1, np.uint32)
     doms[:-1], doms[-1] = dom_first, n_rows
-    n_doms = np.add.reduceat(new_dom, expected_first).astype(np.int64)
+    n_doms = np.diff(np.searchsorted(dom_first, np.r_[expected_first, n_rows]))  # DOM starts per event
 
     events = np.zeros(n_events, EVENT_FIELDS + (TRUTH_FIELDS if truth is not None else []))
     events['event_id'], events['t0'] = event_id, t0
