@@ -32,7 +32,7 @@ training budgets of config/toy_cpu.py, the same batches for all three models. Th
 whole events (no truncation); the flat model stops at the first size whose estimated time or memory passes
 flat_max_s / flat_max_gb. On the CPU scaled_dot_product_attention takes its flash kernel (also with a mask),
 so the flat model's memory grows linearly and only its time quadratically.
-Torch runs `threads` threads (1 by default, see the setting).
+Torch and pyarrow run `threads` threads each (1 by default, see the setting), the same for every side of a row.
 """
 
 import ctypes
@@ -44,6 +44,7 @@ import shutil
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -482,7 +483,10 @@ def main():
     from configurator import configure
     config = configure(globals())
     torch.manual_seed(seed)
+    # every side of every row gets the same threads: torch's and pyarrow's alike (one thread each by default),
+    # so a ratio compares the code, not how many cores each library grabs
     torch.set_num_threads(threads or os.cpu_count())
+    pa.set_cpu_count(threads or os.cpu_count())
     t_start = time.time()
     raw, packed = make_data()
     results = {'config': config, 'machine': {'device': device, 'cpus': os.cpu_count(), 'threads': torch.get_num_threads(),
