@@ -30,8 +30,7 @@ that vector.
                       keeps a stray noise hit from vetoing the true track. Seeded from both LineFits plus tilted copies, optimised with
                       Adam for all events and seeds at once in torch; the best seed per event by likelihood wins.
     reconstruct       one entry point: reconstruct(method, ev, geometry) for ev = split.events(idx); METHODS.
-    angles_to_vector  (azimuth, zenith) -> unit vectors
-    vector_to_angles  unit vectors -> (azimuth in [0, 2pi), zenith in [0, pi])
+    angles_to_vector, vector_to_angles   model.py's, imported here for convenience
     angular_error     angle between two sets of directions, radians (the Kaggle metric per event)
 
 Ice (MPE_ICE). Like IceCube's own fits, the likelihood fit takes a depth table of the ice: the Pandel distance of
@@ -53,6 +52,8 @@ import math
 
 import numpy as np
 import torch
+
+from model import angles_to_vector, vector_to_angles  # noqa: F401  (one copy of the angle convention)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -456,22 +457,6 @@ def reconstruct(method, ev, geometry, device='cpu'):
                            np.r_[0, np.cumsum(np.bincount(dom_event[sel], minlength=n_events))],
                            np.stack(seeds, 1), device=device)
     return direction
-
-
-def angles_to_vector(azimuth, zenith):
-    azimuth, zenith = np.asarray(azimuth, np.float64), np.asarray(zenith, np.float64)
-    sin_zen = np.sin(zenith)
-    return np.stack([np.cos(azimuth) * sin_zen, np.sin(azimuth) * sin_zen, np.cos(zenith)], axis=-1)
-
-
-def vector_to_angles(v):
-    """(n, 3) vectors (need not be unit length) -> azimuth in [0, 2pi), zenith in [0, pi]."""
-    v = np.asarray(v, np.float64)
-    norm = np.linalg.norm(v, axis=-1)
-    zenith = np.arccos(np.clip(v[..., 2] / np.where(norm > 0, norm, 1.0), -1.0, 1.0))
-    azimuth = np.mod(np.arctan2(v[..., 1], v[..., 0]), 2 * np.pi)
-    azimuth = np.where(azimuth >= 2 * np.pi, 0.0, azimuth)  # mod can round up to exactly 2pi
-    return azimuth, zenith
 
 
 def angular_error(u, v):

@@ -410,9 +410,10 @@ def angles_to_vector(azimuth, zenith):
 
 
 def vector_to_angles(v):
-    """(..., 3) vector (any norm > 0) -> (azimuth in [0, 2pi), zenith in [0, pi])."""
+    """(..., 3) vector of any length -> (azimuth in [0, 2pi), zenith in [0, pi]); a zero vector gives zenith pi/2."""
     xp = torch if isinstance(v, torch.Tensor) else np
     n = xp.sqrt((v * v).sum(-1))
+    n = xp.where(n > 0, n, 1.0 + 0.0 * n)
     az = xp.arctan2(v[..., 1], v[..., 0]) % (2 * math.pi)
     az = xp.where(az >= 2 * math.pi, 0.0 * az, az)  # the modulo can round up to exactly 2 pi
     zen = xp.arccos(xp.clip(v[..., 2] / n, -1.0, 1.0))
