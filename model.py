@@ -34,25 +34,27 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BLOCK = 128  # FlexAttention block size; token streams are padded to a multiple of it
 
-# compiled once, lazily (compiling takes a while and is only needed on the flex path)
-_flex_compiled = None
+# torch.compile is lazy: nothing is compiled until the flex path first runs. Fused kernels need it (called
+# uncompiled, flex_attention materialises the whole score matrix).
+_flex_compiled = torch.compile(flex_attention, dynamic=False)
 
 
 def _flex(q, k, v, block_mask):
-    global _flex_compiled
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
     return _flex_compiled(q, k, v, block_mask=block_mask)
 
 
 # -----------------------------------------------------------------------------
 # documents and attention
 
+@torch.compiler.disable
 def flex_docs(doc, pad_id):
     """BlockMask for a stream whose documents are contiguous runs of equal ids in `doc` (N,), N a multiple
     of BLOCK, padding tokens carrying pad_id at the end (they form one more document). Built from the
     boundaries: a query block's documents span one contiguous range of key blocks; a key block is "full"
-    (no mask_mod needed) when both blocks lie inside the same single document. Cost O(N + (N/BLOCK)^2)."""
+    (no mask_mod needed) when both blocks lie inside the same single document. Cost O(N + (N/BLOCK)^2).
+    Always built eagerly, outside torch.compile (one graph break per stage): traced inside one compiled
+    model, T1's and T2's mask_mod closures (same code, different doc tensors) got mixed up and the compiled
+    model computed another function (tests/test_model.py::test_compiled_model_equals_eager)."""
     N = doc.numel()
     nb = N // BLOCK
     counts = torch.zeros(pad_id + 1, dtype=torch.long, device=doc.device)
