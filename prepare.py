@@ -775,11 +775,8 @@ if __name__ == '__main__':
     if raw_dir == 'data/kaggle' and not os.path.exists(os.path.join(raw_dir, 'train_meta.parquet')):
         import simulate
         raw = sim_dir
-        if os.path.exists(os.path.join(sim_dir, 'train_meta.parquet')):
-            print(f"prepare: no Kaggle data in {raw_dir}; using the synthetic set already in {sim_dir}")
-        else:
-            print(f"prepare: no Kaggle data in {raw_dir}; simulating the default synthetic set into {sim_dir} first")
-            simulate.simulate(out_dir=sim_dir)
+        print(f"prepare: no Kaggle data in {raw_dir}; using the synthetic set in {sim_dir}, simulated first if missing")
+        simulate.simulate(out_dir=sim_dir, num_proc=num_proc)  # also refuses a set made with other physics
     out = out_dir or raw.rstrip('/') + '_packed'
     try:
         run(raw, out, val_batches=val_batches, train_batches=train_batches, num_proc=num_proc)

@@ -15,6 +15,7 @@ error) are written atomically at every evaluation and at the end.
 
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -242,8 +243,9 @@ while True:
             f"val loss {val_loss:.4f}, {n_val} events, best {best_val:.4f} rad ({time.time() - t_eval:.1f}s)")
         if master:
             save_checkpoint(ckpt_path)
-            if improved:
-                save_checkpoint(os.path.join(out_dir, 'best.pt'))
+            if improved:  # a copy, renamed into place: serialising a big model twice costs seconds
+                shutil.copyfile(ckpt_path, os.path.join(out_dir, 'best.pt.tmp'))
+                os.replace(os.path.join(out_dir, 'best.pt.tmp'), os.path.join(out_dir, 'best.pt'))
         if wandb is not None:
             wandb.log({'iter': iter_num, 'val/angular_error': val_err, 'val/angular_error_deg': math.degrees(val_err),
                        'val/loss': val_loss, 'val/best': best_val})

@@ -17,7 +17,7 @@ TINY = dict(n_train_batches=2, n_test_batches=1, events_per_batch=200, seed=1)
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('sim') / 'tiny')
-    simulate.simulate(out_dir=out, **TINY)
+    simulate.simulate(out_dir=out, **TINY, num_proc=3)
     return out
 
 
@@ -87,8 +87,9 @@ def test_kaggle_layout(tiny):
 
 
 def test_same_seed_same_files(tiny, tmp_path):
+    # the fixture ran with the default worker count; one process must write the same bytes
     again = str(tmp_path / 'again')
-    simulate.simulate(out_dir=again, **TINY)
+    simulate.simulate(out_dir=again, **TINY, num_proc=1)
     for root, _, names in os.walk(tiny):
         for name in names:
             path = os.path.join(root, name)
@@ -175,3 +176,21 @@ def test_statistics_like_real_data(tmp_path):
     assert 0.8 <= err.mean() <= 1.45
     bright = (truth['kind'].to_numpy(zero_copy_only=False) == 'track') & (hit_doms >= 50)
     assert bright.sum() >= 50 and np.median(err[bright]) < 0.5
+
+
+def test_cascade_direction_in_charge_and_time():
+    """A cascade's direction is in its light: DOMs near its Cherenkov cone get more light, and earlier
+    (a shorter Pandel distance), than DOMs behind it at the same distance."""
+    det = simulate.detector(simulate.make_geometry())
+    c = dict(vertex=np.array([[0.0, 0.0, -300.0]]), u=np.array([[1.0, 0.0, 0.0]]), t0=np.array([0.0]))
+    _, dom, mu, t_geo, d_eff = simulate.cascade_light(det, c, np.array([0]), np.array([1e5]))
+    rel = det['pos'][dom] - c['vertex'][0]
+    r = np.linalg.norm(rel, axis=1)
+    cos_eta = rel[:, 0] / r
+    near = (r > 40) & (r < 120)
+    on_cone = near & (np.abs(cos_eta - np.cos(np.radians(40.7))) < 0.15)
+    behind = near & (cos_eta < -0.5)
+    assert on_cone.sum() >= 5 and behind.sum() >= 5
+    assert np.allclose(t_geo, 1.356 * np.maximum(r, 1) / 0.2998, atol=1e-3)  # the direct time is isotropic
+    assert np.median(d_eff[behind] / r[behind]) > 1.2 * np.median(d_eff[on_cone] / r[on_cone])
+    assert np.median((mu * r)[behind]) < 0.7 * np.median((mu * r)[on_cone])
