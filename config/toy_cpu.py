@@ -25,8 +25,8 @@ t2_layers = 3
 t2_heads = 4
 
 angular_weight = 0.5
-learning_rate = 3e-3
-min_lr = 1e-4
+learning_rate = 1e-3
+min_lr = 5e-5
 warmup_iters = 100
 weight_decay = 0.01
 grad_clip = 1.0
