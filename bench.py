@@ -52,6 +52,7 @@ import classical
 import model as M
 import prepare
 import simulate
+from configurator import read_config
 
 # -----------------------------------------------------------------------------
 device = 'cpu'
@@ -68,21 +69,16 @@ seed = 1337
 threads = 1                    # torch threads (0 = all cores); 1 keeps one run's ratios meaningful on a shared
                                # machine, where a thread that loses its core stalls every parallel op
 dtype = 'bfloat16'             # autocast dtype on CUDA ('float32' = off); the CPU always runs float32
-# model, as in config/toy_cpu.py
-t1_dim = 32
-t1_layers = 1
-t1_heads = 2
-t2_dim = 64
-t2_layers = 3
-t2_heads = 4
+# the model and the training budgets of config/toy_cpu.py, read from it, so the rows measure what the toy
+# run trains (the flat model's padding makes bigger budgets very slow)
+_toy = read_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'toy_cpu.py'))
+t1_dim, t1_layers, t1_heads = _toy['t1_dim'], _toy['t1_layers'], _toy['t1_heads']
+t2_dim, t2_layers, t2_heads = _toy['t2_dim'], _toy['t2_layers'], _toy['t2_heads']
 mlp_ratio = 4
-# training step and inference rows: micro-batches drawn at random from the packed synthetic train split,
-# with the training budgets of config/toy_cpu.py (the flat model's padding makes bigger ones very slow)
+# training step and inference rows: micro-batches drawn at random from the packed synthetic train split
 step_batches = 8
-step_max_pulses = 4096
-step_max_doms = 2048
-step_max_events = 64
-step_max_pulses_per_dom = 32
+step_max_pulses, step_max_doms = _toy['max_pulses'], _toy['max_doms']
+step_max_events, step_max_pulses_per_dom = _toy['max_events'], _toy['max_pulses_per_dom']
 step_repeat = 2                # best of step_repeat passes over the batches
 # scaling row: one synthetic event per size, whole (no truncation)
 scaling_sizes = '100,1000,10000,100000'
@@ -249,9 +245,7 @@ def new_model():
 
 def dense_docs(doc, pad_id, path):
     """The naive T1 layout for model.attend: every document (DOM) padded to the longest one, one dense group."""
-    counts = torch.zeros(pad_id + 1, dtype=torch.long, device=doc.device)
-    counts.index_add_(0, doc, torch.ones_like(doc))
-    counts = counts[:pad_id]
+    counts = M.sum_by(doc, torch.ones_like(doc), pad_id + 1)[:pad_id]
     start = counts.cumsum(0) - counts
     d = torch.nonzero(counts > 0).squeeze(1)  # DOM slots without pulses are padding, not DOMs
     ar = torch.arange(int(counts.max()), device=doc.device)
@@ -273,23 +267,10 @@ class PaddedT1(M.IceModel):
 
 
 def pulse_features(b):
-    """IceModel's six pulse features (as in embed_doms) plus the position of the pulse's DOM: (P, 9)."""
-    time, charge, aux = b['pulse_time'].float(), b['pulse_charge'].float(), b['pulse_aux'].float()
-    pdom = b['pulse_dom'].long()
-    P, D = pdom.shape[0], b['dom_pos'].shape[0]
-    real = pdom >= 0
-    pd = torch.where(real, pdom, D)
-    w = real.float()
-    dom_start = torch.searchsorted(pd, torch.arange(D + 1, device=pd.device)).clamp(max=P - 1)
-    kept = torch.zeros(D + 1, device=pd.device).index_add_(0, pd, w)
-    t0 = time[dom_start] * (kept > 0).float()
-    dt = (time - t0[pd]).clamp(min=0)
-    cq = torch.cumsum((charge * w).double(), 0) - charge * w
-    q_before = (cq - cq[dom_start[pd]]).float().clamp(min=0)
+    """IceModel's six pulse features (model.pulse_features) plus the position of the pulse's DOM: (P, 9)."""
+    feats, pd, w, _, _ = M.pulse_features(b)
     pos = torch.cat([b['dom_pos'].float(), torch.zeros(1, 3, device=pd.device)])[pd]
-    return torch.cat([torch.stack([
-        (time / 3000.0).clamp(max=10.0), torch.log1p(dt / 10.0) / 4.0, torch.log(charge.clamp(min=1e-3)) / 2.0,
-        aux, torch.log1p(b['pulse_rank'].float()) / 3.0, torch.log1p(q_before) / 3.0], dim=1), pos / 500.0], dim=1) * w[:, None]
+    return torch.cat([feats, pos / 500.0 * w[:, None]], dim=1)
 
 
 class FlatModel(torch.nn.Module):

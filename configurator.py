@@ -46,6 +46,19 @@ def _checked(key, value, default, source):
     return value
 
 
+def read_config(path):
+    """The settings a config file assigns: its public globals of a plain type (imports and helpers inside a
+    config file are fine and left out)."""
+    try:
+        with open(path) as f:
+            code = f.read()
+    except OSError as e:
+        _fail(f"cannot read config file {path}: {e.strerror}")
+    scope = {}
+    exec(compile(code, path, 'exec'), scope)
+    return {k: v for k, v in scope.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)}
+
+
 def configure(g, argv=None):
     """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to globals g.
     Returns the dict of all settings after the overrides, for logging and checkpoints."""
@@ -53,16 +66,7 @@ def configure(g, argv=None):
     names = setting_names(g)
     for arg in argv:
         if not arg.startswith('--'):
-            try:
-                with open(arg) as f:
-                    code = f.read()
-            except OSError as e:
-                _fail(f"cannot read config file {arg}: {e.strerror}")
-            scope = {}
-            exec(compile(code, arg, 'exec'), scope)
-            for key, value in scope.items():
-                if key.startswith('_') or not isinstance(value, SETTING_TYPES):
-                    continue  # imports and helpers inside a config file are fine
+            for key, value in read_config(arg).items():
                 if key not in names:
                     _unknown(key, names, f"config file {arg}")
                 g[key] = _checked(key, value, g[key], f"config file {arg}")

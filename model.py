@@ -39,8 +39,9 @@ BLOCK = 128  # FlexAttention block size; token streams are padded to a multiple 
 _flex_compiled = torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(q, k, v, block_mask):
-    return _flex_compiled(q, k, v, block_mask=block_mask)
+def sum_by(index, x, n):
+    """Sums of the rows of x per group, index (len(x),) in 0..n-1: every per-DOM and per-event total here."""
+    return torch.zeros((n,) + x.shape[1:], dtype=x.dtype, device=x.device).index_add_(0, index, x)
 
 
 # -----------------------------------------------------------------------------
@@ -57,8 +58,7 @@ def flex_docs(doc, pad_id):
     model computed another function (tests/test_model.py::test_compiled_model_equals_eager)."""
     N = doc.numel()
     nb = N // BLOCK
-    counts = torch.zeros(pad_id + 1, dtype=torch.long, device=doc.device)
-    counts.index_add_(0, doc, torch.ones_like(doc))
+    counts = sum_by(doc, torch.ones_like(doc), pad_id + 1)
     end = counts.cumsum(0)
     start = end - counts
     blk = doc.view(nb, BLOCK)
@@ -92,9 +92,7 @@ def padded_docs(doc, pad_id):
     groups a list of (idx (n_docs, L), valid (n_docs, L)) with the stream positions of each document.
     L is a power of two or 1.5 times one, so a document is padded by less than half its length.
     Tokens with pad_id are in no document (their attention output is zero)."""
-    counts = torch.zeros(pad_id + 1, dtype=torch.long, device=doc.device)
-    counts.index_add_(0, doc, torch.ones_like(doc))
-    counts = counts[:pad_id]
+    counts = sum_by(doc, torch.ones_like(doc), pad_id + 1)[:pad_id]
     start = counts.cumsum(0) - counts
     # bucket lengths 2, 3, 4, 6, 8, 12, 16, 24, ...: powers of two and 1.5 x powers of two (waste < 50%)
     p2 = torch.ceil(torch.log2(counts.clamp(min=1).double())).long()
@@ -120,7 +118,7 @@ def attend(q, k, v, docs):
     layout. Returns (N, H, hd): each token attends (softmax, scale 1/sqrt(hd)) over its document's tokens."""
     if isinstance(docs, BlockMask):
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-        return _flex(q, k, v, docs)[0].transpose(0, 1)
+        return _flex_compiled(q, k, v, block_mask=docs)[0].transpose(0, 1)
     singles, groups = docs
     pos, vals = [singles], [v[singles]]
     for idx, valid in groups:
@@ -161,6 +159,35 @@ N_DOM_FEATURES = 27
 N_EVENT_FEATURES = 13
 
 
+def pulse_features(b):
+    """T1's inputs, per pulse of a batch (batch_to_tensors). Returns feats (P, N_PULSE_FEATURES), zero for
+    padding pulses; pd (P,) each pulse's DOM slot, padding pulses in a dummy slot D; w (P,) 1 for real pulses;
+    and per DOM slot (D + 1,) its kept pulse count and first pulse time."""
+    time, charge, aux = b['pulse_time'].float(), b['pulse_charge'].float(), b['pulse_aux'].float()
+    rank = b['pulse_rank'].long()
+    pdom = b['pulse_dom'].long()
+    P, D = pdom.shape[0], b['dom_pos'].shape[0]
+    real = pdom >= 0
+    pd = torch.where(real, pdom, D)  # padding pulses go to a dummy DOM slot D
+    w = real.float()
+    kept = sum_by(pd, w, D + 1)
+    # each DOM's pulses are contiguous and time-ordered: its first pulse sits at dom_start
+    dom_start = torch.searchsorted(pd, torch.arange(D + 1, device=pd.device)).clamp(max=P - 1)
+    t0 = time[dom_start] * (kept > 0).float()
+    dt = (time - t0[pd]).clamp(min=0)
+    cq = torch.cumsum((charge * w).double(), 0) - charge * w  # charge of all earlier pulses in the stream
+    q_before = (cq - cq[dom_start[pd]]).float().clamp(min=0)  # ... of earlier pulses in the same DOM
+    feats = torch.stack([
+        (time / 3000.0).clamp(max=10.0),          # time since the event's first kept pulse
+        torch.log1p(dt / 10.0) / 4.0,             # time since the DOM's first pulse
+        torch.log(charge.clamp(min=1e-3)) / 2.0,  # log charge
+        aux,                                      # auxiliary flag
+        torch.log1p(rank.float()) / 3.0,          # rank of the pulse within its DOM
+        torch.log1p(q_before) / 3.0,              # charge the DOM saw before this pulse
+    ], dim=1) * w[:, None]
+    return feats, pd, w, kept, t0
+
+
 class IceModel(nn.Module):
     """T1 over each DOM's pulses, T2 over each event's DOMs plus a CLS token, head -> 3-vector per event."""
 
@@ -199,35 +226,12 @@ class IceModel(nn.Module):
     # --- T1: pulses -> one embedding per DOM, plus per-DOM summaries from the pulse arrays
     def embed_doms(self, b):
         """Returns (dom_emb (D, t1_dim), summaries dict of (D,) tensors). Padding DOM slots get zeros."""
+        feats, pd, w, kept, t0 = pulse_features(b)
         time, charge, aux = b['pulse_time'].float(), b['pulse_charge'].float(), b['pulse_aux'].float()
-        rank = b['pulse_rank'].long()
-        pdom = b['pulse_dom'].long()
-        P, D = pdom.shape[0], b['dom_pos'].shape[0]
-        real = pdom >= 0
-        pd = torch.where(real, pdom, D)  # padding pulses go to a dummy DOM slot D
-        w = real.float()
-
-        def per_dom(x):
-            return torch.zeros(D + 1, dtype=x.dtype, device=x.device).index_add_(0, pd, x)
-
-        kept = per_dom(w)
-        q_dom = per_dom(charge * w)
-        n_aux = per_dom(aux * w)
-        tq = per_dom(time * charge * w) / q_dom.clamp(min=1e-6)
-        # each DOM's pulses are contiguous and time-ordered: its first pulse sits at dom_start
-        dom_start = torch.searchsorted(pd, torch.arange(D + 1, device=pd.device)).clamp(max=P - 1)
-        t0 = time[dom_start] * (kept > 0).float()
-        dt = (time - t0[pd]).clamp(min=0)
-        cq = torch.cumsum((charge * w).double(), 0) - charge * w  # charge of all earlier pulses in the stream
-        q_before = (cq - cq[dom_start[pd]]).float().clamp(min=0)  # ... of earlier pulses in the same DOM
-        feats = torch.stack([
-            (time / 3000.0).clamp(max=10.0),          # time since the event's first kept pulse
-            torch.log1p(dt / 10.0) / 4.0,             # time since the DOM's first pulse
-            torch.log(charge.clamp(min=1e-3)) / 2.0,  # log charge
-            aux,                                      # auxiliary flag
-            torch.log1p(rank.float()) / 3.0,          # rank of the pulse within its DOM
-            torch.log1p(q_before) / 3.0,              # charge the DOM saw before this pulse
-        ], dim=1) * w[:, None]
+        P, D = pd.shape[0], b['dom_pos'].shape[0]
+        q_dom = sum_by(pd, charge * w, D + 1)
+        n_aux = sum_by(pd, aux * w, D + 1)
+        tq = sum_by(pd, time * charge * w, D + 1) / q_dom.clamp(min=1e-6)
 
         # pad the stream to a multiple of BLOCK; padding tokens form the last document (id D)
         N = -(-P // BLOCK) * BLOCK
@@ -237,8 +241,7 @@ class IceModel(nn.Module):
         for blk in self.t1:
             x = blk(x, docs)
         x = self.t1_ln(x[:P]).float()
-        pooled = torch.zeros(D + 1, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, pd, x * w[:, None])
-        dom_emb = pooled[:D] / kept[:D, None].clamp(min=1)
+        dom_emb = sum_by(pd, x * w[:, None], D + 1)[:D] / kept[:D, None].clamp(min=1)
         summ = dict(kept=kept[:D], charge=q_dom[:D], t0=t0[:D], tq=tq[:D], aux_frac=n_aux[:D] / kept[:D].clamp(min=1))
         return dom_emb, summ
 
@@ -257,7 +260,7 @@ class IceModel(nn.Module):
         wq = wq * dreal.float()
 
         def per_event(x):
-            return torch.zeros((E + 1,) + x.shape[1:], dtype=x.dtype, device=dev).index_add_(0, de, x)
+            return sum_by(de, x, E + 1)
 
         wsum = per_event(wq).clamp(min=1e-6)
         t_ref = per_event(wq * s['t0']) / wsum
@@ -305,7 +308,7 @@ class IceModel(nn.Module):
         pw = (1.0 - b['pulse_aux'].float() + 1e-3) * (pdom >= 0).float()
 
         def per_event_p(x):
-            return torch.zeros((E + 1,) + x.shape[1:], dtype=x.dtype, device=dev).index_add_(0, pe, x)
+            return sum_by(pe, x, E + 1)
 
         pws = per_event_p(pw).clamp(min=1e-9)
         ptc = pt - (per_event_p(pw * pt) / pws)[pe]
@@ -329,7 +332,7 @@ class IceModel(nn.Module):
         ar_d = torch.arange(D, device=dev)
         ar_e = torch.arange(E, device=dev)
         pos_dom = torch.where(dreal, ar_d + de + 1, ar_d + n_ev)
-        cnt = torch.zeros(E + 1, dtype=torch.long, device=dev).index_add_(0, de, torch.ones_like(de))[:E]
+        cnt = sum_by(de, torch.ones_like(de), E + 1)[:E]
         first = cnt.cumsum(0) - cnt
         pos_cls = torch.where(ereal, first + ar_e, D + ar_e)
         N = -(-(D + E) // BLOCK) * BLOCK

@@ -24,7 +24,7 @@ import torch
 
 import model as M
 import classical
-from prepare import BatchLoader, open_split
+from prepare import KIND_NAMES, BatchLoader, open_split
 
 # -----------------------------------------------------------------------------
 # settings
@@ -155,7 +155,7 @@ if has_labels:
                                         [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf],
                                         lambda a, b: f"{a}-{b}" if np.isfinite(a) and np.isfinite(b) else (f"< {b}" if np.isfinite(b) else f">= {a}"))
         kind = s.truth['kind'][:n]
-        result['by_kind'] = breakdown('kind (0 track, 1 cascade)', kind, [-0.5, 0.5, 1.5], lambda a, b: ['track', 'cascade'][int(a + 0.5)])
+        result['by_kind'] = breakdown('kind (0 track, 1 cascade)', kind, [-0.5, 0.5, 1.5], lambda a, b: KIND_NAMES[int(a + 0.5)])
     cols.update({'true_azimuth': s.azimuth[:n], 'true_zenith': s.zenith[:n], 'angular_error': err})
     cols.update({f'{k}_angular_error': e for k, e in base_err.items()})
 else:
