@@ -350,8 +350,8 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps):
         cum_t, inv_t = torch.as_tensor(cum, **f64), torch.as_tensor(inv_grid, **f64)
 
         def interp(table, z):
-            s = ((z - z0) / dz).clamp(0, len(z_grid) - 1.000001)
-            k = s.detach().floor().long()
+            s = ((z - z0) / dz).clamp(0, len(z_grid) - 1)
+            k = s.detach().floor().long().clamp_max(len(z_grid) - 2)  # in float32, len - 1.000001 rounds up to len - 1
             f = s - k
             return table[k] * (1 - f) + table[k + 1] * f
         z_dom = x[:, 2]

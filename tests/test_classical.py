@@ -116,3 +116,15 @@ def test_degenerate_events_give_finite_angles():
         az, zen = C.vector_to_angles(d)
         assert np.isfinite(az).all() and np.isfinite(zen).all()
         assert ((az >= 0) & (az < 2 * np.pi) & (zen >= 0) & (zen <= np.pi)).all(), method
+
+
+def test_mpe_fit_with_light_emitted_beyond_the_ice_table():
+    # a DOM 3 km from a vertical track: its photon left the track ~3.5 km above the detector, past the ends of
+    # the ice table, where float32 once rounded the clamped table position up to an index beyond the last row
+    assert C.MPE_DTYPE == 'float32' and C.MPE_ICE == 'toy'
+    z = np.linspace(-400, 400, 40)
+    pos = np.concatenate([np.stack([np.zeros(40), np.full(40, 20.0), z], 1), [[3000.0, 0.0, 0.0]]])
+    time = np.r_[10000 + (400 - z) / C.C_VACUUM, 30000.0]
+    seeds = np.tile([[[0.0, 0.0, 1.0]]], (1, 2, 1))  # the muon goes straight down
+    direction, ll = C.mpe_fit(pos, time, np.full(41, 3.0), np.array([0, 41]), seeds, steps=5)
+    assert np.isfinite(direction).all() and np.isfinite(ll).all()
