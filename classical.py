@@ -16,19 +16,28 @@ that vector.
                       (2) a Huber-weighted fit (iteratively reweighted least squares: pulses further than
                       HUBER_M from the line count linearly, not quadratically); (3) a last plain fit without
                       the pulses still further than OUTLIER_M from the line.
-    mpe_fit           maximum-likelihood fit of an infinite muon track (vertex, time, direction) to the first
-                      pulse time of each hit DOM. Cherenkov light from the track reaches a DOM at perpendicular
-                      distance d directly at t_geo = t0 + (d_along + 0.9173 d) / c; scattering only delays it,
-                      by t_res >= 0 distributed as the Pandel function, a Gamma distribution with shape
-                      xi = r / PANDEL_LAMBDA (r = d / sin theta_c, the photon path) and rate
-                      b = 1/tau + c_ice/lambda_a. A DOM that saw N photoelectrons records the FIRST of N photons:
-                      the "MPE" density N p1(t) (1 - P1(t))^(N-1), far sharper than one photon's p1 when N is
-                      large. The Pandel shape uses the effective distance d_eff = r * 33.3 m / l_scat, l_scat the
-                      effective scattering length averaged along the photon's path from its emission point on the
-                      track to the DOM (MPE_ICE, ice_table). Times within the PMT jitter of t_geo (and earlier,
-                      which Pandel forbids) are patched by a Gaussian of width MPE_JITTER_NS, and a noise floor
-                      keeps a stray noise hit from vetoing the true track. Seeded from both LineFits plus tilted copies, optimised with
-                      Adam for all events and seeds at once in torch; the best seed per event by likelihood wins.
+    mpe_fit           maximum-likelihood fit of a muon track to the hit DOMs, in two stages.
+                      (1) Times: an infinite track (vertex, time, direction) fitted to the first pulse time of
+                      each hit DOM. Cherenkov light from the track reaches a DOM at perpendicular distance d
+                      directly at t_geo = t0 + (d_along + 0.9173 d) / c; scattering only delays it, by t_res >= 0
+                      distributed as the Pandel function, a Gamma distribution with shape xi = r / PANDEL_LAMBDA
+                      (r = d / sin theta_c, the photon path) and rate b = 1/tau + c_ice/lambda_a. A DOM that saw N
+                      photoelectrons records the FIRST of N photons: the "MPE" density N p1(t) (1 - P1(t))^(N-1),
+                      far sharper than one photon's p1 when N is large. The Pandel shape uses the effective distance
+                      d_eff = r * 33.3 m / l_scat, l_scat the effective scattering length averaged along the
+                      photon's path from its emission point on the track to the DOM (MPE_ICE, ice_table). Times
+                      within the PMT jitter of t_geo (and earlier, which Pandel forbids) are patched by a Gaussian of
+                      width MPE_JITTER_NS, and a noise floor keeps a stray noise hit from vetoing the true track.
+                      Seeded from both LineFits plus tilted copies, optimised with Adam for all events and seeds at
+                      once in torch.
+                      (2) Charge (MPE_AMPLITUDE): each seed's fit is refined with, added to the times, the Poisson
+                      likelihood of the charge of every DOM within MPE_AMP_RADIUS of the track, hit or not: the
+                      expected photoelectrons fall as exp(-r / l_att) / sqrt(r) (l_att the diffuse attenuation
+                      length along the path) times the PMT's acceptance for the light's direction, the event's
+                      brightness profiled out. DOMs that see nothing near the track say where it is not. With
+                      MPE_STARTING each fit is also refined as a starting track: no muon light before a vertex, and
+                      a cascade there whose light (point-like, peaked on the Cherenkov cone) mixes with the muon's
+                      at each DOM in the ratio of their expected charges. The best fit per event by likelihood wins.
     reconstruct       one entry point: reconstruct(method, ev, geometry) for ev = split.events(idx); METHODS.
     angles_to_vector, vector_to_angles   model.py's, imported here for convenience
     angular_error     angle between two sets of directions, radians (the Kaggle metric per event)
@@ -42,10 +51,12 @@ convention of simulate.py, whose d_eff = r * 33.3 m * <1/l_scat>; the Pandel tim
           sensor_geometry; l_scat the effective scattering length in m), e.g. derived from IceCube's SPICE tables
           (b_e(400) per depth layer: l_scat = 1 / b_e; convert depth below surface to z with z = 1948.07 m - depth).
           Until such a table is plugged in, use 'bulk' on real data: the toy table is not real ice.
+The charge likelihood also needs the attenuation of diffuse light, sqrt(l_abs l_scat / 3): 'toy' takes simulate.py's
+absorption_length(z); a table file may give l_abs as a third column (else PANDEL_LAMBDA_A); 'bulk' uses
+BULK_ATTENUATION. Its expected charges follow simulate.py's light model (DESIGN.md section 4), which is IceCube's
+in shape only: on real data the charge likelihood is as approximate as the ice table behind it.
 Real ice is more complex still (tilted layers, anisotropy, hole ice), so even a tabulated fit stays approximate,
 as IceCube's Pandel-based fits are; they remain the standard first likelihood reconstruction all the same.
-Starting tracks (vertex cascade light, finite muon) are not modelled: the fit is worse on them than on
-through-going muons.
 """
 
 import math
@@ -62,9 +73,11 @@ C_VACUUM = 0.2998  # m/ns, the muon's speed
 N_GROUP = 1.356
 C_ICE = C_VACUUM / N_GROUP  # 0.2210 m/ns, photons in ice
 SIN_CHERENKOV = math.sin(math.radians(40.7))
+COS_CHERENKOV = math.cos(math.radians(40.7))
 TRACK_DELAY_FACTOR = 0.9173  # (n_g - cos theta_c) / sin theta_c: extra light path per metre of perpendicular distance
 PANDEL_TAU, PANDEL_LAMBDA, PANDEL_LAMBDA_A = 556.7, 33.3, 98.0  # ns, m (scattering), m (absorption)
 PANDEL_RATE = 1.0 / PANDEL_TAU + C_ICE / PANDEL_LAMBDA_A  # 1/ns, the Gamma rate b
+BULK_ATTENUATION = math.sqrt(PANDEL_LAMBDA_A * PANDEL_LAMBDA / 3.0)  # m, diffuse light in 'bulk' ice
 # improved LineFit
 DELAY_RADIUS = 156.0  # m: neighbours considered by the delay cleaning
 DELAY_NS = 150.0  # ns of lateness beyond direct light from a neighbour that marks a scattered photon
@@ -85,6 +98,15 @@ MPE_LR_DIR, MPE_LR_POS, MPE_LR_TIME = 0.03, 5.0, 15.0  # Adam steps: rad, m, ns
 MPE_CHUNK_DOMS = 60000  # DOMs per optimisation chunk (memory bound)
 MPE_DTYPE = 'float32'  # float32 is about twice as fast as float64 and as accurate here
 MPE_SHAPE_GRAD = False  # also differentiate log Q in the Pandel shape (a second gamma function call per step; no gain)
+MPE_AMPLITUDE = True  # refine the fits with the charge of every DOM near the track, hit or not (Poisson)
+MPE_AMP_RADIUS = 150.0  # m: DOMs within this distance of the track enter the charge likelihood
+MPE_AMP_NOISE = 0.01  # pe a DOM sees from noise in an event, whatever the track
+MPE_DEEPCORE_EFF = 1.35  # relative efficiency of the DeepCore DOMs (strings 79-86: sensor_id >= 4680)
+MPE_STARTING = True  # the refinement also fits a starting track: a cascade at a vertex, the muon from there on
+MPE_CASCADE_TURN = 0.3  # extra Pandel distance (scattering lengths) of cascade light turned 90 deg off its cone
+MPE_EDGE_M = 10.0  # m over which the muon's light switches on at the vertex (smooth, for the gradient)
+MPE_REFINE_STEPS = 150
+MPE_LR_VERTEX, MPE_LR_RATIO = 20.0, 0.1  # Adam steps: starting-track vertex along the track (m), log light ratio
 MPE_ICE = 'toy'  # 'toy': simulate.py's depth-dependent ice; 'bulk': one Pandel scale; or a table file (see ice_table)
 METHODS = ['linefit', 'linefit_improved', 'mpe']
 # -----------------------------------------------------------------------------
@@ -246,18 +268,22 @@ class _LogQ(torch.autograd.Function):
 
 
 def ice_table(ice=None):
-    """Effective scattering length vs depth for the fit: (z (K,) m on a uniform grid, ascending; 1 / l_scat (K,) 1/m),
-    or None for 'bulk' (one Pandel scale, PANDEL_LAMBDA, everywhere). ice: MPE_ICE by default."""
+    """The ice for the fit: (z (K,) m on a uniform grid, ascending; 1 / l_scat (K,) 1/m; 1 / l_att (K,) 1/m), with
+    l_scat the effective scattering length and l_att the attenuation length of diffuse light,
+    sqrt(l_abs l_scat / 3); or None for 'bulk' (PANDEL_LAMBDA and BULK_ATTENUATION everywhere). ice: MPE_ICE."""
     ice = MPE_ICE if ice is None else ice
     if ice == 'bulk':
         return None
     z = np.arange(-1500.0, 1500.0 + 0.5, 1.0)
     if ice == 'toy':
-        from simulate import scattering_length  # the toy ice the synthetic data were made with
-        return z, 1.0 / scattering_length(z)
-    table = np.loadtxt(ice, delimiter=',' if str(ice).endswith('.csv') else None, comments='#', ndmin=2)
-    table = table[np.argsort(table[:, 0])]  # rows: depth z (m, detector coordinates), effective scattering length (m)
-    return z, 1.0 / np.interp(z, table[:, 0], table[:, 1])
+        from simulate import absorption_length, scattering_length  # the toy ice the synthetic data were made with
+        l_scat, l_abs = scattering_length(z), absorption_length(z)
+    else:
+        table = np.loadtxt(ice, delimiter=',' if str(ice).endswith('.csv') else None, comments='#', ndmin=2)
+        table = table[np.argsort(table[:, 0])]  # rows: z (m, detector coordinates), l_scat (m)[, l_abs (m)]
+        l_scat = np.interp(z, table[:, 0], table[:, 1])
+        l_abs = np.interp(z, table[:, 0], table[:, 2]) if table.shape[1] > 2 else np.full_like(z, PANDEL_LAMBDA_A)
+    return z, 1.0 / l_scat, 1.0 / np.sqrt(l_abs * l_scat / 3.0)
 
 
 def mpe_log_likelihood(t_res, d_perp, npe, inv_scat=1.0 / PANDEL_LAMBDA):
@@ -284,15 +310,19 @@ def _tilted(direction, angle, phase):
     return math.cos(angle) * direction + math.sin(angle) * (math.cos(phase) * e1 + math.sin(phase) * e2)
 
 
-def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', steps=None):
-    """Fit an infinite track to the first pulse time of each hit DOM, for many events at once.
+def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', steps=None, near=None):
+    """Fit a muon track to the first pulse time of each hit DOM, for many events at once.
     dom_pos (D, 3) m, dom_time (D,) ns (first pulse), dom_npe (D,) charge in pe, event_dom_offsets (n_events + 1,),
-    seeds (n_events, S, 3) neutrino directions to start from. Returns (n_events, 3) float64 unit vectors
-    (where the neutrino comes from) and the best log-likelihood per event."""
+    seeds (n_events, S, 3) neutrino directions to start from. First every seed is fitted as an infinite track to the
+    times alone. With near = (geometry (n_sensors, 3), efficiency (n_sensors,), hit_sensor (H,), hit_charge (H,),
+    event_hit_offsets (n_events + 1,)): every DOM of the detector and the charge each event's DOMs saw (all pulses),
+    the best of them is then refined with the charge likelihood of the DOMs within MPE_AMP_RADIUS of it, hit or not,
+    as an infinite and (MPE_STARTING) as a starting track. Returns (n_events, 3) float64 unit vectors (where the
+    neutrino comes from) and the best log-likelihood per event (of the last stage)."""
     steps = MPE_STEPS if steps is None else steps
     dom_pos, dom_time = np.asarray(dom_pos, np.float64), np.asarray(dom_time, np.float64)
     event_dom_offsets, seeds = np.asarray(event_dom_offsets, np.int64), np.asarray(seeds, np.float64)
-    n_events, n_seeds = seeds.shape[:2]
+    n_events = len(seeds)
     out, best_ll = seeds[:, 0].copy(), np.full(n_events, -np.inf)
     ends = event_dom_offsets[1:]
     cuts = np.unique(np.r_[0, np.searchsorted(ends, np.arange(MPE_CHUNK_DOMS, ends[-1], MPE_CHUNK_DOMS), 'right'), n_events])
@@ -308,8 +338,12 @@ def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', 
     try:
         for lo, hi in zip(cuts[:-1], cuts[1:]):  # chunks of events, to bound memory
             a, b = event_dom_offsets[lo], event_dom_offsets[hi]
-            out[lo:hi], best_ll[lo:hi] = _mpe_chunk(dom_pos[a:b], dom_time[a:b], np.asarray(dom_npe[a:b], np.float64),
-                                                    event_dom_offsets[lo:hi + 1] - a, seeds[lo:hi], device, steps)
+            doms = (dom_pos[a:b], dom_time[a:b], np.asarray(dom_npe[a:b], np.float64), event_dom_offsets[lo:hi + 1] - a)
+            direction, ll, track, fits = _mpe_chunk(*doms, seeds[lo:hi], device, steps)
+            if near is not None:
+                amp = _near_doms(near, lo, hi, *track)
+                direction, ll, _, _ = _mpe_chunk(*doms, fits[1], device, MPE_REFINE_STEPS, amp, fits)
+            out[lo:hi], best_ll[lo:hi] = direction, ll
     finally:
         if flush:
             torch.set_flush_denormal(False)
@@ -317,99 +351,231 @@ def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', 
     return out, best_ll
 
 
-def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps):
-    n_events, n_seeds = seeds.shape[:2]
+def _near_doms(near, lo, hi, point, direction, t0):
+    """The DOMs within MPE_AMP_RADIUS of each track (point, neutrino direction) of events lo..hi-1, hit or not:
+    their positions, efficiencies, the charge each saw, and offsets per event."""
+    geometry, efficiency, hit_sensor, hit_charge, hit_offsets = near
+    n_sensors = len(geometry)
+    rows = []
+    for k in range(0, len(point), 256):  # (events, sensors) distances, 256 events at a time
+        rel = geometry[None] - point[k:k + 256, None]
+        along = (rel * direction[k:k + 256, None]).sum(2)
+        e, s = np.nonzero((rel * rel).sum(2) - along * along < MPE_AMP_RADIUS ** 2)
+        rows.append((e + k) * n_sensors + s)
+    rows = np.concatenate(rows)  # sorted by event, then sensor
+    hit_event = np.repeat(np.arange(hi - lo), np.diff(hit_offsets[lo:hi + 1]))
+    hit_key = hit_event * n_sensors + hit_sensor[hit_offsets[lo]:hit_offsets[hi]]
+    at = np.searchsorted(rows, hit_key).clip(0, max(len(rows) - 1, 0))
+    inside = (rows[at] == hit_key) if len(rows) else np.zeros(len(hit_key), bool)
+    charge = np.bincount(at[inside], hit_charge[hit_offsets[lo]:hit_offsets[hi]][inside], len(rows))
+    sensor = rows % n_sensors
+    return geometry[sensor], efficiency[sensor], charge, np.r_[0, np.cumsum(np.bincount(rows // n_sensors, minlength=hi - lo))]
+
+
+def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, amp=None, start=None):
+    """Fit one chunk of events from seeds (n_events, S, 3); amp: the DOMs near the track (_near_doms) for the charge
+    likelihood; start: (point, direction, t0) per event to start from (S = 1). Returns the best direction and
+    log-likelihood per event, and its track as (point, neutrino direction, t0)."""
+    n_events, n_dirs = seeds.shape[:2]
     f64 = dict(dtype=getattr(torch, MPE_DTYPE), device=device)
     n_doms = np.diff(offsets)
     event = np.repeat(np.arange(n_events), n_doms)
-    # the vertex lives in the plane through the charge-weighted centre, perpendicular to the track: the point
-    # along the track is degenerate with t0, so fixing it leaves a well-conditioned 5-parameter problem
+    # the track's reference point lives in the plane through the charge-weighted centre, perpendicular to the
+    # track: the point along the track is degenerate with t0, so fixing it leaves a well-conditioned problem
     w = np.bincount(event, npe, n_events)
     centre = np.stack([np.bincount(event, npe * pos[:, k], n_events) for k in range(3)], 1) / w[:, None]
     t_ref = np.bincount(event, time, n_events) / n_doms  # times relative to the event mean, for precision
-    # one row per (event, seed) pair; every DOM appears once per seed
-    group = (event[:, None] * n_seeds + np.arange(n_seeds)).ravel()
-    dom = np.repeat(np.arange(len(event)), n_seeds)
-    order = np.argsort(group, kind='stable')
-    group, dom = torch.as_tensor(group[order], device=device), torch.as_tensor(dom[order], device=device)
+    # one row per (event, hypothesis, seed): with the charge likelihood and MPE_STARTING every seed is fitted as
+    # an infinite and as a starting track; every DOM appears once per row
+    starting_too = amp is not None and MPE_STARTING
+    n_seeds = n_dirs * (2 if starting_too else 1)
+    n_groups = n_events * n_seeds
+
+    def rows(ev_of_row):  # group of each (row, seed) pair, sorted by group, and the row it reads
+        g = (ev_of_row[:, None] * n_seeds + np.arange(n_seeds)).ravel()
+        r = np.repeat(np.arange(len(ev_of_row)), n_seeds)
+        o = np.argsort(g, kind='stable')
+        return torch.as_tensor(g[o], device=device), torch.as_tensor(r[o], device=device)
+    group, dom = rows(event)
     x = torch.as_tensor(pos, **f64)[dom]
     t = torch.as_tensor(time - t_ref[event], **f64)[dom]
     n = torch.as_tensor(np.clip(np.round(npe), 1, MPE_MAX_NPE), **f64)[dom]
     centre_g = torch.as_tensor(np.repeat(centre, n_seeds, 0), **f64)
-    u = torch.as_tensor(-seeds.reshape(-1, 3), **f64).clone().requires_grad_(True)  # the muon moves along -seed
-    shift = torch.zeros(n_events * n_seeds, 3, **f64, requires_grad=True)
-    n_groups = n_events * n_seeds
+    u = torch.as_tensor(-np.tile(seeds, (1, n_seeds // n_dirs, 1)).reshape(-1, 3), **f64).clone()  # muon along -seed
+    shift = torch.zeros(n_groups, 3, **f64)
+    starting = torch.as_tensor(np.tile(np.arange(n_seeds) >= n_dirs, n_events), device=device)
+    # a starting track's vertex sits s_vertex metres along the track from the reference point, and its cascade
+    # shines exp(log_ratio) times as bright as the muon (light at 1 m); an infinite track has its vertex far
+    # upstream and no cascade, and its rows keep these values
+    s_vertex = torch.full((n_groups,), -1e5, **f64)
+    log_ratio = torch.full((n_groups,), -50.0, **f64)
+    if amp is not None:
+        amp_pos, amp_eff, amp_charge, amp_offsets = amp
+        agroup, arow = rows(np.repeat(np.arange(n_events), np.diff(amp_offsets)))
+        xa = torch.as_tensor(amp_pos, **f64)[arow]
+        eff_a = torch.as_tensor(amp_eff, **f64)[arow]
+        qa = torch.as_tensor(amp_charge, **f64)[arow]
+        q_total = torch.zeros(n_groups, **f64).index_add_(0, agroup, qa)
 
     ice = ice_table()
     if ice is not None:
-        # path average of 1/l_scat from the emission point to the DOM: (G(z_dom) - G(z_emit)) / (z_dom - z_emit),
-        # G the integral of 1/l_scat over depth, linear between grid points (so differentiable in z_emit)
-        z_grid, inv_grid = ice
-        z0, dz = float(z_grid[0]), float(z_grid[1] - z_grid[0])
-        cum = np.r_[0.0, np.cumsum(0.5 * (inv_grid[1:] + inv_grid[:-1]) * dz)]
-        cum_t, inv_t = torch.as_tensor(cum, **f64), torch.as_tensor(inv_grid, **f64)
+        # path averages of 1/l_scat and 1/l_att from a point to a DOM: (G(z_dom) - G(z_from)) / (z_dom - z_from),
+        # G the integral over depth, linear between grid points (so differentiable in z_from)
+        z_grid, z0, dz = ice[0], float(ice[0][0]), float(ice[0][1] - ice[0][0])
+        tables = [(torch.as_tensor(np.r_[0.0, np.cumsum(0.5 * (inv[1:] + inv[:-1]) * dz)], **f64), torch.as_tensor(inv, **f64))
+                  for inv in ice[1:]]
 
         def interp(table, z):
             s = ((z - z0) / dz).clamp(0, len(z_grid) - 1)
             k = s.detach().floor().long().clamp_max(len(z_grid) - 2)  # in float32, len - 1.000001 rounds up to len - 1
             f = s - k
             return table[k] * (1 - f) + table[k + 1] * f
-        z_dom = x[:, 2]
-        g_dom = interp(cum_t, z_dom)
 
-    def geometry(u, shift):
-        unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        vertex = centre_g + shift - (shift * unit).sum(1, keepdim=True) * unit
-        rel = x - vertex[group]
-        along = (rel * unit[group]).sum(1)
-        d_perp = torch.sqrt(((rel * rel).sum(1) - along ** 2).clamp_min(1e-6))
+    def path_mean(which, z_from, z_to):  # which: 0 scattering, 1 attenuation
         if ice is None:
-            inv_scat = 1.0 / PANDEL_LAMBDA
-        else:
-            z_emit = vertex[group, 2] + (along - d_perp / math.tan(math.radians(40.7))) * unit[group, 2]
-            span = z_dom - z_emit
-            near = span.abs() < 1.0
-            safe = torch.where(near, torch.ones_like(span), span)
-            inv_scat = torch.where(near, interp(inv_t, 0.5 * (z_dom + z_emit)), (g_dom - interp(cum_t, z_emit)) / safe)
-        return along, d_perp + 1.0, inv_scat  # metre softening: no 1/d at d=0
+            return 1.0 / (PANDEL_LAMBDA, BULK_ATTENUATION)[which]
+        cum, inv = tables[which]
+        span = z_to - z_from
+        near = span.abs() < 1.0
+        safe = torch.where(near, torch.ones_like(span), span)
+        return torch.where(near, interp(inv, 0.5 * (z_to + z_from)), (interp(cum, z_to) - interp(cum, z_from)) / safe)
 
-    with torch.no_grad():
-        # t0 starts at a low quantile of the direct-light offsets t - t_geo(t0 = 0): most first pulses come late
-        along, d_perp, _ = geometry(u, shift)
-        offset = t - (along + TRACK_DELAY_FACTOR * d_perp) / C_VACUUM
-        by_value = torch.argsort(offset)
-        by_group = by_value[torch.argsort(group[by_value], stable=True)]
-        counts = torch.bincount(group, minlength=n_groups)
-        first = torch.cumsum(counts, 0) - counts
-        t0 = offset[by_group][first + (0.2 * (counts - 1)).long()].clone()
-    t0.requires_grad_(True)
-    opt = torch.optim.Adam([{'params': [u], 'lr': MPE_LR_DIR}, {'params': [shift], 'lr': MPE_LR_POS},
-                            {'params': [t0], 'lr': MPE_LR_TIME}])
-    base = [g['lr'] for g in opt.param_groups]
+    def light(xr, gr, unit, ref, with_amplitude):
+        """Per (row, group): the muon's direct-light delay (ns after t0) and Pandel shape; with_amplitude also the
+        log of the light it brings (relative), and for starting tracks the same three for the vertex cascade."""
+        ug, refg = unit[gr], ref[gr]
+        rel = xr - refg
+        along = (rel * ug).sum(1)
+        d_perp = torch.sqrt(((rel * rel).sum(1) - along ** 2).clamp_min(1e-6)) + 1.0  # metre softening: no 1/d at 0
+        s_emit = along - d_perp * (COS_CHERENKOV / SIN_CHERENKOV)  # where the photon left the track
+        r = d_perp / SIN_CHERENKOV
+        z_emit = refg[:, 2] + s_emit * ug[:, 2]
+        inv_scat = path_mean(0, z_emit, xr[:, 2])
+        out = dict(delay=(along + TRACK_DELAY_FACTOR * d_perp) / C_VACUUM, xi=r * inv_scat)
+        if not with_amplitude:
+            return out
+
+        def log_light(r, inv_scat, z_from, power):
+            # the toy's expected photoelectrons, up to a scale: exp(-r / l_att) / r^power times the PMT's acceptance
+            # of light arriving from z_from (0 going down, 1 going up), washed out towards isotropy by scattering
+            direct = torch.exp(-r * inv_scat)
+            cos_up = ((xr[:, 2] - z_from) / r).clamp(-1, 1)
+            acceptance = direct * (0.26 + 0.5 * cos_up + 0.24 * cos_up ** 2) + (1 - direct) * (0.26 + 0.24 / 3)
+            return -r * path_mean(1, z_from, xr[:, 2]) - power * torch.log(r) + torch.log(acceptance), direct
+        sv = s_vertex[gr]
+        out['log_track'] = torch.nn.functional.logsigmoid((s_emit - sv) / MPE_EDGE_M) + log_light(r, inv_scat, z_emit, 0.5)[0]
+        if starting_too:
+            # the vertex cascade: a point source at n_g r / c after the interaction (the muon reaches the vertex
+            # at t0 + s_vertex / c), its light peaked on the Cherenkov cone around the track's direction and, off
+            # the cone, delayed by MPE_CASCADE_TURN scattering lengths times (1 - cos of the angle to the cone)
+            rel_c = rel - sv[:, None] * ug
+            r_c = torch.sqrt((rel_c * rel_c).sum(1) + 1.0)
+            cos_eta = (rel_c * ug).sum(1) / r_c
+            z_vertex = refg[:, 2] + sv * ug[:, 2]
+            inv_scat_c = path_mean(0, z_vertex, xr[:, 2])
+            log_c, direct = log_light(r_c, inv_scat_c, z_vertex, 1.0)
+            profile = 0.35 + 1.6 * torch.exp(-0.5 * ((cos_eta - COS_CHERENKOV) / 0.22) ** 2)
+            turn = 1 - cos_eta * COS_CHERENKOV - torch.sqrt((1 - cos_eta ** 2).clamp_min(0)) * SIN_CHERENKOV
+            out.update(delay_c=(sv + N_GROUP * r_c) / C_VACUUM, xi_c=r_c * inv_scat_c + MPE_CASCADE_TURN * turn,
+                       log_cascade=log_ratio[gr] + log_c + torch.log(direct * profile + 1 - direct))
+        return out
+
+    def log_photon(t_res, xi):
+        # one photon's patched Pandel log-density and log-survival at residual t_res (as in mpe_log_likelihood)
+        sigma = MPE_JITTER_NS
+        tt = (sigma * torch.nn.functional.softplus(t_res / sigma)).clamp_min(1e-6)
+        xx = PANDEL_RATE * tt
+        log_p1 = xi * math.log(PANDEL_RATE) + (xi - 1) * torch.log(tt) - xx - torch.lgamma(xi)
+        return log_p1 - 0.5 * (t_res.clamp_max(0) / sigma) ** 2, _LogQ.apply(xi, xx)
+
+    def track():
+        unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return unit, centre_g + shift - (shift * unit).sum(1, keepdim=True) * unit
 
     def log_likelihood():
-        along, d_perp, inv_scat = geometry(u, shift)
-        t_res = t - t0[group] - (along + TRACK_DELAY_FACTOR * d_perp) / C_VACUUM
-        ll = mpe_log_likelihood(t_res, d_perp, n, inv_scat)
-        return torch.zeros(n_groups, **f64).index_add_(0, group, ll)
+        unit, ref = track()
+        hit = light(x, group, unit, ref, amp is not None)
+        log_f, log_s = log_photon(t - t0[group] - hit['delay'], hit['xi'])
+        if starting_too:  # each photon comes from the muon or the cascade, in the ratio of their light at the DOM
+            log_f_c, log_s_c = log_photon(t - t0[group] - hit['delay_c'], hit['xi_c'])
+            log_mu = torch.logaddexp(hit['log_track'], hit['log_cascade'])
+            p_track, p_cascade = hit['log_track'] - log_mu, hit['log_cascade'] - log_mu
+            log_f = torch.logaddexp(p_track + log_f, p_cascade + log_f_c)
+            log_s = torch.logaddexp(p_track + log_s, p_cascade + log_s_c)
+        ll = torch.log(n) + log_f + (n - 1) * log_s  # the first of n photons
+        ll = torch.logaddexp(ll, torch.full_like(ll, math.log(MPE_NOISE_DENSITY)))
+        ll = torch.zeros(n_groups, **f64).index_add_(0, group, ll)
+        if amp is not None:
+            # Poisson likelihood of every near DOM's charge; the event's brightness is profiled out: with
+            # mu = A * light, the best A makes the expected total charge equal the observed one
+            near = light(xa, agroup, unit, ref, True)
+            log_mu = near['log_track'] if not starting_too else torch.logaddexp(near['log_track'], near['log_cascade'])
+            mu = torch.exp(log_mu) * eff_a
+            scale = q_total / torch.zeros(n_groups, **f64).index_add_(0, agroup, mu).clamp_min(1e-30)
+            mu = scale[agroup] * mu + MPE_AMP_NOISE
+            ll = ll + torch.zeros(n_groups, **f64).index_add_(0, agroup, qa * torch.log(mu) - mu)
+        return ll
 
+    with torch.no_grad():
+        if start is not None:  # the previous stage's tracks: their points as the shift, their times
+            point, _, t0 = (torch.as_tensor(np.tile(a, (1, n_seeds // n_dirs) + (1,) * (a.ndim - 2)).reshape((n_groups,) + a.shape[2:]), **f64)
+                            for a in start)
+            shift = point - centre_g
+            t0 = t0 - torch.as_tensor(np.repeat(t_ref, n_seeds), **f64)
+        else:
+            # t0 starts at a low quantile of the direct-light offsets t - t_geo(t0 = 0): most first pulses come late
+            unit, ref = track()
+            offset = t - light(x, group, unit, ref, False)['delay']
+            by_value = torch.argsort(offset)
+            by_group = by_value[torch.argsort(group[by_value], stable=True)]
+            counts = torch.bincount(group, minlength=n_groups)
+            first = torch.cumsum(counts, 0) - counts
+            t0 = offset[by_group][first + (0.2 * (counts - 1)).long()].clone()
+        if starting_too:
+            # a starting track's vertex starts where the three earliest DOMs project onto the track (light leaves
+            # the vertex region first), its cascade e times as bright as the muon
+            unit, ref = track()
+            along = ((x - ref[group]) * unit[group]).sum(1)
+            by_time = torch.argsort(t)
+            by_time = by_time[torch.argsort(group[by_time], stable=True)]
+            counts = torch.bincount(group, minlength=n_groups)
+            first = torch.cumsum(counts, 0) - counts
+            k = torch.minimum(first[:, None] + torch.arange(3, device=device), (first + counts - 1)[:, None])
+            s_vertex = torch.where(starting, along[by_time][k].mean(1), s_vertex)
+            log_ratio = torch.where(starting, torch.ones_like(log_ratio), log_ratio)
+    params = [u, shift, t0, s_vertex, log_ratio]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([{'params': [p], 'lr': lr} for p, lr in
+                            zip(params, (MPE_LR_DIR, MPE_LR_POS, MPE_LR_TIME, MPE_LR_VERTEX, MPE_LR_RATIO))])
+    base = [g['lr'] for g in opt.param_groups]
     for step in range(steps):
         for g, lr in zip(opt.param_groups, base):  # cosine decay: coarse moves first, then settle
             g['lr'] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         opt.zero_grad(set_to_none=True)
         (-log_likelihood().sum()).backward()
-        for p in (u, shift, t0):
-            p.grad.nan_to_num_(0.0, 0.0, 0.0)  # a degenerate event must not poison the others
+        for p in params:
+            if p.grad is not None:
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)  # a degenerate event must not poison the others
+        for p in params[3:]:
+            if p.grad is not None:
+                p.grad *= starting  # infinite tracks stay infinite
         opt.step()
     with torch.no_grad():
         ll = log_likelihood().reshape(n_events, n_seeds).cpu().numpy()
-        direction = -(u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).reshape(n_events, n_seeds, 3).cpu().numpy()
+        unit, ref = track()
+        direction = -unit.reshape(n_events, n_seeds, 3).cpu().numpy()
+        ref = ref.reshape(n_events, n_seeds, 3).cpu().numpy()
+        t0 = (t0.reshape(n_events, n_seeds) + torch.as_tensor(t_ref[:, None], **f64)).cpu().numpy()
     ll = np.where(np.isfinite(ll) & np.isfinite(direction).all(2), ll, -np.inf)
     best = np.argmax(ll, 1)
-    out = direction[np.arange(n_events), best]
+    pick = np.arange(n_events), best
+    out = direction[pick]
     bad = ~np.isfinite(ll.max(1)) | ~np.isfinite(out).all(1) | (np.linalg.norm(out, axis=1) < 0.5)
     out[bad] = seeds[bad, 0]
-    return out / np.linalg.norm(out, axis=1, keepdims=True), ll.max(1)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    point = np.where(bad[:, None], centre, ref[pick])
+    return out, ll[pick], (point, out, np.where(bad, t_ref, t0[pick])), (ref, direction, t0)
 
 
 # -----------------------------------------------------------------------------
@@ -419,8 +585,9 @@ def reconstruct(method, ev, geometry, device='cpu'):
     """Directions of the events in ev = split.events(idx) by method 'linefit', 'linefit_improved' or 'mpe'.
     geometry (n_sensors, 3) m. Returns (n_events, 3) float64 unit vectors, finite for every event.
     The LineFits use the non-auxiliary (locally coincident) pulses, or all pulses of an event with fewer than two;
-    the MPE fit uses the DOMs with a non-auxiliary pulse (all hit DOMs where there are fewer than three), the
-    time of each one's first pulse and its total charge."""
+    the MPE fit's times come from the DOMs with a non-auxiliary pulse (all hit DOMs where there are fewer than
+    three): the time of each one's first pulse and its total charge; its charge likelihood takes the total charge
+    of every hit DOM (MPE_DEEPCORE_EFF for sensor_id >= 4680, the DeepCore strings of IceCube's numbering)."""
     if method not in METHODS:
         raise ValueError(f"reconstruct: method {method!r} is not one of {METHODS}")
     geometry = np.asarray(geometry, np.float64)
@@ -453,9 +620,13 @@ def reconstruct(method, ev, geometry, device='cpu'):
     sel = np.nonzero(dom_use)[0]  # still grouped by event
     seeds = [improved, plain] + [_tilted(improved, MPE_SEED_TILT, 2 * math.pi * k / MPE_EXTRA_SEEDS)
                                  for k in range(MPE_EXTRA_SEEDS)]
+    near = None
+    if MPE_AMPLITUDE:  # the charge of every hit DOM, for the refinement's charge likelihood
+        efficiency = np.where(np.arange(len(geometry)) >= 78 * 60, MPE_DEEPCORE_EFF, 1.0)
+        near = (geometry, efficiency, sensor[starts], dom_npe, ev['event_dom_offsets'])
     direction, _ = mpe_fit(geometry[sensor[starts[sel]]], time[starts[sel]], dom_npe[sel],
                            np.r_[0, np.cumsum(np.bincount(dom_event[sel], minlength=n_events))],
-                           np.stack(seeds, 1), device=device)
+                           np.stack(seeds, 1), device=device, near=near)
     return direction
 
 

@@ -31,11 +31,11 @@ def simulated_tracks(n_events, rng, ice='toy'):
     """Noise-free through-going muons in the IceCube-like geometry, timed as the fit assumes: direct Cherenkov
     time plus the first of N Pandel delays plus 2.5 ns jitter, N ~ Poisson of a light yield falling with d.
     ice 'toy': the Pandel distance scaled by simulate.py's path-averaged scattering, as the simulation does;
-    'bulk': one scattering length, PANDEL_LAMBDA."""
+    'bulk': one scattering length, PANDEL_LAMBDA. Also returns each hit's sensor_id."""
     geo = make_geometry()
     zenith, azimuth = np.arccos(rng.uniform(-1, 1, n_events)), rng.uniform(0, 2 * np.pi, n_events)
     truth = C.angles_to_vector(azimuth, zenith)
-    pos, time, npe, offsets = [], [], [], [0]
+    pos, time, npe, sensor, offsets = [], [], [], [], [0]
     for u in -truth:  # a handful of test events: a loop is clearer here
         closest = rng.normal(size=3)
         closest = 150 * rng.random() * (closest - closest @ u * u) / np.linalg.norm(closest - closest @ u * u)
@@ -51,36 +51,61 @@ def simulated_tracks(n_events, rng, ice='toy'):
         xi = np.maximum(d[hit], 1) / C.SIN_CHERENKOV * inv_scat
         delay = np.array([rng.gamma(x, 1 / C.PANDEL_RATE, k).min() for x, k in zip(xi, n[hit])])
         t = 9000 + (along[hit] + C.TRACK_DELAY_FACTOR * d[hit]) / C.C_VACUUM + delay + rng.normal(0, 2.5, hit.sum())
-        pos.append(geo[hit]), time.append(t), npe.append(n[hit].astype(float)), offsets.append(offsets[-1] + hit.sum())
-    return np.concatenate(pos), np.concatenate(time), np.concatenate(npe), np.array(offsets), truth
+        pos.append(geo[hit]), time.append(t), npe.append(n[hit].astype(float)), sensor.append(np.nonzero(hit)[0])
+        offsets.append(offsets[-1] + hit.sum())
+    return np.concatenate(pos), np.concatenate(time), np.concatenate(npe), np.array(offsets), truth, np.concatenate(sensor)
 
 
 @pytest.mark.parametrize('ice', ['toy', 'bulk'])
-def test_mpe_fit_recovers_noise_free_tracks(ice, monkeypatch):
+@pytest.mark.parametrize('charge', [False, True])
+def test_mpe_fit_recovers_noise_free_tracks(ice, charge, monkeypatch):
+    # times alone, and refined with the charge of every DOM near the track (as the detector is, unhit ones too)
     monkeypatch.setattr(C, 'MPE_ICE', ice)
     torch.manual_seed(0)
-    pos, time, npe, offsets, truth = simulated_tracks(8, np.random.default_rng(1), ice)
+    pos, time, npe, offsets, truth, sensor = simulated_tracks(8, np.random.default_rng(1), ice)
     assert np.diff(offsets).min() >= 40  # many hits
     plain = C.linefit(pos, time, offsets)
     improved = C.linefit_improved(pos, time, offsets)
     seeds = np.stack([improved, plain, C._tilted(improved, 0.25, 0.0), C._tilted(improved, 0.25, math.pi)], 1)
-    direction, ll = C.mpe_fit(pos, time, npe, offsets, seeds)
+    geo = make_geometry()
+    near = (geo, np.ones(len(geo)), sensor, npe, offsets) if charge else None
+    direction, ll = C.mpe_fit(pos, time, npe, offsets, seeds, near=near)
     err = C.angular_error(direction, truth)
     assert np.isfinite(ll).all()
     assert np.degrees(err).max() < 2.0, np.degrees(err)
     assert np.median(err) < np.median(C.angular_error(plain, truth))
 
 
+def test_charge_likelihood_takes_every_dom_near_the_track_hit_or_not():
+    # DOMs on the x axis at 0, 50, 100, 119 and 200 m; tracks along z through the origin; radius 120 m
+    geometry = np.array([[0.0, 0, 0], [50, 0, 0], [100, 0, 0], [119, 0, 0], [200, 0, 0]])
+    efficiency = np.array([1.0, 1.0, 1.35, 1.0, 1.0])
+    # event 0 saw 2 pe on DOM 1 and 5 pe on DOM 4 (beyond the radius: left out), event 1 saw 1 pe on DOM 0
+    near = (geometry, efficiency, np.array([1, 4, 0]), np.array([2.0, 5.0, 1.0]), np.array([0, 2, 3]))
+    track = np.zeros((2, 3)), np.tile([0.0, 0.0, 1.0], (2, 1)), np.zeros(2)
+    pos, eff, charge, offsets = C._near_doms(near, 0, 2, *track)
+    assert offsets.tolist() == [0, 4, 8]
+    assert np.allclose(pos[:, 0], [0, 50, 100, 119] * 2) and np.allclose(eff, [1, 1, 1.35, 1] * 2)
+    assert charge.tolist() == [0, 2, 0, 0, 1, 0, 0, 0]
+    pos, eff, charge, offsets = C._near_doms(near, 1, 2, *(a[:1] for a in track))  # a chunk: event 1 alone
+    assert offsets.tolist() == [0, 4] and charge.tolist() == [1, 0, 0, 0]
+
+
 def test_ice_table_settings(tmp_path):
-    from simulate import scattering_length
+    from simulate import absorption_length, scattering_length
     assert C.ice_table('bulk') is None
-    z, inv = C.ice_table('toy')
+    z, inv, inv_att = C.ice_table('toy')
     assert np.all(np.diff(z) > 0) and np.allclose(inv, 1 / scattering_length(z))
+    assert np.allclose(inv_att, 1 / np.sqrt(absorption_length(z) * scattering_length(z) / 3))
     path = tmp_path / 'ice.csv'  # a user's table, unsorted: z (m), effective scattering length (m)
     path.write_text('# z, l_scat\n0, 20\n-500, 40\n500, 30\n')
-    z, inv = C.ice_table(str(path))
+    z, inv, inv_att = C.ice_table(str(path))
     assert np.allclose(1 / inv[[np.argmin(abs(z + 500)), np.argmin(abs(z + 250)), np.argmin(abs(z - 500))]], [40, 30, 30])
     assert np.allclose(1 / inv[0], 40) and np.allclose(1 / inv[-1], 30)  # held constant beyond the table
+    assert np.allclose(inv_att, 1 / np.sqrt(C.PANDEL_LAMBDA_A * (1 / inv) / 3))  # no absorption column: Pandel's
+    path.write_text('# z, l_scat, l_abs\n-500, 40, 120\n500, 30, 300\n')  # with absorption lengths
+    z, inv, inv_att = C.ice_table(str(path))
+    assert np.allclose(1 / inv_att[[0, -1]], np.sqrt([120 * 40 / 3, 300 * 30 / 3]))
 
 
 def events(pulses):
@@ -126,5 +151,7 @@ def test_mpe_fit_with_light_emitted_beyond_the_ice_table():
     pos = np.concatenate([np.stack([np.zeros(40), np.full(40, 20.0), z], 1), [[3000.0, 0.0, 0.0]]])
     time = np.r_[10000 + (400 - z) / C.C_VACUUM, 30000.0]
     seeds = np.tile([[[0.0, 0.0, 1.0]]], (1, 2, 1))  # the muon goes straight down
-    direction, ll = C.mpe_fit(pos, time, np.full(41, 3.0), np.array([0, 41]), seeds, steps=5)
-    assert np.isfinite(direction).all() and np.isfinite(ll).all()
+    near = (pos, np.ones(41), np.arange(41), np.full(41, 3.0), np.array([0, 41]))
+    for refine in (None, near):  # the time fit, then with the charge refinement too
+        direction, ll = C.mpe_fit(pos, time, np.full(41, 3.0), np.array([0, 41]), seeds, steps=5, near=refine)
+        assert np.isfinite(direction).all() and np.isfinite(ll).all()
