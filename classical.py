@@ -316,8 +316,8 @@ def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', 
     seeds (n_events, S, 3) neutrino directions to start from. First every seed is fitted as an infinite track to the
     times alone. With near = (geometry (n_sensors, 3), efficiency (n_sensors,), hit_sensor (H,), hit_charge (H,),
     event_hit_offsets (n_events + 1,)): every DOM of the detector and the charge each event's DOMs saw (all pulses),
-    the best of them is then refined with the charge likelihood of the DOMs within MPE_AMP_RADIUS of it, hit or not,
-    as an infinite and (MPE_STARTING) as a starting track. Returns (n_events, 3) float64 unit vectors (where the
+    each of these fits is then refined, adding the charge likelihood of the DOMs within MPE_AMP_RADIUS of the best
+    one, hit or not, as an infinite and (MPE_STARTING) as a starting track. Returns (n_events, 3) float64 unit vectors (where the
     neutrino comes from) and the best log-likelihood per event (of the last stage)."""
     steps = MPE_STEPS if steps is None else steps
     dom_pos, dom_time = np.asarray(dom_pos, np.float64), np.asarray(dom_time, np.float64)
@@ -374,8 +374,9 @@ def _near_doms(near, lo, hi, point, direction, t0):
 
 def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, amp=None, start=None):
     """Fit one chunk of events from seeds (n_events, S, 3); amp: the DOMs near the track (_near_doms) for the charge
-    likelihood; start: (point, direction, t0) per event to start from (S = 1). Returns the best direction and
-    log-likelihood per event, and its track as (point, neutrino direction, t0)."""
+    likelihood; start: (point (n_events, S, 3), direction, t0 (n_events, S)), the previous stage's fits of the
+    seeds, to start from. Returns the best direction and log-likelihood per event, its track as (point, neutrino
+    direction, t0), and every seed's fit as start takes it."""
     n_events, n_dirs = seeds.shape[:2]
     f64 = dict(dtype=getattr(torch, MPE_DTYPE), device=device)
     n_doms = np.diff(offsets)
