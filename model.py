@@ -155,7 +155,7 @@ class Block(nn.Module):
 
 
 N_PULSE_FEATURES = 6
-N_DOM_FEATURES = 27
+N_DOM_FEATURES = 30
 N_EVENT_FEATURES = 13
 
 
@@ -284,22 +284,6 @@ class IceModel(nn.Module):
         dist_e = torch.linalg.vector_norm(pos - p_e[de], dim=1, keepdim=True)
         unit_e = (pos - p_e[de]) / dist_e.clamp(min=1.0)
         resid_e = ((s['t0'][:, None] - t_e[de][:, None] - dist_e / 0.2210) / 1000.0).clamp(-10.0, 10.0)
-        dom_feats = torch.cat([
-            pos / 500.0,
-            dp,
-            (s['t0'] / 3000.0).clamp(max=10.0)[:, None],
-            dt,
-            dp * dt,                                  # this DOM's term of a LineFit through the first hits
-            dist / 300.0, unit, resid,                # distance and direction from the charge centre, time residual
-            dist_e / 300.0, unit_e, resid_e,          # the same from the early-hit vertex
-            torch.log1p((s['tq'] - s['t0']).clamp(min=0) / 10.0)[:, None] / 4.0,
-            torch.log1p(s['charge'])[:, None] / 2.0,
-            torch.log1p(ndom_pulses)[:, None] / 2.0,
-            torch.log1p(s['kept'])[:, None] / 2.0,
-            s['aux_frac'][:, None],
-            (pos[:, 2:3] > -160).float() * (torch.linalg.vector_norm(pos[:, :2], dim=1, keepdim=True) < 80).float(),  # DeepCore-ish
-        ], dim=1) * dreal.float()[:, None]
-        dom_tok = (self.dom_embed(dom_feats) + self.t1_to_t2(dom_emb)).float()
         # a LineFit seed over the event's non-auxiliary pulses (all pulses where it has none), as a classical
         # reconstruction would seed a likelihood fit: v = <(r - <r>)(t - <t>)> / <(t - <t>)^2>, direction -v
         pdom = b['pulse_dom'].long()
@@ -316,6 +300,29 @@ class IceModel(nn.Module):
         v = per_event_p((pw * ptc)[:, None] * prc) / per_event_p(pw * ptc * ptc).clamp(min=1e-6)[:, None]  # m/ns
         speed = torch.linalg.vector_norm(v, dim=1)
         lf_dir = -v / speed.clamp(min=1e-6)[:, None]
+        # each DOM in the frame of the LineFit track through the charge centre: distance along it and from it, and
+        # the first-hit residual against direct Cherenkov light, t_ref + (along + 0.9173 d) / c
+        mu_dir = -lf_dir[de]
+        along = ((pos - p_ref[de]) * mu_dir).sum(1, keepdim=True)
+        perp = torch.sqrt((((pos - p_ref[de]) ** 2).sum(1, keepdim=True) - along ** 2).clamp(min=1e-6))
+        resid_lf = ((s['t0'][:, None] - t_ref[de][:, None] - (along + 0.9173 * perp) / 0.2998) / 1000.0).clamp(-10.0, 10.0)
+        dom_feats = torch.cat([
+            pos / 500.0,
+            dp,
+            (s['t0'] / 3000.0).clamp(max=10.0)[:, None],
+            dt,
+            dp * dt,                                  # this DOM's term of a LineFit through the first hits
+            dist / 300.0, unit, resid,                # distance and direction from the charge centre, time residual
+            dist_e / 300.0, unit_e, resid_e,          # the same from the early-hit vertex
+            along / 300.0, perp / 300.0, resid_lf,    # the same in the frame of the LineFit track
+            torch.log1p((s['tq'] - s['t0']).clamp(min=0) / 10.0)[:, None] / 4.0,
+            torch.log1p(s['charge'])[:, None] / 2.0,
+            torch.log1p(ndom_pulses)[:, None] / 2.0,
+            torch.log1p(s['kept'])[:, None] / 2.0,
+            s['aux_frac'][:, None],
+            (pos[:, 2:3] > -160).float() * (torch.linalg.vector_norm(pos[:, :2], dim=1, keepdim=True) < 80).float(),  # DeepCore-ish
+        ], dim=1) * dreal.float()[:, None]
+        dom_tok = (self.dom_embed(dom_feats) + self.t1_to_t2(dom_emb)).float()
         ev_feats = torch.cat([
             torch.log1p(b['event_n_pulses'].float())[:, None] / 5.0,
             torch.log1p(b['event_n_doms'].float())[:, None] / 5.0,
