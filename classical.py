@@ -286,19 +286,17 @@ def ice_table(ice=None):
     return z, 1.0 / l_scat, 1.0 / np.sqrt(l_abs * l_scat / 3.0)
 
 
-def mpe_log_likelihood(t_res, d_perp, npe, inv_scat=1.0 / PANDEL_LAMBDA):
-    """Log-likelihood of each DOM's first pulse at residual t_res (ns) from a track at perpendicular distance
-    d_perp (m), given npe photoelectrons: the first of N Pandel photons, patched below ~MPE_JITTER_NS, floored.
-    inv_scat: 1 / effective scattering length (1/m) along each photon's path (Pandel d_eff = r * 33.3 m / l_scat)."""
+def log_photon(t_res, xi):
+    """One photon's log-density and log-survival under the Pandel delay distribution of shape xi (the photon path in
+    scattering lengths), at residual t_res (ns) after direct light, patched below ~MPE_JITTER_NS: softplus maps t_res
+    to a positive time that equals t_res well above the jitter and shrinks to ~0 below it, and a Gaussian term
+    penalises light earlier than direct light, as the jitter convolution would. A DOM that saw n photons records the
+    first: log n + log density + (n - 1) log survival."""
     sigma = MPE_JITTER_NS
-    xi = d_perp / SIN_CHERENKOV * inv_scat  # Pandel shape: photon path in scattering lengths
-    # softplus maps t_res to a positive time that equals t_res well above the jitter and shrinks to ~0 below
-    # it; the Gaussian term penalises light earlier than direct light, as the jitter convolution would
     t = (sigma * torch.nn.functional.softplus(t_res / sigma)).clamp_min(1e-6)
     x = PANDEL_RATE * t
     log_p1 = xi * math.log(PANDEL_RATE) + (xi - 1) * torch.log(t) - x - torch.lgamma(xi)
-    log_f = torch.log(npe) + log_p1 + (npe - 1) * _LogQ.apply(xi, x) - 0.5 * (t_res.clamp_max(0) / sigma) ** 2
-    return torch.logaddexp(log_f, torch.full_like(log_f, math.log(MPE_NOISE_DENSITY)))
+    return log_p1 - 0.5 * (t_res.clamp_max(0) / sigma) ** 2, _LogQ.apply(xi, x)
 
 
 def _tilted(direction, angle, phase):
@@ -341,7 +339,7 @@ def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', 
             doms = (dom_pos[a:b], dom_time[a:b], np.asarray(dom_npe[a:b], np.float64), event_dom_offsets[lo:hi + 1] - a)
             direction, ll, track, fits = _mpe_chunk(*doms, seeds[lo:hi], device, steps)
             if near is not None:
-                amp = _near_doms(near, lo, hi, *track)
+                amp = _near_doms(near, lo, hi, *track[:2])
                 direction, ll, _, _ = _mpe_chunk(*doms, fits[1], device, MPE_REFINE_STEPS, amp, fits)
             out[lo:hi], best_ll[lo:hi] = direction, ll
     finally:
@@ -351,7 +349,7 @@ def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', 
     return out, best_ll
 
 
-def _near_doms(near, lo, hi, point, direction, t0):
+def _near_doms(near, lo, hi, point, direction):
     """The DOMs within MPE_AMP_RADIUS of each track (point, neutrino direction) of events lo..hi-1, hit or not:
     their positions, efficiencies, the charge each saw, and offsets per event."""
     geometry, efficiency, hit_sensor, hit_charge, hit_offsets = near
@@ -481,21 +479,13 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, amp=None, start=No
                        log_cascade=log_ratio[gr] + log_c + torch.log(direct * profile + 1 - direct))
         return out
 
-    def log_photon(t_res, xi):
-        # one photon's patched Pandel log-density and log-survival at residual t_res (as in mpe_log_likelihood)
-        sigma = MPE_JITTER_NS
-        tt = (sigma * torch.nn.functional.softplus(t_res / sigma)).clamp_min(1e-6)
-        xx = PANDEL_RATE * tt
-        log_p1 = xi * math.log(PANDEL_RATE) + (xi - 1) * torch.log(tt) - xx - torch.lgamma(xi)
-        return log_p1 - 0.5 * (t_res.clamp_max(0) / sigma) ** 2, _LogQ.apply(xi, xx)
-
     def track():
         unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return unit, centre_g + shift - (shift * unit).sum(1, keepdim=True) * unit
 
     def log_likelihood():
         unit, ref = track()
-        hit = light(x, group, unit, ref, amp is not None)
+        hit = light(x, group, unit, ref, starting_too)  # amplitudes only to share photons out between sources
         log_f, log_s = log_photon(t - t0[group] - hit['delay'], hit['xi'])
         if starting_too:  # each photon comes from the muon or the cascade, in the ratio of their light at the DOM
             log_f_c, log_s_c = log_photon(t - t0[group] - hit['delay_c'], hit['xi_c'])

@@ -266,10 +266,11 @@ class IceModel(nn.Module):
         t_ref = per_event(wq * s['t0']) / wsum
         p_ref = per_event(wq[:, None] * pos) / wsum[:, None]
         ndom_pulses = b['dom_n_pulses'].float()
-        dp = (pos - p_ref[de]) / 300.0
+        rel = pos - p_ref[de]
+        dp = rel / 300.0
         dt = ((s['t0'] - t_ref[de]) / 1000.0).clamp(-10.0, 10.0)[:, None]
-        dist = torch.linalg.vector_norm(pos - p_ref[de], dim=1, keepdim=True)
-        unit = (pos - p_ref[de]) / dist.clamp(min=1.0)
+        dist = torch.linalg.vector_norm(rel, dim=1, keepdim=True)
+        unit = rel / dist.clamp(min=1.0)
         # first-hit time residual for light spreading from the charge centre at t_ref (c_ice = 0.221 m/ns)
         resid = ((s['t0'][:, None] - t_ref[de][:, None] - dist / 0.2210) / 1000.0).clamp(-10.0, 10.0)
         # a vertex estimate from the earliest bright hits (weights fall off over 200 ns after the event's first
@@ -303,8 +304,8 @@ class IceModel(nn.Module):
         # each DOM in the frame of the LineFit track through the charge centre: distance along it and from it, and
         # the first-hit residual against direct Cherenkov light, t_ref + (along + 0.9173 d) / c
         mu_dir = -lf_dir[de]
-        along = ((pos - p_ref[de]) * mu_dir).sum(1, keepdim=True)
-        perp = torch.sqrt((((pos - p_ref[de]) ** 2).sum(1, keepdim=True) - along ** 2).clamp(min=1e-6))
+        along = (rel * mu_dir).sum(1, keepdim=True)
+        perp = torch.sqrt(((rel ** 2).sum(1, keepdim=True) - along ** 2).clamp(min=1e-6))
         resid_lf = ((s['t0'][:, None] - t_ref[de][:, None] - (along + 0.9173 * perp) / 0.2998) / 1000.0).clamp(-10.0, 10.0)
         dom_feats = torch.cat([
             pos / 500.0,

@@ -82,7 +82,7 @@ def test_charge_likelihood_takes_every_dom_near_the_track_hit_or_not():
     efficiency = np.array([1.0, 1.0, 1.35, 1.0, 1.0])
     # event 0 saw 2 pe on DOM 1 and 5 pe on DOM 4 (beyond the radius: left out), event 1 saw 1 pe on DOM 0
     near = (geometry, efficiency, np.array([1, 4, 0]), np.array([2.0, 5.0, 1.0]), np.array([0, 2, 3]))
-    track = np.zeros((2, 3)), np.tile([0.0, 0.0, 1.0], (2, 1)), np.zeros(2)
+    track = np.zeros((2, 3)), np.tile([0.0, 0.0, 1.0], (2, 1))
     pos, eff, charge, offsets = C._near_doms(near, 0, 2, *track)
     assert offsets.tolist() == [0, 4, 8]
     assert np.allclose(pos[:, 0], [0, 50, 100, 119] * 2) and np.allclose(eff, [1, 1, 1.35, 1] * 2)
