@@ -65,6 +65,7 @@ import numpy as np
 import torch
 
 from model import angles_to_vector, vector_to_angles  # noqa: F401  (one copy of the angle convention)
+from model import linefit_improved_packed  # the model computes it too, as a seed (its settings live there)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -78,13 +79,6 @@ TRACK_DELAY_FACTOR = 0.9173  # (n_g - cos theta_c) / sin theta_c: extra light pa
 PANDEL_TAU, PANDEL_LAMBDA, PANDEL_LAMBDA_A = 556.7, 33.3, 98.0  # ns, m (scattering), m (absorption)
 PANDEL_RATE = 1.0 / PANDEL_TAU + C_ICE / PANDEL_LAMBDA_A  # 1/ns, the Gamma rate b
 BULK_ATTENUATION = math.sqrt(PANDEL_LAMBDA_A * PANDEL_LAMBDA / 3.0)  # m, diffuse light in 'bulk' ice
-# improved LineFit
-DELAY_RADIUS = 156.0  # m: neighbours considered by the delay cleaning
-DELAY_NS = 150.0  # ns of lateness beyond direct light from a neighbour that marks a scattered photon
-DELAY_MAX_REFS = 128  # neighbours per event to compare with: its earliest-hit DOMs (bounds the pair count)
-HUBER_M = 153.0  # m: residual beyond which a pulse's pull grows linearly
-HUBER_ITERS = 5
-OUTLIER_M = 150.0  # m: pulses still further from the Huber line are left out of the final fit
 # MPE likelihood fit
 MPE_JITTER_NS = 10.0  # patch width: PMT jitter plus the slack of a simple ice model
 MPE_NOISE_DENSITY = 1e-6  # per ns: floor of a DOM's likelihood (a noise hit, or light the model cannot explain)
@@ -156,85 +150,28 @@ def _direction_from_velocity(v, fallback=None):
     return direction
 
 
-def _weighted_line(pos, t, w, event, n_events):
-    """Weighted least-squares line r = r_mean + v (t - t_mean) per event. Returns v, r_mean, t_mean."""
-    sum_w = np.bincount(event, w, n_events)
-    norm = np.where(sum_w > 0, sum_w, 1.0)
-    t_mean = np.bincount(event, w * t, n_events) / norm
-    r_mean = np.stack([np.bincount(event, w * pos[:, k], n_events) for k in range(3)], 1) / norm[:, None]
-    dt, dr = t - t_mean[event], pos - r_mean[event]
-    var_t = np.bincount(event, w * dt * dt, n_events)
-    cov = np.stack([np.bincount(event, w * dt * dr[:, k], n_events) for k in range(3)], 1)
-    v = cov / np.where(var_t > 0, var_t, 1.0)[:, None]
-    v[var_t <= 0] = 0.0
-    return v, r_mean, t_mean
-
-
-def _line_residual(pos, t, event, fit):
-    v, r_mean, t_mean = fit
-    return np.linalg.norm(pos - r_mean[event] - v[event] * (t - t_mean[event])[:, None], axis=1)
-
-
-def _delayed(pos, t, event, dom, n_events, plain):
-    """Delay cleaning: True for a pulse later than direct light from a neighbouring DOM's first pulse allows,
-    t_i - t_j > |r_i - r_j| / c + DELAY_NS with |r_i - r_j| < DELAY_RADIUS. The neighbours compared with are
-    the DELAY_MAX_REFS DOMs per event that are earliest relative to the plain LineFit `plain` (v, r_mean, t_mean):
-    the least delayed hits, spread along the whole track (this bounds the pair count of big events)."""
-    order = np.lexsort((t, dom, event))
-    first = np.ones(len(order), bool)
-    first[1:] = (event[order][1:] != event[order][:-1]) | (dom[order][1:] != dom[order][:-1])
-    ref = order[first]  # each DOM's first pulse (a pulse is its own DOM's reference: late pulses in a DOM go too)
-    v, r_mean, t_mean = plain
-    e = event[ref]
-    speed2 = np.maximum((v * v).sum(1), 1e-12)[e]
-    lateness = t[ref] - t_mean[e] - ((pos[ref] - r_mean[e]) * v[e]).sum(1) / speed2
-    ref = ref[np.lexsort((lateness, e))]
-    n_ref = np.bincount(event[ref], minlength=n_events)
-    rank = np.arange(len(ref)) - np.repeat(np.cumsum(n_ref) - n_ref, n_ref)
-    ref = ref[rank < DELAY_MAX_REFS]
-    n_ref = np.minimum(n_ref, DELAY_MAX_REFS)
-    ref_start = np.cumsum(n_ref) - n_ref
-    m = n_ref[event]  # pairs per pulse
-    out = np.zeros(len(t), bool)
-    ends = np.cumsum(m)
-    bounds = np.searchsorted(ends, np.arange(0, ends[-1], 4_000_000), 'right')  # chunks of ~4M pairs
-    for lo, hi in zip(bounds, list(bounds[1:]) + [len(t)]):
-        i = np.repeat(np.arange(lo, hi), m[lo:hi])
-        k = np.arange(len(i)) - np.repeat(np.cumsum(m[lo:hi]) - m[lo:hi], m[lo:hi])
-        j = ref[ref_start[event[i]] + k]
-        dist = np.linalg.norm(pos[i] - pos[j], axis=1)
-        late = (dist < DELAY_RADIUS) & (t[i] - t[j] > dist / C_VACUUM + DELAY_NS)
-        out[lo:hi] = np.bincount(i - lo, late, hi - lo) > 0
-    return out
-
-
-def _keep_enough(keep, event, n_events, least=3):
-    # an event left with fewer than `least` pulses keeps them all, so that every fit stays defined
-    few = np.bincount(event, keep, n_events) < least
-    return keep | few[event]
-
-
 def linefit_improved(pos, time, event_offsets, dom=None):
     """Improved LineFit (delay cleaning, Huber-weighted fit, refit without outliers), same arguments and output as
-    linefit. dom (P,) identifies the DOM of each pulse (sensor_id); by default pulses at one position share a DOM."""
+    linefit. dom (P,) identifies the DOM of each pulse (sensor_id); by default pulses at one position share a DOM.
+    Runs linefit_improved_packed in float64 over chunks of events (bounded memory)."""
     pos, time, event_offsets = _check(pos, time, event_offsets, 'linefit_improved')
     n_events = len(event_offsets) - 1
     event = np.repeat(np.arange(n_events), np.diff(event_offsets))
     if dom is None:
         dom = np.unique(pos, axis=0, return_inverse=True)[1].ravel()
     t = time - np.repeat(_event_mean(time, event_offsets), np.diff(event_offsets))  # small numbers, for precision
-    plain = _weighted_line(pos, t, np.ones(len(t)), event, n_events)
-    keep = _keep_enough(~_delayed(pos, t, event, np.asarray(dom, np.int64), n_events, plain), event, n_events)
-    weight = keep.astype(np.float64)
-    fit = _weighted_line(pos, t, weight, event, n_events)
-    for _ in range(HUBER_ITERS):
-        # Huber IRLS: weight 1 inside HUBER_M, HUBER_M / residual outside, so far pulses pull like |r|, not r^2
-        res = _line_residual(pos, t, event, fit)
-        weight = keep * np.where(res > HUBER_M, HUBER_M / np.maximum(res, 1e-9), 1.0)
-        fit = _weighted_line(pos, t, weight, event, n_events)
-    inlier = _keep_enough(keep & (_line_residual(pos, t, event, fit) < OUTLIER_M), event, n_events)
-    fit = _weighted_line(pos, t, inlier.astype(np.float64), event, n_events)
-    return _direction_from_velocity(fit[0], fallback=linefit(pos, time, event_offsets))
+    v = np.zeros((n_events, 3))
+    for lo in range(0, n_events, 2000):
+        hi = min(n_events, lo + 2000)
+        p = slice(event_offsets[lo], event_offsets[hi])
+        # one DOM slot per (event, DOM)
+        key = (event[p] - lo) * (int(np.max(dom[p], initial=0)) + 1) + np.asarray(dom[p], np.int64)
+        _, slot = np.unique(key, return_inverse=True)
+        dom_pos = np.zeros((slot.max(initial=-1) + 1, 3))
+        dom_pos[slot] = pos[p]
+        v[lo:hi] = linefit_improved_packed(*map(torch.from_numpy, (pos[p], t[p], np.ones(len(slot)), event[p] - lo,
+                                                                    slot.ravel(), dom_pos)), hi - lo, len(dom_pos))[0].numpy()
+    return _direction_from_velocity(v, fallback=linefit(pos, time, event_offsets))
 
 
 # -----------------------------------------------------------------------------

@@ -27,6 +27,30 @@ def test_linefits_recover_a_straight_line_exactly():
         assert err.max() < 1e-6, (fit.__name__, err)
 
 
+def test_improved_linefit_drops_scattered_light():
+    # a muon's direct hits on a line, and late pulses (light scattered for 600-1200 ns) on DOMs 40-100 m to one
+    # side of it, near its first hits: they pull plain LineFit off; the delay cleaning drops them, as later than direct light
+    # from a neighbour's first hit allows, so the improved LineFit keeps the line exactly
+    rng = np.random.default_rng(4)
+    n_events, n_hits, n_late = 6, 30, 10
+    v = rng.normal(size=(n_events, 3))
+    v *= (C.C_VACUUM / np.linalg.norm(v, axis=1))[:, None]
+    t = 10000 + np.sort(rng.uniform(0, 2000, (n_events, n_hits)), 1)
+    pos = v[:, None] * (t[..., None] - 11000)
+    near = np.arange(n_late) % 5  # near the first 5 hit DOMs
+    off = np.repeat(rng.normal(size=(n_events, 1, 3)), n_late, 1)  # one side per event
+    off -= (off * v[:, None]).sum(-1, keepdims=True) * v[:, None] / C.C_VACUUM ** 2  # perpendicular to the track
+    off *= rng.uniform(40, 100, (n_events, n_late, 1)) / np.linalg.norm(off, axis=-1, keepdims=True)
+    pos = np.concatenate([pos, pos[:, near] + off], 1).reshape(-1, 3)
+    time = np.concatenate([t, t[:, near] + rng.uniform(600, 1200, (n_events, n_late))], 1).ravel()
+    offsets = np.arange(n_events + 1) * (n_hits + n_late)
+    truth = -v / np.linalg.norm(v, axis=1, keepdims=True)
+    plain = C.angular_error(C.linefit(pos, time, offsets), truth)
+    improved = C.angular_error(C.linefit_improved(pos, time, offsets), truth)
+    assert plain.min() > 0.005, plain
+    assert improved.max() < 1e-6, improved
+
+
 def simulated_tracks(n_events, rng, ice='toy'):
     """Noise-free through-going muons in the IceCube-like geometry, timed as the fit assumes: direct Cherenkov
     time plus the first of N Pandel delays plus 2.5 ns jitter, N ~ Poisson of a light yield falling with d.
