@@ -39,7 +39,7 @@ max_events_per_batch = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'        # autocast dtype on CUDA
 compile = False
-baselines = 'linefit'    # classical methods on the same events, from classical.METHODS: e.g. 'linefit,linefit_improved,mpe' ('' = none)
+baselines = 'linefit,linefit_improved'  # classical methods on the same events, from classical.METHODS ('mpe' too: slow; '' = none)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 configure(globals())
@@ -138,8 +138,9 @@ if has_labels:
     print(f"{'method':<18} {'mean (rad)':>10} {'mean (deg)':>10} {'median (deg)':>12} {'events/s':>10}")
     for k, e in [('model', err)] + list(base_err.items()):
         print(f"{k:<18} {e.mean():10.4f} {math.degrees(e.mean()):10.2f} {math.degrees(np.median(e)):12.2f} {speed[k]:10.0f}")
-    if 'linefit' in base_err:
-        print(f"model / LineFit mean angular error: {err.mean() / base_err['linefit'].mean():.3f}")
+    for k, name in [('linefit', 'LineFit'), ('linefit_improved', 'improved LineFit')]:
+        if k in base_err:
+            print(f"model / {name} mean angular error: {err.mean() / base_err[k].mean():.3f}")
     print("model percentiles (deg): " + ", ".join(f"p{p} {v:.1f}" for p, v in result['percentiles_deg'].items()))
     intfmt = lambda a, b: f"{a:.0f}-{b:.0f}" if np.isfinite(b) else f">= {a:.0f}"
     ev_pulses, ev_doms = s.n_pulses[:n], s.n_doms[:n]
