@@ -20,8 +20,10 @@ Both compute the same function; tests/test_model.py checks it in the forward pas
 The input is a batch from prepare.pack_batch / prepare.BatchLoader (dict of fixed-shape arrays, see
 prepare.py) turned into tensors with batch_to_tensors(). The output is a 3-vector per event slot: its
 direction is the predicted direction the neutrino comes from, its norm kappa the von Mises-Fisher
-concentration (a per-event confidence). Also here: the vMF loss, the angular loss, helpers between angles
-and unit vectors, and the competition metric.
+concentration (a per-event confidence). T2's inputs include classical seeds computed on the batch: plain
+LineFit and the improved LineFit (delay cleaning + Huber, linefit_improved_packed, which classical.py uses
+too), and each DOM's place and time residual in the frame of the improved LineFit track. Also here: the vMF
+loss, the angular loss, helpers between angles and unit vectors, and the competition metric.
 """
 
 import math
@@ -166,8 +168,9 @@ def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
     compares each DOM with its event's DELAY_MAX_REFS least-late DOMs against the plain LineFit (the least delayed
     hits, spread along the track; this bounds the pairs to n_doms x DELAY_MAX_REFS) and with itself: a pulse goes
     when it comes more than DELAY_NS after direct light from one of their first hits could. An event left with
-    fewer than 3 pulses keeps them all. Returns the velocity v (n_events, 3) (the neutrino comes from -v) and
-    kept (P,), 1.0 for the pulses of the final fit."""
+    fewer than 3 pulses keeps them all. DOM slots without pulses count as the last event's (model.py's padding
+    slot). Returns the velocity v (n_events, 3) (the neutrino comes from -v) and kept (P,), 1.0 for the pulses of
+    the final fit."""
     v, _, lateness = weighted_line(pos, t, w, event, n_events)
     hit = w > 0.5
     inf = torch.full((n_doms,), math.inf, dtype=t.dtype, device=t.device)
