@@ -1,5 +1,6 @@
 """
-Evaluate a trained model on held-out events, beside plain LineFit on the same events.
+Evaluate a trained model on held-out events, beside plain and improved LineFit on the same events
+(the `baselines` setting: classical.py's methods).
 
     python sample.py                                  # out/best.pt on the val split of its data
     python sample.py --split=test                     # predictions + Kaggle submission.csv
@@ -9,7 +10,8 @@ Prints the competition metric (mean angular error) in rad and degrees, the media
 breakdowns by pulse count, DOM count, zenith, predicted kappa, and energy and kind where the data has a
 truth file (the synthetic set does). Writes to out_dir:
     eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
-                               linefit: {mean_angular_error, median_angular_error}, breakdowns)
+                               linefit, linefit_improved: {mean_angular_error, median_angular_error},
+                               breakdowns)
     predictions_<split>.csv    event_id, azimuth, zenith, kappa (+ true angles and errors where known)
     submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format)
 """
