@@ -15,7 +15,8 @@ that vector.
                       (within DELAY_RADIUS) could explain, the signature of a photon delayed by scattering;
                       (2) a Huber-weighted fit (iteratively reweighted least squares: pulses further than
                       HUBER_M from the line count linearly, not quadratically); (3) a last plain fit without
-                      the pulses still further than OUTLIER_M from the line.
+                      the pulses still further than OUTLIER_M from the line. It runs model.py's
+                      linefit_improved_packed (the model's seed), where these settings live.
     mpe_fit           maximum-likelihood fit of a muon track to the hit DOMs, in two stages.
                       (1) Times: an infinite track (vertex, time, direction) fitted to the first pulse time of
                       each hit DOM. Cherenkov light from the track reaches a DOM at perpendicular distance d
