@@ -66,12 +66,12 @@ import numpy as np
 import torch
 
 from model import angles_to_vector, vector_to_angles  # noqa: F401  (one copy of the angle convention)
-from model import linefit_improved_packed  # the model computes it too, as a seed (its settings live there)
+from model import C_VACUUM, linefit_improved_packed  # the model computes it too, as a seed (its settings live there)
 
 # -----------------------------------------------------------------------------
 # settings
 # ice and Cherenkov light (DESIGN.md section 4; the numbers simulate.py uses)
-C_VACUUM = 0.2998  # m/ns, the muon's speed
+# (C_VACUUM, the muon's speed in m/ns, is model.py's)
 N_GROUP = 1.356
 C_ICE = C_VACUUM / N_GROUP  # 0.2210 m/ns, photons in ice
 SIN_CHERENKOV = math.sin(math.radians(40.7))

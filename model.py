@@ -140,7 +140,7 @@ DELAY_MAX_REFS = 32   # neighbours per event to compare with: its least-late DOM
 HUBER_M = 153.0       # m: residual beyond which a pulse's pull grows linearly
 HUBER_ITERS = 2       # 1, 3 and 5 gave the same directions on toy val events
 OUTLIER_M = 150.0     # m: pulses still further from the Huber line are left out of the final fit
-C_VACUUM = 0.2998     # m/ns
+C_VACUUM = 0.2998     # m/ns, the muon's speed (classical.py takes it from here)
 
 
 def weighted_line(pos, t, w, event, n_events):
@@ -169,9 +169,9 @@ def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
     hits, spread along the track; this bounds the pairs to n_doms x DELAY_MAX_REFS) and with itself: a pulse goes
     when it comes more than DELAY_NS after direct light from one of their first hits could. An event left with
     fewer than 3 pulses keeps them all. DOM slots without pulses count as the last event's (model.py's padding
-    slot). Returns the velocity v (n_events, 3) (the neutrino comes from -v) and kept (P,), 1.0 for the pulses of
-    the final fit."""
-    v, _, lateness = weighted_line(pos, t, w, event, n_events)
+    slot). Returns the velocity v (n_events, 3) (the neutrino comes from -v), kept (P,), 1.0 for the pulses of
+    the final fit, and the plain LineFit's velocity it started from (weights w)."""
+    plain, _, lateness = weighted_line(pos, t, w, event, n_events)
     hit = w > 0.5
     inf = torch.full((n_doms,), math.inf, dtype=t.dtype, device=t.device)
     first_late = inf.scatter_reduce(0, dom, torch.where(hit, lateness, math.inf), 'amin')
@@ -202,7 +202,7 @@ def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
         # Huber IRLS: weight 1 within HUBER_M, HUBER_M / residual beyond, so far pulses pull like |r|, not r^2
         v, residual, _ = weighted_line(pos, t, w * kept * (HUBER_M / residual.clamp(min=1e-9)).clamp(max=1.0), event, n_events)
     kept = keep_enough(kept * (residual < OUTLIER_M).to(t.dtype))
-    return weighted_line(pos, t, w * kept, event, n_events)[0], kept
+    return weighted_line(pos, t, w * kept, event, n_events)[0], kept, plain
 
 
 # -----------------------------------------------------------------------------
@@ -368,20 +368,19 @@ class IceModel(nn.Module):
         pe = torch.where(pdom >= 0, de[pdom.clamp(min=0)], E)
         ppos, pt = pos[pdom.clamp(min=0)], b['pulse_time'].float()
         pw = (1.0 - b['pulse_aux'].float() + 1e-3) * (pdom >= 0).float()
-        v = weighted_line(ppos, pt, pw, pe, E + 1)[0]  # m/ns
+        # and the improved LineFit: a better seed (on toy val events 4-5 deg closer than the plain one on average),
+        # and which pulses it keeps as direct light (its delay cleaning drops the scattered ones)
+        v_i, kept, v = linefit_improved_packed(ppos, pt, pw, pe, pd, F.pad(pos, (0, 0, 0, 1)), E + 1, D + 1)  # m/ns
         speed = torch.linalg.vector_norm(v, dim=1)
         lf_dir = -v / speed.clamp(min=1e-6)[:, None]
-        # the improved LineFit: a better seed (on toy val events 4-5 deg closer than the plain one on average), and
-        # which pulses it keeps as direct light (its delay cleaning drops the scattered ones)
-        v_i, kept = linefit_improved_packed(ppos, pt, pw, pe, pd, F.pad(pos, (0, 0, 0, 1)), E + 1, D + 1)
         ilf_dir = -v_i / torch.linalg.vector_norm(v_i, dim=1).clamp(min=1e-6)[:, None]
-        dom_kept = sum_by(pd, kept * (pdom >= 0).float(), D + 1)[:D] / s['kept'].clamp(min=1)
+        dom_kept = sum_by(pd, kept, D + 1)[:D] / s['kept'].clamp(min=1)  # padding pulses sit in slot D, dropped
         # each DOM in the frame of the improved LineFit track through the charge centre: distance along it and from
         # it, and the first-hit residual against direct Cherenkov light, t_ref + (along + 0.9173 d) / c
         mu_dir = -ilf_dir[de]
         along = (rel * mu_dir).sum(1, keepdim=True)
         perp = torch.sqrt(((rel ** 2).sum(1, keepdim=True) - along ** 2).clamp(min=1e-6))
-        resid_lf = ((s['t0'][:, None] - t_ref[de][:, None] - (along + 0.9173 * perp) / 0.2998) / 1000.0).clamp(-10.0, 10.0)
+        resid_lf = ((s['t0'][:, None] - t_ref[de][:, None] - (along + 0.9173 * perp) / C_VACUUM) / 1000.0).clamp(-10.0, 10.0)
         dom_feats = torch.cat([
             pos / 500.0,
             dp,
