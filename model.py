@@ -22,10 +22,8 @@ prepare.py) turned into tensors with batch_to_tensors(). The output is a 3-vecto
 direction is the predicted direction the neutrino comes from, its norm kappa the von Mises-Fisher
 concentration (a per-event confidence). T2's inputs include classical seeds computed on the batch: plain
 LineFit and the improved LineFit (delay cleaning + Huber, linefit_improved_packed, which classical.py uses
-too), and each DOM's place and time residual in the frame of the improved LineFit track. The head answers in
-both frames: a 3-vector in detector coordinates plus one in the seed's frame (along it and across it), so the
-network can keep a good seed and tilt it by a little without computing the seed's direction itself. Also
-here: the vMF loss, the angular loss, helpers between angles and unit vectors, and the competition metric.
+too), and each DOM's place and time residual in the frame of the improved LineFit track. Also here: the vMF
+loss, the angular loss, helpers between angles and unit vectors, and the competition metric.
 """
 
 import math
@@ -233,7 +231,7 @@ class Block(nn.Module):
 
 
 N_PULSE_FEATURES = 6
-N_DOM_FEATURES = 33
+N_DOM_FEATURES = 31
 N_EVENT_FEATURES = 16
 
 
@@ -285,7 +283,6 @@ class IceModel(nn.Module):
         self.t2 = nn.ModuleList([Block(t2_dim, t2_heads, mlp_ratio) for _ in range(t2_layers)])
         self.t2_ln = nn.LayerNorm(t2_dim)
         self.head = nn.Linear(t2_dim, 3)
-        self.head_seed = nn.Linear(t2_dim, 3)  # a second 3-vector, in the seed's frame (across 1, across 2, along)
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * max(t1_layers, t2_layers)) if name.endswith(('proj.weight', 'fc_out.weight')) else 0.02
@@ -293,7 +290,6 @@ class IceModel(nn.Module):
             elif name.endswith('bias'):
                 nn.init.zeros_(p)
         nn.init.normal_(self.cls, std=0.02)
-        nn.init.zeros_(self.head_seed.weight)
 
     def path(self, device):
         if self.attn != 'auto':
@@ -384,13 +380,6 @@ class IceModel(nn.Module):
         mu_dir = -ilf_dir[de]
         along = (rel * mu_dir).sum(1, keepdim=True)
         perp = torch.sqrt(((rel ** 2).sum(1, keepdim=True) - along ** 2).clamp(min=1e-6))
-        # the seed's frame: across_1 horizontal (x for a vertical seed), across_2 completing it; T2 sees each DOM's
-        # place in it and the head answers in it too, so small corrections to a good seed are simple functions
-        across_1 = torch.linalg.cross(ilf_dir, torch.tensor([0.0, 0.0, 1.0], device=dev).expand_as(ilf_dir))
-        norm_1 = torch.linalg.vector_norm(across_1, dim=1, keepdim=True)
-        across_1 = torch.where(norm_1 > 1e-3, across_1 / norm_1.clamp(min=1e-3), torch.tensor([1.0, 0.0, 0.0], device=dev))
-        across_2 = torch.linalg.cross(ilf_dir, across_1)
-        across = torch.stack([(rel * across_1[de]).sum(1), (rel * across_2[de]).sum(1)], 1)
         resid_lf = ((s['t0'][:, None] - t_ref[de][:, None] - (along + 0.9173 * perp) / C_VACUUM) / 1000.0).clamp(-10.0, 10.0)
         dom_feats = torch.cat([
             pos / 500.0,
@@ -401,7 +390,6 @@ class IceModel(nn.Module):
             dist / 300.0, unit, resid,                # distance and direction from the charge centre, time residual
             dist_e / 300.0, unit_e, resid_e,          # the same from the early-hit vertex
             along / 300.0, perp / 300.0, resid_lf,    # the same in the frame of the improved LineFit track
-            across / 300.0,                           # ... and where around the track the DOM lies
             torch.log1p((s['tq'] - s['t0']).clamp(min=0) / 10.0)[:, None] / 4.0,
             torch.log1p(s['charge'])[:, None] / 2.0,
             torch.log1p(ndom_pulses)[:, None] / 2.0,
@@ -439,10 +427,7 @@ class IceModel(nn.Module):
         docs = make_docs(doc, E, self.path(dev))
         for blk in self.t2:
             x = blk(x, docs)
-        h = self.t2_ln(x[pos_cls])
-        w1, w2, w_seed = self.head_seed(h).float().unbind(1)
-        return (self.head(h).float() + w1[:, None] * across_1[:E] + w2[:, None] * across_2[:E]
-                + w_seed[:, None] * ilf_dir[:E])
+        return self.head(self.t2_ln(x[pos_cls])).float()
 
 
 def batch_to_tensors(batch, device='cpu'):

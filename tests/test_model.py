@@ -204,36 +204,6 @@ def test_gradients_reach_every_parameter(data):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def test_head_answers_in_the_seed_frame():
-    # muons seen by direct light only (hits on the line r = v (t - t_c)): the improved LineFit, the model's seed, is
-    # exact there, so a head that answers only along the seed gives the true direction, and the two across axes are
-    # unit vectors perpendicular to it and to each other
-    rng = np.random.default_rng(3)
-    v = rng.normal(size=(6, 3))
-    v *= (0.2998 / np.linalg.norm(v, axis=1))[:, None]
-    events = []
-    for ve in v:
-        t = np.sort(rng.uniform(0, 3000, 25)).astype(np.float32)
-        events.append([(k, (ve * (tk - 1500.0)).astype(np.float32), np.array([tk]), np.ones(1, np.float32),
-                        np.zeros(1, np.float32)) for k, tk in enumerate(t)])
-    b = tensors(pack(events, P=256, D=256, E=8))
-    truth = torch.tensor(-v / np.linalg.norm(v, axis=1, keepdims=True), dtype=torch.float32)
-    m = small_model()
-    for lin in (m.head, m.head_seed):
-        torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
-    answers = []
-    with torch.no_grad():
-        for bias in ([0.0, 0.0, 2.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]):
-            m.head_seed.bias.copy_(torch.tensor(bias))
-            answers.append(m(b)[:6])
-    along, across_1, across_2 = answers
-    assert torch.allclose(along, 2 * truth, atol=1e-4)
-    for u in (across_1, across_2):
-        assert torch.allclose(u.norm(dim=1), torch.ones(6), atol=1e-5)
-        assert (u * truth).sum(1).abs().max() < 1e-4
-    assert (across_1 * across_2).sum(1).abs().max() < 1e-5
-
-
 def test_bf16_autocast_forward(data):
     _, b = data
     m = small_model()
