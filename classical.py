@@ -66,17 +66,16 @@ import numpy as np
 import torch
 
 from model import angles_to_vector, vector_to_angles  # noqa: F401  (one copy of the angle convention)
-from model import C_VACUUM, linefit_improved_packed  # the model computes it too, as a seed (its settings live there)
+from model import C_VACUUM, TRACK_DELAY_FACTOR, linefit_improved_packed  # the model computes it too, as a seed (its settings live there)
 
 # -----------------------------------------------------------------------------
 # settings
 # ice and Cherenkov light (DESIGN.md section 4; the numbers simulate.py uses)
-# (C_VACUUM, the muon's speed in m/ns, is model.py's)
+# (C_VACUUM, the muon's speed in m/ns, and TRACK_DELAY_FACTOR, Cherenkov light's extra path, are model.py's)
 N_GROUP = 1.356
 C_ICE = C_VACUUM / N_GROUP  # 0.2210 m/ns, photons in ice
 SIN_CHERENKOV = math.sin(math.radians(40.7))
 COS_CHERENKOV = math.cos(math.radians(40.7))
-TRACK_DELAY_FACTOR = 0.9173  # (n_g - cos theta_c) / sin theta_c: extra light path per metre of perpendicular distance
 PANDEL_TAU, PANDEL_LAMBDA, PANDEL_LAMBDA_A = 556.7, 33.3, 98.0  # ns, m (scattering), m (absorption)
 PANDEL_RATE = 1.0 / PANDEL_TAU + C_ICE / PANDEL_LAMBDA_A  # 1/ns, the Gamma rate b
 BULK_ATTENUATION = math.sqrt(PANDEL_LAMBDA_A * PANDEL_LAMBDA / 3.0)  # m, diffuse light in 'bulk' ice

@@ -141,6 +141,7 @@ HUBER_M = 153.0       # m: residual beyond which a pulse's pull grows linearly
 HUBER_ITERS = 2       # 1, 3 and 5 gave the same directions on toy val events
 OUTLIER_M = 150.0     # m: pulses still further from the Huber line are left out of the final fit
 C_VACUUM = 0.2998     # m/ns, the muon's speed (classical.py takes it from here)
+TRACK_DELAY_FACTOR = 0.9173  # (n_g - cos theta_c) / sin theta_c: extra light path per metre of perpendicular distance (classical.py's too)
 
 
 def weighted_line(pos, t, w, event, n_events):
@@ -380,7 +381,7 @@ class IceModel(nn.Module):
         mu_dir = -ilf_dir[de]
         along = (rel * mu_dir).sum(1, keepdim=True)
         perp = torch.sqrt(((rel ** 2).sum(1, keepdim=True) - along ** 2).clamp(min=1e-6))
-        resid_lf = ((s['t0'][:, None] - t_ref[de][:, None] - (along + 0.9173 * perp) / C_VACUUM) / 1000.0).clamp(-10.0, 10.0)
+        resid_lf = ((s['t0'][:, None] - t_ref[de][:, None] - (along + TRACK_DELAY_FACTOR * perp) / C_VACUUM) / 1000.0).clamp(-10.0, 10.0)
         dom_feats = torch.cat([
             pos / 500.0,
             dp,
