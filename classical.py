@@ -97,7 +97,8 @@ MPE_AMP_RADIUS = 150.0  # m: DOMs within this distance of the track enter the ch
 MPE_AMP_NOISE = 0.01  # pe a DOM sees from noise in an event, whatever the track
 MPE_DEEPCORE_EFF = 1.35  # relative efficiency of the DeepCore DOMs (strings 79-86: sensor_id >= 4680)
 MPE_STARTING = True  # the refinement also fits a starting track: a cascade at a vertex, the muon from there on
-MPE_CASCADE_TURN = 0.3  # extra Pandel distance (scattering lengths) of cascade light turned 90 deg off its cone
+MPE_CASCADE_TURN = 1.2  # extra Pandel distance (scattering lengths) of cascade light turned 90 deg off its cone
+MPE_CASCADE_SHIFT = 0.37  # scattering lengths ahead of the vertex from which a cascade's scattered light spreads
 MPE_EDGE_M = 10.0  # m over which the muon's light switches on at the vertex (smooth, for the gradient)
 MPE_REFINE_STEPS = 150
 MPE_LR_VERTEX, MPE_LR_RATIO = 20.0, 0.1  # Adam steps: starting-track vertex along the track (m), log light ratio
@@ -411,9 +412,14 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, amp=None, start=No
             inv_scat_c = path_mean(0, z_vertex, xr[:, 2])
             log_c, direct = log_light(r_c, inv_scat_c, z_vertex, 1.0)
             profile = 0.35 + 1.6 * torch.exp(-0.5 * ((cos_eta - COS_CHERENKOV) / 0.22) ** 2)
+            # its scattered light spreads as from MPE_CASCADE_SHIFT scattering lengths ahead (simulate.py's cascade_light)
+            shift = MPE_CASCADE_SHIFT / inv_scat_c
+            r_soft = torch.sqrt(r_c * r_c + shift * shift)
+            r_ahead = torch.sqrt((r_c * r_c - 2 * shift * r_c * cos_eta + 2 * shift * shift).clamp_min(1e-6))
+            diffuse = r_soft / r_ahead * torch.exp(-(r_ahead - r_soft) * path_mean(1, z_vertex, xr[:, 2]))
             turn = 1 - cos_eta * COS_CHERENKOV - torch.sqrt((1 - cos_eta ** 2).clamp_min(0)) * SIN_CHERENKOV
             out.update(delay_c=(sv + N_GROUP * r_c) / C_VACUUM, xi_c=r_c * inv_scat_c + MPE_CASCADE_TURN * turn,
-                       log_cascade=log_ratio[gr] + log_c + torch.log(direct * profile + 1 - direct))
+                       log_cascade=log_ratio[gr] + log_c + torch.log(direct * profile + (1 - direct) * diffuse))
         return out
 
     def track():

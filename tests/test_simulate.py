@@ -194,3 +194,9 @@ def test_cascade_direction_in_charge_and_time():
     assert np.allclose(t_geo, 1.356 * np.maximum(r, 1) / 0.2998, atol=1e-3)  # the direct time is isotropic
     assert np.median(d_eff[behind] / r[behind]) > 1.2 * np.median(d_eff[on_cone] / r[on_cone])
     assert np.median((mu * r)[behind]) < 0.7 * np.median((mu * r)[on_cone])
+    # far away, where scattering has washed out the Cherenkov cone, DOMs ahead still see more light than DOMs
+    # behind: the scattered light spreads from CASCADE_SHIFT scattering lengths ahead of the vertex
+    far = (r > 200) & (r < 400)
+    ahead, back = far & (cos_eta > 0.7), far & (cos_eta < -0.7)
+    assert ahead.sum() >= 20 and back.sum() >= 20
+    assert np.median((mu * r * np.exp(r / 60.0))[ahead]) > 1.3 * np.median((mu * r * np.exp(r / 60.0))[back])
