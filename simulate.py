@@ -34,10 +34,11 @@ say), is refused with an error.
 
 The default set (10 train batches + 1 test batch of 20,000 events, ~32M pulses, 170 MB) takes ~1.3 minutes
 on a 2-core machine (2 worker processes, each ~240k pulses/s and ~300 MB at peak; the output does not depend on
-num_proc). On it: pulses per event median 65, mean 145, max ~64,000; 79% of hit DOMs have one pulse;
-30% of pulses auxiliary; 28% tracks, 72% cascades; plain LineFit on non-auxiliary pulses has a mean angular
-error of 1.24 rad (real data: ~1.21): tracks 15 deg (with >= 50 hit DOMs median 0.07 rad), cascades 93 deg
-(worse than random: their earliest light comes from the cone in front of them, so the line runs backwards).
+num_proc). On it: pulses per event median 65, mean 149, max ~51,000; 79% of hit DOMs have one pulse;
+29% of pulses auxiliary; 28% tracks, 72% cascades; plain LineFit on non-auxiliary pulses has a mean angular
+error of 1.19 rad (real data: ~1.21): tracks 15 deg (with >= 50 hit DOMs median 0.08 rad), cascades 89 deg
+(no better than random: their earliest light comes from the cone in front of them, which pulls the line
+backwards, while the brighter light ahead of them pulls it forwards).
 
 Direction convention: the neutrino COMES FROM (azimuth, zenith), x = cos(az) sin(zen), y = sin(az) sin(zen),
 z = cos(zen); the particle travels along minus that vector. Directions are isotropic.

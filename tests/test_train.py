@@ -55,6 +55,14 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
     assert os.path.exists(os.path.join(out, 'best.pt'))
     assert not any(f.endswith('.tmp') for f in os.listdir(out))
 
+    # the checkpoint holds the averaged weights to use and the training weights to resume from; a resumed run
+    # that has nothing left to do writes both back unchanged
+    assert any(not torch.equal(ck['model'][k], ck['train_model'][k]) for k in ck['model'])
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=40', '--init_from=resume'] + TINY)
+    same = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    for w in ('model', 'train_model'):
+        assert all(torch.equal(ck[w][k], same[w][k]) for k in ck[w]), w
+
     p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=45', '--eval_interval=20',
              '--init_from=resume'] + TINY)
     assert 'resuming at iter 40' in p.stdout
