@@ -357,8 +357,9 @@ def cascade_light(det, c, idx, energy):
     # scattered light spreads as from a source CASCADE_SHIFT scattering lengths ahead of the vertex, softened by that
     # length near it: DOMs ahead stay brighter than DOMs behind at any distance
     shift = CASCADE_SHIFT / inv_scat
+    r_soft = np.sqrt(r * r + shift * shift)
     r_ahead = np.sqrt(r * r - 2 * shift * r * cos_eta + 2 * shift * shift)
-    diffuse = np.sqrt(r * r + shift * shift) / r_ahead * np.exp(-(r_ahead - np.sqrt(r * r + shift * shift)) * inv_att)
+    diffuse = r_soft / r_ahead * np.exp(-(r_ahead - r_soft) * inv_att)
     emission = direct * cascade_profile(cos_eta) + (1 - direct) * diffuse
     acceptance = direct * pmt_acceptance(z / r) + (1 - direct) * _ACCEPTANCE_ISOTROPIC
     mu = light[src] * np.exp(-r * inv_att) / r * emission * acceptance * det['eff'][dom]
