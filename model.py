@@ -22,7 +22,8 @@ prepare.py) turned into tensors with batch_to_tensors(). The output is a 3-vecto
 direction is the predicted direction the neutrino comes from, its norm kappa the von Mises-Fisher
 concentration (a per-event confidence). T2's inputs include classical seeds computed on the batch: plain
 LineFit and the improved LineFit (delay cleaning + Huber, linefit_improved_packed, which classical.py uses
-too), and each DOM's place and time residual in the frame of the improved LineFit track. Also here: the vMF
+too), each DOM's place and time residual in the frame of the improved LineFit track, and learned Fourier
+features of each DOM's place and first-hit time (the largest single gain on the toy data). Also here: the vMF
 loss, the angular loss, helpers between angles and unit vectors, and the competition metric.
 """
 
@@ -234,6 +235,9 @@ class Block(nn.Module):
 N_PULSE_FEATURES = 6
 N_DOM_FEATURES = 31
 N_EVENT_FEATURES = 16
+N_SPACETIME_FREQS = 32  # learned Fourier features of each DOM's place and first-hit time (T2's input)
+SPACETIME_SCALE = 100.0  # m: the unit of those coordinates (the first-hit time as a light path in ice)
+C_ICE = 0.2210          # m/ns, light's group velocity in ice
 
 
 def pulse_features(b):
@@ -279,6 +283,8 @@ class IceModel(nn.Module):
         self.t1_ln = nn.LayerNorm(t1_dim)
         self.dom_embed = nn.Sequential(nn.Linear(N_DOM_FEATURES, t2_dim), nn.GELU(), nn.Linear(t2_dim, t2_dim))
         self.t1_to_t2 = nn.Linear(t1_dim, t2_dim)
+        self.spacetime_freq = nn.Linear(4, N_SPACETIME_FREQS, bias=False)
+        self.spacetime_embed = nn.Linear(2 * N_SPACETIME_FREQS, t2_dim)
         self.cls = nn.Parameter(torch.zeros(t2_dim))
         self.event_embed = nn.Linear(N_EVENT_FEATURES, t2_dim)
         self.t2 = nn.ModuleList([Block(t2_dim, t2_heads, mlp_ratio) for _ in range(t2_layers)])
@@ -291,6 +297,7 @@ class IceModel(nn.Module):
             elif name.endswith('bias'):
                 nn.init.zeros_(p)
         nn.init.normal_(self.cls, std=0.02)
+        nn.init.normal_(self.spacetime_freq.weight, std=1.0)  # wavelengths from about 2 * SPACETIME_SCALE up
 
     def path(self, device):
         if self.attn != 'auto':
@@ -399,7 +406,14 @@ class IceModel(nn.Module):
             dom_kept[:, None],                        # share of its pulses the delay cleaning keeps
             (pos[:, 2:3] > -160).float() * (torch.linalg.vector_norm(pos[:, :2], dim=1, keepdim=True) < 80).float(),  # DeepCore-ish
         ], dim=1) * dreal.float()[:, None]
-        dom_tok = (self.dom_embed(dom_feats) + self.t1_to_t2(dom_emb)).float()
+        # each DOM's place and first-hit time around the charge centre, (x, y, z, c_ice t), as learned Fourier features
+        # [cos, sin](W (x, y, z, c_ice t)): the dot product of two DOMs' features is a function of their separation in
+        # space and time, which attention can use to weigh DOMs by where and when they were hit relative to each other.
+        # On the toy data this took the val error from 0.915 to 0.88 of LineFit's (README, "Where the model stands").
+        spacetime = torch.cat([rel, (C_ICE * (s['t0'] - t_ref[de]))[:, None]], dim=1) / SPACETIME_SCALE
+        phase = self.spacetime_freq(spacetime.clamp(-20.0, 20.0))
+        fourier = torch.cat([torch.cos(phase), torch.sin(phase)], dim=1) * dreal.float()[:, None]
+        dom_tok = (self.dom_embed(dom_feats) + self.t1_to_t2(dom_emb) + self.spacetime_embed(fourier)).float()
         ev_feats = torch.cat([
             torch.log1p(b['event_n_pulses'].float())[:, None] / 5.0,
             torch.log1p(b['event_n_doms'].float())[:, None] / 5.0,
