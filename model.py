@@ -411,7 +411,8 @@ class IceModel(nn.Module):
         # space and time, which attention can use to weigh DOMs by where and when they were hit relative to each other.
         # On the toy data the val error went from 0.915 to about 0.82 of LineFit's (README, "Where the model stands").
         spacetime = torch.cat([rel, (C_ICE * (s['t0'] - t_ref[de]))[:, None]], dim=1) / SPACETIME_SCALE
-        phase = self.spacetime_freq(spacetime.clamp(-20.0, 20.0))
+        with torch.autocast(dev.type, enabled=False):  # phases of tens of radians: bf16's 8 bits would blur them
+            phase = self.spacetime_freq(spacetime.clamp(-20.0, 20.0).float())
         fourier = torch.cat([torch.cos(phase), torch.sin(phase)], dim=1) * dreal.float()[:, None]
         dom_tok = (self.dom_embed(dom_feats) + self.t1_to_t2(dom_emb) + self.spacetime_embed(fourier)).float()
         ev_feats = torch.cat([

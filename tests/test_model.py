@@ -207,9 +207,12 @@ def test_gradients_reach_every_parameter(data):
 def test_bf16_autocast_forward(data):
     _, b = data
     m = small_model()
+    phases = []  # the Fourier phases reach tens of radians: they must stay float32 under autocast
+    m.spacetime_freq.register_forward_hook(lambda mod, inp, out: phases.append(out.dtype))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         out = m(tensors(b))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert phases == [torch.float32]
 
 
 def test_log_c3_and_vmf():
