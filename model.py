@@ -356,7 +356,7 @@ class IceModel(nn.Module):
         dist = torch.linalg.vector_norm(rel, dim=1, keepdim=True)
         unit = rel / dist.clamp(min=1.0)
         # first-hit time residual for light spreading from the charge centre at t_ref (c_ice = 0.221 m/ns)
-        resid = ((s['t0'][:, None] - t_ref[de][:, None] - dist / 0.2210) / 1000.0).clamp(-10.0, 10.0)
+        resid = ((s['t0'][:, None] - t_ref[de][:, None] - dist / C_ICE) / 1000.0).clamp(-10.0, 10.0)
         # a vertex estimate from the earliest bright hits (weights fall off over 200 ns after the event's first
         # non-auxiliary hit), and each DOM's distance, direction and time residual seen from it
         has_clean = (s['aux_frac'] < 1) & dreal
@@ -368,7 +368,7 @@ class IceModel(nn.Module):
         t_e = per_event(we * s['t0']) / wes
         dist_e = torch.linalg.vector_norm(pos - p_e[de], dim=1, keepdim=True)
         unit_e = (pos - p_e[de]) / dist_e.clamp(min=1.0)
-        resid_e = ((s['t0'][:, None] - t_e[de][:, None] - dist_e / 0.2210) / 1000.0).clamp(-10.0, 10.0)
+        resid_e = ((s['t0'][:, None] - t_e[de][:, None] - dist_e / C_ICE) / 1000.0).clamp(-10.0, 10.0)
         # a LineFit seed over the event's non-auxiliary pulses (all pulses where it has none), as a classical
         # reconstruction would seed a likelihood fit: v = <(r - <r>)(t - <t>)> / <(t - <t>)^2>, direction -v
         pdom = b['pulse_dom'].long()
@@ -409,7 +409,7 @@ class IceModel(nn.Module):
         # each DOM's place and first-hit time around the charge centre, (x, y, z, c_ice t), as learned Fourier features
         # [cos, sin](W (x, y, z, c_ice t)): the dot product of two DOMs' features is a function of their separation in
         # space and time, which attention can use to weigh DOMs by where and when they were hit relative to each other.
-        # On the toy data the val error went from 0.915 to about 0.82 of LineFit's (README, "Where the model stands").
+        # On the toy data the val error went from 0.915 to 0.78-0.86 of LineFit's (README, "Where the model stands").
         spacetime = torch.cat([rel, (C_ICE * (s['t0'] - t_ref[de]))[:, None]], dim=1) / SPACETIME_SCALE
         with torch.autocast(dev.type, enabled=False):  # phases of tens of radians: bf16's 8 bits would blur them
             phase = self.spacetime_freq(spacetime.clamp(-20.0, 20.0).float())
