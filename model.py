@@ -355,7 +355,7 @@ class IceModel(nn.Module):
         dt = ((s['t0'] - t_ref[de]) / 1000.0).clamp(-10.0, 10.0)[:, None]
         dist = torch.linalg.vector_norm(rel, dim=1, keepdim=True)
         unit = rel / dist.clamp(min=1.0)
-        # first-hit time residual for light spreading from the charge centre at t_ref (c_ice = 0.221 m/ns)
+        # first-hit time residual for light spreading from the charge centre at t_ref
         resid = ((s['t0'][:, None] - t_ref[de][:, None] - dist / C_ICE) / 1000.0).clamp(-10.0, 10.0)
         # a vertex estimate from the earliest bright hits (weights fall off over 200 ns after the event's first
         # non-auxiliary hit), and each DOM's distance, direction and time residual seen from it

@@ -140,10 +140,10 @@ raw_model.to(device)
 # The averaged weights: on the toy data the val error of the training weights jumps by up to 0.05 rad from one
 # evaluation to the next late in a run, which makes the best checkpoint a lottery; the average's moves by 0.002-0.004.
 ema = None
-if ema_decay:
+if ema_decay and checkpoint is not None and 'train_model' in checkpoint:
+    ema = [checkpoint['model'][name].to(device) for name, _ in raw_model.named_parameters()]
+elif ema_decay:
     ema = [p.detach().clone() for p in raw_model.parameters()]
-    if checkpoint is not None and 'train_model' in checkpoint:
-        ema = [checkpoint['model'][name].to(device) for name, _ in raw_model.named_parameters()]
 
 decay = [p for p in raw_model.parameters() if p.dim() >= 2]
 no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
