@@ -243,34 +243,33 @@ def new_model():
                       t2_heads=t2_heads, mlp_ratio=mlp_ratio).to(device)
 
 
-def dense_docs(doc, pad_id, path):
-    """The naive T1 layout for model.attend: every document (DOM) padded to the longest one, one dense group."""
-    counts = M.sum_by(doc, torch.ones_like(doc), pad_id + 1)[:pad_id]
-    start = counts.cumsum(0) - counts
-    d = torch.nonzero(counts > 0).squeeze(1)  # DOM slots without pulses are padding, not DOMs
-    ar = torch.arange(int(counts.max()), device=doc.device)
-    valid = ar[None, :] < counts[d, None]
-    idx = torch.where(valid, start[d, None] + ar[None, :], 0)
-    return doc.new_zeros(0), [(idx, valid)]
-
-
 class PaddedT1(M.IceModel):
-    """IceModel whose T1 pads every DOM to the longest DOM of the batch (dense attention) instead of packing."""
+    """IceModel whose T1 pads every DOM to the longest DOM of the batch (one dense attention with a key mask) instead
+    of attending each group of equal-length DOMs without padding."""
 
-    def embed_doms(self, b):
-        packed = M.make_docs
-        M.make_docs = dense_docs  # embed_doms builds its T1 layout through model.make_docs
-        try:
-            return super().embed_doms(b)
-        finally:
-            M.make_docs = packed
+    def embed_doms(self, b, layout):
+        dom = b['t1_dom']  # the sdpa stream: each DOM's pulses contiguous
+        N, D = dom.shape[0], b['dom_pos'].shape[0]
+        ar = torch.arange(N, device=dom.device)
+        first = torch.ones(N, dtype=torch.bool, device=dom.device)
+        first[1:] = dom[1:] != dom[:-1]
+        within = ar - torch.cummax(torch.where(first, ar, 0), 0).values  # each pulse's place in its DOM
+        n_dom, L = int(b['n_doms']), int(within.max()) + 1
+        x = torch.zeros(n_dom, L, self.pulse_embed.out_features, device=dom.device)
+        x = x.index_put((dom, within), self.pulse_embed(b['t1_x']).float())
+        valid = torch.zeros(n_dom, L, dtype=torch.bool, device=dom.device).index_put((dom, within), torch.ones_like(first))
+        for blk in self.t1:
+            x = FlatModel.block(blk, x, valid[:, None, None, :])
+        x = (self.t1_ln(x) * valid[..., None]).sum(1) / b['dom_n_kept'][:n_dom, None].clamp(min=1)
+        return torch.cat([x, x.new_zeros(D - n_dom, x.shape[1])])
 
 
 def pulse_features(b):
     """IceModel's six pulse features (model.pulse_features) plus the position of the pulse's DOM: (P, 9)."""
-    feats, pd, w, _, _ = M.pulse_features(b)
-    pos = torch.cat([b['dom_pos'].float(), torch.zeros(1, 3, device=pd.device)])[pd]
-    return torch.cat([feats, pos / 500.0 * w[:, None]], dim=1)
+    feats, _ = M.pulse_features(b)
+    pdom = b['pulse_dom'].long()
+    pos = torch.where(pdom[:, None] >= 0, b['dom_pos'].float()[pdom.clamp(min=0)], 0.0)
+    return torch.cat([feats, pos / 500.0], dim=1)
 
 
 class FlatModel(torch.nn.Module):
@@ -333,7 +332,7 @@ def step_batches_of(packed):
     while len(batches) < step_batches and pos < len(idx):
         batch, n = prepare.pack_batch(split, idx[pos:], step_max_pulses, step_max_doms, step_max_events,
                                       step_max_pulses_per_dom)
-        batches.append(M.batch_to_tensors(batch, device))
+        batches.append(M.model_inputs(batch, 'flex' if device == 'cuda' else 'sdpa', device))
         taken.append(idx[pos:pos + n])
         pos += n
     return split, batches, np.concatenate(taken)
@@ -392,7 +391,7 @@ def bench_scaling(hier, geometry):
         e, sizes = scaling_event(n, rng, geometry)
         batch = prepare.pack_events(e, np.array([1.0]), np.array([1.0]), np.array([0]), geometry, n, len(sizes), 1,
                                     int(sizes.max()))
-        b = M.batch_to_tensors(batch, device)
+        b = M.model_inputs(batch, hier.path(device), device, with_features=False)  # features inside the step, as the flat model's
         row = {'n_pulses': n, 'n_doms': len(sizes), 'max_dom_pulses': int(sizes.max()),
                'kept_pulses': int(b['n_pulses'])}
         for name, m in (('hier', hier), ('flat', flat)):

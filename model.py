@@ -2,29 +2,35 @@
 The model: a hierarchical transformer over the pulses of IceCube events.
 
     pulses --T1 (attention within each DOM)--> one embedding per DOM
-           --T2 (attention within each event, + DOM x,y,z and summaries, + one CLS token per event)--> 3-vector
+           --T2 (attention within each event: DOM tokens + one CLS token per event)--> 3-vector per event
 
-Both stages run the same packed transformer Block over one flat token stream holding every token of the
-micro-batch. A "document" is a DOM in T1 and an event in T2; a token attends only to tokens of its own
-document, so the result for a DOM or an event never depends on what else is in the batch.
+A micro-batch reaches the model in three steps, each a named function:
+  prepare.pack_batch  numpy: the events' pulses, DOMs and events in fixed-shape arrays, in (event, sensor, time)
+                      order (the "natural" order);
+  stream_layout       numpy: where each pulse sits in T1's token stream and each DOM and CLS token in T2's, and the
+                      attention layout of both streams (below);
+  features            torch, no gradient: the pulse, DOM and event features (per-DOM summaries, the LineFit seeds,
+                      each DOM in the seed's frame, the place and time that the Fourier features encode).
+model_inputs() runs the last two. The loader runs them ahead of the step on the CPU, so the step is the network
+alone; on CUDA the features run inside the model on the device instead (model_inputs(..., features=False)),
+where they cost little and the CPU would not keep up. IceModel.forward then reads as the architecture.
 
-Attention, one function `attend(q, k, v, docs)` with two interchangeable document layouts, built once per
-stage per batch (not per layer):
-  - flex_docs(): on CUDA, a FlexAttention BlockMask built directly from the document boundaries
-    (vectorised, no mask_mod evaluation over the N x N grid, fixed shapes so no recompile per batch);
-  - padded_docs(): on the CPU (FlexAttention has no CPU backward in torch 2.13), the documents are gathered
-    into groups padded to the next power of two (or 1.5 x one) of their length and run through scaled_dot_product_attention;
-    one-token documents (most DOMs) skip attention altogether (softmax over one key is that key's value).
-Both compute the same function; tests/test_model.py checks it in the forward pass on the CPU.
+A "document" is a DOM in T1 and an event (its CLS token and its DOMs) in T2; a token attends only to tokens of its
+own document, so the result for a DOM or an event never depends on what else is in the batch. In both streams the
+documents are contiguous and sorted by length. Two attention layouts compute the same function:
+  - 'flex' (CUDA): the stream padded to a fixed length and a FlexAttention BlockMask whose block indices the loader
+    computed from the document boundaries; every tensor has a fixed shape, so forward and backward are one compiled
+    graph that no batch recompiles;
+  - 'sdpa' (the CPU: FlexAttention has no CPU backward in torch 2.13): no padding at all, and the documents of each
+    length form one (n_docs, length) view of the stream, attended by one scaled_dot_product_attention call without a
+    mask; one-token documents (most DOMs) skip attention (softmax over one key is that key's value). Eager mode on
+    the CPU pays nothing for the varying shapes.
+tests/test_model.py checks that both give the same output, and that the step equals the one before this layout
+(commit bfe73ee) on a fixed batch.
 
-The input is a batch from prepare.pack_batch / prepare.BatchLoader (dict of fixed-shape arrays, see
-prepare.py) turned into tensors with batch_to_tensors(). The output is a 3-vector per event slot: its
-direction is the predicted direction the neutrino comes from, its norm kappa the von Mises-Fisher
-concentration (a per-event confidence). T2's inputs include classical seeds computed on the batch: plain
-LineFit and the improved LineFit (delay cleaning + Huber, linefit_improved_packed, which classical.py uses
-too), each DOM's place and time residual in the frame of the improved LineFit track, and learned Fourier
-features of each DOM's place and first-hit time (the largest single gain on the toy data). Also here: the vMF
-loss, the angular loss, helpers between angles and unit vectors, and the competition metric.
+The output is a 3-vector per event slot: its direction is the predicted direction the neutrino comes from, its norm
+kappa the von Mises-Fisher concentration (a per-event confidence). Also here: the improved LineFit (the model's seed,
+which classical.py runs too), the vMF loss, the angular loss, helpers between angles and unit vectors, the metric.
 """
 
 import math
@@ -35,10 +41,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-BLOCK = 128  # FlexAttention block size; token streams are padded to a multiple of it
+BLOCK = 128  # FlexAttention block size; the flex layout pads each stream to a multiple of it
 
 # torch.compile is lazy: nothing is compiled until the flex path first runs. Fused kernels need it (called
-# uncompiled, flex_attention materialises the whole score matrix).
+# uncompiled, flex_attention materialises the whole score matrix); inside a compiled model it is traced inline.
 _flex_compiled = torch.compile(flex_attention, dynamic=False)
 
 
@@ -47,89 +53,135 @@ def sum_by(index, x, n):
     return torch.zeros((n,) + x.shape[1:], dtype=x.dtype, device=x.device).index_add_(0, index, x)
 
 
+def _ranges(starts, lengths):
+    """Concatenation of arange(s, s + n) for each (s, n), vectorised (numpy)."""
+    lengths = np.asarray(lengths, np.int64)
+    ends = np.cumsum(lengths)
+    return np.repeat(np.asarray(starts, np.int64) - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
+
+
 # -----------------------------------------------------------------------------
-# documents and attention
+# the stream layout: numpy, built by the loader ahead of the step
 
-@torch.compiler.disable
-def flex_docs(doc, pad_id):
-    """BlockMask for a stream whose documents are contiguous runs of equal ids in `doc` (N,), N a multiple
-    of BLOCK, padding tokens carrying pad_id at the end (they form one more document). Built from the
-    boundaries: a query block's documents span one contiguous range of key blocks; a key block is "full"
-    (no mask_mod needed) when both blocks lie inside the same single document. Cost O(N + (N/BLOCK)^2).
-    Always built eagerly, outside torch.compile (one graph break per stage): traced inside one compiled
-    model, T1's and T2's mask_mod closures (same code, different doc tensors) got mixed up and the compiled
-    model computed another function (tests/test_model.py::test_compiled_model_equals_eager)."""
-    N = doc.numel()
-    nb = N // BLOCK
-    counts = sum_by(doc, torch.ones_like(doc), pad_id + 1)
-    end = counts.cumsum(0)
-    start = end - counts
-    blk = doc.view(nb, BLOCK)
-    first, last = blk[:, 0], blk[:, -1]
-    lo = start[first] // BLOCK            # first key block of the query block's first document
-    hi = (end[last] - 1) // BLOCK         # last key block of its last document
-    j = torch.arange(nb, device=doc.device)
+def block_ranges(doc):
+    """The block structure of the document mask doc[q] == doc[kv], for a stream whose documents are contiguous runs in
+    doc (N,), N a multiple of BLOCK: each block's documents span the key blocks lo..hi (int32 (nb,) each), and
+    block_doc is the document that fills the block alone, or -1 where the block holds more than one. O(N). The
+    device expands them into the BlockMask's (nb, nb) indices (block_mask), so the copy stays O(N) too."""
+    new = np.r_[True, doc[1:] != doc[:-1]]
+    run = np.cumsum(new) - 1
+    run_start = np.flatnonzero(new)
+    run_end = np.r_[run_start[1:], len(doc)]
+    first, last = run[::BLOCK], run[BLOCK - 1::BLOCK]
+    lo, hi = run_start[first] // BLOCK, (run_end[last] - 1) // BLOCK
+    return lo.astype(np.int32), hi.astype(np.int32), np.where(first == last, first, -1).astype(np.int32)
+
+
+def _stream(doc_len, doc_src, path, n_slots, pad_src):
+    """One stream: documents of doc_len (n,) tokens whose source rows are doc_src (the documents' rows concatenated),
+    sorted by length (stable). Returns the source row of each slot (N,), the document of each slot (n for padding),
+    the slot of each document's first token (n,), and the attention layout: for 'flex' the stream is padded to
+    n_slots (with pad_src rows) and the layout is block_mask_indices; for 'sdpa' the groups ((length, n_docs), ...)."""
+    order = np.argsort(doc_len, kind='stable')
+    src = doc_src[_ranges((np.cumsum(doc_len) - doc_len)[order], doc_len[order])]
+    doc = np.repeat(order, doc_len[order])
+    first = np.empty(len(doc_len), np.int64)
+    first[order] = np.cumsum(doc_len[order]) - doc_len[order]
+    if path == 'sdpa':
+        lengths, counts = np.unique(doc_len[order], return_counts=True)
+        return src, doc, first, tuple(zip(lengths.tolist(), counts.tolist()))
+    pad = n_slots - len(src)
+    src, doc = np.r_[src, np.full(pad, pad_src)], np.r_[doc, np.full(pad, len(doc_len))]
+    return src, doc, first, block_ranges(doc)
+
+
+def stream_layout(batch, path):
+    """Adds the token streams of a pack_batch micro-batch (numpy, natural order) for the attention path 'flex' or
+    'sdpa'. T1: one document per DOM, its kept pulses in time order. T2: one document per event, its CLS token then
+    its DOMs. Keys (N1, N2 the stream lengths):
+      t1_src (N1,)  the pulse slot of each T1 token (P, a zero row of the features, for padding)
+      t1_dom (N1,)  its DOM (D for padding): the document of each T1 token, and where T1's output is pooled
+      dom_n_kept (D,) kept pulses per DOM (the pooling's divisor)
+      t2_src (N2,)  the row of each T2 token in [DOM tokens (D), CLS tokens (E), a zero row]
+      t2_doc (N2,)  its event (E for padding)
+      t2_cls (E,)   the slot of each event's CLS token (0 for padding event slots)
+    and the attention layout of each stream: t1_groups / t2_groups ('sdpa'), or t1_lo, t1_hi, t1_block_doc and the
+    same for t2 ('flex', block_ranges). The flex layout pads T1 to P and T2 to D + E tokens, rounded up to BLOCK, so
+    every array has a shape fixed by the budgets."""
+    P, D, E = len(batch['pulse_dom']), len(batch['dom_pos']), len(batch['event_index'])
+    n_p, n_d, n_e = batch['n_pulses'], batch['n_doms'], batch['n_events']
+    dom_len = np.bincount(batch['pulse_dom'][:n_p], minlength=D)
+    t1_src, t1_dom, _, t1_attn = _stream(dom_len[:n_d], np.arange(n_p), path, -(-P // BLOCK) * BLOCK, P)
+    ev_doms = np.bincount(batch['dom_event'][:n_d], minlength=n_e)
+    cls_and_doms = np.insert(np.arange(n_d), np.cumsum(ev_doms) - ev_doms, D + np.arange(n_e))
+    t2_src, t2_doc, cls, t2_attn = _stream(1 + ev_doms, cls_and_doms, path, -(-(D + E) // BLOCK) * BLOCK, D + E)
+    out = {**batch, 't1_src': t1_src, 't1_dom': np.where(t1_dom < n_d, t1_dom, D), 'dom_n_kept': dom_len.astype(np.float32),
+           't2_src': t2_src, 't2_doc': np.where(t2_doc < n_e, t2_doc, E), 't2_cls': np.r_[cls, np.zeros(E - n_e, np.int64)]}
+    for stage, attn in (('t1', t1_attn), ('t2', t2_attn)):
+        if path == 'sdpa':
+            out[f'{stage}_groups'] = attn
+        else:
+            out.update({f'{stage}_{k}': a for k, a in zip(('lo', 'hi', 'block_doc'), attn)})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# attention over a stream
+
+def block_mask(lo, hi, block_doc, mask_mod):
+    """The FlexAttention BlockMask of a stream from block_ranges: key block j is in query block i's range when
+    lo[i] <= j <= hi[i], "full" (no mask_mod needed) when both blocks lie inside one single document, else partial.
+    Fixed (nb, nb) shapes; the mask is symmetric, so the same indices serve the backward pass."""
+    nb = lo.shape[0]
+    j = torch.arange(nb, device=lo.device)
     in_range = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
-    uniform = first == last
-    full = in_range & uniform[:, None] & uniform[None, :] & (first[None, :] == first[:, None])
-    partial = in_range & ~full
+    full = in_range & (block_doc[:, None] >= 0) & (block_doc[:, None] == block_doc[None, :])
 
-    def to_indices(m):
-        num = m.sum(-1).to(torch.int32)
-        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # True columns first
-        return num[None, None], idx[None, None]
+    def ordered(m):  # BlockMask's format: each row's count, and its blocks first in ascending order
+        idx = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
+        return m.sum(1).to(torch.int32)[None, None], idx.to(torch.int32)[None, None]
 
-    kv_num, kv_idx = to_indices(partial)
-    full_num, full_idx = to_indices(full)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return doc[q_idx] == doc[kv_idx]
-
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
-                                    seq_lengths=(N, N))
+    (num, idx), (fnum, fidx) = ordered(in_range & ~full), ordered(full)
+    return BlockMask(seq_lengths=(nb * BLOCK, nb * BLOCK), kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=fnum,
+                     full_kv_indices=fidx, q_num_blocks=num, q_indices=idx, full_q_num_blocks=fnum, full_q_indices=fidx,
+                     BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod)
 
 
-def padded_docs(doc, pad_id):
-    """Layout for the scaled_dot_product_attention path: documents bucketed by length, each bucket padded
-    to a power of two L. Returns (singles, groups): singles (n1,) the positions of one-token documents;
-    groups a list of (idx (n_docs, L), valid (n_docs, L)) with the stream positions of each document.
-    L is a power of two or 1.5 times one, so a document is padded by less than half its length.
-    Tokens with pad_id are in no document (their attention output is zero)."""
-    counts = sum_by(doc, torch.ones_like(doc), pad_id + 1)[:pad_id]
-    start = counts.cumsum(0) - counts
-    # bucket lengths 2, 3, 4, 6, 8, 12, 16, 24, ...: powers of two and 1.5 x powers of two (waste < 50%)
-    p2 = torch.ceil(torch.log2(counts.clamp(min=1).double())).long()
-    bucket = 2 * p2 - ((p2 >= 2) & (counts * 4 <= 3 * (1 << p2))).long()
-    singles = start[counts == 1]
-    groups = []
-    for b in torch.unique(bucket[counts > 1]).tolist():
-        d = torch.nonzero((bucket == b) & (counts > 1)).squeeze(1)
-        L = (1 << (b + 1) // 2) * 3 // 4 if b % 2 else 1 << (b // 2)
-        ar = torch.arange(L, device=doc.device)
-        valid = ar[None, :] < counts[d, None]
-        idx = torch.where(valid, start[d, None] + ar[None, :], 0)
-        groups.append((idx, valid))
-    return singles, groups
+def attention_layouts(b):
+    """T1's and T2's attention layouts: the loader's groups ('sdpa'), or BlockMasks from the loader's block ranges
+    ('flex'). The two mask_mods are two functions on purpose: FlexAttention identifies a mask_mod by its code, and
+    inside one compiled graph two closures of one function (T1's and T2's) got mixed up, so the compiled model
+    computed another function (tests/test_model.py::test_flex_path_is_one_graph_without_recompiles)."""
+    if 't1_groups' in b:
+        return b['t1_groups'], b['t2_groups']
+    t1_dom, t2_doc = b['t1_dom'], b['t2_doc']
+
+    def same_dom(batch, head, q, kv):
+        return t1_dom[q] == t1_dom[kv]
+
+    def same_event(batch, head, q, kv):
+        return t2_doc[q] == t2_doc[kv]
+
+    return (block_mask(b['t1_lo'], b['t1_hi'], b['t1_block_doc'], same_dom),
+            block_mask(b['t2_lo'], b['t2_hi'], b['t2_block_doc'], same_event))
 
 
-def make_docs(doc, pad_id, path):
-    return flex_docs(doc, pad_id) if path == 'flex' else padded_docs(doc, pad_id)
-
-
-def attend(q, k, v, docs):
-    """q, k, v: (N, H, hd), one packed stream, token-major. docs: a BlockMask (flex path) or the padded_docs
-    layout. Returns (N, H, hd): each token attends (softmax, scale 1/sqrt(hd)) over its document's tokens."""
-    if isinstance(docs, BlockMask):
+def attend(q, k, v, layout):
+    """q, k, v: (N, H, hd), one stream, token-major. layout: a BlockMask (flex) or the groups ((length, n_docs), ...)
+    of a stream sorted by document length (sdpa). Returns (N, H, hd): each token attends (softmax, scale 1/sqrt(hd))
+    over its document's tokens."""
+    if isinstance(layout, BlockMask):
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-        return _flex_compiled(q, k, v, block_mask=docs)[0].transpose(0, 1)
-    singles, groups = docs
-    pos, vals = [singles], [v[singles]]
-    for idx, valid in groups:
-        qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))  # (n_docs, H, L, hd)
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=valid[:, None, None, :])
-        pos.append(idx[valid])
-        vals.append(o.transpose(1, 2)[valid])
-    return torch.zeros_like(v).index_copy(0, torch.cat(pos), torch.cat(vals))
+        return _flex_compiled(q, k, v, block_mask=layout)[0].transpose(0, 1)
+    sizes = [length * n for length, n in layout]
+    out = []
+    for (length, n), qg, kg, vg in zip(layout, q.split(sizes), k.split(sizes), v.split(sizes)):  # one split: one backward
+        if length == 1:
+            out.append(vg)
+        else:
+            qg, kg, vg = (t.unflatten(0, (n, length)).transpose(1, 2) for t in (qg, kg, vg))  # (n, H, L, hd)
+            out.append(F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).flatten(0, 1))
+    return torch.cat(out)
 
 
 # -----------------------------------------------------------------------------
@@ -208,29 +260,7 @@ def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
 
 
 # -----------------------------------------------------------------------------
-# the model
-
-class Block(nn.Module):
-    """Pre-norm transformer block over a packed stream (no positional encoding: tokens are a set)."""
-
-    def __init__(self, dim, n_head, mlp_ratio=4):
-        super().__init__()
-        self.n_head = n_head
-        self.ln1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ln2 = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, mlp_ratio * dim)
-        self.fc_out = nn.Linear(mlp_ratio * dim, dim)
-
-    def forward(self, x, docs):
-        N, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(N, 3, self.n_head, C // self.n_head).unbind(1)
-        y = attend(q, k, v, docs).reshape(N, C)
-        x = x + self.proj(y)
-        x = x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
-        return x
-
+# features: everything the model computes from an event without gradient
 
 N_PULSE_FEATURES = 6
 N_DOM_FEATURES = 31
@@ -241,9 +271,8 @@ C_ICE = 0.2210          # m/ns, light's group velocity in ice
 
 
 def pulse_features(b):
-    """T1's inputs, per pulse of a batch (batch_to_tensors). Returns feats (P, N_PULSE_FEATURES), zero for
-    padding pulses; pd (P,) each pulse's DOM slot, padding pulses in a dummy slot D; w (P,) 1 for real pulses;
-    and per DOM slot (D + 1,) its kept pulse count and first pulse time."""
+    """T1's inputs per pulse slot (P, N_PULSE_FEATURES), zero for padding pulses, and each DOM slot's summaries
+    (D,): kept pulses, charge, first and charge-weighted pulse time, auxiliary share."""
     time, charge, aux = b['pulse_time'].float(), b['pulse_charge'].float(), b['pulse_aux'].float()
     rank = b['pulse_rank'].long()
     pdom = b['pulse_dom'].long()
@@ -266,7 +295,151 @@ def pulse_features(b):
         torch.log1p(rank.float()) / 3.0,          # rank of the pulse within its DOM
         torch.log1p(q_before) / 3.0,              # charge the DOM saw before this pulse
     ], dim=1) * w[:, None]
-    return feats, pd, w, kept, t0
+    q_dom = sum_by(pd, charge * w, D + 1)
+    tq = sum_by(pd, time * charge * w, D + 1) / q_dom.clamp(min=1e-6)
+    aux_frac = sum_by(pd, aux * w, D + 1) / kept.clamp(min=1)
+    summaries = dict(kept=kept[:D], charge=q_dom[:D], t0=t0[:D], tq=tq[:D], aux_frac=aux_frac[:D])
+    return feats, summaries
+
+
+def event_centres(b, s):
+    """Per event (E + 1 slots, the last for padding DOMs): the charge centre p_ref and time t_ref, weighted by each
+    DOM's non-auxiliary charge (noise is mostly auxiliary), and a vertex p_e, t_e from the earliest bright hits
+    (weights fall off over 200 ns after the event's first non-auxiliary hit)."""
+    pos = b['dom_pos'].float()
+    E = b['event_index'].shape[0]
+    dom_ev = b['dom_event'].long()
+    dreal = dom_ev >= 0
+    de = torch.where(dreal, dom_ev, E)
+    wq = (s['charge'] * (1 - s['aux_frac']) + 1e-3 * s['charge']) * dreal.float()
+    wsum = sum_by(de, wq, E + 1).clamp(min=1e-6)
+    t_ref = sum_by(de, wq * s['t0'], E + 1) / wsum
+    p_ref = sum_by(de, wq[:, None] * pos, E + 1) / wsum[:, None]
+    has_clean = (s['aux_frac'] < 1) & dreal
+    t_min = torch.full((E + 1,), 1e9, device=pos.device).scatter_reduce(
+        0, de, torch.where(has_clean, s['t0'], 1e9), 'amin', include_self=True)
+    we = wq * torch.exp(-((s['t0'] - t_min[de]) / 200.0).clamp(min=0.0, max=50.0))
+    wes = sum_by(de, we, E + 1).clamp(min=1e-12)
+    p_e = sum_by(de, we[:, None] * pos, E + 1) / wes[:, None]
+    t_e = sum_by(de, we * s['t0'], E + 1) / wes
+    return dict(de=de, dreal=dreal, wq=wq, wsum=wsum, t_ref=t_ref, p_ref=p_ref, p_e=p_e, t_e=t_e)
+
+
+def seed_fits(b, s, de):
+    """The classical seeds, over the event's pulses: plain LineFit on the non-auxiliary pulses (all pulses where it has
+    none), as a classical reconstruction would seed a likelihood fit, and the improved LineFit (linefit_improved_packed;
+    on toy val events 4-5 deg closer than the plain one). Returns both directions (E + 1, 3), the plain fit's speed, and
+    each DOM's share of pulses the improved fit keeps as direct light (its delay cleaning drops the scattered ones)."""
+    pos = b['dom_pos'].float()
+    D, E = pos.shape[0], b['event_index'].shape[0]
+    pdom = b['pulse_dom'].long()
+    pd = torch.where(pdom >= 0, pdom, D)
+    pe = torch.where(pdom >= 0, de[pdom.clamp(min=0)], E)
+    pw = (1.0 - b['pulse_aux'].float() + 1e-3) * (pdom >= 0).float()
+    v_i, kept, v = linefit_improved_packed(pos[pdom.clamp(min=0)], b['pulse_time'].float(), pw, pe, pd,
+                                           F.pad(pos, (0, 0, 0, 1)), E + 1, D + 1)  # m/ns
+    speed = torch.linalg.vector_norm(v, dim=1)
+    lf_dir = -v / speed.clamp(min=1e-6)[:, None]
+    ilf_dir = -v_i / torch.linalg.vector_norm(v_i, dim=1).clamp(min=1e-6)[:, None]
+    dom_kept = sum_by(pd, kept, D + 1)[:D] / s['kept'].clamp(min=1)  # padding pulses sit in slot D, dropped
+    return lf_dir, ilf_dir, speed, dom_kept
+
+
+def dom_features(b, s, c, ilf_dir, dom_kept):
+    """T2's DOM features (D, N_DOM_FEATURES): place and first-hit time, and the same seen from the charge centre, the
+    early-hit vertex and the improved LineFit track; each DOM's place and first-hit time around the charge centre as
+    (x, y, z, c_ice t) / SPACETIME_SCALE (D, 4), the Fourier features' input; and the offsets from the charge centre
+    (D, 3) and their unit vectors, which the event's charge dipoles sum."""
+    pos = b['dom_pos'].float()
+    de, dreal, t_ref, t0 = c['de'], c['dreal'], c['t_ref'][c['de']][:, None], s['t0'][:, None]
+    rel = pos - c['p_ref'][de]
+    dp = rel / 300.0
+    dt = ((t0 - t_ref) / 1000.0).clamp(-10.0, 10.0)
+    dist = torch.linalg.vector_norm(rel, dim=1, keepdim=True)
+    unit = rel / dist.clamp(min=1.0)
+    resid = ((t0 - t_ref - dist / C_ICE) / 1000.0).clamp(-10.0, 10.0)  # light spreading from the charge centre at t_ref
+    dist_e = torch.linalg.vector_norm(pos - c['p_e'][de], dim=1, keepdim=True)
+    unit_e = (pos - c['p_e'][de]) / dist_e.clamp(min=1.0)
+    resid_e = ((t0 - c['t_e'][de][:, None] - dist_e / C_ICE) / 1000.0).clamp(-10.0, 10.0)
+    # in the frame of the improved LineFit track through the charge centre: distance along it and from it, and the
+    # first-hit residual against direct Cherenkov light, t_ref + (along + TRACK_DELAY_FACTOR d) / c
+    mu_dir = -ilf_dir[de]
+    along = (rel * mu_dir).sum(1, keepdim=True)
+    perp = torch.sqrt(((rel ** 2).sum(1, keepdim=True) - along ** 2).clamp(min=1e-6))
+    resid_lf = ((t0 - t_ref - (along + TRACK_DELAY_FACTOR * perp) / C_VACUUM) / 1000.0).clamp(-10.0, 10.0)
+    feats = torch.cat([
+        pos / 500.0,
+        dp,
+        (t0 / 3000.0).clamp(max=10.0),
+        dt,
+        dp * dt,                                  # this DOM's term of a LineFit through the first hits
+        dist / 300.0, unit, resid,                # distance and direction from the charge centre, time residual
+        dist_e / 300.0, unit_e, resid_e,          # the same from the early-hit vertex
+        along / 300.0, perp / 300.0, resid_lf,    # the same in the frame of the improved LineFit track
+        torch.log1p((s['tq'] - s['t0']).clamp(min=0) / 10.0)[:, None] / 4.0,
+        torch.log1p(s['charge'])[:, None] / 2.0,
+        torch.log1p(b['dom_n_pulses'].float())[:, None] / 2.0,
+        torch.log1p(s['kept'])[:, None] / 2.0,
+        s['aux_frac'][:, None],
+        dom_kept[:, None],                        # share of its pulses the delay cleaning keeps
+        (pos[:, 2:3] > -160).float() * (torch.linalg.vector_norm(pos[:, :2], dim=1, keepdim=True) < 80).float(),  # DeepCore-ish
+    ], dim=1) * dreal.float()[:, None]
+    spacetime = (torch.cat([rel, C_ICE * (t0 - t_ref)], dim=1) / SPACETIME_SCALE).clamp(-20.0, 20.0)
+    return feats, spacetime, unit, unit_e
+
+
+def event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e):
+    """T2's CLS features (E, N_EVENT_FEATURES): size, both seeds' directions, charge dipoles, the LineFit speed."""
+    E = b['event_index'].shape[0]
+    de, wq, wsum = c['de'], c['wq'], c['wsum']
+    return torch.cat([
+        torch.log1p(b['event_n_pulses'].float())[:, None] / 5.0,
+        torch.log1p(b['event_n_doms'].float())[:, None] / 5.0,
+        torch.log1p(sum_by(de, s['charge'] * c['dreal'].float(), E + 1)[:E])[:, None] / 5.0,
+        lf_dir[:E],
+        ilf_dir[:E],
+        (sum_by(de, wq[:, None] * unit, E + 1) / wsum[:, None])[:E],    # charge dipole around the charge centre
+        (sum_by(de, wq[:, None] * unit_e, E + 1) / wsum[:, None])[:E],  # ... and around the early-hit vertex
+        (speed[:E] / 0.3).clamp(max=3.0)[:, None],
+    ], dim=1)
+
+
+@torch.no_grad()
+def features(b):
+    """The model's inputs that need no gradient, from a batch of tensors with its stream layout (model_inputs):
+    t1_x (N1, N_PULSE_FEATURES) the pulse features in T1's stream order, dom_feats, dom_spacetime, event_feats.
+    Float32 whatever the autocast: times of tens of microseconds and phases of tens of radians need it."""
+    with torch.autocast(b['dom_pos'].device.type, enabled=False):
+        pulse, s = pulse_features(b)
+        c = event_centres(b, s)
+        lf_dir, ilf_dir, speed, dom_kept = seed_fits(b, s, c['de'])
+        dom_feats, spacetime, unit, unit_e = dom_features(b, s, c, ilf_dir, dom_kept)
+        t1_x = F.pad(pulse, (0, 0, 0, 1))[b['t1_src']]  # row P is zero: T1's padding tokens
+        return dict(t1_x=t1_x, dom_feats=dom_feats, dom_spacetime=spacetime,
+                    event_feats=event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class Block(nn.Module):
+    """Pre-norm transformer block over a stream (no positional encoding: tokens are a set)."""
+
+    def __init__(self, dim, n_head, mlp_ratio=4):
+        super().__init__()
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, mlp_ratio * dim)
+        self.fc_out = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x, layout):
+        N, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(N, 3, self.n_head, C // self.n_head).unbind(1)
+        x = x + self.proj(attend(q, k, v, layout).reshape(N, C))
+        return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
 
 
 class IceModel(nn.Module):
@@ -277,7 +450,7 @@ class IceModel(nn.Module):
         super().__init__()
         self.args = dict(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim,
                          t2_layers=t2_layers, t2_heads=t2_heads, mlp_ratio=mlp_ratio, attn=attn)
-        self.attn = attn  # 'flex', 'sdpa' or 'auto' (flex on CUDA, sdpa elsewhere)
+        self.attn = attn  # 'flex', 'sdpa' or 'auto' (flex on CUDA, sdpa elsewhere): the layout model_inputs builds
         self.pulse_embed = nn.Linear(N_PULSE_FEATURES, t1_dim)
         self.t1 = nn.ModuleList([Block(t1_dim, t1_heads, mlp_ratio) for _ in range(t1_layers)])
         self.t1_ln = nn.LayerNorm(t1_dim)
@@ -302,160 +475,56 @@ class IceModel(nn.Module):
     def path(self, device):
         if self.attn != 'auto':
             return self.attn
-        return 'flex' if device.type == 'cuda' else 'sdpa'
+        return 'flex' if torch.device(device).type == 'cuda' else 'sdpa'
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    # --- T1: pulses -> one embedding per DOM, plus per-DOM summaries from the pulse arrays
-    def embed_doms(self, b):
-        """Returns (dom_emb (D, t1_dim), summaries dict of (D,) tensors). Padding DOM slots get zeros."""
-        feats, pd, w, kept, t0 = pulse_features(b)
-        time, charge, aux = b['pulse_time'].float(), b['pulse_charge'].float(), b['pulse_aux'].float()
-        P, D = pd.shape[0], b['dom_pos'].shape[0]
-        q_dom = sum_by(pd, charge * w, D + 1)
-        n_aux = sum_by(pd, aux * w, D + 1)
-        tq = sum_by(pd, time * charge * w, D + 1) / q_dom.clamp(min=1e-6)
+    def fourier(self, spacetime):
+        """Learned Fourier features [cos, sin](W (x, y, z, c_ice t)) of each DOM's place and first-hit time: the dot
+        product of two DOMs' features is a function of their separation in space and time, which attention can use
+        to weigh DOMs by where and when they were hit relative to each other. On the toy data the val error went from
+        0.915 to 0.78-0.86 of LineFit's with them (notes/experiments.md). The phases, tens of radians, stay float32."""
+        with torch.autocast(spacetime.device.type, enabled=False):
+            phase = self.spacetime_freq(spacetime.float())
+        return torch.cat([torch.cos(phase), torch.sin(phase)], dim=1)
 
-        # pad the stream to a multiple of BLOCK; padding tokens form the last document (id D)
-        N = -(-P // BLOCK) * BLOCK
-        doc = F.pad(pd, (0, N - P), value=D)
-        x = F.pad(self.pulse_embed(feats).float(), (0, 0, 0, N - P))  # float32 residual stream under autocast
-        docs = make_docs(doc, D, self.path(x.device))
+    def embed_doms(self, b, layout):
+        """T1: the pulses of each DOM -> the mean of their outputs, one embedding per DOM slot (D, t1_dim)."""
+        x = self.pulse_embed(b['t1_x']).float()  # the residual streams stay float32 under autocast
         for blk in self.t1:
-            x = blk(x, docs)
-        x = self.t1_ln(x[:P]).float()
-        dom_emb = sum_by(pd, x * w[:, None], D + 1)[:D] / kept[:D, None].clamp(min=1)
-        summ = dict(kept=kept[:D], charge=q_dom[:D], t0=t0[:D], tq=tq[:D], aux_frac=n_aux[:D] / kept[:D].clamp(min=1))
-        return dom_emb, summ
+            x = blk(x, layout)
+        D = b['dom_pos'].shape[0]
+        return sum_by(b['t1_dom'], self.t1_ln(x).float(), D + 1)[:D] / b['dom_n_kept'].clamp(min=1)[:, None]
 
-    # --- T2: DOM tokens + one CLS token per event -> 3-vector per event slot
     def forward(self, b):
-        dom_emb, s = self.embed_doms(b)
-        pos = b['dom_pos'].float()
-        dev = pos.device
-        D, E = pos.shape[0], b['event_index'].shape[0]
-        dom_ev = b['dom_event'].long()
-        dreal = dom_ev >= 0
-        de = torch.where(dreal, dom_ev, E)  # padding DOMs -> dummy event slot E
-        ereal = b['event_index'] >= 0
-        # event reference point and time: weighted by each DOM's non-auxiliary charge (noise is mostly auxiliary)
-        wq = s['charge'] * (1 - s['aux_frac']) + 1e-3 * s['charge']
-        wq = wq * dreal.float()
-
-        def per_event(x):
-            return sum_by(de, x, E + 1)
-
-        wsum = per_event(wq).clamp(min=1e-6)
-        t_ref = per_event(wq * s['t0']) / wsum
-        p_ref = per_event(wq[:, None] * pos) / wsum[:, None]
-        ndom_pulses = b['dom_n_pulses'].float()
-        rel = pos - p_ref[de]
-        dp = rel / 300.0
-        dt = ((s['t0'] - t_ref[de]) / 1000.0).clamp(-10.0, 10.0)[:, None]
-        dist = torch.linalg.vector_norm(rel, dim=1, keepdim=True)
-        unit = rel / dist.clamp(min=1.0)
-        # first-hit time residual for light spreading from the charge centre at t_ref
-        resid = ((s['t0'][:, None] - t_ref[de][:, None] - dist / C_ICE) / 1000.0).clamp(-10.0, 10.0)
-        # a vertex estimate from the earliest bright hits (weights fall off over 200 ns after the event's first
-        # non-auxiliary hit), and each DOM's distance, direction and time residual seen from it
-        has_clean = (s['aux_frac'] < 1) & dreal
-        t_min = torch.full((E + 1,), 1e9, device=dev).scatter_reduce(
-            0, de, torch.where(has_clean, s['t0'], 1e9), 'amin', include_self=True)
-        we = wq * torch.exp(-((s['t0'] - t_min[de]) / 200.0).clamp(min=0.0, max=50.0))
-        wes = per_event(we).clamp(min=1e-12)
-        p_e = per_event(we[:, None] * pos) / wes[:, None]
-        t_e = per_event(we * s['t0']) / wes
-        dist_e = torch.linalg.vector_norm(pos - p_e[de], dim=1, keepdim=True)
-        unit_e = (pos - p_e[de]) / dist_e.clamp(min=1.0)
-        resid_e = ((s['t0'][:, None] - t_e[de][:, None] - dist_e / C_ICE) / 1000.0).clamp(-10.0, 10.0)
-        # a LineFit seed over the event's non-auxiliary pulses (all pulses where it has none), as a classical
-        # reconstruction would seed a likelihood fit: v = <(r - <r>)(t - <t>)> / <(t - <t>)^2>, direction -v
-        pdom = b['pulse_dom'].long()
-        pd = torch.where(pdom >= 0, pdom, D)
-        pe = torch.where(pdom >= 0, de[pdom.clamp(min=0)], E)
-        ppos, pt = pos[pdom.clamp(min=0)], b['pulse_time'].float()
-        pw = (1.0 - b['pulse_aux'].float() + 1e-3) * (pdom >= 0).float()
-        # and the improved LineFit: a better seed (on toy val events 4-5 deg closer than the plain one on average),
-        # and which pulses it keeps as direct light (its delay cleaning drops the scattered ones)
-        v_i, kept, v = linefit_improved_packed(ppos, pt, pw, pe, pd, F.pad(pos, (0, 0, 0, 1)), E + 1, D + 1)  # m/ns
-        speed = torch.linalg.vector_norm(v, dim=1)
-        lf_dir = -v / speed.clamp(min=1e-6)[:, None]
-        ilf_dir = -v_i / torch.linalg.vector_norm(v_i, dim=1).clamp(min=1e-6)[:, None]
-        dom_kept = sum_by(pd, kept, D + 1)[:D] / s['kept'].clamp(min=1)  # padding pulses sit in slot D, dropped
-        # each DOM in the frame of the improved LineFit track through the charge centre: distance along it and from
-        # it, and the first-hit residual against direct Cherenkov light, t_ref + (along + 0.9173 d) / c
-        mu_dir = -ilf_dir[de]
-        along = (rel * mu_dir).sum(1, keepdim=True)
-        perp = torch.sqrt(((rel ** 2).sum(1, keepdim=True) - along ** 2).clamp(min=1e-6))
-        resid_lf = ((s['t0'][:, None] - t_ref[de][:, None] - (along + TRACK_DELAY_FACTOR * perp) / C_VACUUM) / 1000.0).clamp(-10.0, 10.0)
-        dom_feats = torch.cat([
-            pos / 500.0,
-            dp,
-            (s['t0'] / 3000.0).clamp(max=10.0)[:, None],
-            dt,
-            dp * dt,                                  # this DOM's term of a LineFit through the first hits
-            dist / 300.0, unit, resid,                # distance and direction from the charge centre, time residual
-            dist_e / 300.0, unit_e, resid_e,          # the same from the early-hit vertex
-            along / 300.0, perp / 300.0, resid_lf,    # the same in the frame of the improved LineFit track
-            torch.log1p((s['tq'] - s['t0']).clamp(min=0) / 10.0)[:, None] / 4.0,
-            torch.log1p(s['charge'])[:, None] / 2.0,
-            torch.log1p(ndom_pulses)[:, None] / 2.0,
-            torch.log1p(s['kept'])[:, None] / 2.0,
-            s['aux_frac'][:, None],
-            dom_kept[:, None],                        # share of its pulses the delay cleaning keeps
-            (pos[:, 2:3] > -160).float() * (torch.linalg.vector_norm(pos[:, :2], dim=1, keepdim=True) < 80).float(),  # DeepCore-ish
-        ], dim=1) * dreal.float()[:, None]
-        # each DOM's place and first-hit time around the charge centre, (x, y, z, c_ice t), as learned Fourier features
-        # [cos, sin](W (x, y, z, c_ice t)): the dot product of two DOMs' features is a function of their separation in
-        # space and time, which attention can use to weigh DOMs by where and when they were hit relative to each other.
-        # On the toy data the val error went from 0.915 to 0.78-0.86 of LineFit's (README, "Where the model stands").
-        spacetime = torch.cat([rel, (C_ICE * (s['t0'] - t_ref[de]))[:, None]], dim=1) / SPACETIME_SCALE
-        with torch.autocast(dev.type, enabled=False):  # phases of tens of radians: bf16's 8 bits would blur them
-            phase = self.spacetime_freq(spacetime.clamp(-20.0, 20.0).float())
-        fourier = torch.cat([torch.cos(phase), torch.sin(phase)], dim=1) * dreal.float()[:, None]
-        dom_tok = (self.dom_embed(dom_feats) + self.t1_to_t2(dom_emb) + self.spacetime_embed(fourier)).float()
-        ev_feats = torch.cat([
-            torch.log1p(b['event_n_pulses'].float())[:, None] / 5.0,
-            torch.log1p(b['event_n_doms'].float())[:, None] / 5.0,
-            torch.log1p(per_event(s['charge'] * dreal.float())[:E])[:, None] / 5.0,
-            lf_dir[:E],
-            ilf_dir[:E],
-            (per_event(wq[:, None] * unit) / wsum[:, None])[:E],  # charge dipole around the charge centre
-            (per_event(wq[:, None] * unit_e) / wsum[:, None])[:E],  # ... and around the early-hit vertex
-            (speed[:E] / 0.3).clamp(max=3.0)[:, None],
-        ], dim=1)
-        cls_tok = (self.cls + self.event_embed(ev_feats)).float()
-
-        # stream layout: for each event its CLS token then its DOMs (documents contiguous), then all padding
-        n_ev = ereal.sum()
-        ar_d = torch.arange(D, device=dev)
-        ar_e = torch.arange(E, device=dev)
-        pos_dom = torch.where(dreal, ar_d + de + 1, ar_d + n_ev)
-        cnt = sum_by(de, torch.ones_like(de), E + 1)[:E]
-        first = cnt.cumsum(0) - cnt
-        pos_cls = torch.where(ereal, first + ar_e, D + ar_e)
-        N = -(-(D + E) // BLOCK) * BLOCK
-        x = torch.zeros(N, dom_tok.shape[1], dtype=dom_tok.dtype, device=dev)
-        x = x.index_copy(0, pos_dom, dom_tok).index_copy(0, pos_cls, cls_tok)
-        doc = torch.full((N,), E, dtype=torch.long, device=dev)
-        doc = doc.index_copy(0, pos_dom, torch.where(dreal, de, E)).index_copy(0, pos_cls, torch.where(ereal, ar_e, E))
-        docs = make_docs(doc, E, self.path(dev))
+        if 'event_feats' not in b:  # the loader did not compute them: here, on the device, in the same graph
+            b = {**b, **features(b)}
+        t1_layout, t2_layout = attention_layouts(b)
+        dom_emb = self.embed_doms(b, t1_layout)
+        # T2: a token per DOM and a CLS token per event -> the CLS token's output, a 3-vector per event
+        dom_tok = self.dom_embed(b['dom_feats']) + self.t1_to_t2(dom_emb) + self.spacetime_embed(self.fourier(b['dom_spacetime']))
+        cls_tok = self.cls + self.event_embed(b['event_feats'])
+        x = torch.cat([dom_tok.float(), cls_tok.float(), dom_emb.new_zeros(1, dom_tok.shape[1])])[b['t2_src']]
         for blk in self.t2:
-            x = blk(x, docs)
-        return self.head(self.t2_ln(x[pos_cls])).float()
+            x = blk(x, t2_layout)
+        return self.head(self.t2_ln(x[b['t2_cls']])).float()
 
 
-def batch_to_tensors(batch, device='cpu'):
-    """A prepare batch (dict of numpy arrays and ints) -> dict of tensors on device (ints stay ints)."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, np.ndarray):
-            t = torch.from_numpy(v)
-            out[k] = t.to(device, non_blocking=True) if str(device) != 'cpu' else t
-        else:
-            out[k] = v
-    return out
+def model_inputs(batch, path, device='cpu', with_features=True):
+    """A prepare.pack_batch micro-batch (dict of numpy arrays and ints) -> the dict the model reads: its stream layout
+    for the attention path ('flex' or 'sdpa'), as tensors on device (ints stay ints), and with_features the no-grad
+    features (computed on the CPU before the copy; else IceModel.forward computes them on the device)."""
+    b = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in stream_layout(batch, path).items()}
+    if with_features:
+        b.update(features(b))
+    return to_device(b, device)
+
+
+def to_device(b, device):
+    if torch.device(device).type == 'cpu':
+        return b
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
 
 # -----------------------------------------------------------------------------

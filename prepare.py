@@ -43,6 +43,7 @@ and the batcher that turns events into the model's fixed-shape micro-batches:
     BatchLoader(s, ...)  iterates such batches, filled by a background thread
 """
 
+import collections
 import glob
 import json
 import os
@@ -60,6 +61,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
+import torch
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file or --key=value, see configurator.py)
@@ -586,32 +588,42 @@ def open_split(path):
 # -----------------------------------------------------------------------------
 # batching: events -> fixed-shape micro-batches of packed pulse and DOM streams for the model
 
-def pack_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom):
-    """Pack a prefix idx[:n_taken] of the given events into one micro-batch of fixed shapes
-    (P = max_pulses pulse slots, D = max_doms DOM slots, E = max_events event slots).
-
-    Truncation rules, applied in this order:
-    - a DOM with more than max_pulses_per_dom pulses keeps its earliest max_pulses_per_dom;
-    - events are taken in order while their pulses, DOMs and count fit the budgets;
-    - the first event alone may exceed a budget (a 100,000-pulse event): it then keeps its pulses in the
-      order non-auxiliary first, then earliest, up to max_pulses, and of those only the pulses of the
-      first max_doms DOMs in that order.
-    Returns (batch, n_taken) with batch a dict of numpy arrays (see the field list in the code)."""
+def plan_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom):
+    """How many of the events idx (from the first) the next micro-batch takes: events in order while their pulses
+    (after the per-DOM cap), DOMs and count fit the budgets, at least one. Reads only event records and DOM offsets."""
     cand = np.asarray(idx[:max_events], np.int64)
     if len(cand) == 0:
         raise ValueError("pack_batch needs at least one event")
     ev, _ = split.event_records(cand)
     # exact pulse cost after the per-DOM cap, from the DOM offsets alone (no pulse is read for this)
     n_d = ev['n_doms'].astype(np.int64)
-    dom_sizes = _dom_sizes(split, cand, ev)
-    capped = np.minimum(dom_sizes, max_pulses_per_dom)
+    capped = np.minimum(_dom_sizes(split, cand, ev), max_pulses_per_dom)
     cost_p = np.add.reduceat(capped, np.r_[0, np.cumsum(n_d)[:-1]])
     fits = (np.cumsum(cost_p) <= max_pulses) & (np.cumsum(n_d) <= max_doms)
-    n_taken = max(int(np.argmin(fits)) if not fits.all() else len(cand), 1)
+    return max(int(np.argmin(fits)) if not fits.all() else len(cand), 1)
 
-    e = split.events(cand[:n_taken])
-    return pack_events(e, ev['azimuth'][:n_taken], ev['zenith'][:n_taken], cand[:n_taken], split.geometry,
-                       max_pulses, max_doms, max_events, max_pulses_per_dom), n_taken
+
+def pack_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom):
+    """Pack a prefix idx[:n_taken] of the given events into one micro-batch of fixed shapes
+    (P = max_pulses pulse slots, D = max_doms DOM slots, E = max_events event slots).
+
+    Truncation rules, applied in this order:
+    - a DOM with more than max_pulses_per_dom pulses keeps its earliest max_pulses_per_dom;
+    - events are taken in order while their pulses, DOMs and count fit the budgets (plan_batch);
+    - the first event alone may exceed a budget (a 100,000-pulse event): it then keeps its pulses in the
+      order non-auxiliary first, then earliest, up to max_pulses, and of those only the pulses of the
+      first max_doms DOMs in that order.
+    Returns (batch, n_taken) with batch a dict of numpy arrays (see the field list in the code)."""
+    n_taken = plan_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
+    return pack_taken(split, idx[:n_taken], max_pulses, max_doms, max_events, max_pulses_per_dom), n_taken
+
+
+def pack_taken(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom):
+    """The micro-batch of exactly the events idx (as plan_batch took them)."""
+    idx = np.asarray(idx, np.int64)
+    ev, _ = split.event_records(idx)
+    return pack_events(split.events(idx), ev['azimuth'], ev['zenith'], idx, split.geometry,
+                       max_pulses, max_doms, max_events, max_pulses_per_dom)
 
 
 def pack_events(e, azimuth, zenith, event_index, geometry, max_pulses, max_doms, max_events, max_pulses_per_dom):
@@ -701,19 +713,28 @@ def angles_to_dir(azimuth, zenith):
 
 
 class BatchLoader:
-    """Iterator of pack_batch micro-batches, prepared ahead by a background thread.
+    """Iterator of pack_batch micro-batches, prepared ahead of the consumer.
 
     shuffle=True: a new permutation per epoch (seed + epoch), each rank taking every world_size-th
     event of it, so ranks draw different events; epochs=None runs forever.
-    shuffle=False: the split in order, rank r taking the r-th contiguous chunk, each event once per epoch."""
+    shuffle=False: the split in order, rank r taking the r-th contiguous chunk, each event once per epoch.
+
+    A background thread plans the batches (plan_batch: which events each takes, cheap) and packs them, or hands the
+    packing to `workers` processes when one thread cannot keep up (a GPU step); the batches come out in the same
+    order either way. transform(batch) runs where the packing runs (the model's stream layout and features: see
+    model.model_inputs), and pin_memory pages the result's tensors in for asynchronous copies to a GPU."""
 
     def __init__(self, split, max_pulses, max_doms, max_events, max_pulses_per_dom,
-                 shuffle=True, seed=0, rank=0, world_size=1, epochs=None, prefetch=4, max_events_total=0):
+                 shuffle=True, seed=0, rank=0, world_size=1, epochs=None, prefetch=4, max_events_total=0,
+                 transform=None, workers=0, pin_memory=False):
         self.split, self.args = split, (max_pulses, max_doms, max_events, max_pulses_per_dom)
         self.shuffle, self.seed, self.rank, self.world_size, self.epochs = shuffle, seed, rank, world_size, epochs
         self.max_events_total = max_events_total  # evaluate only the first N events of the split (0 = all)
+        self.transform, self.pin_memory, self.prefetch, self.workers = transform, pin_memory, prefetch, workers
         self.queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
+        # forked before the thread starts; the workers run torch on one thread each and never touch a GPU
+        self.pool = get_context('fork').Pool(workers, _worker_init, (split.path, self.args, transform)) if workers else None
         self.thread = threading.Thread(target=self._fill, daemon=True)
         self.thread.start()
 
@@ -725,22 +746,39 @@ class BatchLoader:
             return np.random.default_rng([self.seed, epoch]).permutation(n)[self.rank::self.world_size]
         return np.array_split(np.arange(n), self.world_size)[self.rank]
 
+    def _plans(self):
+        """(epoch, event indices) of each batch, in order."""
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            order, pos = self._order(epoch), 0
+            while pos < len(order):
+                n = plan_batch(self.split, order[pos:], *self.args)
+                yield epoch, order[pos:pos + n]
+                pos += n
+            epoch += 1
+
     def _fill(self):
         try:
-            epoch = 0
-            while self.epochs is None or epoch < self.epochs:
-                order, pos = self._order(epoch), 0
-                while pos < len(order) and not self.stop.is_set():
-                    batch, n = pack_batch(self.split, order[pos:], *self.args)
-                    pos += n
-                    batch['epoch'] = epoch
-                    self._put(batch)
+            in_flight = collections.deque()  # the workers' batches, in order
+            for plan in self._plans():
                 if self.stop.is_set():
                     return
-                epoch += 1
+                if self.pool is None:
+                    self._put(self._ready(_pack(self.split, self.args, self.transform, *plan)))
+                    continue
+                in_flight.append(self.pool.apply_async(_worker_pack, plan))
+                if len(in_flight) >= self.prefetch + self.workers:
+                    self._put(self._ready(_unpickled(in_flight.popleft().get())))
+            while in_flight:
+                self._put(self._ready(_unpickled(in_flight.popleft().get())))
             self._put(None)
         except BaseException as e:  # hand the error to the consumer rather than hang it
             self._put(e)
+
+    def _ready(self, batch):
+        if self.pin_memory:
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
 
     def _put(self, item):
         while not self.stop.is_set():
@@ -764,6 +802,33 @@ class BatchLoader:
     def close(self):
         self.stop.set()
         self.thread.join(timeout=5)
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+def _pack(split, args, transform, epoch, idx):
+    batch = pack_taken(split, idx, *args)
+    batch['epoch'] = epoch
+    return transform(batch) if transform is not None else batch
+
+
+_worker = {}
+
+
+def _worker_init(path, args, transform):
+    torch.set_num_threads(1)  # one core per worker; OpenMP teams do not survive a fork anyway
+    _worker.update(split=open_split(path), args=args, transform=transform)
+
+
+def _worker_pack(epoch, idx):
+    batch = _pack(_worker['split'], _worker['args'], _worker['transform'], epoch, idx)
+    tensors = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+    return {k: v.numpy() if k in tensors else v for k, v in batch.items()}, tensors  # pickled as plain arrays
+
+
+def _unpickled(result):
+    batch, tensors = result
+    return {k: torch.from_numpy(v) if k in tensors else v for k, v in batch.items()}
 
 
 # -----------------------------------------------------------------------------

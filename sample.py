@@ -16,6 +16,7 @@ truth file (the synthetic set does). Writes to out_dir:
     submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format)
 """
 
+import functools
 import json
 import math
 import os
@@ -72,16 +73,18 @@ print(f"sample: {os.path.join(out_dir, ckpt)} (iter {ck['iter_num']}, {raw_model
 t0 = time.time()
 pred = np.zeros((n, 3), np.float64)
 seen = np.zeros(n, bool)
+# the loader builds each batch's stream layout, and on the CPU its features, ahead of the model (model.model_inputs)
+to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=device_type == 'cpu')
 loader = BatchLoader(s, max_pulses, max_doms, max_events_per_batch, ck['max_pulses_per_dom'], shuffle=False,
-                     epochs=1, max_events_total=n)
+                     epochs=1, max_events_total=n, transform=to_model, pin_memory=device_type == 'cuda')
 with torch.no_grad():
     for batch in loader:
-        b = M.batch_to_tensors(batch, device)
+        b = M.to_device(batch, device)
         with autocast:
             out = model(b)
         k = batch['n_events']
-        pred[batch['event_index'][:k]] = out[:k].float().cpu().numpy()
-        seen[batch['event_index'][:k]] = True
+        pred[batch['event_index'][:k].numpy()] = out[:k].float().cpu().numpy()
+        seen[batch['event_index'][:k].numpy()] = True
 loader.close()
 assert seen.all(), "some events were not evaluated"
 t_model = time.time() - t0

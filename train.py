@@ -13,6 +13,7 @@ event of the step on all ranks. Checkpoints (out_dir/ckpt.pt the latest, out_dir
 error) are written atomically at every evaluation and at the end.
 """
 
+import functools
 import math
 import os
 import shutil
@@ -46,6 +47,10 @@ max_doms = 4096
 max_events = 256
 max_pulses_per_dom = 64      # a DOM keeps its earliest max_pulses_per_dom pulses
 gradient_accumulation_steps = 1  # micro-batches per iteration on each rank
+loader_workers = 0           # processes per rank that pack batches (0 = one background thread); more when the loader
+                             # cannot keep two steps ahead of a GPU (bench.py's reading row gives its events/s)
+features = 'auto'            # where the no-grad features run: 'loader' (on the CPU, ahead of the step), 'device'
+                             # (inside the model, on the GPU), 'auto' = loader on the CPU, device on CUDA
 # model
 t1_dim = 64
 t1_layers = 2
@@ -71,6 +76,7 @@ ema_decay = 0.999            # evaluation and checkpoints use an exponential mov
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'           # autocast dtype on CUDA ('float32' = off); the CPU always runs float32
 compile = True
+compile_mode = 'default'     # torch.compile mode; 'reduce-overhead' adds CUDA graphs (the flex layout's shapes are fixed)
 # logging
 wandb_log = False
 wandb_project = 'iceaggr'
@@ -145,6 +151,15 @@ if ema_decay and checkpoint is not None and 'train_model' in checkpoint:
 elif ema_decay:
     ema = [p.detach().clone() for p in raw_model.parameters()]
 
+# the loader builds each batch's stream layout (and, on the CPU, the features) ahead of the step, in pinned memory
+# for a GPU; the step then copies it without waiting
+path = raw_model.path(device)
+if features not in ('auto', 'loader', 'device'):
+    fail(f"features must be 'auto', 'loader' or 'device', not {features!r}")
+features_in_loader = features == 'loader' or (features == 'auto' and device_type == 'cpu')
+to_model = functools.partial(M.model_inputs, path=path, with_features=features_in_loader)
+pin = device_type == 'cuda'
+
 decay = [p for p in raw_model.parameters() if p.dim() >= 2]
 no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
@@ -154,7 +169,7 @@ if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     checkpoint = None
 
-eval_model = torch.compile(raw_model) if compile else raw_model  # evaluation runs without DDP
+eval_model = torch.compile(raw_model, mode=compile_mode) if compile else raw_model  # evaluation runs without DDP
 model = DDP(eval_model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else eval_model
 
 n_t1 = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith(('pulse_embed', 't1.', 't1_ln')))
@@ -173,12 +188,6 @@ if wandb_log and master:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, mode=wandb_mode, dir=out_dir)
 
 
-def train_seconds():
-    # wall-clock seconds of training so far, over all runs of a resumed training; the same on every rank
-    (s,) = all_sum([seconds_before + time.time() - t_start])
-    return s / world_size
-
-
 def get_lr(it, seconds):
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
@@ -192,7 +201,9 @@ def get_lr(it, seconds):
 
 
 def all_sum(values):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    """Sums over ranks of a few numbers (Python floats or device scalars), read on the host: a synchronisation, so the
+    training loop calls it once per log interval and at evaluations only."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
     if ddp:
         dist.all_reduce(t)
     return t.tolist()
@@ -215,16 +226,17 @@ def evaluate():
     swap_ema()
     eval_model.eval()
     loader = BatchLoader(val_split, max_pulses, max_doms, max_events, max_pulses_per_dom, shuffle=False,
-                         rank=rank, world_size=world_size, epochs=1, max_events_total=eval_events)
+                         rank=rank, world_size=world_size, epochs=1, max_events_total=eval_events, transform=to_model,
+                         workers=loader_workers, pin_memory=pin)
     err_sum = loss_sum = n = 0.0
     for batch in loader:
-        b = M.batch_to_tensors(batch, device)
+        b = M.to_device(batch, device)
         real = b['event_index'] >= 0
         with autocast:
             pred = eval_model(b)
         target = torch.where(real[:, None], b['event_dir'].float(), 0.0)
-        err_sum += torch.where(real, M.direction_error(pred, target), 0.0).sum().item()
-        loss_sum += M.per_event_loss(pred, target, real, angular_weight).sum().item()
+        err_sum += torch.where(real, M.direction_error(pred, target), 0.0).sum()
+        loss_sum += M.per_event_loss(pred, target, real, angular_weight).sum()
         n += batch['n_events']
     loader.close()
     err_sum, loss_sum, n = all_sum([err_sum, loss_sum, n])
@@ -248,19 +260,51 @@ def save_checkpoint(path):
     os.replace(tmp, path)
 
 
-# training loop
+# training loop. Nothing in an iteration waits for the device: the batch's numbers of events and pulses come from the
+# loader (host ints), the loss accumulates on the device, and the clock that the time budget and the learning rate
+# follow is agreed by all ranks at log points (one small reduce, the only host synchronisation between them) and
+# extrapolated in between, so every rank takes the same learning rate and stops at the same iteration.
 loader = BatchLoader(train_split, max_pulses, max_doms, max_events, max_pulses_per_dom, shuffle=True,
-                     seed=seed + iter_num, rank=rank, world_size=world_size, max_events_total=train_events)
+                     seed=seed + iter_num, rank=rank, world_size=world_size, max_events_total=train_events,
+                     transform=to_model, workers=loader_workers, pin_memory=pin)
 model.train()
 t_start = time.time()
-t_last = t_start
-iters_timed = 0
-window_events = window_pulses = window_loss = 0.0
+clock = dict(iter=iter_num, seconds=seconds_before, per_iter=0.0)  # the agreed clock at the last log point
+window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start)
+
+
+def flush_window():
+    """A log point: one reduce over ranks of the window's loss, events, pulses and seconds; checks the loss, logs,
+    and advances the agreed clock."""
+    now = time.time()
+    loss_sum, events, pulses, elapsed = all_sum([window['loss'], window['events'], window['pulses'], now - t_start])
+    loss_mean = loss_sum / max(events, 1)
+    if not math.isfinite(loss_mean):
+        fail(f"loss is {loss_mean} at iteration {iter_num}: stopping; the last good checkpoint is {ckpt_path} "
+             f"(iteration of the last evaluation). Try a lower learning_rate or grad_clip.")
+    seconds = seconds_before + elapsed / world_size
+    clock.update(per_iter=(seconds - clock['seconds']) / max(iter_num - clock['iter'], 1), iter=iter_num, seconds=seconds)
+    dt = (now - window['t']) / max(window['iters'], 1)
+    left = dt * (max_iters - iter_num)
+    if max_minutes:
+        left = min(left, 60 * max_minutes - seconds)
+    rate = max(now - window['t'], 1e-9)
+    log(f"iter {iter_num}: loss {loss_mean:.4f}, lr {lr:.2e}, {events / rate:.0f} events/s, "
+        f"{pulses / rate:.0f} pulses/s, {dt * 1000:.0f} ms/iter, {left / 60:.1f} min left")
+    if wandb is not None:
+        wandb.log({'iter': iter_num, 'train/loss': loss_mean, 'lr': lr, 'events_per_s': events / rate})
+    window.update(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=time.time())
+
+
+lr = get_lr(iter_num, seconds_before)
 first_iter = iter_num
 while True:
-    seconds = train_seconds()
+    seconds = clock['seconds'] + (iter_num - clock['iter']) * clock['per_iter']  # the same on every rank
     last = iter_num >= max_iters or (max_minutes > 0 and seconds >= 60 * max_minutes)
     if (iter_num % eval_interval == 0 and iter_num > first_iter) or last:
+        if window['iters']:
+            flush_window()
+        seconds = clock['seconds']
         t_eval = time.time()
         val_err, val_loss, n_val = evaluate()
         improved = val_err < best_val
@@ -275,7 +319,9 @@ while True:
         if wandb is not None:
             wandb.log({'iter': iter_num, 'val/angular_error': val_err, 'val/angular_error_deg': math.degrees(val_err),
                        'val/loss': val_loss, 'val/best': best_val})
-        t_last += time.time() - t_eval  # evaluation time is not training time
+        t_eval = time.time() - t_eval  # evaluation time is not training time
+        t_start += t_eval
+        window['t'] += t_eval
     if last:
         break
 
@@ -283,48 +329,28 @@ while True:
     for g in optimizer.param_groups:
         g['lr'] = lr
     micro = [next(loader) for _ in range(gradient_accumulation_steps)]
-    n_events_step, n_pulses_step = all_sum([sum(b['n_events'] for b in micro), sum(b['n_pulses'] for b in micro)])
-    loss_sum = 0.0
+    n_events = sum(b['n_events'] for b in micro)  # this rank's; DDP averages the ranks' mean gradients
     for k, batch in enumerate(micro):
-        b = M.batch_to_tensors(batch, device)
+        b = M.to_device(batch, device)
         if ddp:
             model.require_backward_grad_sync = k == len(micro) - 1
         with autocast:
             pred = model(b)
-        per = M.per_event_loss(pred, b['event_dir'], b['event_index'] >= 0, angular_weight)
-        # DDP averages gradients over ranks; scale so the step's gradient is that of the mean over all events
-        loss = per.sum() * (world_size / n_events_step)
-        loss.backward()
-        loss_sum += per.sum().detach()
+        per = M.per_event_loss(pred, b['event_dir'], b['event_index'] >= 0, angular_weight).sum()
+        (per / n_events).backward()
+        window['loss'] += per.detach()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    (loss_mean,) = all_sum([float(loss_sum)])
-    loss_mean /= n_events_step
-    if not math.isfinite(loss_mean):
-        fail(f"loss is {loss_mean} at iteration {iter_num}: stopping; the last good checkpoint is {ckpt_path} "
-             f"(iteration of the last evaluation). Try a lower learning_rate or grad_clip.")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:  # the decay starts at 0.1 and grows to ema_decay, so the first weights fade fast
         torch._foreach_lerp_(ema, [p.detach() for p in raw_model.parameters()], 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
     iter_num += 1
-    iters_timed += 1
-    window_events += n_events_step
-    window_loss += loss_mean * n_events_step
-    window_pulses += n_pulses_step
-
+    window['iters'] += 1
+    window['events'] += n_events
+    window['pulses'] += sum(b['n_pulses'] for b in micro)
     if iter_num % log_interval == 0 or iter_num == max_iters:
-        now = time.time()
-        dt = (now - t_last) / iters_timed
-        left = dt * (max_iters - iter_num)
-        if max_minutes:
-            left = min(left, 60 * max_minutes - seconds)
-        log(f"iter {iter_num}: loss {window_loss / window_events:.4f}, lr {lr:.2e}, {window_events / (now - t_last):.0f} events/s, "
-            f"{window_pulses / (now - t_last):.0f} pulses/s, {dt * 1000:.0f} ms/iter, "
-            f"{left / 60:.1f} min left")
-        if wandb is not None:
-            wandb.log({'iter': iter_num, 'train/loss': window_loss / window_events, 'lr': lr, 'events_per_s': window_events / (now - t_last)})
-        t_last, iters_timed, window_events, window_pulses, window_loss = now, 0, 0.0, 0.0, 0.0
+        flush_window()
 
 loader.close()
 log(f"train: done, {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best val {best_val:.4f} rad "

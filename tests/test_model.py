@@ -1,7 +1,9 @@
-"""Tests for model.py: batch composition does not change a result, the two attention paths agree,
-gradients reach every parameter, the loss and the metric."""
+"""Tests for model.py: batch composition does not change a result, the two attention paths agree, the training
+step computes the same function as before the loader-built layout (commit bfe73ee), the flex path is one compiled
+graph, gradients reach every parameter, the loss and the metric."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -61,8 +63,8 @@ def pack(events, P, D, E, directions=None):
     return b
 
 
-def tensors(b):
-    return M.batch_to_tensors(b)
+def tensors(b, path='sdpa'):
+    return M.model_inputs(b, path)
 
 
 def small_model(**kw):
@@ -85,13 +87,17 @@ def data():
 def test_t1_packed_equals_alone(data):
     events, b = data
     m = small_model()
+    def embed(batch):
+        t = tensors(batch)
+        return m.embed_doms(t, M.attention_layouts(t)[0])
+
     with torch.no_grad():
-        packed, _ = m.embed_doms(tensors(b))
+        packed = embed(b)
         d = 0
         for e, doms in enumerate(events):
             for j, dom in enumerate(doms):
                 if j % 3 == 0 or len(dom[2]) > 5:  # a sample of DOMs and every big one
-                    alone, _ = m.embed_doms(tensors(pack([[dom]], P=300, D=3, E=2)))
+                    alone = embed(pack([[dom]], P=300, D=3, E=2))
                     assert torch.allclose(packed[d], alone[0], atol=2e-5), (e, j)
                 d += 1
     assert torch.all(packed[d:] == 0)
@@ -111,76 +117,104 @@ def test_t2_packed_equals_alone(data):
     assert torch.isfinite(packed).all()  # padding event slots too
 
 
-def random_docs(rng, lengths, n_pad):
-    doc = np.concatenate([np.full(l, i) for i, l in enumerate(lengths)] + [np.full(n_pad, len(lengths))])
-    return torch.from_numpy(doc).long(), len(lengths)
+def streams(lengths):
+    """Documents of the given lengths in both attention layouts: (src, doc, layout) per path, the stream's tokens
+    taken from rows of a token table in document order (row N_tokens is padding)."""
+    lengths = np.asarray(lengths)
+    n = int(lengths.sum())
+    n_slots = -(-(n + 1) // M.BLOCK) * M.BLOCK
+    out = {}
+    for path in ('flex', 'sdpa'):
+        src, doc, _, layout = M._stream(lengths, np.arange(n), path, n_slots, n)
+        if path == 'flex':
+            lo, hi, block_doc = (torch.from_numpy(a) for a in layout)
+            doc_t = torch.from_numpy(doc)
+            layout = M.block_mask(lo, hi, block_doc, lambda b, h, q, kv: doc_t[q] == doc_t[kv])
+        out[path] = torch.from_numpy(src), torch.from_numpy(doc), layout
+    return out
 
 
 @pytest.mark.parametrize('compiled', [False, True])
 def test_attention_paths_agree(compiled, monkeypatch):
-    """attend() with the FlexAttention block mask (forward; CPU) equals the padded-SDPA path. Document
-    lengths chosen to straddle blocks, fill whole blocks (full blocks) and be single tokens."""
-    rng = np.random.default_rng(0)
-    lengths = [1, 1, 300, 5, 128, 1, 2, 256, 17, 1, 3, 40]
-    N = -(-(sum(lengths) + 1) // M.BLOCK) * M.BLOCK
-    doc, pad_id = random_docs(rng, lengths, N - sum(lengths))
-    q, k, v = (torch.randn(N, 2, 16) for _ in range(3))
+    """attend() with the FlexAttention block mask (forward; CPU) equals the grouped-SDPA path and a dense reference.
+    Document lengths chosen to straddle blocks, fill whole blocks (full blocks) and be single tokens."""
+    lengths = [1, 1, 300, 5, 128, 1, 2, 256, 17, 1, 3, 40, 5]
+    n = sum(lengths)
     if not compiled:
         monkeypatch.setattr(M, '_flex_compiled', M.flex_attention)  # the unfused reference on the CPU
-    out_flex = M.attend(q, k, v, M.flex_docs(doc, pad_id))
-    out_sdpa = M.attend(q, k, v, M.padded_docs(doc, pad_id))
-    real = doc < pad_id
-    # dense reference
-    mask = (doc[:, None] == doc[None, :])
-    qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))
+    q, k, v = (torch.randn(n + 1, 2, 16) for _ in range(3))
+    q[n] = k[n] = v[n] = 0  # the padding row
+    doc_of = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
+    mask = doc_of[:, None] == doc_of[None, :]
+    qh, kh, vh = (t[:n].transpose(0, 1) for t in (q, k, v))
     ref = (torch.softmax((qh @ kh.transpose(-1, -2)) / 4.0 + torch.where(mask, 0.0, -math.inf), -1) @ vh).transpose(0, 1)
-    diff = (out_flex[real] - out_sdpa[real]).abs().max().item()
-    print(f"attention paths (compiled flex={compiled}): max abs diff {diff:.2e}")
-    assert diff < 1e-5
-    assert (out_sdpa[real] - ref[real]).abs().max() < 1e-5
+    for path, (src, doc, layout) in streams(lengths).items():
+        out = M.attend(q[src], k[src], v[src], layout)
+        real = src < n
+        diff = (out[real] - ref[src[real]]).abs().max().item()
+        print(f"attention {path} (compiled flex={compiled}): max abs diff from the dense reference {diff:.2e}")
+        assert diff < 1e-5
 
 
 def test_model_paths_agree(data, monkeypatch):
-    """The whole model gives the same output with attn='flex' (forward, unfused reference on the CPU) and
-    attn='sdpa'."""
+    """The whole model gives the same output with the flex layout (forward, unfused reference on the CPU) and the
+    sdpa layout."""
     _, b = data
     monkeypatch.setattr(M, '_flex_compiled', M.flex_attention)
     m = small_model()
-    mf = small_model(attn='flex')
-    mf.load_state_dict(m.state_dict())
     with torch.no_grad():
-        a, bb = m(tensors(b)), mf(tensors(b))
-    n = b['n_events']  # padding event slots differ (the paths treat padding tokens differently)
+        a, bb = m(tensors(b, 'sdpa')), m(tensors(b, 'flex'))
+    n = b['n_events']
     diff = (a[:n] - bb[:n]).abs().max().item()
     print(f"model sdpa vs flex: max abs diff {diff:.2e}")
     assert diff < 1e-5
 
 
-def test_compiled_model_equals_eager(data, monkeypatch):
-    """train.py's compile=True: the torch.compile'd model (flex path, forward; the CPU has no flex backward)
-    computes the same function as the eager one, and a second batch of the same budget but another layout
-    does not recompile. (Once the block masks were traced into the compiled graph, T1's and T2's masks got
-    mixed up: max difference 0.019 here, and on CUDA T1's gradients were 94% off.)"""
+def test_step_equals_bfe73ee():
+    """The training step on a fixed batch equals the one before the loader-built stream layout and features (commit
+    bfe73ee, stored in tests/data/step_bfe73ee.pt by running that commit's model on this batch): the loss and every
+    parameter's gradient, within float32 tolerance (the sums now run in another order)."""
+    ref = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'step_bfe73ee.pt'), weights_only=False)
+    m = M.IceModel(**ref['args']).train()
+    m.load_state_dict(ref['state'])
+    t = tensors(ref['batch'])
+    pred = m(t)
+    loss = M.loss_fn(pred, t['event_dir'], t['event_index'] >= 0, 0.5)
+    loss.backward()
+    n = ref['batch']['n_events']
+    assert abs(loss.item() - ref['loss'].item()) < 1e-5 and torch.allclose(pred[:n], ref['pred'], atol=1e-5)
+    for name, p in m.named_parameters():
+        scale = ref['grads'][name].abs().max()
+        assert (p.grad - ref['grads'][name]).abs().max() <= 1e-4 * scale + 1e-7, name
+
+
+def test_flex_path_is_one_graph_without_recompiles(data, monkeypatch):
+    """train.py's compile=True on the flex path: the forward (features included, as on CUDA) is one graph with no
+    graph break, computes the function of the eager sdpa path, and batches of other contents do not recompile.
+    (Once T1's and T2's block masks were closures of one function traced into one graph, they got mixed up: the
+    compiled model computed another function, on CUDA with T1's gradients 94% off.)"""
     _, b = data
-    rng = np.random.default_rng(5)
-    b2 = pack(fake_events(rng, 9, big_dom=120), P=4000, D=400, E=16)
-    m = small_model(attn='flex')
-    cm = torch.compile(m)
+    b2 = pack(fake_events(np.random.default_rng(5), 9, big_dom=120), P=4000, D=400, E=16)
+    m = small_model()
+    inputs = lambda batch: M.model_inputs(batch, 'flex', with_features=False)
     with torch.no_grad():
-        for batch in (b, b, b2):
+        explained = torch._dynamo.explain(m)(inputs(b))
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        cm = torch.compile(m)
+        for batch in (b, b2, b):
             n = batch['n_events']
-            diff = (cm(tensors(batch))[:n] - m(tensors(batch))[:n]).abs().max().item()
+            diff = (cm(inputs(batch))[:n] - m(tensors(batch))[:n]).abs().max().item()
             assert diff < 1e-5, diff
             monkeypatch.setattr(torch._dynamo.config, 'error_on_recompile', True)  # from the second call on
 
 
 def test_block_mask_blocks():
-    """Full and partial blocks of the boundary-built mask match the dense document mask."""
+    """Full and partial blocks of the mask built from the loader's block ranges match the dense document mask."""
     rng = np.random.default_rng(3)
-    lengths = list(rng.integers(1, 400, size=20))
-    N = -(-(sum(lengths) + 1) // M.BLOCK) * M.BLOCK
-    doc, pad_id = random_docs(rng, lengths, N - sum(lengths))
-    bm = M.flex_docs(doc, pad_id)
+    lengths = rng.integers(1, 400, size=20)
+    src, doc, bm = streams(lengths)['flex']
+    N = len(doc)
     dense = (doc[:, None] == doc[None, :]).view(N // 128, 128, N // 128, 128)
     any_ = dense.any(3).any(1)
     all_ = dense.all(3).all(1)
@@ -280,11 +314,11 @@ def test_cuda_flex_equals_sdpa_forward_and_backward(data):
     _, b = data
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    t = M.batch_to_tensors(b, 'cuda')
-    real = t['event_index'] >= 0
     n = b['n_events']
     results = {}
     for path in ('sdpa', 'flex'):
+        t = M.model_inputs(b, path, 'cuda', with_features=False)
+        real = t['event_index'] >= 0
         m = small_model(attn=path).cuda().train()
         pred = m(t)
         M.loss_fn(pred, t['event_dir'], real, angular_weight=0.5).backward()
@@ -294,6 +328,7 @@ def test_cuda_flex_equals_sdpa_forward_and_backward(data):
     for k in ga:
         assert torch.allclose(ga[k], gf[k], atol=1e-4, rtol=1e-3), k
     m = small_model(attn='flex').cuda()
+    t = M.model_inputs(b, 'flex', 'cuda', with_features=False)
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
         pb = m(t)[:n]
     assert (pb - pa).abs().max() < 5e-2
@@ -304,7 +339,7 @@ def test_cuda_compiled_equals_eager(data):
     """torch.compile (train.py's compile=True) must not change the function or its gradients."""
     _, b = data
     torch.backends.cuda.matmul.allow_tf32 = False
-    t = M.batch_to_tensors(b, 'cuda')
+    t = M.model_inputs(b, 'flex', 'cuda', with_features=False)
     real = t['event_index'] >= 0
     n = b['n_events']
     results = {}
