@@ -357,7 +357,7 @@ def _source_stamp(src):
 
 def _save(path, a):
     """np.save of a 1-D array, returning what shard.json records of the file: its size and CRC-32, summed from the
-    bytes as they are written (about 2 GB/s, so it adds about 1% to packing)."""
+    bytes as they are written (zlib's CRC-32 runs at 1-2 GB/s: bench.py's prepare row measured 0.92x the pulses/s)."""
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(a))
     head, body = head.getvalue(), np.ascontiguousarray(a).view(np.uint8)
@@ -501,8 +501,9 @@ def _size(n):
 
 
 def check_space(out, shards, has_truth):
-    """Refuse before writing when the shards to write, [(n_events, n_pulses)], cannot fit on out's disk. DOMs are
-    counted at most one per pulse, so the estimate errs on the safe side (DOMs are ~0.6-0.8 per pulse in real data)."""
+    """Refuse before writing when the shards to write, [(n_events, n_pulses)], cannot fit on out's disk. The meta
+    does not say how many DOMs there are: counting one per pulse errs on the safe side (the median real event has
+    49 hit DOMs for 63 pulses)."""
     event_bytes = np.dtype(EVENT_FIELDS + (TRUTH_FIELDS if has_truth else [])).itemsize
     need = sum(PULSE_DTYPE.itemsize * p + 4 * (p + 1) + event_bytes * e + 3 * 128 + 4096 for e, p in shards)
     free = shutil.disk_usage(out).free
@@ -562,8 +563,10 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
         _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify)
     except BaseException as e:
         for part, split, ids in plans:  # the pool has shut down: no worker still writes into these
-            for stale in glob.glob(f"{out}/{split}/.tmp-*") + glob.glob(f"{out}/{split}/*.tmp*"):
-                shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+            for stale in glob.glob(f"{out}/{split}/.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in glob.glob(f"{out}/{split}/*.tmp*"):  # the manifest's and geometry's temporary files
+                os.remove(stale)
         if isinstance(e, OSError):
             raise _write_error(e, out) from None
         raise

@@ -291,7 +291,7 @@ def save_checkpoint(path):
     flat = [0.0] * (2 * world_size)
     flat[2 * rank:2 * rank + 2] = loader.position
     flat = all_sum(flat)
-    saved_iter = iter_num
+    saved_iter, set_aside, damaged_ckpt = iter_num, damaged_ckpt, None  # on every rank: stop_for_signal reads them
     if not master:
         return
     weights = {'model': raw_model.state_dict()}
@@ -311,8 +311,7 @@ def save_checkpoint(path):
             os.remove(tmp)
         fail(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous {path} is intact")
     if os.path.exists(path):  # a damaged ckpt.pt that the run resumed past is set aside, not kept as the previous one
-        os.replace(path, damaged_ckpt or prev_path)
-        damaged_ckpt = None
+        os.replace(path, set_aside or prev_path)
     os.replace(tmp, path)
 
 
@@ -338,13 +337,13 @@ def stop_for_signal():
     """Save the finished iterations and exit 128 + the signal number (143 SIGTERM, 130 SIGINT: a scheduler sees a
     stopped job, not a finished one)."""
     sig = stop_signal or signal.SIGTERM  # under torchrun a rank may stop for another rank's signal
-    if iter_num != saved_iter:
+    if iter_num != saved_iter or (damaged_ckpt and iter_num > 0):  # after a fallback, ckpt.pt is the damaged one
         save_checkpoint(ckpt_path)
     if ddp:
         dist.barrier()  # rank 0 has written before any rank leaves (torchrun stops the others when one leaves)
     loader.close()
     log(f"train: {signal.Signals(sig).name}: stopped at iteration {iter_num}; " + (
-        f"{ckpt_path} holds it, continue with --init_from=resume" if saved_iter == iter_num and iter_num > 0
+        f"{ckpt_path} holds it, continue with --init_from=resume" if iter_num > 0
         else "nothing was trained yet, so nothing was saved"))
     if wandb is not None:
         wandb.finish(exit_code=128 + sig)
