@@ -466,8 +466,9 @@ def test_old_format_output_is_refused_and_rebuilt(tmp_path, prepared):
         info.pop('files', None)
         info.pop('made_by', None)
         json.dump(info, open(p, 'w'))
-    with pytest.raises(prepare.SplitError, match=r"format version 1, this reader reads 2; re-run prepare.py"):
+    with pytest.raises(prepare.SplitError, match=r"format version 1, this reader reads 2; re-run prepare.py") as e:
         open_split(str(out / 'train'))
+    assert f"python prepare.py --raw_dir={prepared}/raw --out_dir={out} (and the val_batches" in str(e.value)
     logs = []
     prepare.run(f"{prepared}/raw", str(out), val_batches=1, num_proc=1, log=logs.append)
     assert sum('made by an older prepare.py' in line and 'rebuilding' in line for line in logs) == 4
