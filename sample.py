@@ -27,7 +27,7 @@ import torch
 
 import model as M
 import classical
-from prepare import KIND_NAMES, BatchLoader, open_split
+from prepare import KIND_NAMES, BatchLoader, SplitError, open_split
 
 # -----------------------------------------------------------------------------
 # settings
@@ -52,7 +52,18 @@ methods = [m for m in baselines.split(',') if m]
 if set(methods) - set(classical.METHODS):
     raise SystemExit(f"sample: unknown baseline {sorted(set(methods) - set(classical.METHODS))}; choose from {classical.METHODS}")
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ck = torch.load(os.path.join(out_dir, ckpt), map_location='cpu', weights_only=False)
+ckpt_path = os.path.join(out_dir, ckpt)
+if not os.path.exists(ckpt_path):
+    raise SystemExit(f"sample: error: {ckpt_path}: no checkpoint there; train.py writes best.pt and ckpt.pt into "
+                     f"its out_dir: choose them with --out_dir and --ckpt")
+try:
+    ck = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    missing = [k for k in ('config', 'model', 'model_args', 'iter_num', 'max_pulses_per_dom', 'data_dir') if k not in ck]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+except Exception as e:  # truncated zip, garbage, no permission, not a train.py checkpoint
+    raise SystemExit(f"sample: error: {ckpt_path}: unreadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                     f"the file is damaged: try --ckpt=ckpt.pt or --ckpt=ckpt.prev.pt (train.py keeps the one before ckpt.pt)") from None
 cfg = ck['config']
 data_dir = data_dir or ck['data_dir']
 max_pulses = max_pulses or cfg['max_pulses']
@@ -64,7 +75,10 @@ raw_model.to(device).eval()
 model = torch.compile(raw_model) if compile else raw_model
 autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=device_type == 'cuda' and dtype != 'float32')
 
-s = open_split(os.path.join(data_dir, split))
+try:
+    s = open_split(os.path.join(data_dir, split))
+except (FileNotFoundError, SplitError) as e:
+    raise SystemExit(f"sample: error: {e}")
 n = min(max_events, len(s)) if max_events else len(s)
 print(f"sample: {os.path.join(out_dir, ckpt)} (iter {ck['iter_num']}, {raw_model.num_params() / 1e6:.3f}M parameters) "
       f"on {n} of {len(s)} events of {os.path.join(data_dir, split)}, device {device}")

@@ -8,15 +8,18 @@ Train the hierarchical transformer (model.py) on prepared data (prepare.py).
 Settings are the module globals below, overridden by config files and --key=value (configurator.py).
 A micro-batch is a token budget (max_pulses pulses, max_doms DOMs, at most max_events events), not a
 fixed event count, so shapes stay fixed (no recompiles) and a huge event cannot blow the memory.
-One iteration = gradient_accumulation_steps micro-batches on each rank; the loss is the mean over every
-event of the step on all ranks. Checkpoints (out_dir/ckpt.pt the latest, out_dir/best.pt the best val
-error) are written atomically at every evaluation and at the end.
+One iteration = gradient_accumulation_steps micro-batches on each rank; the loss is the mean over the events of
+the rank's micro-batches, and DDP averages the ranks' gradients. Checkpoints (out_dir/ckpt.pt the latest, out_dir/best.pt the best val
+error) are written atomically at every evaluation and at the end; the one before ckpt.pt stays as
+ckpt.prev.pt. SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) finishes the current iteration, writes
+ckpt.pt and exits 143 (130 for SIGINT); --init_from=resume goes on with the same data order.
 """
 
 import functools
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -26,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
-from prepare import BatchLoader, open_split
+from prepare import BatchLoader, SplitError, open_split
 
 # -----------------------------------------------------------------------------
 # settings
@@ -59,7 +62,7 @@ t2_dim = 128
 t2_layers = 4
 t2_heads = 4
 mlp_ratio = 4
-attn = 'auto'                # 'auto' (FlexAttention on CUDA, padded SDPA elsewhere), 'flex' or 'sdpa'
+attn = 'auto'                # 'auto' (FlexAttention on CUDA, grouped SDPA elsewhere), 'flex' or 'sdpa'
 # loss: von Mises-Fisher NLL + angular_weight * angle (rad)
 angular_weight = 0.0
 # optimizer: AdamW, linear warmup then cosine decay to min_lr at lr_decay_iters
@@ -121,19 +124,53 @@ def fail(msg):
 
 
 # data
-train_split = open_split(os.path.join(data_dir, 'train'))
-val_split = open_split(os.path.join(data_dir, 'val'))
+try:
+    train_split = open_split(os.path.join(data_dir, 'train'))
+    val_split = open_split(os.path.join(data_dir, 'val'))
+except (FileNotFoundError, SplitError) as e:
+    fail(e)
 
 # model: from scratch, or rebuilt from the checkpoint's model settings
 model_args = dict(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim, t2_layers=t2_layers,
                   t2_heads=t2_heads, mlp_ratio=mlp_ratio, attn=attn)
 iter_num, best_val, seconds_before = 0, float('inf'), 0.0
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-checkpoint = None
+ckpt_path, prev_path, best_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'ckpt.prev.pt', 'best.pt'))
+checkpoint, damaged_ckpt, data_order = None, None, None
+
+
+def load_resume_checkpoint():
+    """ckpt.pt; if it is missing or unreadable (a write cut short, a damaged disk), the newest readable of
+    ckpt.prev.pt (the one before it) and best.pt (a copy of ckpt.pt at the best evaluation, so a full training
+    state too, and newer than ckpt.prev.pt when the last evaluation was the best), with a message."""
+    global damaged_ckpt
+    problems, found = [], []
+    for path in (ckpt_path, prev_path, best_path):
+        if not os.path.exists(path):
+            problems.append(f"{path} is missing")
+            continue
+        try:
+            ck = torch.load(path, map_location='cpu', weights_only=False)
+            missing = [k for k in ('model', 'optimizer', 'model_args', 'iter_num') if k not in ck]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+        except Exception as e:  # truncated zip, garbage, no permission: all mean the same here
+            problems.append(f"{path} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+            continue
+        if path == ckpt_path:
+            return ck
+        found.append((ck['iter_num'], path, ck))
+    if not found:
+        fail(f"init_from='resume' but there is no readable checkpoint in {out_dir}: {'; '.join(problems)}")
+    it, path, ck = max(found, key=lambda f: f[0])  # the first on a tie: ckpt.prev.pt
+    damaged_ckpt = os.path.join(out_dir, 'ckpt.damaged.pt') if os.path.exists(ckpt_path) else None
+    log(f"train: {problems[0]}; resuming from {path} (iteration {it}) instead, the iterations since then are done again"
+        + (f"; {ckpt_path} is kept as {damaged_ckpt} at the next checkpoint" if damaged_ckpt else ""))
+    return ck
+
+
 if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    checkpoint = load_resume_checkpoint()
+    data_order = checkpoint.get('data_order')
     model_args = checkpoint['model_args']
     max_pulses_per_dom = checkpoint['max_pulses_per_dom']
     iter_num, best_val, seconds_before = checkpoint['iter_num'], checkpoint['best_val'], checkpoint['train_seconds']
@@ -245,39 +282,111 @@ def evaluate():
     return err_sum / max(n, 1), loss_sum / max(n, 1), int(n)
 
 
+def data_start():
+    """(loader seed, (epoch, position)) for this rank: on resume, where the checkpoint's data order stopped, so the
+    run sees the batches an uninterrupted one would; a fresh shuffle if the ranks, seed or events changed."""
+    if init_from != 'resume':
+        return seed, (0, 0)
+    if data_order and (data_order['seed'], data_order['world_size'], data_order['n_events']) == (seed, world_size, n_train):
+        return data_order['loader_seed'], tuple(data_order['positions'][rank])
+    log("train: the checkpoint's data order does not apply (another seed, world size or train_events, or an older "
+        "checkpoint); the data are shuffled afresh")
+    return seed + iter_num, (0, 0)
+
+
 def save_checkpoint(path):
-    """Atomic: write a temporary file, then rename it over the old one. 'model' holds the weights to use (the
-    averaged ones), 'train_model' the training weights that a resumed run continues from."""
+    """Called on every rank, which gathers the ranks' data positions; rank 0 writes. Atomic: a temporary file renamed
+    over the old one, and the old one renamed to ckpt.prev.pt, a way back if the new one is damaged later.
+    'model' holds the weights to use (the averaged ones), 'train_model' the training weights that a resumed run
+    continues from."""
+    global saved_iter, damaged_ckpt
+    flat = [0.0] * (2 * world_size)
+    flat[2 * rank:2 * rank + 2] = loader.position
+    flat = all_sum(flat)
+    saved_iter, set_aside, damaged_ckpt = iter_num, damaged_ckpt, None  # on every rank: stop_for_signal reads them
+    if not master:
+        return
     weights = {'model': raw_model.state_dict()}
     if ema is not None:
         weights = {'model': {**weights['model'], **dict(zip([n for n, _ in raw_model.named_parameters()], ema))},
                    'train_model': weights['model']}
     ckpt = {**weights, 'optimizer': optimizer.state_dict(), 'model_args': raw_model.args,
             'iter_num': iter_num, 'best_val': best_val, 'config': config, 'train_seconds': seconds,
-            'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': data_dir}
+            'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': data_dir,
+            'data_order': {'seed': seed, 'world_size': world_size, 'n_events': n_train, 'loader_seed': loader_seed,
+                           'positions': [[int(flat[2 * r]), int(flat[2 * r + 1])] for r in range(world_size)]}}
     tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
+    try:
+        torch.save(ckpt, tmp)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous {path} is intact")
+    if os.path.exists(path):  # a damaged ckpt.pt that the run resumed past is set aside, not kept as the previous one
+        os.replace(path, set_aside or prev_path)
     os.replace(tmp, path)
+
+
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    # only a flag, read between iterations: the iteration in progress finishes, then the state is saved
+    global stop_signal
+    stop_signal = signum
+
+
+def stopping():
+    """Whether to stop for a signal now, the same answer on every rank. Alone: the handler's flag, free to read
+    every iteration. Under torchrun the ranks must stop at the same iteration, so they compare flags in the small
+    reduce of each log point (flush_window), which costs the step no host sync."""
+    return stop_signal is not None if not ddp else window['stop']
+
+
+def stop_for_signal():
+    """Save the finished iterations and exit 128 + the signal number (143 SIGTERM, 130 SIGINT: a scheduler sees a
+    stopped job, not a finished one)."""
+    sig = stop_signal or signal.SIGTERM  # under torchrun a rank may stop for another rank's signal
+    if window['iters']:
+        flush_window()  # checks the loss before it is saved
+    if iter_num != saved_iter or (damaged_ckpt and iter_num > 0):  # after a fallback, ckpt.pt is the damaged one
+        save_checkpoint(ckpt_path)
+    if ddp:
+        dist.barrier()  # rank 0 has written before any rank leaves (torchrun stops the others when one leaves)
+    loader.close()
+    log(f"train: {signal.Signals(sig).name}: stopped at iteration {iter_num}; " + (
+        f"{ckpt_path} holds it, continue with --init_from=resume" if iter_num > 0
+        else "nothing was trained yet, so nothing was saved"))
+    if wandb is not None:
+        wandb.finish(exit_code=128 + sig)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(128 + sig)
 
 
 # training loop. Nothing in an iteration waits for the device: the batch's numbers of events and pulses come from the
 # loader (host ints), the loss accumulates on the device, and the clock that the time budget and the learning rate
 # follow is agreed by all ranks at log points (one small reduce, the only host synchronisation between them) and
 # extrapolated in between, so every rank takes the same learning rate and stops at the same iteration.
+loader_seed, start = data_start()
 loader = BatchLoader(train_split, max_pulses, max_doms, max_events, max_pulses_per_dom, shuffle=True,
-                     seed=seed + iter_num, rank=rank, world_size=world_size, max_events_total=train_events,
+                     seed=loader_seed, rank=rank, world_size=world_size, max_events_total=train_events, start=start,
                      transform=to_model, workers=loader_workers, pin_memory=pin)
+saved_iter = iter_num
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
 model.train()
 t_start = time.time()
 clock = dict(iter=iter_num, seconds=seconds_before, per_iter=0.0)  # the agreed clock at the last log point
-window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start)
+window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start, stop=False)
 
 
 def flush_window():
     """A log point: one reduce over ranks of the window's loss, events, pulses and seconds; checks the loss, logs,
     and advances the agreed clock."""
     now = time.time()
-    loss_sum, events, pulses, elapsed = all_sum([window['loss'], window['events'], window['pulses'], now - t_start])
+    loss_sum, events, pulses, elapsed, stops = all_sum([window['loss'], window['events'], window['pulses'], now - t_start,
+                                                        float(stop_signal is not None)])
     loss_mean = loss_sum / max(events, 1)
     if not math.isfinite(loss_mean):
         fail(f"loss is {loss_mean} at iteration {iter_num}: stopping; the last good checkpoint is {ckpt_path} "
@@ -293,7 +402,7 @@ def flush_window():
         f"{pulses / rate:.0f} pulses/s, {dt * 1000:.0f} ms/iter, {left / 60:.1f} min left")
     if wandb is not None:
         wandb.log({'iter': iter_num, 'train/loss': loss_mean, 'lr': lr, 'events_per_s': events / rate})
-    window.update(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=time.time())
+    window.update(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=time.time(), stop=stops > 0)
 
 
 lr = get_lr(iter_num, seconds_before)
@@ -311,11 +420,10 @@ while True:
         best_val = min(best_val, val_err)
         log(f"eval iter {iter_num}: val mean angular error {val_err:.4f} rad ({math.degrees(val_err):.2f} deg), "
             f"val loss {val_loss:.4f}, {n_val} events, best {best_val:.4f} rad ({time.time() - t_eval:.1f}s)")
-        if master:
-            save_checkpoint(ckpt_path)
-            if improved:  # a copy, renamed into place: serialising a big model twice costs seconds
-                shutil.copyfile(ckpt_path, os.path.join(out_dir, 'best.pt.tmp'))
-                os.replace(os.path.join(out_dir, 'best.pt.tmp'), os.path.join(out_dir, 'best.pt'))
+        save_checkpoint(ckpt_path)
+        if master and improved:  # a copy, renamed into place: serialising a big model twice costs seconds
+            shutil.copyfile(ckpt_path, os.path.join(out_dir, 'best.pt.tmp'))
+            os.replace(os.path.join(out_dir, 'best.pt.tmp'), best_path)
         if wandb is not None:
             wandb.log({'iter': iter_num, 'val/angular_error': val_err, 'val/angular_error_deg': math.degrees(val_err),
                        'val/loss': val_loss, 'val/best': best_val})
@@ -324,6 +432,8 @@ while True:
         window['t'] += t_eval
     if last:
         break
+    if stopping():
+        stop_for_signal()
 
     lr = get_lr(iter_num, seconds)
     for g in optimizer.param_groups:

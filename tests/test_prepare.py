@@ -1,10 +1,14 @@
 """prepare.py: every pulse round-trips, resume after interruption, the reader and batcher, and bad input."""
 
+import errno
+import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -230,7 +234,8 @@ def test_interrupted_process_leaves_no_complete_looking_shard(tmp_path):
     assert len(open_split(str(tmp_path / 'out' / 'train'))) == 3 * 300
 
 
-# -- bad input: each gets a message naming the file, the event and the problem, exit status 1 ------------
+# -- bad input, or a file that cannot be read: each gets a message naming the file, the event and the problem,
+# exit status 1 ----------------------------------------------------------------------------------------------
 
 def _corrupt_batch(raw, fn, part='train', b=1):
     path = f"{raw}/{part}/batch_{b}.parquet"
@@ -255,6 +260,18 @@ def _bad_value(column, row, value, dtype=None):
     return fn
 
 
+def _truncate(path, keep=0.5):
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:int(len(data) * keep)])
+
+
+def _scribble(path, at=100, n=500):
+    # garbage over the first data pages, size unchanged: the footer still opens, the pages do not
+    data = bytearray(open(path, 'rb').read())
+    data[at:at + n] = bytes(n)
+    open(path, 'wb').write(bytes(data))
+
+
 BAD_INPUTS = {
     'missing batch file': (lambda raw: os.remove(f"{raw}/train/batch_2.parquet"), r"batch_2\.parquet: missing file"),
     'missing geometry': (lambda raw: os.remove(f"{raw}/sensor_geometry.csv"), r"sensor_geometry\.csv: missing file"),
@@ -275,6 +292,18 @@ BAD_INPUTS = {
     'duplicate event id': (lambda raw: _dup_event(raw), r"batch_1\.parquet: duplicate event_id \d+ in the meta"),
     'duplicate across files': (lambda raw: _dup_across(raw), r"duplicate event_id \d+ in .*batch_1\.parquet and .*batch_2\.parquet"),
     'not kaggle': (lambda raw: os.remove(f"{raw}/train_meta.parquet"), r"train_meta\.parquet: missing file"),
+    # unreadable files (batch files are read in a worker process, the rest in the main one)
+    'truncated batch file': (lambda raw: _truncate(f"{raw}/train/batch_2.parquet"), r"batch_2\.parquet: cannot read it \(Parquet magic bytes"),
+    'empty batch file': (lambda raw: _truncate(f"{raw}/train/batch_1.parquet", 0), r"batch_1\.parquet: cannot read it \(Parquet file size is 0"),
+    'scribbled batch file': (lambda raw: _scribble(f"{raw}/train/batch_1.parquet"), r"batch_1\.parquet: cannot read it \("),
+    'test batch file': (lambda raw: _truncate(f"{raw}/test/batch_4.parquet", 0.9), r"test/batch_4\.parquet: cannot read it"),
+    'truncated meta': (lambda raw: _truncate(f"{raw}/train_meta.parquet"), r"train_meta\.parquet: cannot read it"),
+    'truncated test meta': (lambda raw: _truncate(f"{raw}/test_meta.parquet"), r"test_meta\.parquet: cannot read it"),
+    'truncated truth': (lambda raw: _truncate(f"{raw}/train_truth.parquet"), r"train_truth\.parquet: cannot read it"),
+    'empty geometry': (lambda raw: _truncate(f"{raw}/sensor_geometry.csv", 0), r"sensor_geometry\.csv: cannot read it \(Empty CSV"),
+    'truncated geometry': (lambda raw: _truncate(f"{raw}/sensor_geometry.csv", 0.5), r"sensor_geometry\.csv: cannot read it \(.*columns"),
+    'a folder for a file': (lambda raw: (os.remove(f"{raw}/train/batch_1.parquet"), os.makedirs(f"{raw}/train/batch_1.parquet")),
+                            r"batch_1\.parquet: cannot read it"),
 }
 
 
@@ -317,8 +346,9 @@ def test_bad_input_gets_a_clear_error(case, clean_raw, tmp_path):
     corrupt(raw)
     with pytest.raises(PrepareError, match=pattern):
         prepare.run(raw, str(tmp_path / 'out'), num_proc=1, log=lambda *a: None)
-    if os.path.exists(tmp_path / 'out' / 'train'):
-        assert not os.path.exists(tmp_path / 'out' / 'train' / 'manifest.json')
+    split = 'test' if case.startswith('test') else 'train'  # the splits are packed in order: train, val, test
+    assert not os.path.exists(tmp_path / 'out' / split / 'manifest.json')
+    assert not glob.glob(str(tmp_path / 'out' / '*' / '.tmp-*'))
 
 
 def test_bad_input_exit_status_and_message_on_the_command_line(clean_raw, tmp_path):
@@ -329,3 +359,169 @@ def test_bad_input_exit_status_and_message_on_the_command_line(clean_raw, tmp_pa
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert 'batch_1.parquet' in r.stderr and 'sensor_id 6000' in r.stderr and 'event_id' in r.stderr
+
+
+def test_unreadable_file_on_the_command_line_and_no_permission(clean_raw, tmp_path, monkeypatch):
+    raw = str(tmp_path / 'raw')
+    shutil.copytree(clean_raw, raw)
+    _truncate(f"{raw}/train/batch_3.parquet")
+    r = subprocess.run([sys.executable, 'prepare.py', f'--raw_dir={raw}', f"--out_dir={tmp_path / 'out'}", '--num_proc=2'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"prepare: error: {raw}/train/batch_3.parquet: cannot read it (Parquet magic "
+                                             f"bytes not found in footer. Either the file is corrupted or this is not a parquet "
+                                             f"file.); if it is damaged, cut short or empty, download or copy it again"]
+    # no permission (simulated: the tests may run as root, who reads anything)
+    shutil.copy(f"{clean_raw}/train/batch_3.parquet", f"{raw}/train/batch_3.parquet")
+    real = pq.ParquetFile
+
+    def guarded(path, *a, **k):
+        if str(path).endswith('batch_2.parquet'):
+            raise PermissionError(errno.EACCES, f"Failed to open local file '{path}'")
+        return real(path, *a, **k)
+    monkeypatch.setattr(pq, 'ParquetFile', guarded)
+    with pytest.raises(PrepareError, match=r"batch_2\.parquet: cannot read it: Permission denied$"):
+        prepare.run(raw, str(tmp_path / 'out2'), num_proc=1, log=lambda *a: None)
+
+
+def test_a_dead_worker_is_named(clean_raw, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, 'pack_file', lambda *a: os._exit(9))  # in the worker, as the out-of-memory killer would
+    with pytest.raises(PrepareError, match=r"batch_\d\.parquet: the worker process packing it died"):
+        prepare.run(clean_raw, str(tmp_path / 'out'), num_proc=1, log=lambda *a: None)
+
+
+# -- damaged output: shards know their sizes and checksums ---------------------------------------------
+
+def test_shard_json_records_sizes_and_checksums(prepared):
+    d = f"{prepared}/out/train/batch_1"
+    info = json.load(open(f"{d}/shard.json"))
+    assert info['format_version'] == prepare.FORMAT_VERSION == 2
+    assert set(info['files']) == {'pulses.npy', 'doms.npy', 'events.npy'}
+    for name, rec in info['files'].items():
+        data = open(f"{d}/{name}", 'rb').read()
+        assert rec == {'bytes': len(data), 'crc32': zlib.crc32(data)}
+    assert (np.load(f"{d}/pulses.npy") == open_split(f"{prepared}/out/train").shards[0]['pulses']).all()
+
+
+def test_cut_short_shard_is_named_and_rebuilt(tmp_path, prepared):
+    shutil.copytree(f"{prepared}/out", tmp_path / 'out')
+    out = tmp_path / 'out'
+    _truncate(out / 'val' / 'batch_3' / 'pulses.npy', 0.7)  # a copy stopped by a full disk
+    with pytest.raises(prepare.SplitError) as e:
+        open_split(str(out / 'val'))
+    msg = str(e.value)
+    assert f"{out}/val/batch_3/pulses.npy: " in msg and "bytes, but shard.json records" in msg
+    assert f"python prepare.py --raw_dir={prepared}/raw --out_dir={out} --val_batches=1 --train_batches=0" in msg
+    logs = []
+    prepare.run(f"{prepared}/raw", str(out), val_batches=1, num_proc=1, log=logs.append)
+    assert any(re.search(r"val/batch_3: pulses\.npy: \d+ bytes, but shard.json records \d+ .*: rebuilding it", line) for line in logs), logs
+    assert sum('rebuilding' in line for line in logs) == 1
+    for f in ['pulses.npy', 'doms.npy', 'events.npy']:
+        assert open(out / 'val' / 'batch_3' / f, 'rb').read() == open(f"{prepared}/out/val/batch_3/{f}", 'rb').read()
+    assert len(open_split(str(out / 'val'))) == 40
+
+
+def test_verify_finds_a_flipped_byte_and_rebuilds_it(tmp_path, prepared):
+    shutil.copytree(f"{prepared}/out", tmp_path / 'out')
+    out = tmp_path / 'out'
+    path = out / 'train' / 'batch_2' / 'doms.npy'
+    data = bytearray(open(path, 'rb').read())
+    data[-3] ^= 0x10  # bit rot: same size, so only the checksum sees it
+    open(path, 'wb').write(bytes(data))
+    assert len(open_split(str(out / 'train'))) == 80  # the cheap check on opening passes
+    logs = []
+    bad = prepare.verify_output(str(out), log=logs.append)
+    assert list(bad) == [f"{out}/train/batch_2"] and 'doms.npy: its bytes differ' in bad[f"{out}/train/batch_2"]
+    # a plain re-run checks sizes only and keeps it; --verify=True rebuilds it
+    prepare.run(f"{prepared}/raw", str(out), val_batches=1, num_proc=1, log=lambda *a: None)
+    assert open(path, 'rb').read() == bytes(data)
+    logs = []
+    prepare.run(f"{prepared}/raw", str(out), val_batches=1, num_proc=1, log=logs.append, verify=True)
+    assert any('train/batch_2: doms.npy: its bytes differ' in line and 'rebuilding' in line for line in logs)
+    assert any('sizes and checksums checked' in line for line in logs)
+    assert open(path, 'rb').read() == open(f"{prepared}/out/train/batch_2/doms.npy", 'rb').read()
+    assert prepare.verify_output(str(out), log=lambda *a: None) == {}
+
+
+def test_verify_on_the_command_line_without_the_raw_files(tmp_path, prepared):
+    shutil.copytree(f"{prepared}/out", tmp_path / 'copy')  # packed data copied elsewhere, the raw files not
+    out = tmp_path / 'copy'
+    cmd = [sys.executable, 'prepare.py', f"--raw_dir={tmp_path / 'nothing'}", f"--out_dir={out}", '--verify=True']
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and '4 shards' in r.stdout and '0 damaged' in r.stdout, r.stdout + r.stderr
+    _scribble(out / 'test' / 'batch_4' / 'events.npy', at=200, n=8)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert f"{out}/test/batch_4/events.npy: its bytes differ" in r.stdout
+    assert f"--raw_dir={prepared}/raw --out_dir={out} --verify=True" in r.stderr
+    assert not os.path.exists(tmp_path / 'nothing')
+
+
+def test_old_format_output_is_refused_and_rebuilt(tmp_path, prepared):
+    shutil.copytree(f"{prepared}/out", tmp_path / 'out')
+    out = tmp_path / 'out'
+    for p in glob.glob(f"{out}/*/manifest.json") + glob.glob(f"{out}/*/*/shard.json"):
+        info = json.load(open(p))
+        info['format_version'] = 1
+        info.pop('files', None)
+        info.pop('made_by', None)
+        json.dump(info, open(p, 'w'))
+    with pytest.raises(prepare.SplitError, match=r"format version 1, this reader reads 2; re-run prepare.py") as e:
+        open_split(str(out / 'train'))
+    assert f"python prepare.py --raw_dir={prepared}/raw --out_dir={out} (and the val_batches" in str(e.value)
+    logs = []
+    prepare.run(f"{prepared}/raw", str(out), val_batches=1, num_proc=1, log=logs.append)
+    assert sum('made by an older prepare.py' in line and 'rebuilding' in line for line in logs) == 4
+    assert len(open_split(str(out / 'train'))) == 80
+
+
+# -- a full disk: refused before writing, or named and cleaned up mid-run ---------------------------------
+
+def test_short_disk_is_refused_before_writing(clean_raw, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 50_000, 50_000))
+    with pytest.raises(PrepareError, match=r"out: not enough disk space: 4 shards to write need up to 0\.\d MB, the disk has 0\.1 MB free"):
+        prepare.run(clean_raw, str(tmp_path / 'out'), num_proc=1, log=lambda *a: None)
+    assert not glob.glob(str(tmp_path / 'out' / '*' / '*'))
+    # the estimate is an upper bound of what is written, and not a loose one
+    monkeypatch.undo()
+    real, need = prepare.check_space, []
+    monkeypatch.setattr(prepare, 'check_space', lambda *a: need.append(real(*a)))
+    prepare.run(clean_raw, str(tmp_path / 'out'), num_proc=1, log=lambda *a: None)
+    written = sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / 'out' / '*' / 'batch_*' / '*')))
+    assert written <= need[0] < 1.5 * written
+
+
+def test_disk_full_mid_run_is_named_and_cleaned_up(clean_raw, tmp_path, monkeypatch):
+    real, calls = prepare._save, []
+
+    def save(path, a):
+        calls.append(path)
+        if len(calls) == 5:  # the second shard's doms.npy
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(path, a)
+    monkeypatch.setattr(prepare, '_save', save)  # the worker is forked from here, so it saves through this too
+    with pytest.raises(PrepareError, match=r"train/batch_2: no space left on the device while writing it; free some space and re-run"):
+        prepare.run(clean_raw, str(tmp_path / 'out'), num_proc=1, log=lambda *a: None)
+    assert sorted(os.listdir(tmp_path / 'out' / 'train')) == ['batch_1']  # the finished shard, no temp folder
+    monkeypatch.undo()
+    logs = []
+    prepare.run(clean_raw, str(tmp_path / 'out'), num_proc=1, log=logs.append)
+    assert any('1 shards were already complete' in line for line in logs)
+    assert len(open_split(str(tmp_path / 'out' / 'train'))) == 40
+
+
+def test_loader_resumes_at_a_position_with_the_same_batches(prepared):
+    s = open_split(f"{prepared}/out/train")
+    args = (3000, 3000, 16, 64)
+    whole = BatchLoader(s, *args, seed=3)
+    first = [next(whole) for _ in range(4)]
+    position = whole.position
+    rest = [next(whole) for _ in range(12)]  # across epoch boundaries (80 events, 16 a batch at most)
+    whole.close()
+    assert first[-1]['position'] == position and rest[-1]['epoch'] >= 2
+    resumed = BatchLoader(s, *args, seed=3, start=position)
+    again = [next(resumed) for _ in range(12)]
+    resumed.close()
+    for a, b in zip(rest, again):
+        assert a['position'] == b['position'] and (a['event_index'] == b['event_index']).all()
+        assert (a['pulse_time'] == b['pulse_time']).all()

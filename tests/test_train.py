@@ -1,10 +1,13 @@
 """Tests for train.py and sample.py on a tiny simulated data set: the loss goes down, checkpoints are
 written and resumed at the same iteration, a NaN loss stops the run, DDP (gloo, 2 CPU processes) keeps
-the ranks' parameters identical, and sample.py writes its figures."""
+the ranks' parameters identical, sample.py writes its figures; SIGTERM stops a run that resumes to the
+weights of an uninterrupted one, a damaged checkpoint falls back to an earlier one."""
 
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -31,7 +34,13 @@ def run(args, cwd=ROOT, check=True, torchrun=False, threads=1):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun
            else [sys.executable]) + args
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun's workers too, should they hang
+        raise
+    p = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -112,3 +121,115 @@ def test_ddp_gloo_two_ranks_identical(data_dir, tmp_path):
     assert init['iter_num'] == 4
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
+
+
+# -- preemption and damaged checkpoints ----------------------------------------------------------------
+
+def _truncate(path):
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:len(data) // 3])
+
+
+def _same_state(a, b):
+    for w in ('model', 'train_model'):
+        assert a[w].keys() == b[w].keys() and all(torch.equal(a[w][k], b[w][k]) for k in a[w]), w
+    sa, sb = a['optimizer']['state'], b['optimizer']['state']
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert a['iter_num'] == b['iter_num']
+
+
+@pytest.fixture(scope='module')
+def preempted(data_dir, tmp_path_factory):
+    """An uninterrupted run of 12 iterations, and the same run stopped by SIGTERM after iteration 3 and resumed.
+    8 of the 40 train events per batch, so the data order shows in the weights; max_minutes=0 keeps the lr off
+    the clock."""
+    root = tmp_path_factory.mktemp('preempt')
+    args = ['train.py', f'--data_dir={data_dir}', '--max_iters=12', '--eval_interval=1000', '--max_minutes=0'] + TINY + ['--max_events=8']
+    run(args + [f'--out_dir={root}/whole'])
+    p = subprocess.Popen([sys.executable] + args + [f'--out_dir={root}/stopped'], cwd=ROOT, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith('iter 3:'):
+            p.send_signal(signal.SIGTERM)
+            break
+    lines += p.communicate(timeout=300)[0].splitlines()
+    stopped = torch.load(f'{root}/stopped/ckpt.pt', weights_only=False)
+    resumed = run(args + [f'--out_dir={root}/stopped', '--init_from=resume'])
+    return root, args, p.returncode, ''.join(lines), stopped, resumed.stdout
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(preempted):
+    root, args, rc, log, stopped, resumed = preempted
+    k = stopped['iter_num']
+    assert rc == 143 and f"train: SIGTERM: stopped at iteration {k}; {root}/stopped/ckpt.pt holds it" in log, log
+    assert 3 <= k < 12 and stopped['data_order']['positions'] != [[0, 0]]
+    assert f'resuming at iter {k}' in resumed
+    whole = torch.load(f'{root}/whole/ckpt.pt', weights_only=False)
+    _same_state(whole, torch.load(f'{root}/stopped/ckpt.pt', weights_only=False))  # weights, average, optimizer
+    assert torch.load(f'{root}/stopped/ckpt.prev.pt', weights_only=False)['iter_num'] == k  # the one before is kept
+
+
+def test_damaged_checkpoint_falls_back_to_the_newest_readable(preempted, tmp_path):
+    root, args, _, _, stopped, _ = preempted
+    out = str(tmp_path / 'out')
+    shutil.copytree(f'{root}/stopped', out)  # ckpt.pt and best.pt at 12, ckpt.prev.pt at the stop
+    whole = torch.load(f'{root}/whole/ckpt.pt', weights_only=False)
+    # ckpt.pt cut short: best.pt is a copy of it from the same (last, best) evaluation, newer than ckpt.prev.pt
+    _truncate(f'{out}/ckpt.pt')
+    p = run(args + [f'--out_dir={out}', '--init_from=resume'])
+    assert re.search(rf"{out}/ckpt.pt is unreadable \(.*\); resuming from {out}/best.pt \(iteration 12\)", p.stdout), p.stdout
+    assert os.path.exists(f'{out}/ckpt.damaged.pt')
+    assert torch.load(f'{out}/ckpt.prev.pt', weights_only=False)['iter_num'] == stopped['iter_num'], "not the damaged one"
+    # ckpt.pt and best.pt both damaged: back to ckpt.prev.pt, and the iterations since come out the same again
+    _truncate(f'{out}/ckpt.pt')
+    _truncate(f'{out}/best.pt')
+    p = run(args + [f'--out_dir={out}', '--init_from=resume'])
+    assert f"resuming from {out}/ckpt.prev.pt (iteration {stopped['iter_num']})" in p.stdout
+    _same_state(whole, torch.load(f'{out}/ckpt.pt', weights_only=False))
+    for f in ('ckpt.pt', 'ckpt.prev.pt', 'best.pt'):
+        _truncate(f'{out}/{f}')
+    p = run(args + [f'--out_dir={out}', '--init_from=resume'], check=False)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr
+    assert p.stderr.startswith(f"train: error: init_from='resume' but there is no readable checkpoint in {out}: ")
+
+
+def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
+    root = preempted[0]
+    p = run(['sample.py', f'--out_dir={tmp_path}'], check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"sample: error: {tmp_path}/best.pt: no checkpoint there; train.py writes best.pt and ckpt.pt into its out_dir: "
+        "choose them with --out_dir and --ckpt"]
+    shutil.copy(f'{root}/whole/best.pt', tmp_path / 'best.pt')
+    _truncate(tmp_path / 'best.pt')
+    p = run(['sample.py', f'--out_dir={tmp_path}'], check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"sample: error: {tmp_path}/best.pt: unreadable checkpoint (")
+    assert 'ckpt.prev.pt' in lines[0]
+
+
+def test_ddp_ranks_stop_together_when_one_gets_sigterm(data_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    wrapper = tmp_path / 'ddp_train.py'
+    wrapper.write_text(  # rank 1 alone gets SIGTERM, while taking its 3rd batch
+        "import os, runpy, signal, sys\n"
+        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
+        "import prepare\n"
+        "nxt, taken = prepare.BatchLoader.__next__, [0]\n"
+        "def signalled(self):\n"
+        "    taken[0] += 1\n"
+        "    if os.environ['RANK'] == '1' and taken[0] == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return nxt(self)\n"
+        "prepare.BatchLoader.__next__ = signalled\n"
+        "sys.argv = ['train.py'] + sys.argv[1:]\n"
+        "runpy.run_path('train.py', run_name='__main__')\n")
+    p = run([str(wrapper), f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=40', '--eval_interval=1000',
+             '--device=cpu', '--max_minutes=0'] + TINY + ['--log_interval=4', '--max_events=8'], torchrun=True, check=False)
+    # the flags are compared every log_interval iterations: both ranks stop at iteration 4 and rank 0 saves it
+    assert p.returncode != 0 and 'train: SIGTERM: stopped at iteration 4;' in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    assert ck['iter_num'] == 4 and ck['data_order']['world_size'] == 2 and len(ck['data_order']['positions']) == 2
+    assert 'exitcode  : 143' in p.stderr
