@@ -199,9 +199,10 @@ pin = device_type == 'cuda'
 
 decay = [p for p in raw_model.parameters() if p.dim() >= 2]
 no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+# fused: one kernel per step on either device (the unfused CPU path reads its step count with .item())
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
                                {'params': no_decay, 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+                              lr=learning_rate, betas=(beta1, beta2), fused=True)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     checkpoint = None

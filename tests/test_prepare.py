@@ -525,3 +525,24 @@ def test_loader_resumes_at_a_position_with_the_same_batches(prepared):
     for a, b in zip(rest, again):
         assert a['position'] == b['position'] and (a['event_index'] == b['event_index']).all()
         assert (a['pulse_time'] == b['pulse_time']).all()
+
+
+def test_loader_workers_give_the_thread_batches(prepared):
+    """Worker processes pack and transform the same batches, in the same order, as the background thread (with the
+    model's stream layout and features as the transform, as train.py runs it)."""
+    import functools
+    import torch
+    import model as M
+    s = open_split(f"{prepared}/out/train")
+    runs = []
+    for workers in (0, 2):
+        loader = BatchLoader(s, 3000, 3000, 16, 64, seed=5, workers=workers,
+                             transform=functools.partial(M.model_inputs, path='sdpa'))
+        runs.append([next(loader) for _ in range(7)])  # across an epoch boundary
+        loader.close()
+    for a, b in zip(*runs):
+        assert a.keys() == b.keys()
+        for k in a:
+            same = torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+            assert same, k
+    assert runs[0][-1]['epoch'] == 1

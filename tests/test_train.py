@@ -233,3 +233,32 @@ def test_ddp_ranks_stop_together_when_one_gets_sigterm(data_dir, tmp_path):
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert ck['iter_num'] == 4 and ck['data_order']['world_size'] == 2 and len(ck['data_order']['positions']) == 2
     assert 'exitcode  : 143' in p.stderr
+
+
+def test_no_host_sync_between_log_points(data_dir, tmp_path, monkeypatch):
+    """Between two log points a training iteration never reads a tensor on the host (on a GPU each read would
+    wait for the device): the calls that do (item, tolist, float(), int(), bool(), ...) are counted while train.py
+    runs in this process, and between consecutive log lines there is only the log point's own read."""
+    import builtins
+    import runpy
+    import signal
+    count = [0]
+    for name in ('item', 'tolist', '__float__', '__int__', '__bool__', '__index__', '__array__'):
+        def counted(self, *a, _orig=getattr(torch.Tensor, name), **k):
+            count[0] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    printed = []
+    monkeypatch.setattr(builtins, 'print', lambda *a, **k: printed.append((count[0], ' '.join(map(str, a)))))
+    monkeypatch.setattr(sys, 'argv', ['train.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}',
+                                      '--max_iters=30', '--eval_interval=1000', '--eval_events=20']
+                        + [a for a in TINY if not a.startswith('--log_interval')] + ['--log_interval=10'])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    at = [c for c, msg in printed if msg.startswith('iter ')]
+    assert len(at) == 3, printed
+    assert [b - a for a, b in zip(at, at[1:])] == [1, 1], printed  # 10 iterations, one read: the log point's reduce
