@@ -36,6 +36,7 @@ Torch and pyarrow run `threads` threads each (1 by default, see the setting), th
 """
 
 import ctypes
+import functools
 import gc
 import json
 import math
@@ -85,6 +86,12 @@ scaling_sizes = '100,1000,10000,100000'
 flat_max_s = 120.0             # the flat model skips a size whose estimated step time exceeds this ...
 flat_max_gb = 8.0              # ... or whose estimated peak memory exceeds this
 likelihood_events = 64         # events of the inference row for the slower classical fits
+# efficiency rows: each config's model and budgets (baseline_1m's divided by cpu_budget_divisor on the CPU, where its
+# 65,536-pulse batches take seconds), its FLOPs, the machine's matmul rate at its widths, the loader beside it
+efficiency_configs = 'toy_cpu,baseline_1m'
+cpu_budget_divisor = 8
+loader_batches = 16            # batches timed per loader measurement
+compare_commit = ''            # a git commit (e.g. bfe73ee): its model.py's step timed on the same batches, A B A B
 # -----------------------------------------------------------------------------
 
 
@@ -338,6 +345,123 @@ def step_batches_of(packed):
     return split, batches, np.concatenate(taken)
 
 
+def step_flops(model, b):
+    """FLOPs of one forward and backward, counted by torch's FlopCounterMode: the matmuls, and attention from the
+    sizes of its SDPA calls (torch 2.13 has no formula for the CPU kernel; the sdpa layout has no padding, so this
+    is the documents' own attention). Counted on the CPU, the same for every device."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+               aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                   lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter:
+        train_step(model, b)
+    return counter.get_total_flops()
+
+
+def matmul_rate(model, b):
+    """FLOP/s of plain x @ w (bench's device and dtype) at the model's widths: every linear layer's forward shape
+    (tokens, in, out) of each stream, and the two matmuls of its backward; the roofline the step is measured against."""
+    dt = torch.bfloat16 if device == 'cuda' and dtype == 'bfloat16' else torch.float32
+    shapes = []
+    for n, dim in ((b['t1_src'].shape[0], model.args['t1_dim']), (b['t2_src'].shape[0], model.args['t2_dim'])):
+        for k, m in ((dim, 3 * dim), (dim, dim), (dim, mlp_ratio * dim), (mlp_ratio * dim, dim)):
+            shapes += [(n, k, m), (n, m, k), (k, n, m)]
+    mats = [(torch.randn(n, k, device=device, dtype=dt), torch.randn(k, m, device=device, dtype=dt)) for n, k, m in shapes]
+
+    def run():
+        for x, w in mats:
+            x @ w
+    run()
+    t, _ = timed(run, repeat=5)
+    return sum(2 * n * k * m for n, k, m in shapes) / t
+
+
+def loader_rate(split, budgets, transform):
+    """Events/s of one BatchLoader (its background thread, as train.py runs it) packing and transforming batches."""
+    loader = prepare.BatchLoader(split, *budgets, seed=seed, transform=transform)
+    next(loader), next(loader)  # the thread's start and the first pages of the memory maps
+    t = time.perf_counter()
+    n = sum(next(loader)['n_events'] for _ in range(loader_batches))
+    rate = n / (time.perf_counter() - t)
+    loader.close()
+    return rate
+
+
+def old_model_module(commit):
+    """model.py of an older commit, imported from `git show` (for the A B comparison of the step)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    src = subprocess.run(['git', 'show', f'{commit}:model.py'], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    path = os.path.join(tempfile.mkdtemp(), f'model_{commit}.py')
+    with open(path, 'w') as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(f'model_{commit}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def steps_per_s(model, batches):
+    t, _ = timed(lambda: [train_step(model, b) for b in batches], repeat=1)
+    return sum(int(b['n_events']) for b in batches) / t
+
+
+def bench_efficiency(name, split):
+    """One config's step as a share of the machine's matmul rate, and its loader's events/s beside it."""
+    cfg = read_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'{name}.py'))
+    divisor = cpu_budget_divisor if device == 'cpu' and cfg.get('device', 'cuda') != 'cpu' else 1
+    budgets = (cfg['max_pulses'] // divisor, cfg['max_doms'] // divisor, max(cfg['max_events'] // divisor, 1),
+               cfg['max_pulses_per_dom'])
+    args = {k: cfg[k] for k in ('t1_dim', 't1_layers', 't1_heads', 't2_dim', 't2_layers', 't2_heads')}
+    torch.manual_seed(seed)
+    model = M.IceModel(**args, mlp_ratio=mlp_ratio)
+    idx = np.random.default_rng(seed + 3).permutation(len(split))
+    raw, pos = [], 0
+    while len(raw) < step_batches and pos < len(idx):
+        batch, n = prepare.pack_batch(split, idx[pos:], *budgets)
+        raw.append(batch)
+        pos += n
+    flops = np.mean([step_flops(model, M.model_inputs(r, 'sdpa')) / r['n_events'] for r in raw[:2]])
+    path = model.path(device)
+    batches = [M.model_inputs(r, path, device) for r in raw]
+    model.to(device)
+    timed_model = torch.compile(model) if compile else model
+    for b in batches[:2]:
+        train_step(timed_model, b)  # warm-up (and compile)
+    rate = max(steps_per_s(timed_model, batches) for _ in range(step_repeat))
+    roof = matmul_rate(model, batches[0])
+    # the loader at the config's full budgets, doing what train.py has it do on that config's device
+    on_gpu = cfg.get('device', 'cuda') == 'cuda'
+    full = (cfg['max_pulses'], cfg['max_doms'], cfg['max_events'], cfg['max_pulses_per_dom'])
+    transform = functools.partial(M.model_inputs, path='flex' if on_gpu else 'sdpa', with_features=not on_gpu)
+    out = {'budgets': list(budgets), 'params': model.num_params(), 'flops_per_event': flops, 'events_per_s': rate,
+           'flops_per_s': flops * rate, 'matmul_flops_per_s': roof, 'share_of_matmul': flops * rate / roof,
+           'loader_budgets': list(full), 'loader_features': not on_gpu,
+           'loader_events_per_s': loader_rate(split, full, transform)}
+    if compare_commit:
+        old = old_model_module(compare_commit)
+        torch.manual_seed(seed)
+        old_model = old.IceModel(**args, mlp_ratio=mlp_ratio).to(device)
+        old_model.load_state_dict(model.state_dict())
+        old_batches = [old.batch_to_tensors(r, device) for r in raw]
+        in_step = [M.model_inputs(r, path, device, with_features=False) for r in raw]  # the features inside the step
+        train_step(old_model, old_batches[0])
+        train_step(model, in_step[0])
+        ab = {'old': [], 'new': [], 'new_features_in_step': []}
+        for _ in range(max(step_repeat, 2)):  # A B A B: the machine's speed drifts between passes
+            ab['old'].append(steps_per_s(old_model, old_batches))
+            ab['new'].append(steps_per_s(timed_model, batches))
+            ab['new_features_in_step'].append(steps_per_s(model, in_step))
+        out['compare'] = {'commit': compare_commit, **{k: max(v) for k, v in ab.items()},
+                          'step_ratio': max(ab['new']) / max(ab['old']),
+                          'step_with_features_ratio': max(ab['new_features_in_step']) / max(ab['old'])}
+    return out
+
+
 def bench_step(batches):
     torch.manual_seed(seed)
     hier = new_model()
@@ -479,6 +603,7 @@ def main():
     results['step'], hier = bench_step(batches)
     results['scaling'] = bench_scaling(hier, split.geometry)
     results['inference'] = bench_inference(split, batches, idx, hier)
+    results['efficiency'] = {name: bench_efficiency(name, split) for name in efficiency_configs.split(',') if name}
     r = results
     st, sc, inf = r['step'], r['scaling'], r['inference']
     n10k, t10k, m10k = ratio_at(sc, 10000)
@@ -522,6 +647,16 @@ def main():
     rows.append(('inference', f"{inf['model_events_per_s']:,.0f} events/s",
                  f"LineFit {inf['linefit_events_per_s']:,.0f} events/s" + (f"; {lik}" if lik else ""),
                  f"{q['inference_vs_linefit']:.3f}x LineFit's rate"))
+    for name, e in results['efficiency'].items():
+        cmp = e.get('compare')
+        rows.append((f'efficiency', f"{name}: {e['events_per_s']:,.0f} events/s, {e['flops_per_event'] / 1e6:,.0f} MFLOP/event, "
+                     f"{e['flops_per_s'] / 1e9:,.1f} GFLOP/s", f"matmul at its widths {e['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s",
+                     f"{e['share_of_matmul']:.0%} of it; budgets {'/'.join(map(str, e['budgets']))}"
+                     + (f"; {cmp['commit']}: step {cmp['step_ratio']:.2f}x, with the features {cmp['step_with_features_ratio']:.2f}x" if cmp else '')))
+        rows.append(('', '', f"loader {e['loader_events_per_s']:,.0f} events/s per rank",
+                     f"{e['loader_events_per_s'] / e['events_per_s']:.1f}x the step" + (
+                         '' if name == 'toy_cpu' or device == 'cuda' else " at the reduced budget (the step on a GPU is the one that counts)")
+                     + f"; budgets {'/'.join(map(str, e['loader_budgets']))}, features {'in the loader' if e['loader_features'] else 'on the device'}"))
     w1, w2 = max(len(x[1]) for x in rows) + 2, max(len(x[2]) for x in rows) + 2
     print(f"\n{'row':<10} {'iceaggr':<{w1}} {'naive alternative':<{w2}} ratio")
     for row in rows:

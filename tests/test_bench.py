@@ -8,12 +8,15 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_BFE73EE = subprocess.run(['git', 'cat-file', '-e', 'bfe73ee'], cwd=ROOT, capture_output=True).returncode == 0
 TINY = ['--events_per_batch=100', '--read_events=32', '--max_pulses=4096', '--max_doms=2048', '--max_events=32',
         '--t1_dim=16', '--t1_heads=2', '--t2_dim=32', '--t2_layers=1', '--t2_heads=2',
         '--step_batches=2', '--step_max_pulses=512', '--step_max_doms=512', '--step_max_events=16',
         '--step_max_pulses_per_dom=8', '--step_repeat=1', '--likelihood_events=4', '--threads=1',
         # flat_max_s=0: the flat model runs the first size only and must record the second as skipped
-        "--scaling_sizes=100,1000", '--flat_max_s=0.0']
+        "--scaling_sizes=100,1000", '--flat_max_s=0.0',
+        # the efficiency rows: baseline_1m's budgets cut to 128 pulses, the step against bfe73ee's (A B)
+        '--cpu_budget_divisor=512', '--loader_batches=2'] + (['--compare_commit=bfe73ee'] if HAS_BFE73EE else [])
 
 
 def test_bench_runs_end_to_end(tmp_path):
@@ -39,3 +42,9 @@ def test_bench_runs_end_to_end(tmp_path):
     assert 'skipped' in big['flat'] and big['flat']['skipped'] in p.stdout
     assert r['ratios']['step_vs_flat_10k_pulses'] == 100
     assert r['inference']['model_events_per_s'] > 0 and r['inference']['linefit_events_per_s'] > 0
+    for name in ('toy_cpu', 'baseline_1m'):
+        e = r['efficiency'][name]
+        assert e['flops_per_event'] > 0 and 0 < e['share_of_matmul'] and e['loader_events_per_s'] > 0, e
+        if HAS_BFE73EE:  # a clone without the history has nothing to compare with
+            assert e['compare']['step_ratio'] > 0 and e['compare']['commit'] == 'bfe73ee'
+    assert r['efficiency']['baseline_1m']['budgets'][0] == 65536 // 512
