@@ -409,7 +409,7 @@ class IceModel(nn.Module):
         # each DOM's place and first-hit time around the charge centre, (x, y, z, c_ice t), as learned Fourier features
         # [cos, sin](W (x, y, z, c_ice t)): the dot product of two DOMs' features is a function of their separation in
         # space and time, which attention can use to weigh DOMs by where and when they were hit relative to each other.
-        # On the toy data the val error went from 0.915 to 0.78-0.86 of LineFit's (README, "Where the model stands").
+        # On the toy data the val error went from 0.915 to 0.78-0.86 of LineFit's (notes/experiments.md, section 4).
         spacetime = torch.cat([rel, (C_ICE * (s['t0'] - t_ref[de]))[:, None]], dim=1) / SPACETIME_SCALE
         with torch.autocast(dev.type, enabled=False):  # phases of tens of radians: bf16's 8 bits would blur them
             phase = self.spacetime_freq(spacetime.clamp(-20.0, 20.0).float())
