@@ -177,6 +177,15 @@ def linefit_improved(pos, time, event_offsets, dom=None):
 
 # -----------------------------------------------------------------------------
 # the MPE likelihood fit
+# mpe_fit runs _mpe_chunk on chunks of events; its pieces, each checkable against the physics on its own:
+#   _time_rows, _charge_rows      the data: each DOM once per group (event x hypothesis x seed)
+#   _seed_tracks                  where each infinite track starts (seed direction, charge centre, early t0)
+#   _starting_vertex              where a starting track's vertex and its cascade's brightness start
+#   _muon_light, _log_light       the muon's direct light (delay, Pandel shape) and how much of it a DOM sees
+#   _vertex_cascade_light         the starting track's cascade at its vertex
+#   _time_log_likelihood          first-photon Pandel likelihood of each hit DOM's first pulse time
+#   _charge_log_likelihood        Poisson likelihood of the charge of every DOM near the track, hit or not
+#   _fit_loop, _best_fit          Adam on all groups at once; the most likely fit per event
 
 class _LogQ(torch.autograd.Function):
     """log Q(a, x), Q the regularised upper incomplete gamma function: the chance that a photon's Pandel delay
@@ -315,6 +324,42 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, amp=None, start=No
     direction, t0), and every seed's fit as start takes it."""
     n_events, n_dirs = seeds.shape[:2]
     f64 = dict(dtype=getattr(torch, MPE_DTYPE), device=device)
+    # one group per (event, hypothesis, seed): with the charge likelihood and MPE_STARTING every seed is fitted as
+    # an infinite and as a starting track; every DOM appears once per group
+    starting_too = amp is not None and MPE_STARTING
+    n_seeds = n_dirs * (2 if starting_too else 1)
+    hits, centre, t_ref = _time_rows(pos, time, npe, offsets, n_seeds, f64)
+    centre_g = torch.as_tensor(np.repeat(centre, n_seeds, 0), **f64)
+    starting = torch.as_tensor(np.tile(np.arange(n_seeds) >= n_dirs, n_events), device=device)
+    near = None if amp is None else _charge_rows(amp, n_seeds, f64)
+    path_mean = _ice_path_mean(f64)
+    params = _seed_tracks(seeds, start, hits, centre_g, t_ref, n_seeds, path_mean, f64)
+    params['s_vertex'], params['log_ratio'] = _starting_vertex(params, starting, hits, centre_g, starting_too, f64)
+
+    def log_likelihood():
+        unit, ref = _track(params['u'], params['shift'], centre_g)
+        ll = _time_log_likelihood(hits, unit, ref, params, path_mean, starting_too, len(centre_g))
+        if near is not None:
+            ll = ll + _charge_log_likelihood(near, unit, ref, params, path_mean, starting_too, len(centre_g))
+        return ll
+    _fit_loop(params, starting, steps, log_likelihood)
+    with torch.no_grad():
+        ll = log_likelihood()
+    return _best_fit(ll, params, centre_g, seeds, centre, t_ref, f64)
+
+
+def _group_rows(ev_of_row, n_seeds, device):
+    # one entry per (row, seed) pair, sorted by group = event * n_seeds + seed: its group and the row it reads
+    g = (ev_of_row[:, None] * n_seeds + np.arange(n_seeds)).ravel()
+    r = np.repeat(np.arange(len(ev_of_row)), n_seeds)
+    o = np.argsort(g, kind='stable')
+    return torch.as_tensor(g[o], device=device), torch.as_tensor(r[o], device=device)
+
+
+def _time_rows(pos, time, npe, offsets, n_seeds, f64):
+    """The time likelihood's data, each hit DOM once per group: position x, first-pulse time t relative to its event's
+    mean time t_ref, photon count n (charge rounded, 1..MPE_MAX_NPE); and per event the charge centre and t_ref."""
+    n_events = len(offsets) - 1
     n_doms = np.diff(offsets)
     event = np.repeat(np.arange(n_events), n_doms)
     # the track's reference point lives in the plane through the charge-weighted centre, perpendicular to the
@@ -322,134 +367,164 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, amp=None, start=No
     w = np.bincount(event, npe, n_events)
     centre = np.stack([np.bincount(event, npe * pos[:, k], n_events) for k in range(3)], 1) / w[:, None]
     t_ref = np.bincount(event, time, n_events) / n_doms  # times relative to the event mean, for precision
-    # one row per (event, hypothesis, seed): with the charge likelihood and MPE_STARTING every seed is fitted as
-    # an infinite and as a starting track; every DOM appears once per row
-    starting_too = amp is not None and MPE_STARTING
-    n_seeds = n_dirs * (2 if starting_too else 1)
-    n_groups = n_events * n_seeds
+    group, dom = _group_rows(event, n_seeds, f64['device'])
+    hits = dict(group=group, x=torch.as_tensor(pos, **f64)[dom], t=torch.as_tensor(time - t_ref[event], **f64)[dom],
+                n=torch.as_tensor(np.clip(np.round(npe), 1, MPE_MAX_NPE), **f64)[dom])
+    return hits, centre, t_ref
 
-    def rows(ev_of_row):  # group of each (row, seed) pair, sorted by group, and the row it reads
-        g = (ev_of_row[:, None] * n_seeds + np.arange(n_seeds)).ravel()
-        r = np.repeat(np.arange(len(ev_of_row)), n_seeds)
-        o = np.argsort(g, kind='stable')
-        return torch.as_tensor(g[o], device=device), torch.as_tensor(r[o], device=device)
-    group, dom = rows(event)
-    x = torch.as_tensor(pos, **f64)[dom]
-    t = torch.as_tensor(time - t_ref[event], **f64)[dom]
-    n = torch.as_tensor(np.clip(np.round(npe), 1, MPE_MAX_NPE), **f64)[dom]
-    centre_g = torch.as_tensor(np.repeat(centre, n_seeds, 0), **f64)
-    u = torch.as_tensor(-np.tile(seeds, (1, n_seeds // n_dirs, 1)).reshape(-1, 3), **f64).clone()  # muon along -seed
-    shift = torch.zeros(n_groups, 3, **f64)
-    starting = torch.as_tensor(np.tile(np.arange(n_seeds) >= n_dirs, n_events), device=device)
-    # a starting track's vertex sits s_vertex metres along the track from the reference point, and its cascade
-    # shines exp(log_ratio) times as bright as the muon (light at 1 m); an infinite track has its vertex far
-    # upstream and no cascade, and its rows keep these values
-    s_vertex = torch.full((n_groups,), -1e5, **f64)
-    log_ratio = torch.full((n_groups,), -50.0, **f64)
-    if amp is not None:
-        amp_pos, amp_eff, amp_charge, amp_offsets = amp
-        agroup, arow = rows(np.repeat(np.arange(n_events), np.diff(amp_offsets)))
-        xa = torch.as_tensor(amp_pos, **f64)[arow]
-        eff_a = torch.as_tensor(amp_eff, **f64)[arow]
-        qa = torch.as_tensor(amp_charge, **f64)[arow]
-        q_total = torch.zeros(n_groups, **f64).index_add_(0, agroup, qa)
 
+def _charge_rows(amp, n_seeds, f64):
+    """The charge likelihood's data, each DOM near the track (_near_doms) once per group: position x, efficiency eff,
+    charge; and the total charge per group."""
+    amp_pos, amp_eff, amp_charge, amp_offsets = amp
+    n_events = len(amp_offsets) - 1
+    group, row = _group_rows(np.repeat(np.arange(n_events), np.diff(amp_offsets)), n_seeds, f64['device'])
+    charge = torch.as_tensor(amp_charge, **f64)[row]
+    return dict(group=group, x=torch.as_tensor(amp_pos, **f64)[row], eff=torch.as_tensor(amp_eff, **f64)[row],
+                charge=charge, q_total=torch.zeros(n_events * n_seeds, **f64).index_add_(0, group, charge))
+
+
+def _ice_path_mean(f64):
+    """path_mean(which, z_from, z_to): the mean of 1 / l_scat (which 0) or of 1 / l_att (which 1) along the path
+    from depth z_from to a DOM at depth z_to, in the ice MPE_ICE (ice_table)."""
     ice = ice_table()
-    if ice is not None:
-        # path averages of 1/l_scat and 1/l_att from a point to a DOM: (G(z_dom) - G(z_from)) / (z_dom - z_from),
-        # G the integral over depth, linear between grid points (so differentiable in z_from)
-        z_grid, z0, dz = ice[0], float(ice[0][0]), float(ice[0][1] - ice[0][0])
-        tables = [(torch.as_tensor(np.r_[0.0, np.cumsum(0.5 * (inv[1:] + inv[:-1]) * dz)], **f64), torch.as_tensor(inv, **f64))
-                  for inv in ice[1:]]
+    if ice is None:
+        return lambda which, z_from, z_to: 1.0 / (PANDEL_LAMBDA, BULK_ATTENUATION)[which]
+    # path averages of 1/l_scat and 1/l_att from a point to a DOM: (G(z_dom) - G(z_from)) / (z_dom - z_from),
+    # G the integral over depth, linear between grid points (so differentiable in z_from)
+    z_grid, z0, dz = ice[0], float(ice[0][0]), float(ice[0][1] - ice[0][0])
+    tables = [(torch.as_tensor(np.r_[0.0, np.cumsum(0.5 * (inv[1:] + inv[:-1]) * dz)], **f64), torch.as_tensor(inv, **f64))
+              for inv in ice[1:]]
 
-        def interp(table, z):
-            s = ((z - z0) / dz).clamp(0, len(z_grid) - 1)
-            k = s.detach().floor().long().clamp_max(len(z_grid) - 2)  # in float32, len - 1.000001 rounds up to len - 1
-            f = s - k
-            return table[k] * (1 - f) + table[k + 1] * f
+    def interp(table, z):
+        s = ((z - z0) / dz).clamp(0, len(z_grid) - 1)
+        k = s.detach().floor().long().clamp_max(len(z_grid) - 2)  # in float32, len - 1.000001 rounds up to len - 1
+        f = s - k
+        return table[k] * (1 - f) + table[k + 1] * f
 
-    def path_mean(which, z_from, z_to):  # which: 0 scattering, 1 attenuation
-        if ice is None:
-            return 1.0 / (PANDEL_LAMBDA, BULK_ATTENUATION)[which]
+    def path_mean(which, z_from, z_to):
         cum, inv = tables[which]
         span = z_to - z_from
         near = span.abs() < 1.0
         safe = torch.where(near, torch.ones_like(span), span)
         return torch.where(near, interp(inv, 0.5 * (z_to + z_from)), (interp(cum, z_to) - interp(cum, z_from)) / safe)
+    return path_mean
 
-    def light(xr, gr, unit, ref, with_amplitude):
-        """Per (row, group): the muon's direct-light delay (ns after t0) and Pandel shape; with_amplitude also the
-        log of the light it brings (relative), and for starting tracks the same three for the vertex cascade."""
-        ug, refg = unit[gr], ref[gr]
-        rel = xr - refg
-        along = (rel * ug).sum(1)
-        d_perp = torch.sqrt(((rel * rel).sum(1) - along ** 2).clamp_min(1e-6)) + 1.0  # metre softening: no 1/d at 0
-        s_emit = along - d_perp * (COS_CHERENKOV / SIN_CHERENKOV)  # where the photon left the track
-        r = d_perp / SIN_CHERENKOV
-        z_emit = refg[:, 2] + s_emit * ug[:, 2]
-        inv_scat = path_mean(0, z_emit, xr[:, 2])
-        out = dict(delay=(along + TRACK_DELAY_FACTOR * d_perp) / C_VACUUM, xi=r * inv_scat)
-        if not with_amplitude:
-            return out
 
-        def log_light(r, inv_scat, z_from, power):
-            # the toy's expected photoelectrons, up to a scale: exp(-r / l_att) / r^power times the PMT's acceptance
-            # of light arriving from z_from (0 going down, 1 going up), washed out towards isotropy by scattering
-            direct = torch.exp(-r * inv_scat)
-            cos_up = ((xr[:, 2] - z_from) / r).clamp(-1, 1)
-            acceptance = direct * (0.26 + 0.5 * cos_up + 0.24 * cos_up ** 2) + (1 - direct) * (0.26 + 0.24 / 3)
-            return -r * path_mean(1, z_from, xr[:, 2]) - power * torch.log(r) + torch.log(acceptance), direct
-        sv = s_vertex[gr]
-        out['log_track'] = torch.nn.functional.logsigmoid((s_emit - sv) / MPE_EDGE_M) + log_light(r, inv_scat, z_emit, 0.5)[0]
-        if starting_too:
-            # the vertex cascade: a point source at n_g r / c after the interaction (the muon reaches the vertex
-            # at t0 + s_vertex / c), its light peaked on the Cherenkov cone around the track's direction and, off
-            # the cone, delayed by MPE_CASCADE_TURN scattering lengths times (1 - cos of the angle to the cone)
-            rel_c = rel - sv[:, None] * ug
-            r_c = torch.sqrt((rel_c * rel_c).sum(1) + 1.0)
-            cos_eta = (rel_c * ug).sum(1) / r_c
-            z_vertex = refg[:, 2] + sv * ug[:, 2]
-            inv_scat_c = path_mean(0, z_vertex, xr[:, 2])
-            log_c, direct = log_light(r_c, inv_scat_c, z_vertex, 1.0)
-            profile = 0.35 + 1.6 * torch.exp(-0.5 * ((cos_eta - COS_CHERENKOV) / 0.22) ** 2)
-            # its scattered light spreads as from MPE_CASCADE_SHIFT scattering lengths ahead (simulate.py's cascade_light)
-            shift = MPE_CASCADE_SHIFT / inv_scat_c
-            r_soft = torch.sqrt(r_c * r_c + shift * shift)
-            r_ahead = torch.sqrt((r_c * r_c - 2 * shift * r_c * cos_eta + 2 * shift * shift).clamp_min(1e-6))
-            diffuse = r_soft / r_ahead * torch.exp(-(r_ahead - r_soft) * path_mean(1, z_vertex, xr[:, 2]))
-            turn = 1 - cos_eta * COS_CHERENKOV - torch.sqrt((1 - cos_eta ** 2).clamp_min(0)) * SIN_CHERENKOV
-            out.update(delay_c=(sv + N_GROUP * r_c) / C_VACUUM, xi_c=r_c * inv_scat_c + MPE_CASCADE_TURN * turn,
-                       log_cascade=log_ratio[gr] + log_c + torch.log(direct * profile + (1 - direct) * diffuse))
+def _track(u, shift, centre_g):
+    # unit vectors along the muon, and each track's reference point: in the plane through the charge centre across it
+    unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return unit, centre_g + shift - (shift * unit).sum(1, keepdim=True) * unit
+
+
+def _muon_light(xr, ug, refg, path_mean):
+    """The muon's direct Cherenkov light at DOMs xr, the track along ug through refg (one row each): the delay of
+    direct light (ns after t0) and its Pandel shape xi (DESIGN.md section 4); and for its amount rel = xr - refg,
+    where the photon left the track (s_emit, m along it from refg), its path r, z_emit, and the mean 1 / l_scat."""
+    rel = xr - refg
+    along = (rel * ug).sum(1)
+    d_perp = torch.sqrt(((rel * rel).sum(1) - along ** 2).clamp_min(1e-6)) + 1.0  # metre softening: no 1/d at 0
+    s_emit = along - d_perp * (COS_CHERENKOV / SIN_CHERENKOV)  # where the photon left the track
+    r = d_perp / SIN_CHERENKOV
+    z_emit = refg[:, 2] + s_emit * ug[:, 2]
+    inv_scat = path_mean(0, z_emit, xr[:, 2])
+    return dict(delay=(along + TRACK_DELAY_FACTOR * d_perp) / C_VACUUM, xi=r * inv_scat), rel, s_emit, r, z_emit, inv_scat
+
+
+def _log_light(xr, r, inv_scat, z_from, power, path_mean):
+    # the toy's expected photoelectrons, up to a scale: exp(-r / l_att) / r^power times the PMT's acceptance
+    # of light arriving from z_from (0 going down, 1 going up), washed out towards isotropy by scattering;
+    # and the unscattered share of the light, exp(-r / l_scat)
+    direct = torch.exp(-r * inv_scat)
+    cos_up = ((xr[:, 2] - z_from) / r).clamp(-1, 1)
+    acceptance = direct * (0.26 + 0.5 * cos_up + 0.24 * cos_up ** 2) + (1 - direct) * (0.26 + 0.24 / 3)
+    return -r * path_mean(1, z_from, xr[:, 2]) - power * torch.log(r) + torch.log(acceptance), direct
+
+
+def _vertex_cascade_light(xr, gr, rel, ug, refg, sv, log_ratio, path_mean):
+    """The starting-track hypothesis's cascade at the vertex sv (m along the track from refg) at DOMs xr: a point
+    source at n_g r / c after the interaction (the muon reaches the vertex at t0 + s_vertex / c), its light peaked on
+    the Cherenkov cone around the track's direction and, off the cone, delayed by MPE_CASCADE_TURN scattering lengths
+    times (1 - cos of the angle to the cone); exp(log_ratio) times as bright as the muon. Its delay_c, xi_c and the
+    log of its light, log_cascade."""
+    rel_c = rel - sv[:, None] * ug
+    r_c = torch.sqrt((rel_c * rel_c).sum(1) + 1.0)
+    cos_eta = (rel_c * ug).sum(1) / r_c
+    z_vertex = refg[:, 2] + sv * ug[:, 2]
+    inv_scat_c = path_mean(0, z_vertex, xr[:, 2])
+    log_c, direct = _log_light(xr, r_c, inv_scat_c, z_vertex, 1.0, path_mean)
+    profile = 0.35 + 1.6 * torch.exp(-0.5 * ((cos_eta - COS_CHERENKOV) / 0.22) ** 2)
+    # its scattered light spreads as from MPE_CASCADE_SHIFT scattering lengths ahead (simulate.py's cascade_light)
+    shift = MPE_CASCADE_SHIFT / inv_scat_c
+    r_soft = torch.sqrt(r_c * r_c + shift * shift)
+    r_ahead = torch.sqrt((r_c * r_c - 2 * shift * r_c * cos_eta + 2 * shift * shift).clamp_min(1e-6))
+    diffuse = r_soft / r_ahead * torch.exp(-(r_ahead - r_soft) * path_mean(1, z_vertex, xr[:, 2]))
+    turn = 1 - cos_eta * COS_CHERENKOV - torch.sqrt((1 - cos_eta ** 2).clamp_min(0)) * SIN_CHERENKOV
+    return dict(delay_c=(sv + N_GROUP * r_c) / C_VACUUM, xi_c=r_c * inv_scat_c + MPE_CASCADE_TURN * turn,
+                log_cascade=log_ratio[gr] + log_c + torch.log(direct * profile + (1 - direct) * diffuse))
+
+
+def _light(xr, gr, unit, ref, params, path_mean, with_amplitude, starting_too):
+    """Per (row, group): the muon's direct-light delay (ns after t0) and Pandel shape; with_amplitude also the
+    log of the light it brings (relative), and for starting tracks the same three for the vertex cascade."""
+    ug, refg = unit[gr], ref[gr]
+    out, rel, s_emit, r, z_emit, inv_scat = _muon_light(xr, ug, refg, path_mean)
+    if not with_amplitude:
         return out
+    sv = params['s_vertex'][gr]
+    # no muon light from before the vertex (far upstream for an infinite track)
+    out['log_track'] = (torch.nn.functional.logsigmoid((s_emit - sv) / MPE_EDGE_M)
+                        + _log_light(xr, r, inv_scat, z_emit, 0.5, path_mean)[0])
+    if starting_too:
+        out.update(_vertex_cascade_light(xr, gr, rel, ug, refg, sv, params['log_ratio'], path_mean))
+    return out
 
-    def track():
-        unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return unit, centre_g + shift - (shift * unit).sum(1, keepdim=True) * unit
 
-    def log_likelihood():
-        unit, ref = track()
-        hit = light(x, group, unit, ref, starting_too)  # amplitudes only to share photons out between sources
-        log_f, log_s = log_photon(t - t0[group] - hit['delay'], hit['xi'])
-        if starting_too:  # each photon comes from the muon or the cascade, in the ratio of their light at the DOM
-            log_f_c, log_s_c = log_photon(t - t0[group] - hit['delay_c'], hit['xi_c'])
-            log_mu = torch.logaddexp(hit['log_track'], hit['log_cascade'])
-            p_track, p_cascade = hit['log_track'] - log_mu, hit['log_cascade'] - log_mu
-            log_f = torch.logaddexp(p_track + log_f, p_cascade + log_f_c)
-            log_s = torch.logaddexp(p_track + log_s, p_cascade + log_s_c)
-        ll = torch.log(n) + log_f + (n - 1) * log_s  # the first of n photons
-        ll = torch.logaddexp(ll, torch.full_like(ll, math.log(MPE_NOISE_DENSITY)))
-        ll = torch.zeros(n_groups, **f64).index_add_(0, group, ll)
-        if amp is not None:
-            # Poisson likelihood of every near DOM's charge; the event's brightness is profiled out: with
-            # mu = A * light, the best A makes the expected total charge equal the observed one
-            near = light(xa, agroup, unit, ref, True)
-            log_mu = near['log_track'] if not starting_too else torch.logaddexp(near['log_track'], near['log_cascade'])
-            mu = torch.exp(log_mu) * eff_a
-            scale = q_total / torch.zeros(n_groups, **f64).index_add_(0, agroup, mu).clamp_min(1e-30)
-            mu = scale[agroup] * mu + MPE_AMP_NOISE
-            ll = ll + torch.zeros(n_groups, **f64).index_add_(0, agroup, qa * torch.log(mu) - mu)
-        return ll
+def _time_log_likelihood(hits, unit, ref, params, path_mean, starting_too, n_groups):
+    """Per group: the log-likelihood of each hit DOM's first pulse time, the first of its n photons, each delayed
+    after direct light by a Pandel-distributed scattering time (log_photon), above a noise floor."""
+    x, group, t, n = hits['x'], hits['group'], hits['t'], hits['n']
+    # amplitudes (starting tracks only) to share the photons out between the muon and the cascade
+    hit = _light(x, group, unit, ref, params, path_mean, starting_too, starting_too)
+    log_f, log_s = log_photon(t - params['t0'][group] - hit['delay'], hit['xi'])
+    if starting_too:  # each photon comes from the muon or the cascade, in the ratio of their light at the DOM
+        log_f_c, log_s_c = log_photon(t - params['t0'][group] - hit['delay_c'], hit['xi_c'])
+        log_mu = torch.logaddexp(hit['log_track'], hit['log_cascade'])
+        p_track, p_cascade = hit['log_track'] - log_mu, hit['log_cascade'] - log_mu
+        log_f = torch.logaddexp(p_track + log_f, p_cascade + log_f_c)
+        log_s = torch.logaddexp(p_track + log_s, p_cascade + log_s_c)
+    ll = torch.log(n) + log_f + (n - 1) * log_s  # the first of n photons
+    ll = torch.logaddexp(ll, torch.full_like(ll, math.log(MPE_NOISE_DENSITY)))
+    return ll.new_zeros(n_groups).index_add_(0, group, ll)
 
+
+def _charge_log_likelihood(near, unit, ref, params, path_mean, starting_too, n_groups):
+    """Per group: the Poisson log-likelihood of the charge of every DOM near the track, hit or not. The event's
+    brightness is profiled out: with mu = A * light, the best A makes the expected total charge equal the observed one."""
+    xa, agroup, qa = near['x'], near['group'], near['charge']
+    light = _light(xa, agroup, unit, ref, params, path_mean, True, starting_too)
+    log_mu = light['log_track'] if not starting_too else torch.logaddexp(light['log_track'], light['log_cascade'])
+    mu = torch.exp(log_mu) * near['eff']
+    scale = near['q_total'] / mu.new_zeros(n_groups).index_add_(0, agroup, mu).clamp_min(1e-30)
+    mu = scale[agroup] * mu + MPE_AMP_NOISE
+    return mu.new_zeros(n_groups).index_add_(0, agroup, qa * torch.log(mu) - mu)
+
+
+def _order_within_groups(values, group, n_groups):
+    # the rows sorted by group, by value within a group; each group's first place in that order and its row count
+    by_value = torch.argsort(values)
+    order = by_value[torch.argsort(group[by_value], stable=True)]
+    counts = torch.bincount(group, minlength=n_groups)
+    return order, torch.cumsum(counts, 0) - counts, counts
+
+
+def _seed_tracks(seeds, start, hits, centre_g, t_ref, n_seeds, path_mean, f64):
+    """Every group's infinite track to start from: the muon along minus its seed; its reference point and t0 those of
+    the previous stage's fit (start), or at the charge centre with t0 a low quantile of the direct-light offsets."""
+    n_events, n_dirs = seeds.shape[:2]
+    n_groups = n_events * n_seeds
+    u = torch.as_tensor(-np.tile(seeds, (1, n_seeds // n_dirs, 1)).reshape(-1, 3), **f64).clone()  # muon along -seed
+    shift = torch.zeros(n_groups, 3, **f64)
     with torch.no_grad():
         if start is not None:  # the previous stage's tracks: their points as the shift, their times
             point, _, t0 = (torch.as_tensor(np.tile(a, (1, n_seeds // n_dirs) + (1,) * (a.ndim - 2)).reshape((n_groups,) + a.shape[2:]), **f64)
@@ -458,49 +533,67 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, amp=None, start=No
             t0 = t0 - torch.as_tensor(np.repeat(t_ref, n_seeds), **f64)
         else:
             # t0 starts at a low quantile of the direct-light offsets t - t_geo(t0 = 0): most first pulses come late
-            unit, ref = track()
-            offset = t - light(x, group, unit, ref, False)['delay']
-            by_value = torch.argsort(offset)
-            by_group = by_value[torch.argsort(group[by_value], stable=True)]
-            counts = torch.bincount(group, minlength=n_groups)
-            first = torch.cumsum(counts, 0) - counts
-            t0 = offset[by_group][first + (0.2 * (counts - 1)).long()].clone()
-        if starting_too:
-            # a starting track's vertex starts where the three earliest DOMs project onto the track (light leaves
-            # the vertex region first), its cascade e times as bright as the muon
-            unit, ref = track()
+            unit, ref = _track(u, shift, centre_g)
+            offset = hits['t'] - _light(hits['x'], hits['group'], unit, ref, None, path_mean, False, False)['delay']
+            order, first, counts = _order_within_groups(offset, hits['group'], n_groups)
+            t0 = offset[order][first + (0.2 * (counts - 1)).long()].clone()
+    return dict(u=u, shift=shift, t0=t0)
+
+
+def _starting_vertex(params, starting, hits, centre_g, starting_too, f64):
+    """The starting-track hypothesis's own parameters, per group: the vertex sits s_vertex metres along the track from
+    the reference point, and its cascade shines exp(log_ratio) times as bright as the muon (light at 1 m). A starting
+    track's vertex starts where its three earliest DOMs project onto the track (light leaves the vertex region first),
+    its cascade e times as bright as the muon; an infinite track has its vertex far upstream and no cascade, and keeps
+    these values."""
+    s_vertex = torch.full((len(centre_g),), -1e5, **f64)
+    log_ratio = torch.full((len(centre_g),), -50.0, **f64)
+    if starting_too:
+        with torch.no_grad():
+            unit, ref = _track(params['u'], params['shift'], centre_g)
+            x, group = hits['x'], hits['group']
             along = ((x - ref[group]) * unit[group]).sum(1)
-            by_time = torch.argsort(t)
-            by_time = by_time[torch.argsort(group[by_time], stable=True)]
-            counts = torch.bincount(group, minlength=n_groups)
-            first = torch.cumsum(counts, 0) - counts
-            k = torch.minimum(first[:, None] + torch.arange(3, device=device), (first + counts - 1)[:, None])
+            by_time, first, counts = _order_within_groups(hits['t'], group, len(centre_g))
+            k = torch.minimum(first[:, None] + torch.arange(3, device=x.device), (first + counts - 1)[:, None])
             s_vertex = torch.where(starting, along[by_time][k].mean(1), s_vertex)
             log_ratio = torch.where(starting, torch.ones_like(log_ratio), log_ratio)
-    params = [u, shift, t0, s_vertex, log_ratio]
-    for p in params:
+    return s_vertex, log_ratio
+
+
+def _fit_loop(params, starting, steps, log_likelihood):
+    """Adam on minus the summed log_likelihood() of all groups at once, a step size per parameter, with cosine decay;
+    the starting-track parameters move for starting tracks only (infinite tracks stay infinite)."""
+    tensors = [params[k] for k in ('u', 'shift', 't0', 's_vertex', 'log_ratio')]
+    for p in tensors:
         p.requires_grad_(True)
     opt = torch.optim.Adam([{'params': [p], 'lr': lr} for p, lr in
-                            zip(params, (MPE_LR_DIR, MPE_LR_POS, MPE_LR_TIME, MPE_LR_VERTEX, MPE_LR_RATIO))])
+                            zip(tensors, (MPE_LR_DIR, MPE_LR_POS, MPE_LR_TIME, MPE_LR_VERTEX, MPE_LR_RATIO))])
     base = [g['lr'] for g in opt.param_groups]
     for step in range(steps):
         for g, lr in zip(opt.param_groups, base):  # cosine decay: coarse moves first, then settle
             g['lr'] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         opt.zero_grad(set_to_none=True)
         (-log_likelihood().sum()).backward()
-        for p in params:
+        for p in tensors:
             if p.grad is not None:
                 p.grad.nan_to_num_(0.0, 0.0, 0.0)  # a degenerate event must not poison the others
-        for p in params[3:]:
+        for p in tensors[3:]:
             if p.grad is not None:
                 p.grad *= starting  # infinite tracks stay infinite
         opt.step()
+
+
+def _best_fit(ll, params, centre_g, seeds, centre, t_ref, f64):
+    """Per event the most likely of its groups' fits (the first seed where none is finite): direction, log-likelihood,
+    track (point, direction, t0); and every group's fit, (n_events, n_seeds, ...) arrays, as the next stage starts."""
+    n_events = len(seeds)
+    n_seeds = len(centre_g) // n_events
     with torch.no_grad():
-        ll = log_likelihood().reshape(n_events, n_seeds).cpu().numpy()
-        unit, ref = track()
+        ll = ll.reshape(n_events, n_seeds).cpu().numpy()
+        unit, ref = _track(params['u'], params['shift'], centre_g)
         direction = -unit.reshape(n_events, n_seeds, 3).cpu().numpy()
         ref = ref.reshape(n_events, n_seeds, 3).cpu().numpy()
-        t0 = (t0.reshape(n_events, n_seeds) + torch.as_tensor(t_ref[:, None], **f64)).cpu().numpy()
+        t0 = (params['t0'].reshape(n_events, n_seeds) + torch.as_tensor(t_ref[:, None], **f64)).cpu().numpy()
     ll = np.where(np.isfinite(ll) & np.isfinite(direction).all(2), ll, -np.inf)
     best = np.argmax(ll, 1)
     pick = np.arange(n_events), best
