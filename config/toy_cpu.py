@@ -1,8 +1,9 @@
 # The embedded default: the synthetic data set (python prepare.py -> data/sim_packed) on a 2-core CPU,
 # in at most 15 minutes of training, then python sample.py --out_dir=out-toy-cpu.
 #   python train.py config/toy_cpu.py
-# The CPU runs attention through padded scaled_dot_product_attention (FlexAttention has no CPU backward)
-# and eager mode (torch.compile brings no CPU speed-up and shapes vary with the document buckets).
+# The CPU runs attention through scaled_dot_product_attention over groups of equal-length documents (FlexAttention
+# has no CPU backward) in eager mode (torch.compile brings no CPU speed-up there); the loader thread computes the
+# no-grad features ahead of the step.
 
 out_dir = 'out-toy-cpu'
 data_dir = 'data/sim_packed'
