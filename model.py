@@ -166,22 +166,19 @@ def attention_layouts(b):
             block_mask(b['t2_lo'], b['t2_hi'], b['t2_block_doc'], same_event))
 
 
-def attend(q, k, v, layout):
-    """q, k, v: (N, H, hd), one stream, token-major. layout: a BlockMask (flex) or the groups ((length, n_docs), ...)
-    of a stream sorted by document length (sdpa). Returns (N, H, hd): each token attends (softmax, scale 1/sqrt(hd))
-    over its document's tokens."""
+def attend(qkv, layout):
+    """qkv: (3, H, N, hd), the queries, keys and values of one stream, head-major. layout: a BlockMask (flex) or the
+    groups ((length, n_docs), ...) of a stream sorted by document length (sdpa). Returns (H, N, hd): each token
+    attends (softmax, scale 1/sqrt(hd)) over its document's tokens. Head-major, a group's tokens are one (H, n_docs,
+    length, hd) view, each document's (length, hd) block contiguous, as the kernels read it."""
     if isinstance(layout, BlockMask):
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-        return _flex_compiled(q, k, v, block_mask=layout)[0].transpose(0, 1)
-    sizes = [length * n for length, n in layout]
+        q, k, v = (t[None] for t in qkv)
+        return _flex_compiled(q, k, v, block_mask=layout)[0]
     out = []
-    for (length, n), qg, kg, vg in zip(layout, q.split(sizes), k.split(sizes), v.split(sizes)):  # one split: one backward
-        if length == 1:
-            out.append(vg)
-        else:
-            qg, kg, vg = (t.unflatten(0, (n, length)).transpose(1, 2) for t in (qg, kg, vg))  # (n, H, L, hd)
-            out.append(F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).flatten(0, 1))
-    return torch.cat(out)
+    for (length, n), g in zip(layout, qkv.split([length * n for length, n in layout], dim=2)):  # one backward
+        q, k, v = g.unflatten(2, (n, length))
+        out.append(v if length == 1 else F.scaled_dot_product_attention(q, k, v))
+    return torch.cat([o.flatten(1, 2) for o in out], dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -437,8 +434,8 @@ class Block(nn.Module):
 
     def forward(self, x, layout):
         N, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(N, 3, self.n_head, C // self.n_head).unbind(1)
-        x = x + self.proj(attend(q, k, v, layout).reshape(N, C))
+        qkv = self.qkv(self.ln1(x)).view(N, 3, self.n_head, C // self.n_head).permute(1, 2, 0, 3).contiguous()  # (3, H, N, hd)
+        x = x + self.proj(attend(qkv, layout).transpose(0, 1).reshape(N, C))
         return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
 
 
