@@ -13,6 +13,7 @@ event of the step on all ranks. Checkpoints (out_dir/ckpt.pt the latest, out_dir
 error) are written atomically at every evaluation and at the end.
 """
 
+import json
 import math
 import os
 import shutil
@@ -233,6 +234,14 @@ def evaluate():
     return err_sum / max(n, 1), loss_sum / max(n, 1), int(n)
 
 
+def record(row):
+    """One line of out_dir/log.jsonl, the training curves that sample.py plots; master rank only, at log and eval
+    points, from numbers already on the host."""
+    if master:
+        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(row) + '\n')
+
+
 def save_checkpoint(path):
     """Atomic: write a temporary file, then rename it over the old one. 'model' holds the weights to use (the
     averaged ones), 'train_model' the training weights that a resumed run continues from."""
@@ -257,6 +266,12 @@ t_last = t_start
 iters_timed = 0
 window_events = window_pulses = window_loss = 0.0
 first_iter = iter_num
+history = os.path.join(out_dir, 'log.jsonl')
+if master:  # a fresh run starts a new log; a resumed one drops the lines of iterations past its checkpoint
+    lines = open(history).readlines() if init_from == 'resume' and os.path.exists(history) else []
+    with open(history + '.tmp', 'w') as f:
+        f.writelines(line for line in lines if json.loads(line)['iter'] <= iter_num)
+    os.replace(history + '.tmp', history)
 while True:
     seconds = train_seconds()
     last = iter_num >= max_iters or (max_minutes > 0 and seconds >= 60 * max_minutes)
@@ -267,6 +282,7 @@ while True:
         best_val = min(best_val, val_err)
         log(f"eval iter {iter_num}: val mean angular error {val_err:.4f} rad ({math.degrees(val_err):.2f} deg), "
             f"val loss {val_loss:.4f}, {n_val} events, best {best_val:.4f} rad ({time.time() - t_eval:.1f}s)")
+        record({'iter': iter_num, 'val_error': val_err, 'val_loss': val_loss, 'seconds': seconds})
         if master:
             save_checkpoint(ckpt_path)
             if improved:  # a copy, renamed into place: serialising a big model twice costs seconds
@@ -322,6 +338,7 @@ while True:
         log(f"iter {iter_num}: loss {window_loss / window_events:.4f}, lr {lr:.2e}, {window_events / (now - t_last):.0f} events/s, "
             f"{window_pulses / (now - t_last):.0f} pulses/s, {dt * 1000:.0f} ms/iter, "
             f"{left / 60:.1f} min left")
+        record({'iter': iter_num, 'train_loss': window_loss / window_events, 'lr': lr})
         if wandb is not None:
             wandb.log({'iter': iter_num, 'train/loss': window_loss / window_events, 'lr': lr, 'events_per_s': window_events / (now - t_last)})
         t_last, iters_timed, window_events, window_pulses, window_loss = now, 0, 0.0, 0.0, 0.0
