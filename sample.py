@@ -12,17 +12,19 @@ truth file (the synthetic set does).
 
 Error circles: the model's 3-vector is a von Mises-Fisher distribution whose norm kappa is its
 concentration; the circle that holds probability p of it has a closed-form radius. On the val split
-sample.py measures how often the true direction falls inside the 50%, 68% and 90% circles, fits a monotone
-map from the predicted kappa to a calibrated one (on the even-indexed events, checked on the odd-indexed
-ones, then the stored map from all of them) and writes it to out_dir/calibration.json; on any other split
-it applies the stored map. Writes to out_dir:
+sample.py measures how often the true direction falls inside each event's 50%, 68% and 90% circles, fits
+monotone maps from the predicted kappa to calibrated circles (one per level: the errors have heavier tails
+than a vMF), checks them honestly (fit on the even-indexed events, measured on the odd-indexed ones), then
+fits the stored maps on all of val and writes them to out_dir/calibration.json; on any other split it applies
+the stored maps. Writes to out_dir:
     eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
                                linefit, linefit_improved: {mean_angular_error, median_angular_error},
                                breakdowns, resolution, coverage, training)
-    predictions_<split>.csv    event_id, azimuth, zenith, kappa, kappa_calibrated, radius50_deg, radius90_deg
+    predictions_<split>.csv    event_id, azimuth, zenith, kappa, kappa_calibrated (its vMF's 50% circles hold 50%),
+                               radius50_deg, radius90_deg (the calibrated circles; from kappa without a map)
                                (+ true angles and errors where known)
     submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format)
-    calibration.json           for the val split: the kappa map (applied on other splits)
+    calibration.json           for the val split: the calibration maps (applied on other splits)
     resolution_<split>.png     median angular error against true energy, per kind, model and classical fits
     resolution_doms_<split>.png  the same against the number of hit DOMs
     coverage_<split>.png       observed against nominal coverage of the error circles, before and after calibration
@@ -32,6 +34,7 @@ it applies the stored map. Writes to out_dir:
 import json
 import math
 import os
+import textwrap
 import time
 
 import matplotlib
@@ -158,8 +161,43 @@ def print_coverage(title, report):
     names = [k for k in report['all'] if k not in ('bin', 'n')]
     print(f"  {title}")
     print(f"    {'':>18} {'events':>8}" + "".join(f"   {k:>17}" for k in names))
-    for r in [report['all']] + [r for k, v in report.items() if k != 'all' for r in v]:
-        print(f"    {r['bin']:>18} {r['n']:8d}" + "".join("   " + " ".join(f"{100 * c:5.1f}" for c in r[k]) for k in names))
+    for group, rows in [('', [report['all']])] + [(k, v) for k, v in report.items() if k != 'all']:
+        if group:
+            print(f"    {group.replace('_', ' ')}:")
+        for r in rows:
+            print(f"    {r['bin']:>18} {r['n']:8d}" + "".join("   " + " ".join(f"{100 * c:5.1f}" for c in r[k]) for k in names))
+
+
+def check_coverage(split, err, kappa, cal, groups, kind):
+    """Do the true directions fall inside the error circles as often as they claim? On val the honest check is a
+    map fit on the even-indexed events, measured on the odd-indexed ones (cal, the stored map, is fit on all of
+    them); on other splits cal was fit on val, so every event is held out. Prints the tables, returns the json's
+    'coverage': the held-out report, the curves of the coverage figure, and on val the stored map in sample."""
+    n = len(kappa)
+    print(f"coverage: % of true directions inside the error circle at {' / '.join(f'{100 * p:.0f}' for p in LEVELS)}%"
+          f" (predicted: each event's vMF; calibrated: the circles of radius50_deg, radius90_deg; calibrated_vmf: the vMF"
+          f" of kappa_calibrated)")
+    if split == 'val':
+        even, check = np.arange(0, n, 2), np.arange(1, n, 2)
+        check_cal = fit_calibration(kappa[even], err[even])
+        about = f"held out: a map fit on the {len(even)} even-indexed events of {split}, checked on the {len(check)} odd-indexed ones"
+    else:
+        check, check_cal = np.arange(n), cal
+        about = f"all {n} events of {split}" + (", held out: the map was fit on val" if cal else ", no calibration map")
+    cov = {'levels': list(LEVELS), 'about': about, 'held_out': coverage_report(
+        err[check], circles(kappa[check], check_cal), {k: (idx[check], labels) for k, (idx, labels) in groups.items()})}
+    print_coverage(about, cov['held_out'])
+    curve_groups = {'all': np.ones(n, bool), **({k: kind == i for i, k in enumerate(KIND_NAMES)} if kind is not None else {})}
+    curve_radii = circles(kappa[check], check_cal, CURVE_LEVELS)
+    cov['curves'] = {'title': about, 'nominal': CURVE_LEVELS.tolist(),
+                     'groups': {g: {k: coverage(err[check][m[check]], r[:, m[check]]).tolist()
+                                    for k, r in curve_radii.items() if k != 'calibrated_vmf'}
+                                for g, m in curve_groups.items() if m[check].any()}}
+    if split == 'val':
+        cov['stored_map_in_sample'] = coverage_report(err, circles(kappa, cal), {})['all']
+        print(f"  the stored map, fit on all {n} events, on those same events (in sample, not a check): "
+              + " ".join(f"{100 * c:5.1f}" for c in cov['stored_map_in_sample']['calibrated']))
+    return cov
 
 
 # -----------------------------------------------------------------------------
@@ -204,6 +242,13 @@ def resolution_table(values, edges, errs, kind=None, min_events=20):
     return table
 
 
+def plain_log_ticks(axis):
+    # 2, 3, 5, 10, 20, ... as plain numbers: the defaults write 2x10^1 on every minor tick
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+    axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def plot_resolution(table, xlabel, path, logx=False):
     """One panel per kind: median angular error against the binned quantity (at each bin's centre), a line per
     method. Returns the arrays drawn, {(kind, method): (x, y)}."""
@@ -220,13 +265,15 @@ def plot_resolution(table, xlabel, path, logx=False):
                 ax.plot(*drawn[(kname, method)], 'o-' if method == 'model' else 's--', label=METHOD_LABELS.get(method, method))
         ax.set_title(f"{kname}s" if kname != 'all' else 'all events')
         ax.set_xlabel(xlabel)
-        if any(len(drawn[(kname, m)][1]) for m in t if m != 'n'):
-            ax.set_yscale('log')  # tracks and cascades are an order of magnitude apart
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+        ys = np.concatenate([drawn[(kname, m)][1] for m in t if m != 'n'])
+        if len(ys) and ys.max() > 3 * ys.min():
+            ax.set_yscale('log')  # a track's error falls from tens of degrees to one over the energies
+            plain_log_ticks(ax.yaxis)
+        if len(ys):
             ax.legend()
         if logx:
             ax.set_xscale('log')
+            plain_log_ticks(ax.xaxis)
         ax.grid(True, which='both', alpha=0.3)
     axes[0][0].set_ylabel('median angular error [deg]')
     fig.tight_layout()
@@ -247,10 +294,10 @@ def plot_coverage(curves, path):
             if name in c:
                 y = np.array(c[name])
                 drawn[(group, name)] = (x, y)
-                ax.plot(100 * x, 100 * y, style, color=f'C{i}', label=f"{group}, {name} kappa")
+                ax.plot(100 * x, 100 * y, style, color=f'C{i}', label=f"{group}, " + ("predicted kappa" if name == "predicted" else "calibrated"))
     ax.set_xlabel('nominal coverage [%]')
     ax.set_ylabel('observed coverage [%]')
-    ax.set_title(curves['title'], fontsize=9)
+    ax.set_title(textwrap.fill(curves['title'], 60), fontsize=8)
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
@@ -297,6 +344,24 @@ def plot_training(history, path, ckpt_iter=None):
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return drawn
+
+
+def write_plots(result, out_dir, split, ckpt_iter):
+    """The figures of what result holds (resolution, coverage, training curves) as PNGs in out_dir; returns their names."""
+    names = []
+    if 'resolution' in result:
+        names.append(f'resolution_{split}.png')
+        plot_resolution(result['resolution']['energy'], 'true neutrino energy log10(E / GeV)', os.path.join(out_dir, names[-1]))
+    if 'resolution_doms' in result:
+        names.append(f'resolution_doms_{split}.png')
+        plot_resolution(result['resolution_doms'], 'number of hit DOMs', os.path.join(out_dir, names[-1]), logx=True)
+    if 'coverage' in result:
+        names.append(f'coverage_{split}.png')
+        plot_coverage(result['coverage']['curves'], os.path.join(out_dir, names[-1]))
+    if result['training']:
+        names.append('training.png')
+        plot_training(result['training'], os.path.join(out_dir, names[-1]), ckpt_iter)
+    return names
 
 
 def write_csv(path, columns):
@@ -377,15 +442,22 @@ def main():
     # the kappa map: fit here on val, read from out_dir/calibration.json elsewhere
     cal_path = os.path.join(out_dir, 'calibration.json')
     cal = None
+    err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen) if has_labels else None
     if split == 'val' and has_labels:
-        err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen)
         cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'fit_on': f"{s.path}, {n} events",
                **fit_calibration(kappa, err)}
         write_json(cal_path, cal)
         written.append('calibration.json')
     elif os.path.exists(cal_path):
-        cal = json.load(open(cal_path))
-        if (cal['checkpoint'], cal['iter']) != (ckpt, int(ck['iter_num'])):
+        try:
+            with open(cal_path) as f:
+                cal = json.load(f)
+            stale = (cal['checkpoint'], cal['iter']) != (ckpt, int(ck['iter_num']))
+            calibrated_radii(cal, kappa[:1])
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
+                             f"run sample.py --split=val to write it again")
+        if stale:
             print(f"sample: {cal_path} was fit for {cal['checkpoint']} at iter {cal['iter']}, not this checkpoint: "
                   f"not applied; run sample.py --split=val to refit it")
             cal = None
@@ -401,7 +473,6 @@ def main():
     result['calibration'] = None if cal is None else {'path': cal_path, 'fit_on': cal['fit_on']}
 
     if has_labels:
-        err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen)
         errs = {'model': err, **{k: M.angular_errors(s.azimuth[:n], s.zenith[:n], *M.vector_to_angles(d)) for k, d in base_dirs.items()}}
         result.update(summary(err))
         result['events_per_s'] = speed['model']
@@ -426,7 +497,7 @@ def main():
         q[-1] = np.inf
         result['by_kappa'] = breakdown('predicted kappa (quintiles)', kappa, q, lambda a, b: f"{a:.1f}-{b:.1f}", errs)
         groups = {'by_doms': (np.digitize(ev_doms, DOM_EDGES[1:-1]), [intfmt(a, b) for a, b in zip(DOM_EDGES, DOM_EDGES[1:])])}
-        kind = log_e = None
+        kind = None
         if s.truth is not None:
             log_e = np.log10(np.maximum(s.truth['energy'][:n].astype(np.float64), 1e-3))
             result['by_energy'] = breakdown('energy (log10 GeV)', log_e, ENERGY_EDGES, logfmt, errs)
@@ -445,31 +516,7 @@ def main():
             result['resolution'] = {'energy': resolution_table(log_e, np.arange(2.0, 8.01, 0.5), errs, kind, plot_min_events)}
         result['resolution_doms'] = resolution_table(ev_doms, 2.0 ** np.arange(3, 13), errs, kind, plot_min_events)
 
-        # the error circles: do the true directions fall inside them as often as they claim? On val the honest
-        # check is a map fit on the even-indexed events, measured on the odd-indexed ones; elsewhere the stored map
-        # was fit on val, so every event is held out
-        print(f"coverage: % of true directions inside the error circle at {' / '.join(f'{100 * p:.0f}' for p in LEVELS)}%")
-        if split == 'val':
-            even, check = np.arange(0, n, 2), np.arange(1, n, 2)
-            check_cal = fit_calibration(kappa[even], err[even])
-            about = f"held out: a map fit on the {len(even)} even-indexed events of {split}, checked on the {len(check)} odd-indexed ones"
-        else:
-            check, check_cal = np.arange(n), cal
-            about = f"all {n} events of {split}" + (", held out: the map was fit on val" if cal else ", no calibration map")
-        cov = {'levels': list(LEVELS), 'held_out_about': about, 'held_out': coverage_report(
-            err[check], circles(kappa[check], check_cal), {k: (idx[check], labels) for k, (idx, labels) in groups.items()})}
-        print_coverage(about, cov['held_out'])
-        curve_groups = {'all': np.ones(n, bool), **({k: kind == i for i, k in enumerate(KIND_NAMES)} if kind is not None else {})}
-        curve_radii = circles(kappa[check], check_cal, CURVE_LEVELS)
-        cov['curves'] = {'title': about, 'nominal': CURVE_LEVELS.tolist(),
-                         'groups': {g: {k: coverage(err[check][m[check]], r[:, m[check]]).tolist()
-                                        for k, r in curve_radii.items() if k != 'calibrated_vmf'}
-                                    for g, m in curve_groups.items() if m[check].any()}}
-        if split == 'val':
-            cov['stored_map_in_sample'] = coverage_report(err, circles(kappa, cal), {})['all']
-            print(f"  the stored map, fit on all {n} events, on those same events (in sample, not a check): "
-                  + " ".join(f"{100 * c:5.1f}" for c in cov['stored_map_in_sample']['calibrated']))
-        result['coverage'] = cov
+        result['coverage'] = check_coverage(split, err, kappa, cal, groups, kind)
         cols.update({'true_azimuth': s.azimuth[:n], 'true_zenith': s.zenith[:n], 'angular_error': err})
         cols.update({f'{k}_angular_error': e for k, e in errs.items() if k != 'model'})
     else:
@@ -483,17 +530,7 @@ def main():
         write_csv(os.path.join(out_dir, 'submission.csv'), {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen})
         written.append('submission.csv')
     if plots:
-        if 'resolution' in result:
-            plot_resolution(result['resolution']['energy'], 'true neutrino energy log10(E / GeV)',
-                            os.path.join(out_dir, f'resolution_{split}.png'))
-            written.append(f'resolution_{split}.png')
-        if has_labels:
-            plot_resolution(result['resolution_doms'], 'number of hit DOMs', os.path.join(out_dir, f'resolution_doms_{split}.png'), logx=True)
-            plot_coverage(result['coverage']['curves'], os.path.join(out_dir, f'coverage_{split}.png'))
-            written += [f'resolution_doms_{split}.png', f'coverage_{split}.png']
-        if result['training']:
-            plot_training(result['training'], os.path.join(out_dir, 'training.png'), ckpt_iter=int(ck['iter_num']))
-            written.append('training.png')
+        written += write_plots(result, out_dir, split, int(ck['iter_num']))
     print(f"sample: wrote {', '.join(written)} in {out_dir}")
 
 
