@@ -70,6 +70,7 @@ CURVE_LEVELS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the coverage plot's n
 CAL_LEVELS = np.union1d(CURVE_LEVELS, LEVELS)            # the levels the calibration maps are fit at
 ENERGY_EDGES = [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf]  # log10(E / GeV), for the tables
 DOM_EDGES = [0, 10, 20, 40, 80, 160, 320, np.inf]
+GROUP_TITLES = {'by_kind': 'by kind', 'by_energy': 'by energy (log10 GeV)', 'by_doms': 'by hit DOMs'}
 METHOD_LABELS = {'model': 'iceaggr', 'linefit': 'LineFit', 'linefit_improved': 'improved LineFit', 'mpe': 'MPE likelihood fit'}
 
 
@@ -163,7 +164,7 @@ def print_coverage(title, report):
     print(f"    {'':>18} {'events':>8}" + "".join(f"   {k:>17}" for k in names))
     for group, rows in [('', [report['all']])] + [(k, v) for k, v in report.items() if k != 'all']:
         if group:
-            print(f"    {group.replace('_', ' ')}:")
+            print(f"    {GROUP_TITLES.get(group, group)}:")
         for r in rows:
             print(f"    {r['bin']:>18} {r['n']:8d}" + "".join("   " + " ".join(f"{100 * c:5.1f}" for c in r[k]) for k in names))
 
@@ -313,7 +314,7 @@ def read_history(path):
     evaluation; None when the run wrote no log (older runs)."""
     if not os.path.exists(path):
         return None
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = [json.loads(line) for line in open(path) if line.endswith('\n')]  # not a line cut short by a killed run
     # the last line of each iteration: a resumed run that has nothing left to do evaluates its last iteration again
     train = list({r['iter']: r for r in rows if 'train_loss' in r}.values())
     val = list({r['iter']: r for r in rows if 'val_error' in r}.values())
@@ -452,7 +453,7 @@ def main():
         try:
             with open(cal_path) as f:
                 cal = json.load(f)
-            stale = (cal['checkpoint'], cal['iter']) != (ckpt, int(ck['iter_num']))
+            fit_on, stale = cal['fit_on'], (cal['checkpoint'], cal['iter']) != (ckpt, int(ck['iter_num']))
             calibrated_radii(cal, kappa[:1])
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
@@ -462,7 +463,7 @@ def main():
                   f"not applied; run sample.py --split=val to refit it")
             cal = None
         else:
-            print(f"sample: error circles calibrated by {cal_path}, fit on {cal['fit_on']}")
+            print(f"sample: error circles calibrated by {cal_path}, fit on {fit_on}")
     else:
         print(f"sample: no {cal_path} (sample.py --split=val writes it): the error circles use the predicted kappa")
     radii = circles(kappa, cal, (0.5, 0.9))

@@ -242,6 +242,17 @@ def record(row):
             f.write(json.dumps(row) + '\n')
 
 
+def start_record():
+    """A fresh run starts out_dir/log.jsonl anew; a resumed one keeps its lines up to the checkpoint's iteration
+    (not those of a stopped run past it, nor a line cut short when it was killed)."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if master:
+        lines = open(path).readlines() if init_from == 'resume' and os.path.exists(path) else []
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(line for line in lines if line.endswith('\n') and json.loads(line)['iter'] <= iter_num)
+        os.replace(path + '.tmp', path)
+
+
 def save_checkpoint(path):
     """Atomic: write a temporary file, then rename it over the old one. 'model' holds the weights to use (the
     averaged ones), 'train_model' the training weights that a resumed run continues from."""
@@ -266,12 +277,7 @@ t_last = t_start
 iters_timed = 0
 window_events = window_pulses = window_loss = 0.0
 first_iter = iter_num
-history = os.path.join(out_dir, 'log.jsonl')
-if master:  # a fresh run starts a new log; a resumed one drops the lines of iterations past its checkpoint
-    lines = open(history).readlines() if init_from == 'resume' and os.path.exists(history) else []
-    with open(history + '.tmp', 'w') as f:
-        f.writelines(line for line in lines if json.loads(line)['iter'] <= iter_num)
-    os.replace(history + '.tmp', history)
+start_record()
 while True:
     seconds = train_seconds()
     last = iter_num >= max_iters or (max_minutes > 0 and seconds >= 60 * max_minutes)

@@ -92,11 +92,12 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--eval_interval=10'] + TINY
         + ['--log_interval=5'])
     # train.py's curves: a line per log point and eval point; a resumed run drops the lines past its checkpoint
+    # and a last line cut short by a killed run
     history = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
     assert [r['iter'] for r in history if 'train_loss' in r] == [5, 10, 15, 20]
     assert [r['iter'] for r in history if 'val_error' in r] == [10, 20]
     with open(os.path.join(out, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps({'iter': 25, 'train_loss': 9.0, 'lr': 0.0}) + '\n')
+        f.write(json.dumps({'iter': 25, 'train_loss': 9.0, 'lr': 0.0}) + '\n{"iter": 3')  # and a line cut short
     run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--init_from=resume'] + TINY)
     assert max(json.loads(line)['iter'] for line in open(os.path.join(out, 'log.jsonl'))) == 20
 
@@ -147,24 +148,23 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     assert list(drawn['train_loss'][0]) == [5, 10, 15, 20] and list(drawn['val_error_deg'][0]) == [10, 20]
     assert np.allclose(drawn['val_error_deg'][1], [math.degrees(r['val_error']) for r in history if 'val_error' in r][-3::2])
 
-    # other splits apply the map stored on val: test (no labels), and train's events, where the output says that
-    # the coverage is that of a map fit elsewhere
-    p = run(['sample.py', f'--out_dir={out}', '--split=test'])
-    assert f"fit on {cal['fit_on']}" in p.stdout
-    et = json.load(open(os.path.join(out, 'eval_test.json')))
-    pt = read_csv(os.path.join(out, 'predictions_test.csv'))
-    assert et['calibration']['fit_on'] == cal['fit_on']
-    assert np.allclose(pt['kappa_calibrated'], sample.calibrated_kappa(cal, pt['kappa']), rtol=1e-5)
+    # other splits apply the map stored on val; where they have labels the output says that the coverage is that
+    # of a map fit elsewhere
     p = run(['sample.py', f'--out_dir={out}', '--split=train', '--max_events=30', '--baselines=', '--plots=False'])
-    assert 'held out: the map was fit on val' in p.stdout
-    cov = json.load(open(os.path.join(out, 'eval_train.json')))['coverage']
+    assert f"fit on {cal['fit_on']}" in p.stdout and 'held out: the map was fit on val' in p.stdout
+    et = json.load(open(os.path.join(out, 'eval_train.json')))
     ptr = read_csv(os.path.join(out, 'predictions_train.csv'))
+    assert et['calibration']['fit_on'] == cal['fit_on']
+    assert np.allclose(ptr['kappa_calibrated'], sample.calibrated_kappa(cal, ptr['kappa']), rtol=1e-5)
     inside = ptr['angular_error'] <= np.radians([ptr['radius50_deg'], ptr['radius90_deg']])
-    assert np.allclose(np.array(cov['held_out']['all']['calibrated'])[[0, 2]], inside.mean(1))
+    assert np.allclose(np.array(et['coverage']['held_out']['all']['calibrated'])[[0, 2]], inside.mean(1))
 
-    # a map fit for another checkpoint is not applied
+    # a map fit for another checkpoint is not applied (test: no labels, the Kaggle case; the circles are the
+    # predicted kappa's)
     cal['iter'] = 999
     json.dump(cal, open(os.path.join(out, 'calibration.json'), 'w'))
     p = run(['sample.py', f'--out_dir={out}', '--split=test', '--plots=False'])
     assert 'not applied' in p.stdout
-    assert 'kappa_calibrated' not in read_csv(os.path.join(out, 'predictions_test.csv'))
+    pt = read_csv(os.path.join(out, 'predictions_test.csv'))
+    assert 'kappa_calibrated' not in pt
+    assert np.allclose(pt['radius90_deg'], np.degrees(sample.containment_radius(pt['kappa'], 0.9)), atol=1e-5)
