@@ -1,6 +1,6 @@
 """
 Evaluate a trained model on held-out events, beside plain and improved LineFit on the same events
-(the `baselines` setting: classical.py's methods).
+(the `baselines` setting: classical.py's methods), and give each event an error circle it can trust.
 
     python sample.py                                  # out/best.pt on the val split of its data
     python sample.py --split=test                     # predictions + Kaggle submission.csv
@@ -8,26 +8,45 @@ Evaluate a trained model on held-out events, beside plain and improved LineFit o
 
 Prints the competition metric (mean angular error) in rad and degrees, the median and percentiles, and
 breakdowns by pulse count, DOM count, zenith, predicted kappa, and energy and kind where the data has a
-truth file (the synthetic set does). Writes to out_dir:
+truth file (the synthetic set does).
+
+Error circles: the model's 3-vector is a von Mises-Fisher distribution whose norm kappa is its
+concentration; the circle that holds probability p of it has a closed-form radius. On the val split
+sample.py measures how often the true direction falls inside each event's 50%, 68% and 90% circles, fits
+monotone maps from the predicted kappa to calibrated circles (one per level: the errors have heavier tails
+than a vMF), checks them honestly (fit on the even-indexed events, measured on the odd-indexed ones), then
+fits the stored maps on all of val and writes them to out_dir/calibration.json; on any other split it applies
+the stored maps. Writes to out_dir:
     eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
                                linefit, linefit_improved: {mean_angular_error, median_angular_error},
-                               breakdowns)
-    predictions_<split>.csv    event_id, azimuth, zenith, kappa (+ true angles and errors where known)
+                               breakdowns, resolution, coverage, training)
+    predictions_<split>.csv    event_id, azimuth, zenith, kappa, kappa_calibrated (its vMF's 50% circles hold 50%),
+                               radius50_deg, radius90_deg (the calibrated circles; from kappa without a map)
+                               (+ true angles and errors where known)
     submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format)
+    calibration.json           for the val split: the calibration maps (applied on other splits)
+    resolution_<split>.png     median angular error against true energy, per kind, model and classical fits
+    resolution_doms_<split>.png  the same against the number of hit DOMs
+    coverage_<split>.png       observed against nominal coverage of the error circles, before and after calibration
+    training.png               train loss and val error against iteration (from out_dir/log.jsonl, by train.py)
 """
 
 import functools
 import json
 import math
 import os
+import textwrap
 import time
 
-import numpy as np
-import torch
+import matplotlib
+matplotlib.use('Agg')  # headless: files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-import model as M
-import classical
-from prepare import KIND_NAMES, BatchLoader, SplitError, open_split
+import model as M  # noqa: E402
+import classical  # noqa: E402
+from prepare import KIND_NAMES, BatchLoader, SplitError, open_split  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings
@@ -43,85 +62,148 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'        # autocast dtype on CUDA
 compile = False
 baselines = 'linefit,linefit_improved'  # classical methods on the same events, from classical.METHODS ('mpe' too: slow; '' = none)
+plots = True              # write the PNG figures
+plot_min_events = 20      # the resolution figures leave out bins with fewer events
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
-configure(globals())
+
+LEVELS = (0.5, 0.68, 0.9)              # the error circles reported: IceCube's 50% and 90%, and 1 sigma
+CURVE_LEVELS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the coverage plot's nominal levels
+CAL_LEVELS = np.union1d(CURVE_LEVELS, LEVELS)            # the levels the calibration maps are fit at
+ENERGY_EDGES = [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf]  # log10(E / GeV), for the tables
+DOM_EDGES = [0, 10, 20, 40, 80, 160, 320, np.inf]
+GROUP_TITLES = {'by_kind': 'by kind', 'by_energy': 'by energy (log10 GeV)', 'by_doms': 'by hit DOMs'}
+METHOD_LABELS = {'model': 'iceaggr', 'linefit': 'LineFit', 'linefit_improved': 'improved LineFit', 'mpe': 'MPE likelihood fit'}
+
+
 # -----------------------------------------------------------------------------
+# error circles: containment radius, coverage, calibration
 
-methods = [m for m in baselines.split(',') if m]
-if set(methods) - set(classical.METHODS):
-    raise SystemExit(f"sample: unknown baseline {sorted(set(methods) - set(classical.METHODS))}; choose from {classical.METHODS}")
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ckpt_path = os.path.join(out_dir, ckpt)
-if not os.path.exists(ckpt_path):
-    raise SystemExit(f"sample: error: {ckpt_path}: no checkpoint there; train.py writes best.pt and ckpt.pt into "
-                     f"its out_dir: choose them with --out_dir and --ckpt")
-try:
-    ck = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    missing = [k for k in ('config', 'model', 'model_args', 'iter_num', 'max_pulses_per_dom', 'data_dir') if k not in ck]
-    if missing:
-        raise ValueError(f"no {', '.join(missing)}")
-except Exception as e:  # truncated zip, garbage, no permission, not a train.py checkpoint
-    raise SystemExit(f"sample: error: {ckpt_path}: unreadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
-                     f"the file is damaged: try --ckpt=ckpt.pt or --ckpt=ckpt.prev.pt (train.py keeps the one before ckpt.pt)") from None
-cfg = ck['config']
-data_dir = data_dir or ck['data_dir']
-max_pulses = max_pulses or cfg['max_pulses']
-max_doms = max_doms or cfg['max_doms']
-max_events_per_batch = max_events_per_batch or cfg['max_events']
-raw_model = M.IceModel(**ck['model_args'])
-raw_model.load_state_dict(ck['model'])
-raw_model.to(device).eval()
-model = torch.compile(raw_model) if compile else raw_model
-autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=device_type == 'cuda' and dtype != 'float32')
+def containment_radius(kappa, p):
+    """Angle (rad) around the predicted direction holding probability p of a von Mises-Fisher distribution on the
+    sphere: P(angle <= r) = (1 - exp(-kappa (1 - cos r))) / (1 - exp(-2 kappa)), inverted in a form exact both for
+    kappa -> 0 (uniform on the sphere, 1 - cos r = 2 p) and for kappa in the thousands (no 1 - exp cancellation)."""
+    kappa = np.maximum(np.asarray(kappa, np.float64), 1e-12)
+    one_minus_cos = -np.log1p(p * np.expm1(-2 * kappa)) / kappa
+    return np.arccos(1 - np.clip(one_minus_cos, 0, 2))
 
-try:
-    s = open_split(os.path.join(data_dir, split))
-except (FileNotFoundError, SplitError) as e:
-    raise SystemExit(f"sample: error: {e}")
-n = min(max_events, len(s)) if max_events else len(s)
-print(f"sample: {os.path.join(out_dir, ckpt)} (iter {ck['iter_num']}, {raw_model.num_params() / 1e6:.3f}M parameters) "
-      f"on {n} of {len(s)} events of {os.path.join(data_dir, split)}, device {device}")
 
-# model predictions, in split order
-t0 = time.time()
-pred = np.zeros((n, 3), np.float64)
-seen = np.zeros(n, bool)
-# the loader builds each batch's stream layout, and on the CPU its features, ahead of the model (model.model_inputs)
-to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=device_type == 'cpu')
-loader = BatchLoader(s, max_pulses, max_doms, max_events_per_batch, ck['max_pulses_per_dom'], shuffle=False,
-                     epochs=1, max_events_total=n, transform=to_model, pin_memory=device_type == 'cuda')
-with torch.no_grad():
-    for batch in loader:
-        b = M.to_device(batch, device)
-        with autocast:
-            out = model(b)
-        k = batch['n_events']
-        pred[batch['event_index'][:k].numpy()] = out[:k].float().cpu().numpy()
-        seen[batch['event_index'][:k].numpy()] = True
-loader.close()
-assert seen.all(), "some events were not evaluated"
-t_model = time.time() - t0
-kappa = np.linalg.norm(pred, axis=1)
-az, zen = M.vector_to_angles(pred)
-print(f"sample: model on {n} events in {t_model:.1f}s ({n / t_model:.0f} events/s)")
+def vmf_radii(kappa, levels=LEVELS):
+    """(len(levels), n) containment radii (rad) of each event's own von Mises-Fisher distribution."""
+    return np.stack([containment_radius(kappa, p) for p in levels])
 
-# the classical reconstructions on the same events (classical.py), timed like the model
-base_dirs, speed = {}, {'model': n / t_model}
-for name in methods:
-    t0 = time.time()
-    dirs = np.zeros((n, 3))
-    chunk = 2000 if name == 'mpe' else 20000
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device)
-    base_dirs[name], speed[name] = dirs, n / (time.time() - t0)
-    print(f"sample: {name} on {n} events in {time.time() - t0:.1f}s ({speed[name]:.0f} events/s)")
 
-result = {'split': split, 'n_events': int(n), 'checkpoint': os.path.join(out_dir, ckpt), 'iter': int(ck['iter_num'])}
-has_labels = bool(np.isfinite(s.azimuth[:n]).all())
-cols = {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen, 'kappa': kappa}
+def coverage(err, radii):
+    """Observed fraction of events whose true direction lies inside their circle, per row of radii."""
+    return (err <= radii).mean(-1)
 
+
+def fit_calibration(kappa, err, levels=CAL_LEVELS, n_bins=12, min_events=300):
+    """For each level p, a monotone map of the predicted kappa to the kappa whose p-circles hold p of the true
+    directions: in n_bins quantile bins of log kappa the scale of kappa that does so, placed at the bin's median
+    log kappa, interpolated between, made non-decreasing so that a surer prediction never gets a wider circle.
+    One map per level, because the errors have heavier tails than a vMF: a sure vMF's 90% circle is 1.8 times its
+    50% one, the toy model's tracks' errors have a 90% quantile 5 times their median, so the one scale whose 50%
+    circles hold 50% leaves the 90% circles too small."""
+    log_k = np.log(np.maximum(kappa, 1e-12))
+    n_bins = max(1, min(n_bins, len(kappa) // min_events))
+    edges = np.quantile(log_k, np.linspace(0, 1, n_bins + 1))
+    idx = np.clip(np.digitize(log_k, edges[1:-1]), 0, n_bins - 1)
+    knots = np.array([np.median(log_k[idx == b]) for b in range(n_bins)])
+    log_scale = np.zeros((len(levels), n_bins))
+    for j, p in enumerate(levels):
+        # per event, the largest log scale of kappa at which its p-circle still holds the true direction (bisection:
+        # the circle shrinks as kappa grows); p of a bin's events stay inside up to the (1 - p) quantile of these
+        lo, hi = np.full(len(kappa), -20.0), np.full(len(kappa), 20.0)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            inside = err <= containment_radius(kappa * np.exp(mid), p)
+            lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
+        log_scale[j] = [np.quantile(lo[idx == b], 1 - p) for b in range(n_bins)]
+    log_scale = np.maximum.accumulate(knots + log_scale, axis=1) - knots
+    return {'method': 'per level, a scale of kappa per quantile bin of log kappa, interpolated, monotone',
+            'levels': [float(p) for p in levels], 'log_kappa_knots': knots.tolist(), 'log_scale': log_scale.tolist()}
+
+
+def calibrated_kappa(cal, kappa, p=0.5):
+    """The kappa of the level-p map: for p = 0.5 the vMF whose 50% circles hold 50% of the true directions (the
+    median-matched width, as IceCube's pull correction does)."""
+    j = int(np.argmin(np.abs(np.array(cal['levels']) - p)))
+    return kappa * np.exp(np.interp(np.log(np.maximum(kappa, 1e-12)), cal['log_kappa_knots'], cal['log_scale'][j]))
+
+
+def calibrated_radii(cal, kappa, levels=LEVELS):
+    """(len(levels), n) calibrated containment radii (rad), each level from its own map (levels the map was fit
+    at), widened where needed so that a higher level never has a smaller circle."""
+    radii = np.maximum.accumulate(np.stack([containment_radius(calibrated_kappa(cal, kappa, p), p) for p in cal['levels']]), 0)
+    return radii[[int(np.argmin(np.abs(np.array(cal['levels']) - p))) for p in levels]]
+
+
+def circles(kappa, cal, levels=LEVELS):
+    """The error circles compared, as radii (len(levels), n): each event's own vMF ('predicted'), and where there is
+    a map, the calibrated circles and those of the one vMF of the calibrated kappa (whose 90% circles the tails
+    outgrow)."""
+    out = {'predicted': vmf_radii(kappa, levels)}
+    if cal:
+        out.update(calibrated=calibrated_radii(cal, kappa, levels), calibrated_vmf=vmf_radii(calibrated_kappa(cal, kappa), levels))
+    return out
+
+
+def coverage_report(err, radii_by_name, groups):
+    """Coverage at LEVELS of each set of circles in radii_by_name ({'predicted': (3, n) radii, ...}), over all events
+    and per bin of each grouping in groups ({'by_kind': (bin index per event, bin labels), ...})."""
+    def row(m, label):
+        return {'bin': label, 'n': int(m.sum()), **{k: coverage(err[m], r[:, m]).tolist() for k, r in radii_by_name.items()}}
+    report = {'all': row(np.ones(len(err), bool), 'all')}
+    for name, (idx, labels) in groups.items():
+        report[name] = [row(idx == i, lab) for i, lab in enumerate(labels) if (idx == i).any()]
+    return report
+
+
+def print_coverage(title, report):
+    names = [k for k in report['all'] if k not in ('bin', 'n')]
+    print(f"  {title}")
+    print(f"    {'':>18} {'events':>8}" + "".join(f"   {k:>17}" for k in names))
+    for group, rows in [('', [report['all']])] + [(k, v) for k, v in report.items() if k != 'all']:
+        if group:
+            print(f"    {GROUP_TITLES.get(group, group)}:")
+        for r in rows:
+            print(f"    {r['bin']:>18} {r['n']:8d}" + "".join("   " + " ".join(f"{100 * c:5.1f}" for c in r[k]) for k in names))
+
+
+def check_coverage(split, err, kappa, cal, groups, kind):
+    """Do the true directions fall inside the error circles as often as they claim? On val the honest check is a
+    map fit on the even-indexed events, measured on the odd-indexed ones (cal, the stored map, is fit on all of
+    them); on other splits cal was fit on val, so every event is held out. Prints the tables, returns the json's
+    'coverage': the held-out report, the curves of the coverage figure, and on val the stored map in sample."""
+    n = len(kappa)
+    print(f"coverage: % of true directions inside the error circle at {' / '.join(f'{100 * p:.0f}' for p in LEVELS)}%"
+          f" (predicted: each event's vMF; calibrated: the circles of radius50_deg, radius90_deg; calibrated_vmf: the vMF"
+          f" of kappa_calibrated)")
+    if split == 'val':
+        even, check = np.arange(0, n, 2), np.arange(1, n, 2)
+        check_cal = fit_calibration(kappa[even], err[even])
+        about = f"held out: a map fit on the {len(even)} even-indexed events of {split}, checked on the {len(check)} odd-indexed ones"
+    else:
+        check, check_cal = np.arange(n), cal
+        about = f"all {n} events of {split}" + (", held out: the map was fit on val" if cal else ", no calibration map")
+    cov = {'levels': list(LEVELS), 'about': about, 'held_out': coverage_report(
+        err[check], circles(kappa[check], check_cal), {k: (idx[check], labels) for k, (idx, labels) in groups.items()})}
+    print_coverage(about, cov['held_out'])
+    curve_groups = {'all': np.ones(n, bool), **({k: kind == i for i, k in enumerate(KIND_NAMES)} if kind is not None else {})}
+    curve_radii = circles(kappa[check], check_cal, CURVE_LEVELS)
+    cov['curves'] = {'title': about, 'nominal': CURVE_LEVELS.tolist(),
+                     'groups': {g: {k: coverage(err[check][m[check]], r[:, m[check]]).tolist()
+                                    for k, r in curve_radii.items() if k != 'calibrated_vmf'}
+                                for g, m in curve_groups.items() if m[check].any()}}
+    if split == 'val':
+        cov['stored_map_in_sample'] = coverage_report(err, circles(kappa, cal), {})['all']
+        print(f"  the stored map, fit on all {n} events, on those same events (in sample, not a check): "
+              + " ".join(f"{100 * c:5.1f}" for c in cov['stored_map_in_sample']['calibrated']))
+    return cov
+
+
+# -----------------------------------------------------------------------------
+# tables and figures
 
 def summary(err):
     return {'mean_angular_error': float(err.mean()), 'median_angular_error': float(np.median(err)),
@@ -129,8 +211,9 @@ def summary(err):
             'percentiles_deg': {str(p): math.degrees(np.percentile(err, p)) for p in (10, 25, 75, 90)}}
 
 
-def breakdown(name, values, edges, fmt):
-    """Mean error of the model and of each baseline per bin of values; prints a table, returns a list of rows."""
+def breakdown(name, values, edges, fmt, errs):
+    """Mean error of each method in errs ({'model': ..., 'linefit': ...}) per bin of values; prints a table,
+    returns a list of rows."""
     rows = []
     print(f"  by {name}:")
     idx = np.digitize(values, edges[1:-1])
@@ -138,60 +221,149 @@ def breakdown(name, values, edges, fmt):
         m = idx == i
         if not m.any():
             continue
-        row = {'bin': fmt(edges[i], edges[i + 1]), 'n': int(m.sum()), 'mean_angular_error': float(err[m].mean())}
-        row.update({f'{k}_mean_angular_error': float(e[m].mean()) for k, e in base_err.items()})
+        row = {'bin': fmt(edges[i], edges[i + 1]), 'n': int(m.sum()), 'mean_angular_error': float(errs['model'][m].mean())}
+        row.update({f'{k}_mean_angular_error': float(e[m].mean()) for k, e in errs.items() if k != 'model'})
         rows.append(row)
-        txt = "".join(f"   {k} {math.degrees(row[f'{k}_mean_angular_error']):6.2f}" for k in base_err)
+        txt = "".join(f"   {k} {math.degrees(row[f'{k}_mean_angular_error']):6.2f}" for k in errs if k != 'model')
         print(f"    {row['bin']:>18} {row['n']:8d} events   model {math.degrees(row['mean_angular_error']):6.2f} deg{txt}")
     return rows
 
 
-if has_labels:
-    err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen)
-    base_err = {k: M.angular_errors(s.azimuth[:n], s.zenith[:n], *M.vector_to_angles(d)) for k, d in base_dirs.items()}
-    result.update(summary(err))
-    result['events_per_s'] = speed['model']
-    for k, e in base_err.items():
-        result[k] = {**summary(e), 'events_per_s': speed[k]}
-    # one table: a row per method, on the same events
-    print(f"{'method':<18} {'mean (rad)':>10} {'mean (deg)':>10} {'median (deg)':>12} {'events/s':>10}")
-    for k, e in [('model', err)] + list(base_err.items()):
-        print(f"{k:<18} {e.mean():10.4f} {math.degrees(e.mean()):10.2f} {math.degrees(np.median(e)):12.2f} {speed[k]:10.0f}")
-    for k, name in [('linefit', 'LineFit'), ('linefit_improved', 'improved LineFit')]:
-        if k in base_err:
-            print(f"model / {name} mean angular error: {err.mean() / base_err[k].mean():.3f}")
-    print("model percentiles (deg): " + ", ".join(f"p{p} {v:.1f}" for p, v in result['percentiles_deg'].items()))
-    intfmt = lambda a, b: f"{a:.0f}-{b:.0f}" if np.isfinite(b) else f">= {a:.0f}"
-    ev_pulses, ev_doms = s.n_pulses[:n], s.n_doms[:n]
-    result['by_pulses'] = breakdown('pulse count', ev_pulses, [0, 30, 60, 100, 200, 500, 1000, 10000, np.inf], intfmt)
-    result['by_doms'] = breakdown('DOM count', ev_doms, [0, 10, 20, 40, 80, 160, 320, np.inf], intfmt)
-    result['by_zenith'] = breakdown('true zenith (deg)', np.degrees(s.zenith[:n]), np.arange(0, 181, 30.0), intfmt)
-    q = np.quantile(kappa, [0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    q[-1] = np.inf
-    result['by_kappa'] = breakdown('predicted kappa (quintiles)', kappa, q, lambda a, b: f"{a:.1f}-{b:.1f}")
-    if s.truth is not None:
-        energy = s.truth['energy'][:n].astype(np.float64)
-        result['by_energy'] = breakdown('energy (log10 GeV)', np.log10(np.maximum(energy, 1e-3)),
-                                        [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf],
-                                        lambda a, b: f"{a}-{b}" if np.isfinite(a) and np.isfinite(b) else (f"< {b}" if np.isfinite(b) else f">= {a}"))
-        kind = s.truth['kind'][:n]
-        result['by_kind'] = breakdown('kind (0 track, 1 cascade)', kind, [-0.5, 0.5, 1.5], lambda a, b: KIND_NAMES[int(a + 0.5)])
-        # the classical fits' home ground: well-lit tracks, where likelihood fits are judged by their median
-        bright = (kind == 0) & (ev_doms >= 50)
-        if bright.any():
-            result['tracks_50_doms'] = {'n': int(bright.sum()), 'median_angular_error': float(np.median(err[bright])),
-                                        **{f'{k}_median_angular_error': float(np.median(e[bright])) for k, e in base_err.items()}}
-            print(f"  tracks with >= 50 hit DOMs ({bright.sum()} events), median: model {np.median(err[bright]):.4f} rad"
-                  + "".join(f"   {k} {np.median(e[bright]):.4f}" for k, e in base_err.items()))
-    cols.update({'true_azimuth': s.azimuth[:n], 'true_zenith': s.zenith[:n], 'angular_error': err})
-    cols.update({f'{k}_angular_error': e for k, e in base_err.items()})
-else:
-    print(f"sample: {split} has no labels; writing predictions only")
-    result['mean_angular_error'] = result['median_angular_error'] = None
+def resolution_table(values, edges, errs, kind=None, min_events=20):
+    """Median angular error (deg) of each method per bin of values (the first and last bins take the values below
+    and above the edges), per kind where known (else 'all'); None in bins with fewer than min_events events. The
+    figures of resolution_<split>.png, kept in the json."""
+    kinds = {'all': np.ones(len(values), bool)} if kind is None else {n: kind == i for i, n in enumerate(KIND_NAMES)}
+    idx = np.digitize(values, edges[1:-1])
+    table = {'edges': [float(e) for e in edges], 'kinds': {}}
+    for kname, km in kinds.items():
+        ms = [km & (idx == i) for i in range(len(edges) - 1)]
+        table['kinds'][kname] = {'n': [int(m.sum()) for m in ms],
+                                 **{k: [math.degrees(np.median(e[m])) if m.sum() >= min_events else None for m in ms]
+                                    for k, e in errs.items()}}
+    return table
 
-with open(os.path.join(out_dir, f'eval_{split}.json.tmp'), 'w') as f:
-    json.dump(result, f, indent=1)
-os.replace(os.path.join(out_dir, f'eval_{split}.json.tmp'), os.path.join(out_dir, f'eval_{split}.json'))
+
+def plain_log_ticks(axis):
+    # 2, 3, 5, 10, 20, ... as plain numbers: the defaults write 2x10^1 on every minor tick
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+    axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_resolution(table, xlabel, path, logx=False):
+    """One panel per kind: median angular error against the binned quantity (at each bin's centre), a line per
+    method. Returns the arrays drawn, {(kind, method): (x, y)}."""
+    kinds = table['kinds']
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    lo, hi = np.array(table['edges'][:-1]), np.array(table['edges'][1:])
+    x = np.sqrt(lo * hi) if logx else (lo + hi) / 2
+    drawn = {}
+    for ax, (kname, t) in zip(axes[0], kinds.items()):
+        for method, y in t.items():
+            if method != 'n':
+                y = np.array([np.nan if v is None else v for v in y])
+                drawn[(kname, method)] = (x[np.isfinite(y)], y[np.isfinite(y)])
+                ax.plot(*drawn[(kname, method)], 'o-' if method == 'model' else 's--', label=METHOD_LABELS.get(method, method))
+        ax.set_title(f"{kname}s" if kname != 'all' else 'all events')
+        ax.set_xlabel(xlabel)
+        ys = np.concatenate([drawn[(kname, m)][1] for m in t if m != 'n'])
+        if len(ys) and ys.max() > 3 * ys.min():
+            ax.set_yscale('log')  # a track's error falls from tens of degrees to one over the energies
+            plain_log_ticks(ax.yaxis)
+        if len(ys):
+            ax.legend()
+        if logx:
+            ax.set_xscale('log')
+            plain_log_ticks(ax.xaxis)
+        ax.grid(True, which='both', alpha=0.3)
+    axes[0][0].set_ylabel('median angular error [deg]')
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return drawn
+
+
+def plot_coverage(curves, path):
+    """Observed against nominal coverage of the error circles, per kind, before (dashed) and after (solid)
+    calibration; the diagonal is perfect calibration. Returns the arrays drawn, {(group, kappa name): (x, y)}."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color='grey', lw=0.8)
+    drawn = {}
+    x = np.array(curves['nominal'])
+    for i, (group, c) in enumerate(curves['groups'].items()):
+        for name, style in (('predicted', '--'), ('calibrated', '-')):
+            if name in c:
+                y = np.array(c[name])
+                drawn[(group, name)] = (x, y)
+                ax.plot(100 * x, 100 * y, style, color=f'C{i}', label=f"{group}, " + ("predicted kappa" if name == "predicted" else "calibrated"))
+    ax.set_xlabel('nominal coverage [%]')
+    ax.set_ylabel('observed coverage [%]')
+    ax.set_title(textwrap.fill(curves['title'], 60), fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return drawn
+
+
+def read_history(path):
+    """train.py's out_dir/log.jsonl as curves: train loss at each log point, val error (deg) and loss at each
+    evaluation; None when the run wrote no log (older runs)."""
+    if not os.path.exists(path):
+        return None
+    rows = [json.loads(line) for line in open(path) if line.endswith('\n')]  # not a line cut short by a killed run
+    # the last line of each iteration: a resumed run that has nothing left to do evaluates its last iteration again
+    train = list({r['iter']: r for r in rows if 'train_loss' in r}.values())
+    val = list({r['iter']: r for r in rows if 'val_error' in r}.values())
+    return {'iter': [r['iter'] for r in train], 'train_loss': [r['train_loss'] for r in train],
+            'val_iter': [r['iter'] for r in val], 'val_loss': [r['val_loss'] for r in val],
+            'val_error_deg': [math.degrees(r['val_error']) for r in val]}
+
+
+def plot_training(history, path, ckpt_iter=None):
+    """Training curves: loss (train, and val of the averaged weights) and val mean angular error against
+    iteration; a dotted line at the evaluated checkpoint. Returns the arrays drawn, {name: (x, y)}."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = {'train_loss': (np.array(history['iter']), np.array(history['train_loss'])),
+             'val_loss': (np.array(history['val_iter']), np.array(history['val_loss'])),
+             'val_error_deg': (np.array(history['val_iter']), np.array(history['val_error_deg']))}
+    a1.plot(*drawn['train_loss'], lw=0.8, label='train')
+    a1.plot(*drawn['val_loss'], 'o-', label='val')
+    a1.set_ylabel('loss (vMF NLL + angular term)')
+    a1.legend()
+    a2.plot(*drawn['val_error_deg'], 'o-')
+    a2.set_ylabel('val mean angular error [deg]')
+    for ax in (a1, a2):
+        ax.set_xlabel('iteration')
+        ax.grid(True, alpha=0.3)
+        if ckpt_iter is not None:
+            ax.axvline(ckpt_iter, color='grey', ls=':')
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return drawn
+
+
+def write_plots(result, out_dir, split, ckpt_iter):
+    """The figures of what result holds (resolution, coverage, training curves) as PNGs in out_dir; returns their names."""
+    names = []
+    if 'resolution' in result:
+        names.append(f'resolution_{split}.png')
+        plot_resolution(result['resolution']['energy'], 'true neutrino energy log10(E / GeV)', os.path.join(out_dir, names[-1]))
+    if 'resolution_doms' in result:
+        names.append(f'resolution_doms_{split}.png')
+        plot_resolution(result['resolution_doms'], 'number of hit DOMs', os.path.join(out_dir, names[-1]), logx=True)
+    if 'coverage' in result:
+        names.append(f'coverage_{split}.png')
+        plot_coverage(result['coverage']['curves'], os.path.join(out_dir, names[-1]))
+    if result['training']:
+        names.append('training.png')
+        plot_training(result['training'], os.path.join(out_dir, names[-1]), ckpt_iter)
+    return names
 
 
 def write_csv(path, columns):
@@ -202,8 +374,187 @@ def write_csv(path, columns):
     os.replace(path + '.tmp', path)
 
 
-write_csv(os.path.join(out_dir, f'predictions_{split}.csv'), cols)
-if split == 'test':
-    write_csv(os.path.join(out_dir, 'submission.csv'), {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen})
-print(f"sample: wrote {os.path.join(out_dir, f'eval_{split}.json')}, predictions_{split}.csv"
-      + (", submission.csv" if split == 'test' else ""))
+def write_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+# -----------------------------------------------------------------------------
+
+def load_checkpoint(path):
+    """train.py's checkpoint, or one line naming the file and what to do when it is missing or damaged."""
+    if not os.path.exists(path):
+        raise SystemExit(f"sample: error: {path}: no checkpoint there; train.py writes best.pt and ckpt.pt into "
+                         f"its out_dir: choose them with --out_dir and --ckpt")
+    try:
+        ck = torch.load(path, map_location='cpu', weights_only=False)
+        missing = [k for k in ('config', 'model', 'model_args', 'iter_num', 'max_pulses_per_dom', 'data_dir') if k not in ck]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except Exception as e:  # truncated zip, garbage, no permission, not a train.py checkpoint
+        raise SystemExit(f"sample: error: {path}: unreadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                         f"the file is damaged: try --ckpt=ckpt.pt or --ckpt=ckpt.prev.pt (train.py keeps the one before ckpt.pt)") from None
+    return ck
+
+
+def main():
+    from configurator import configure
+    configure(globals())
+    methods = [m for m in baselines.split(',') if m]
+    if set(methods) - set(classical.METHODS):
+        raise SystemExit(f"sample: unknown baseline {sorted(set(methods) - set(classical.METHODS))}; choose from {classical.METHODS}")
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    ck = load_checkpoint(os.path.join(out_dir, ckpt))
+    cfg = ck['config']
+    raw_model = M.IceModel(**ck['model_args'])
+    raw_model.load_state_dict(ck['model'])
+    raw_model.to(device).eval()
+    model = torch.compile(raw_model) if compile else raw_model
+    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=device_type == 'cuda' and dtype != 'float32')
+
+    try:
+        s = open_split(os.path.join(data_dir or ck['data_dir'], split))
+    except (FileNotFoundError, SplitError) as e:
+        raise SystemExit(f"sample: error: {e}")
+    n = min(max_events, len(s)) if max_events else len(s)
+    print(f"sample: {os.path.join(out_dir, ckpt)} (iter {ck['iter_num']}, {raw_model.num_params() / 1e6:.3f}M parameters) "
+          f"on {n} of {len(s)} events of {s.path}, device {device}")
+
+    # model predictions, in split order
+    t0 = time.time()
+    pred = np.zeros((n, 3), np.float64)
+    seen = np.zeros(n, bool)
+    # the loader builds each batch's stream layout, and on the CPU its features, ahead of the model (model.model_inputs)
+    to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=device_type == 'cpu')
+    loader = BatchLoader(s, max_pulses or cfg['max_pulses'], max_doms or cfg['max_doms'],
+                         max_events_per_batch or cfg['max_events'], ck['max_pulses_per_dom'], shuffle=False,
+                         epochs=1, max_events_total=n, transform=to_model, pin_memory=device_type == 'cuda')
+    with torch.no_grad():
+        for batch in loader:
+            with autocast:
+                out = model(M.to_device(batch, device))
+            k = batch['n_events']
+            pred[batch['event_index'][:k].numpy()] = out[:k].float().cpu().numpy()
+            seen[batch['event_index'][:k].numpy()] = True
+    loader.close()
+    assert seen.all(), "some events were not evaluated"
+    t_model = time.time() - t0
+    kappa = np.linalg.norm(pred, axis=1)
+    az, zen = M.vector_to_angles(pred)
+    print(f"sample: model on {n} events in {t_model:.1f}s ({n / t_model:.0f} events/s)")
+
+    # the classical reconstructions on the same events (classical.py), timed like the model
+    base_dirs, speed = {}, {'model': n / t_model}
+    for name in methods:
+        t0 = time.time()
+        dirs = np.zeros((n, 3))
+        chunk = 2000 if name == 'mpe' else 20000
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device)
+        base_dirs[name], speed[name] = dirs, n / (time.time() - t0)
+        print(f"sample: {name} on {n} events in {time.time() - t0:.1f}s ({speed[name]:.0f} events/s)")
+
+    result = {'split': split, 'n_events': int(n), 'checkpoint': os.path.join(out_dir, ckpt), 'iter': int(ck['iter_num'])}
+    has_labels = bool(np.isfinite(s.azimuth[:n]).all())
+    cols = {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen, 'kappa': kappa}
+    written = [f'eval_{split}.json', f'predictions_{split}.csv']
+
+    # the kappa map: fit here on val, read from out_dir/calibration.json elsewhere
+    cal_path = os.path.join(out_dir, 'calibration.json')
+    cal = None
+    err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen) if has_labels else None
+    if split == 'val' and has_labels:
+        cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'fit_on': f"{s.path}, {n} events",
+               **fit_calibration(kappa, err)}
+        write_json(cal_path, cal)
+        written.append('calibration.json')
+    elif os.path.exists(cal_path):
+        try:
+            with open(cal_path) as f:
+                cal = json.load(f)
+            fit_on, stale = cal['fit_on'], (cal['checkpoint'], cal['iter']) != (ckpt, int(ck['iter_num']))
+            calibrated_radii(cal, kappa[:1])
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
+                             f"run sample.py --split=val to write it again")
+        if stale:
+            print(f"sample: {cal_path} was fit for {cal['checkpoint']} at iter {cal['iter']}, not this checkpoint: "
+                  f"not applied; run sample.py --split=val to refit it")
+            cal = None
+        else:
+            print(f"sample: error circles calibrated by {cal_path}, fit on {fit_on}")
+    else:
+        print(f"sample: no {cal_path} (sample.py --split=val writes it): the error circles use the predicted kappa")
+    radii = circles(kappa, cal, (0.5, 0.9))
+    if cal:
+        cols['kappa_calibrated'] = calibrated_kappa(cal, kappa)
+    cols.update({'radius50_deg': np.degrees(radii['calibrated' if cal else 'predicted'][0]),
+                 'radius90_deg': np.degrees(radii['calibrated' if cal else 'predicted'][1])})
+    result['calibration'] = None if cal is None else {'path': cal_path, 'fit_on': cal['fit_on']}
+
+    if has_labels:
+        errs = {'model': err, **{k: M.angular_errors(s.azimuth[:n], s.zenith[:n], *M.vector_to_angles(d)) for k, d in base_dirs.items()}}
+        result.update(summary(err))
+        result['events_per_s'] = speed['model']
+        for k, e in errs.items():
+            if k != 'model':
+                result[k] = {**summary(e), 'events_per_s': speed[k]}
+        # one table: a row per method, on the same events
+        print(f"{'method':<18} {'mean (rad)':>10} {'mean (deg)':>10} {'median (deg)':>12} {'events/s':>10}")
+        for k, e in errs.items():
+            print(f"{k:<18} {e.mean():10.4f} {math.degrees(e.mean()):10.2f} {math.degrees(np.median(e)):12.2f} {speed[k]:10.0f}")
+        for k, name in [('linefit', 'LineFit'), ('linefit_improved', 'improved LineFit')]:
+            if k in errs:
+                print(f"model / {name} mean angular error: {err.mean() / errs[k].mean():.3f}")
+        print("model percentiles (deg): " + ", ".join(f"p{p} {v:.1f}" for p, v in result['percentiles_deg'].items()))
+        intfmt = lambda a, b: f"{a:.0f}-{b:.0f}" if np.isfinite(b) else f">= {a:.0f}"
+        logfmt = lambda a, b: f"{a}-{b}" if np.isfinite(a) and np.isfinite(b) else (f"< {b}" if np.isfinite(b) else f">= {a}")
+        ev_pulses, ev_doms = s.n_pulses[:n], s.n_doms[:n]
+        result['by_pulses'] = breakdown('pulse count', ev_pulses, [0, 30, 60, 100, 200, 500, 1000, 10000, np.inf], intfmt, errs)
+        result['by_doms'] = breakdown('DOM count', ev_doms, DOM_EDGES, intfmt, errs)
+        result['by_zenith'] = breakdown('true zenith (deg)', np.degrees(s.zenith[:n]), np.arange(0, 181, 30.0), intfmt, errs)
+        q = np.quantile(kappa, [0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        q[-1] = np.inf
+        result['by_kappa'] = breakdown('predicted kappa (quintiles)', kappa, q, lambda a, b: f"{a:.1f}-{b:.1f}", errs)
+        groups = {'by_doms': (np.digitize(ev_doms, DOM_EDGES[1:-1]), [intfmt(a, b) for a, b in zip(DOM_EDGES, DOM_EDGES[1:])])}
+        kind = None
+        if s.truth is not None:
+            log_e = np.log10(np.maximum(s.truth['energy'][:n].astype(np.float64), 1e-3))
+            result['by_energy'] = breakdown('energy (log10 GeV)', log_e, ENERGY_EDGES, logfmt, errs)
+            kind = s.truth['kind'][:n]
+            result['by_kind'] = breakdown('kind (0 track, 1 cascade)', kind, [-0.5, 0.5, 1.5], lambda a, b: KIND_NAMES[int(a + 0.5)], errs)
+            # the classical fits' home ground: well-lit tracks, where likelihood fits are judged by their median
+            bright = (kind == 0) & (ev_doms >= 50)
+            if bright.any():
+                result['tracks_50_doms'] = {'n': int(bright.sum()), 'median_angular_error': float(np.median(err[bright])),
+                                            **{f'{k}_median_angular_error': float(np.median(e[bright])) for k, e in errs.items() if k != 'model'}}
+                print(f"  tracks with >= 50 hit DOMs ({bright.sum()} events), median: model {np.median(err[bright]):.4f} rad"
+                      + "".join(f"   {k} {np.median(e[bright]):.4f}" for k, e in errs.items() if k != 'model'))
+            groups = {'by_kind': (kind, KIND_NAMES),
+                      'by_energy': (np.digitize(log_e, ENERGY_EDGES[1:-1]), [logfmt(a, b) for a, b in zip(ENERGY_EDGES, ENERGY_EDGES[1:])]),
+                      **groups}
+            result['resolution'] = {'energy': resolution_table(log_e, np.arange(2.0, 8.01, 0.5), errs, kind, plot_min_events)}
+        result['resolution_doms'] = resolution_table(ev_doms, 2.0 ** np.arange(3, 13), errs, kind, plot_min_events)
+
+        result['coverage'] = check_coverage(split, err, kappa, cal, groups, kind)
+        cols.update({'true_azimuth': s.azimuth[:n], 'true_zenith': s.zenith[:n], 'angular_error': err})
+        cols.update({f'{k}_angular_error': e for k, e in errs.items() if k != 'model'})
+    else:
+        print(f"sample: {split} has no labels; writing predictions only")
+        result['mean_angular_error'] = result['median_angular_error'] = None
+
+    result['training'] = read_history(os.path.join(out_dir, 'log.jsonl'))
+    write_json(os.path.join(out_dir, f'eval_{split}.json'), result)
+    write_csv(os.path.join(out_dir, f'predictions_{split}.csv'), cols)
+    if split == 'test':
+        write_csv(os.path.join(out_dir, 'submission.csv'), {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen})
+        written.append('submission.csv')
+    if plots:
+        written += write_plots(result, out_dir, split, int(ck['iter_num']))
+    print(f"sample: wrote {', '.join(written)} in {out_dir}")
+
+
+if __name__ == '__main__':
+    main()

@@ -16,6 +16,7 @@ ckpt.pt and exits 143 (130 for SIGINT); --init_from=resume goes on with the same
 """
 
 import functools
+import json
 import math
 import os
 import shutil
@@ -295,6 +296,25 @@ def data_start():
     return seed + iter_num, (0, 0)
 
 
+def record(row):
+    """One line of out_dir/log.jsonl, the training curves that sample.py plots; master rank only, at log and eval
+    points, from numbers already on the host."""
+    if master:
+        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(row) + '\n')
+
+
+def start_record():
+    """A fresh run starts out_dir/log.jsonl anew; a resumed one keeps its lines up to the checkpoint's iteration
+    (not those of a stopped run past it, nor a line cut short when it was killed)."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if master:
+        lines = open(path).readlines() if init_from == 'resume' and os.path.exists(path) else []
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(line for line in lines if line.endswith('\n') and json.loads(line)['iter'] <= iter_num)
+        os.replace(path + '.tmp', path)
+
+
 def save_checkpoint(path):
     """Called on every rank, which gathers the ranks' data positions; rank 0 writes. Atomic: a temporary file renamed
     over the old one, and the old one renamed to ckpt.prev.pt, a way back if the new one is damaged later.
@@ -401,6 +421,7 @@ def flush_window():
     rate = max(now - window['t'], 1e-9)
     log(f"iter {iter_num}: loss {loss_mean:.4f}, lr {lr:.2e}, {events / rate:.0f} events/s, "
         f"{pulses / rate:.0f} pulses/s, {dt * 1000:.0f} ms/iter, {left / 60:.1f} min left")
+    record({'iter': iter_num, 'train_loss': loss_mean, 'lr': lr})
     if wandb is not None:
         wandb.log({'iter': iter_num, 'train/loss': loss_mean, 'lr': lr, 'events_per_s': events / rate})
     window.update(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=time.time(), stop=stops > 0)
@@ -408,6 +429,7 @@ def flush_window():
 
 lr = get_lr(iter_num, seconds_before)
 first_iter = iter_num
+start_record()
 while True:
     seconds = clock['seconds'] + (iter_num - clock['iter']) * clock['per_iter']  # the same on every rank
     last = iter_num >= max_iters or (max_minutes > 0 and seconds >= 60 * max_minutes)
@@ -421,6 +443,7 @@ while True:
         best_val = min(best_val, val_err)
         log(f"eval iter {iter_num}: val mean angular error {val_err:.4f} rad ({math.degrees(val_err):.2f} deg), "
             f"val loss {val_loss:.4f}, {n_val} events, best {best_val:.4f} rad ({time.time() - t_eval:.1f}s)")
+        record({'iter': iter_num, 'val_error': val_err, 'val_loss': val_loss, 'seconds': seconds})
         save_checkpoint(ckpt_path)
         if master and improved:  # a copy, renamed into place: serialising a big model twice costs seconds
             shutil.copyfile(ckpt_path, os.path.join(out_dir, 'best.pt.tmp'))

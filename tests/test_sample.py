@@ -1,0 +1,170 @@
+"""Tests for sample.py's error circles and figures: the von Mises-Fisher containment radius, the kappa
+calibration (fit on part of the events, checked on the rest), and on a tiny trained run the files it writes,
+the calibration stored on val and applied on test, and figures that draw the numbers of the json."""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import sample
+from prepare import open_split
+from test_train import TINY, data_dir, run  # noqa: F401 (data_dir is the tiny data set fixture)
+
+
+@pytest.mark.parametrize('kappa', [1e-9, 0.3, 2.0, 30.0, 1e4])
+def test_containment_radius_holds_its_probability(kappa):
+    # the vMF density in the angle from the mean direction is proportional to exp(kappa cos a) sin a: integrate it
+    a = np.linspace(0, math.pi, 2_000_001)
+    cdf = np.cumsum(np.exp(kappa * (np.cos(a) - 1)) * np.sin(a))
+    cdf /= cdf[-1]
+    for p in (0.05, 0.5, 0.68, 0.9, 0.99):
+        r = sample.containment_radius(np.array([kappa]), p)[0]
+        assert np.interp(r, a, cdf) == pytest.approx(p, abs=2e-4), (kappa, p)
+    # the limits: uniform on the sphere, and the 2-D Gaussian of width 1/sqrt(kappa)
+    if kappa < 1e-6:
+        assert sample.containment_radius(np.array([kappa]), 0.5)[0] == pytest.approx(math.pi / 2)
+    if kappa > 1e3:
+        assert sample.containment_radius(np.array([kappa]), 0.9)[0] == pytest.approx(math.sqrt(2 * math.log(10) / kappa), rel=1e-3)
+
+
+def vmf_errors(rng, kappa):
+    """Angles between a vMF(kappa) draw and its mean direction, by rejection from the uniform sphere's 1 - cos."""
+    out = np.empty(len(kappa))
+    todo = np.arange(len(kappa))
+    while len(todo):
+        x = rng.uniform(0, 2, len(todo))
+        keep = rng.random(len(todo)) < np.exp(-kappa[todo] * x)
+        out[todo[keep]] = np.arccos(1 - x[keep])
+        todo = todo[~keep]
+    return out
+
+
+def test_calibration_fixes_miscalibrated_kappa_on_held_out_events():
+    rng = np.random.default_rng(0)
+    true_kappa = np.exp(rng.uniform(np.log(0.5), np.log(50), 40000))
+    err = vmf_errors(rng, true_kappa)
+    # a model too sure of its confident events and too unsure of the others: its circles are wrong at both ends
+    predicted = 0.4 * true_kappa ** 1.6
+    fit, check = slice(0, 20000), slice(20000, None)
+    raw = sample.coverage(err[check], sample.vmf_radii(predicted[check]))
+    assert np.abs(raw - sample.LEVELS).min() > 0.03, raw
+    cal = sample.fit_calibration(predicted[fit], err[fit])
+    c = sample.circles(predicted[check], cal)
+    for name in ('calibrated', 'calibrated_vmf'):  # here one vMF of the calibrated kappa fits at every level too
+        radii = c[name]
+        assert np.abs(sample.coverage(err[check], radii) - sample.LEVELS).max() < 0.02, name
+    # monotone: a surer prediction never gets a wider circle, and a higher level never a smaller one
+    grid = np.exp(np.linspace(-5, 10, 1000))
+    radii = sample.calibrated_radii(cal, grid, sample.CAL_LEVELS)
+    assert (np.diff(radii, axis=1) <= 0).all() and (np.diff(radii, axis=0) >= 0).all()
+    assert (np.diff(sample.calibrated_kappa(cal, grid)) >= 0).all()
+    # well calibrated input stays so
+    cal = sample.fit_calibration(true_kappa[fit], err[fit])
+    assert np.abs(sample.coverage(err[check], sample.calibrated_radii(cal, true_kappa[check])) - sample.LEVELS).max() < 0.02
+
+
+def test_calibration_covers_heavy_tails_level_by_level():
+    # 15% of the events reconstructed anywhere on the sphere: heavier tails than any vMF has
+    rng = np.random.default_rng(1)
+    kappa = np.exp(rng.uniform(np.log(5), np.log(500), 40000))
+    err = np.where(rng.random(len(kappa)) < 0.15, np.arccos(rng.uniform(-1, 1, len(kappa))), vmf_errors(rng, kappa))
+    fit, check = slice(0, 20000), slice(20000, None)
+    cal = sample.fit_calibration(kappa[fit], err[fit])
+    c = sample.circles(kappa[check], cal)
+    assert np.abs(sample.coverage(err[check], c['calibrated']) - sample.LEVELS).max() < 0.02
+    # the one vMF matched at 50% leaves its 90% circles far too small: why each level has its own map
+    vmf = sample.coverage(err[check], c['calibrated_vmf'])
+    assert abs(vmf[0] - 0.5) < 0.02 and vmf[2] < 0.86, vmf
+
+
+def read_csv(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+
+
+def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F811
+    out = str(tmp_path / 'out')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--eval_interval=10'] + TINY
+        + ['--log_interval=5'])
+    # train.py's curves: a line per log point and eval point; a resumed run drops the lines past its checkpoint
+    # and a last line cut short by a killed run
+    history = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert [r['iter'] for r in history if 'train_loss' in r] == [5, 10, 15, 20]
+    assert [r['iter'] for r in history if 'val_error' in r] == [10, 20]
+    with open(os.path.join(out, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps({'iter': 25, 'train_loss': 9.0, 'lr': 0.0}) + '\n{"iter": 3')  # and a line cut short
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--init_from=resume'] + TINY)
+    assert max(json.loads(line)['iter'] for line in open(os.path.join(out, 'log.jsonl'))) == 20
+
+    p = run(['sample.py', f'--out_dir={out}', '--split=val', '--plot_min_events=2'])
+    assert 'held out: a map fit on the ' in p.stdout and 'not a check' in p.stdout
+    for f in ('eval_val.json', 'predictions_val.csv', 'calibration.json', 'resolution_val.png',
+              'resolution_doms_val.png', 'coverage_val.png', 'training.png'):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    assert not any(f.endswith('.tmp') for f in os.listdir(out))
+    ev = json.load(open(os.path.join(out, 'eval_val.json')))
+    cal = json.load(open(os.path.join(out, 'calibration.json')))
+    assert cal['iter'] == ev['iter'] and cal['checkpoint'] == 'best.pt'
+
+    # the csv's circles are those of the calibrated kappa, and the json's coverage is that of the csv's circles
+    pr = read_csv(os.path.join(out, 'predictions_val.csv'))
+    assert np.allclose(pr['kappa_calibrated'], sample.calibrated_kappa(cal, pr['kappa']), rtol=1e-5)
+    assert np.allclose([pr['radius50_deg'], pr['radius90_deg']],
+                       np.degrees(sample.calibrated_radii(cal, pr['kappa'], (0.5, 0.9))), atol=1e-5)
+    cov = ev['coverage']
+    assert cov['levels'] == [0.5, 0.68, 0.9]
+    odd = slice(1, None, 2)
+    assert np.allclose(cov['held_out']['all']['predicted'], sample.coverage(pr['angular_error'][odd], sample.vmf_radii(pr['kappa'][odd])))
+    n_odd = ev['n_events'] // 2
+    assert cov['held_out']['all']['n'] == n_odd and sum(r['n'] for r in cov['held_out']['by_kind']) == n_odd
+    inside = pr['angular_error'] <= np.radians([pr['radius50_deg'], pr['radius90_deg']])
+    assert np.allclose(np.array(cov['stored_map_in_sample']['calibrated'])[[0, 2]], inside.mean(1))
+
+    # the resolution figure's numbers: medians of the csv's errors per kind and energy bin, as the json has them
+    truth = open_split(os.path.join(data_dir, 'val')).truth
+    table = ev['resolution']['energy']
+    drawn = sample.plot_resolution(table, 'x', str(tmp_path / 'r.png'))
+    edges = np.array(table['edges'])
+    ebin = np.digitize(np.log10(truth['energy']), edges[1:-1])
+    for k, kname in enumerate(['track', 'cascade']):
+        for method, column in (('model', 'angular_error'), ('linefit', 'linefit_angular_error')):
+            want = [math.degrees(np.median(pr[column][m])) if m.sum() >= 2 else None
+                    for m in [(truth['kind'] == k) & (ebin == i) for i in range(len(edges) - 1)]]
+            assert table['kinds'][kname][method] == pytest.approx(want, abs=1e-3)  # the csv keeps 6 decimals (rad)
+            x, y = drawn[(kname, method)]
+            assert len(y) >= 2 and list(y) == [v for v in table['kinds'][kname][method] if v is not None]
+            assert list(x) == [(lo + hi) / 2 for lo, hi, v in zip(edges, edges[1:], want) if v is not None]
+    drawn = sample.plot_coverage(cov['curves'], str(tmp_path / 'c.png'))
+    assert np.allclose(drawn[('all', 'predicted')][1], sample.coverage(pr['angular_error'][odd], sample.vmf_radii(pr['kappa'][odd], sample.CURVE_LEVELS)))
+    assert ('all', 'calibrated') in drawn
+    drawn = sample.plot_training(ev['training'], str(tmp_path / 't.png'))
+    # the resumed run's evaluation at iteration 20 replaces the first one's
+    history = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert list(drawn['train_loss'][0]) == [5, 10, 15, 20] and list(drawn['val_error_deg'][0]) == [10, 20]
+    assert np.allclose(drawn['val_error_deg'][1], [math.degrees(r['val_error']) for r in history if 'val_error' in r][-3::2])
+
+    # other splits apply the map stored on val; where they have labels the output says that the coverage is that
+    # of a map fit elsewhere
+    p = run(['sample.py', f'--out_dir={out}', '--split=train', '--max_events=30', '--baselines=', '--plots=False'])
+    assert f"fit on {cal['fit_on']}" in p.stdout and 'held out: the map was fit on val' in p.stdout
+    et = json.load(open(os.path.join(out, 'eval_train.json')))
+    ptr = read_csv(os.path.join(out, 'predictions_train.csv'))
+    assert et['calibration']['fit_on'] == cal['fit_on']
+    assert np.allclose(ptr['kappa_calibrated'], sample.calibrated_kappa(cal, ptr['kappa']), rtol=1e-5)
+    inside = ptr['angular_error'] <= np.radians([ptr['radius50_deg'], ptr['radius90_deg']])
+    assert np.allclose(np.array(et['coverage']['held_out']['all']['calibrated'])[[0, 2]], inside.mean(1))
+
+    # a map fit for another checkpoint is not applied (test: no labels, the Kaggle case; the circles are the
+    # predicted kappa's)
+    cal['iter'] = 999
+    json.dump(cal, open(os.path.join(out, 'calibration.json'), 'w'))
+    p = run(['sample.py', f'--out_dir={out}', '--split=test', '--plots=False'])
+    assert 'not applied' in p.stdout
+    pt = read_csv(os.path.join(out, 'predictions_test.csv'))
+    assert 'kappa_calibrated' not in pt
+    assert np.allclose(pt['radius90_deg'], np.degrees(sample.containment_radius(pt['kappa'], 0.9)), atol=1e-5)
