@@ -425,8 +425,8 @@ def main():
     t0 = time.time()
     pred = np.zeros((n, 3), np.float64)
     seen = np.zeros(n, bool)
-    # the loader builds each batch's stream layout, and on the CPU its features, ahead of the model (model.model_inputs)
-    to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=device_type == 'cpu')
+    # the loader builds each batch's stream layout ahead of the model (model.model_inputs); the features run in the forward
+    to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=False)
     loader = BatchLoader(s, max_pulses or cfg['max_pulses'], max_doms or cfg['max_doms'],
                          max_events_per_batch or cfg['max_events'], ck['max_pulses_per_dom'], shuffle=False,
                          epochs=1, max_events_total=n, transform=to_model, pin_memory=device_type == 'cuda')

@@ -53,8 +53,8 @@ max_pulses_per_dom = 64      # a DOM keeps its earliest max_pulses_per_dom pulse
 gradient_accumulation_steps = 1  # micro-batches per iteration on each rank
 loader_workers = 0           # processes per rank that pack batches (0 = one background thread); more when the loader
                              # cannot keep two steps ahead of a GPU (bench.py's reading row gives its events/s)
-features = 'auto'            # where the no-grad features run: 'loader' (on the CPU, ahead of the step), 'device'
-                             # (inside the model, on the GPU), 'auto' = loader on the CPU, device on CUDA
+features = 'model'           # where the no-grad features run: 'model' (in the forward pass, on the model's device)
+                             # or 'loader' (the loader's CPU, ahead of the step: faster only with a core to spare)
 # model
 t1_dim = 64
 t1_layers = 2
@@ -189,13 +189,14 @@ if ema_decay and checkpoint is not None and 'train_model' in checkpoint:
 elif ema_decay:
     ema = [p.detach().clone() for p in raw_model.parameters()]
 
-# the loader builds each batch's stream layout (and, on the CPU, the features) ahead of the step, in pinned memory
-# for a GPU; the step then copies it without waiting
+# the loader builds each batch's stream layout (and with features='loader' the features) ahead of the step, in
+# pinned memory for a GPU; the step then copies it without waiting. On a 2-core CPU the features in the loader made
+# the main job slower, not faster: its work took the core that the step's second thread needed, and its Python held
+# the interpreter lock the step's own dispatch waits for (notes/experiments.md)
 path = raw_model.path(device)
-if features not in ('auto', 'loader', 'device'):
-    fail(f"features must be 'auto', 'loader' or 'device', not {features!r}")
-features_in_loader = features == 'loader' or (features == 'auto' and device_type == 'cpu')
-to_model = functools.partial(M.model_inputs, path=path, with_features=features_in_loader)
+if features not in ('model', 'loader'):
+    fail(f"features must be 'model' or 'loader', not {features!r}")
+to_model = functools.partial(M.model_inputs, path=path, with_features=features == 'loader')
 pin = device_type == 'cuda'
 
 decay = [p for p in raw_model.parameters() if p.dim() >= 2]

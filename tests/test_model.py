@@ -88,7 +88,7 @@ def test_t1_packed_equals_alone(data):
     events, b = data
     m = small_model()
     def embed(batch):
-        t = tensors(batch)
+        t = M.model_inputs(batch, 'sdpa', with_features=True)  # T1 alone: its inputs from the features
         return m.embed_doms(t, M.attention_layouts(t)[0])
 
     with torch.no_grad():
