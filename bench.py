@@ -450,7 +450,6 @@ def bench_efficiency(name, split):
         old = old_model_module(compare_commit)
         torch.manual_seed(seed)
         old_model = old.IceModel(**args, mlp_ratio=mlp_ratio).to(device)
-        old_model.load_state_dict(model.state_dict())
         old_batches = [old.batch_to_tensors(r, device) for r in raw]
         train_step(old_model, old_batches[0])
         ab = {'old': [], 'new': [], 'new_network': []}

@@ -515,6 +515,17 @@ class IceModel(nn.Module):
         return self.head(self.t2_ln(take(x, b['t2_cls']))).float()
 
 
+def load_weights(model, state, path, who):
+    """A checkpoint's weights into model, or one line naming the checkpoint when they do not fit: one written by
+    another version of model.py, whose inputs or head differ."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = (str(e).splitlines()[1:] or [str(e)])[0].strip().rstrip('.')
+        raise SystemExit(f"{who}: error: {path}: its weights do not fit this model.py ({detail}): it was written by "
+                         f"another version; train a new model, or use the commit that wrote it") from None
+
+
 def model_inputs(batch, path, device='cpu', with_features=False):
     """A prepare.pack_batch micro-batch (dict of numpy arrays and ints) -> the dict the model reads: its stream layout
     for the attention path ('flex' or 'sdpa'), as tensors on device (ints stay ints), and with_features the no-grad

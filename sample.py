@@ -408,7 +408,7 @@ def main():
     ck = load_checkpoint(os.path.join(out_dir, ckpt))
     cfg = ck['config']
     raw_model = M.IceModel(**ck['model_args'])
-    raw_model.load_state_dict(ck['model'])
+    M.load_weights(raw_model, ck['model'], os.path.join(out_dir, ckpt), 'sample')
     raw_model.to(device).eval()
     model = torch.compile(raw_model) if compile else raw_model
     autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=device_type == 'cuda' and dtype != 'float32')

@@ -179,7 +179,7 @@ elif init_from != 'scratch':
     fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 raw_model = M.IceModel(**model_args)
 if checkpoint is not None:
-    raw_model.load_state_dict(checkpoint.get('train_model', checkpoint['model']))
+    M.load_weights(raw_model, checkpoint.get('train_model', checkpoint['model']), f"the checkpoint in {out_dir}", 'train')
 raw_model.to(device)
 # The averaged weights: on the toy data the val error of the training weights jumps by up to 0.05 rad from one
 # evaluation to the next late in a run, which makes the best checkpoint a lottery; the average's moves by 0.002-0.004.

@@ -208,6 +208,14 @@ def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"sample: error: {tmp_path}/best.pt: unreadable checkpoint (")
     assert 'ckpt.prev.pt' in lines[0]
+    # written by another version of model.py (here: a head of another width): named, not a load_state_dict traceback
+    ck = torch.load(f'{root}/whole/best.pt', weights_only=False)
+    ck['model']['head.bias'] = torch.zeros(7)
+    torch.save(ck, tmp_path / 'best.pt')
+    p = run(['sample.py', f'--out_dir={tmp_path}'], check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"sample: error: {tmp_path}/best.pt: its weights do not fit this model.py (size mismatch for head.bias")
 
 
 def test_ddp_ranks_stop_together_when_one_gets_sigterm(data_dir, tmp_path):
