@@ -2,8 +2,9 @@
 # in at most 15 minutes of training, then python sample.py --out_dir=out-toy-cpu.
 #   python train.py config/toy_cpu.py
 # The CPU runs attention through scaled_dot_product_attention over groups of equal-length documents (FlexAttention
-# has no CPU backward) in eager mode (torch.compile brings no CPU speed-up there); the loader thread computes the
-# no-grad features ahead of the step.
+# has no CPU backward) in eager mode (torch.compile brings no CPU speed-up there); the loader thread builds each
+# batch's stream layout ahead of the step, and the no-grad features run in the forward pass (train.py's
+# features='model': on 2 cores the loader has no core of its own for them).
 
 out_dir = 'out-toy-cpu'
 data_dir = 'data/sim_packed'
