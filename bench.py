@@ -441,7 +441,7 @@ def bench_efficiency(name, split):
     roof = matmul_rate(model, batches[0])
     # the loader at the config's full budgets, as train.py runs it on that config's device
     full = (cfg['max_pulses'], cfg['max_doms'], cfg['max_events'], cfg['max_pulses_per_dom'])
-    path_full = 'flex' if cfg.get('device', 'cuda') == 'cuda' else 'sdpa'
+    path_full = model.path(cfg.get('device', 'cuda'))  # the layout train.py builds on that config's device
     out = {'budgets': list(budgets), 'params': model.num_params(), 'flops_per_event': flops, 'events_per_s': rate,
            'network_events_per_s': max(rates['network']), 'flops_per_s': flops * rate, 'matmul_flops_per_s': roof,
            'share_of_matmul': flops * rate / roof, 'loader_budgets': list(full), 'loader_path': path_full,

@@ -124,10 +124,15 @@ def fit_calibration(kappa, err, levels=CAL_LEVELS, n_bins=12, min_events=300):
             'levels': [float(p) for p in levels], 'log_kappa_knots': knots.tolist(), 'log_scale': log_scale.tolist()}
 
 
+def level_index(cal, p):
+    """The row of the calibration's maps fit at the level nearest p."""
+    return int(np.argmin(np.abs(np.array(cal['levels']) - p)))
+
+
 def calibrated_kappa(cal, kappa, p=0.5):
     """The kappa of the level-p map: for p = 0.5 the vMF whose 50% circles hold 50% of the true directions (the
     median-matched width, as IceCube's pull correction does)."""
-    j = int(np.argmin(np.abs(np.array(cal['levels']) - p)))
+    j = level_index(cal, p)
     return kappa * np.exp(np.interp(np.log(np.maximum(kappa, 1e-12)), cal['log_kappa_knots'], cal['log_scale'][j]))
 
 
@@ -135,7 +140,7 @@ def calibrated_radii(cal, kappa, levels=LEVELS):
     """(len(levels), n) calibrated containment radii (rad), each level from its own map (levels the map was fit
     at), widened where needed so that a higher level never has a smaller circle."""
     radii = np.maximum.accumulate(np.stack([containment_radius(calibrated_kappa(cal, kappa, p), p) for p in cal['levels']]), 0)
-    return radii[[int(np.argmin(np.abs(np.array(cal['levels']) - p))) for p in levels]]
+    return radii[[level_index(cal, p) for p in levels]]
 
 
 def circles(kappa, cal, levels=LEVELS):
