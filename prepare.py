@@ -970,7 +970,7 @@ class BatchLoader:
 
     def _fill(self):
         try:
-            in_flight = collections.deque()  # the workers' batches, in order
+            in_flight = self.in_flight = collections.deque()  # the workers' batches, in order
             for plan in self._plans():
                 if self.stop.is_set():
                     return
@@ -1015,6 +1015,10 @@ class BatchLoader:
         self.stop.set()
         self.thread.join(timeout=5)
         if self.pool is not None:
+            # let the workers finish the batches in flight first: a worker killed while it writes a result leaves
+            # half a message in the pipe, and Pool.terminate then waits forever on its result thread (seen in CI)
+            for result in getattr(self, 'in_flight', ()):
+                result.wait(timeout=60)
             self.pool.terminate()
 
 
