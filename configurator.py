@@ -54,7 +54,7 @@ def read_config(path):
             code = f.read()
     except OSError as e:
         _fail(f"cannot read config file {path}: {e.strerror}")
-    scope = {}
+    scope = {'__file__': path}  # so that a config can build on another beside it (config/toy_long.py)
     exec(compile(code, path, 'exec'), scope)
     return {k: v for k, v in scope.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)}
 

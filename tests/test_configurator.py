@@ -1,8 +1,12 @@
 """configurator.py: config files and --key=value overrides of a script's globals."""
 
+import os
+
 import pytest
 
-from configurator import configure
+from configurator import configure, read_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def settings():
@@ -36,3 +40,20 @@ def test_unknown_key_in_config_file(tmp_path):
     cfg.write_text("batch_size = 8\nlearnin_rate = 0.1\n")
     with pytest.raises(SystemExit, match=r"unknown setting 'learnin_rate' in config file .*c\.py"):
         configure(settings(), [str(cfg)])
+
+
+def test_config_builds_on_the_one_beside_it(tmp_path):
+    """config/toy_long.py is config/toy_cpu.py with a longer budget: a config file knows its own path (__file__), so
+    it can run another beside it, from any working directory, and then change some settings."""
+    (tmp_path / 'base.py').write_text("batch_size = 64\nout_dir = 'out-base'\n")
+    (tmp_path / 'long.py').write_text("import os\nexec(open(os.path.join(os.path.dirname(__file__), 'base.py')).read())\n"
+                                      "out_dir = 'out-long'\n")
+    g = settings()
+    configure(g, [str(tmp_path / 'long.py')])
+    assert g['batch_size'] == 64 and g['out_dir'] == 'out-long'
+
+
+def test_toy_long_is_toy_cpu_for_longer():
+    cpu, long = (read_config(os.path.join(ROOT, 'config', f)) for f in ('toy_cpu.py', 'toy_long.py'))
+    changed = {k for k in cpu if cpu[k] != long[k]}
+    assert changed == {'out_dir', 'max_iters', 'max_minutes', 'eval_interval'} and long['max_minutes'] > cpu['max_minutes']
