@@ -14,13 +14,13 @@ Error circles: the model's 3-vector is a von Mises-Fisher distribution whose nor
 concentration; the circle that holds probability p of it has a closed-form radius. On the val split
 sample.py measures how often the true direction falls inside each event's 50%, 68% and 90% circles, fits
 monotone maps from the predicted kappa to calibrated circles (one per level: the errors have heavier tails
-than a vMF), checks them honestly (fit on the even-indexed events, measured on the odd-indexed ones), then
+than a vMF; one set per group of events by hit-DOM count), checks them honestly (fit on the even-indexed events, measured on the odd-indexed ones), then
 fits the stored maps on all of val and writes them to out_dir/calibration.json; on any other split it applies
 the stored maps. Writes to out_dir:
     eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
                                linefit, linefit_improved: {mean_angular_error, median_angular_error},
                                breakdowns, resolution, coverage, training)
-    predictions_<split>.csv    event_id, azimuth, zenith, kappa, kappa_calibrated (its vMF's 50% circles hold 50%),
+    predictions_<split>.csv    event_id, azimuth, zenith, kappa, hit_doms, kappa_calibrated (its vMF's 50% circles hold 50%),
                                radius50_deg, radius90_deg (the calibrated circles; from kappa without a map)
                                (+ true angles and errors where known)
     submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format)
@@ -97,7 +97,7 @@ def coverage(err, radii):
     return (err <= radii).mean(-1)
 
 
-def fit_calibration(kappa, err, levels=CAL_LEVELS, n_bins=12, min_events=300):
+def fit_kappa_map(kappa, err, levels, n_bins=12, min_events=300):
     """For each level p, a monotone map of the predicted kappa to the kappa whose p-circles hold p of the true
     directions: in n_bins quantile bins of log kappa the scale of kappa that does so, placed at the bin's median
     log kappa, interpolated between, made non-decreasing so that a surer prediction never gets a wider circle.
@@ -120,8 +120,27 @@ def fit_calibration(kappa, err, levels=CAL_LEVELS, n_bins=12, min_events=300):
             lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
         log_scale[j] = [np.quantile(lo[idx == b], 1 - p) for b in range(n_bins)]
     log_scale = np.maximum.accumulate(knots + log_scale, axis=1) - knots
-    return {'method': 'per level, a scale of kappa per quantile bin of log kappa, interpolated, monotone',
-            'levels': [float(p) for p in levels], 'log_kappa_knots': knots.tolist(), 'log_scale': log_scale.tolist()}
+    return {'log_kappa_knots': knots.tolist(), 'log_scale': log_scale.tolist()}
+
+
+def fit_calibration(kappa, err, n_doms, levels=CAL_LEVELS, min_events=1000):
+    """The calibration: per group of events by hit-DOM count (the report's DOM_EDGES bins, a bin with fewer than
+    min_events merged into its smaller neighbour), a kappa map per level (fit_kappa_map). The hit DOMs are known for
+    every event, labelled or not, and the model's kappa means something else in each group: after the toy main job,
+    one map for all left the 80-160 DOM events' 50% circles holding 61% and the 20-40 DOM events' 42%, and the
+    tracks, most of the well-lit events, up to 8 points off."""
+    edges = list(DOM_EDGES[1:-1])
+    while edges:
+        counts = np.bincount(np.digitize(n_doms, edges), minlength=len(edges) + 1)
+        g = int(np.argmin(counts))
+        if counts[g] >= min(min_events, len(kappa)):
+            break
+        # drop the edge between group g and its smaller neighbour
+        edges.pop(0 if g == 0 else g - 1 if g == len(edges) or counts[g - 1] <= counts[g + 1] else g)
+    group = np.digitize(n_doms, edges)
+    return {'method': 'per group of hit-DOM count, per level, a scale of kappa per quantile bin of log kappa, '
+                      'interpolated, monotone', 'levels': [float(p) for p in levels], 'dom_edges': [float(e) for e in edges],
+            'maps': [fit_kappa_map(kappa[group == g], err[group == g], levels) for g in range(len(edges) + 1)]}
 
 
 def level_index(cal, p):
@@ -129,27 +148,33 @@ def level_index(cal, p):
     return int(np.argmin(np.abs(np.array(cal['levels']) - p)))
 
 
-def calibrated_kappa(cal, kappa, p=0.5):
-    """The kappa of the level-p map: for p = 0.5 the vMF whose 50% circles hold 50% of the true directions (the
-    median-matched width, as IceCube's pull correction does)."""
-    j = level_index(cal, p)
-    return kappa * np.exp(np.interp(np.log(np.maximum(kappa, 1e-12)), cal['log_kappa_knots'], cal['log_scale'][j]))
+def calibrated_kappa(cal, kappa, n_doms, p=0.5):
+    """The kappa of the level-p map of each event's hit-DOM group: for p = 0.5 the vMF whose 50% circles hold 50% of
+    the true directions (the median-matched width, as IceCube's pull correction does)."""
+    j, log_k = level_index(cal, p), np.log(np.maximum(kappa, 1e-12))
+    group = np.digitize(n_doms, cal['dom_edges'])
+    log_scale = np.zeros(len(kappa))
+    for g, m in enumerate(cal['maps']):
+        log_scale[group == g] = np.interp(log_k[group == g], m['log_kappa_knots'], m['log_scale'][j])
+    return kappa * np.exp(log_scale)
 
 
-def calibrated_radii(cal, kappa, levels=LEVELS):
+def calibrated_radii(cal, kappa, n_doms, levels=LEVELS):
     """(len(levels), n) calibrated containment radii (rad), each level from its own map (levels the map was fit
     at), widened where needed so that a higher level never has a smaller circle."""
-    radii = np.maximum.accumulate(np.stack([containment_radius(calibrated_kappa(cal, kappa, p), p) for p in cal['levels']]), 0)
+    radii = np.maximum.accumulate(np.stack([containment_radius(calibrated_kappa(cal, kappa, n_doms, p), p)
+                                            for p in cal['levels']]), 0)
     return radii[[level_index(cal, p) for p in levels]]
 
 
-def circles(kappa, cal, levels=LEVELS):
+def circles(kappa, n_doms, cal, levels=LEVELS):
     """The error circles compared, as radii (len(levels), n): each event's own vMF ('predicted'), and where there is
     a map, the calibrated circles and those of the one vMF of the calibrated kappa (whose 90% circles the tails
     outgrow)."""
     out = {'predicted': vmf_radii(kappa, levels)}
     if cal:
-        out.update(calibrated=calibrated_radii(cal, kappa, levels), calibrated_vmf=vmf_radii(calibrated_kappa(cal, kappa), levels))
+        out.update(calibrated=calibrated_radii(cal, kappa, n_doms, levels),
+                   calibrated_vmf=vmf_radii(calibrated_kappa(cal, kappa, n_doms), levels))
     return out
 
 
@@ -175,7 +200,7 @@ def print_coverage(title, report):
             print(f"    {r['bin']:>18} {r['n']:8d}" + "".join("   " + " ".join(f"{100 * c:5.1f}" for c in r[k]) for k in names))
 
 
-def check_coverage(split, err, kappa, cal, groups, kind):
+def check_coverage(split, err, kappa, n_doms, cal, groups, kind):
     """Do the true directions fall inside the error circles as often as they claim? On val the honest check is a
     map fit on the even-indexed events, measured on the odd-indexed ones (cal, the stored map, is fit on all of
     them); on other splits cal was fit on val, so every event is held out. Prints the tables, returns the json's
@@ -186,22 +211,22 @@ def check_coverage(split, err, kappa, cal, groups, kind):
           f" of kappa_calibrated)")
     if split == 'val':
         even, check = np.arange(0, n, 2), np.arange(1, n, 2)
-        check_cal = fit_calibration(kappa[even], err[even])
+        check_cal = fit_calibration(kappa[even], err[even], n_doms[even])
         about = f"held out: a map fit on the {len(even)} even-indexed events of {split}, checked on the {len(check)} odd-indexed ones"
     else:
         check, check_cal = np.arange(n), cal
         about = f"all {n} events of {split}" + (", held out: the map was fit on val" if cal else ", no calibration map")
     cov = {'levels': list(LEVELS), 'about': about, 'held_out': coverage_report(
-        err[check], circles(kappa[check], check_cal), {k: (idx[check], labels) for k, (idx, labels) in groups.items()})}
+        err[check], circles(kappa[check], n_doms[check], check_cal), {k: (idx[check], labels) for k, (idx, labels) in groups.items()})}
     print_coverage(about, cov['held_out'])
     curve_groups = {'all': np.ones(n, bool), **({k: kind == i for i, k in enumerate(KIND_NAMES)} if kind is not None else {})}
-    curve_radii = circles(kappa[check], check_cal, CURVE_LEVELS)
+    curve_radii = circles(kappa[check], n_doms[check], check_cal, CURVE_LEVELS)
     cov['curves'] = {'title': about, 'nominal': CURVE_LEVELS.tolist(),
                      'groups': {g: {k: coverage(err[check][m[check]], r[:, m[check]]).tolist()
                                     for k, r in curve_radii.items() if k != 'calibrated_vmf'}
                                 for g, m in curve_groups.items() if m[check].any()}}
     if split == 'val':
-        cov['stored_map_in_sample'] = coverage_report(err, circles(kappa, cal), {})['all']
+        cov['stored_map_in_sample'] = coverage_report(err, circles(kappa, n_doms, cal), {})['all']
         print(f"  the stored map, fit on all {n} events, on those same events (in sample, not a check): "
               + " ".join(f"{100 * c:5.1f}" for c in cov['stored_map_in_sample']['calibrated']))
     return cov
@@ -463,7 +488,8 @@ def main():
 
     result = {'split': split, 'n_events': int(n), 'checkpoint': os.path.join(out_dir, ckpt), 'iter': int(ck['iter_num'])}
     has_labels = bool(np.isfinite(s.azimuth[:n]).all())
-    cols = {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen, 'kappa': kappa}
+    ev_pulses, ev_doms = s.n_pulses[:n], s.n_doms[:n]
+    cols = {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen, 'kappa': kappa, 'hit_doms': ev_doms}
     written = [f'eval_{split}.json', f'predictions_{split}.csv']
 
     # the kappa map: fit here on val, read from out_dir/calibration.json elsewhere
@@ -472,7 +498,7 @@ def main():
     err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen) if has_labels else None
     if split == 'val' and has_labels:
         cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'fit_on': f"{s.path}, {n} events",
-               **fit_calibration(kappa, err)}
+               **fit_calibration(kappa, err, ev_doms)}
         write_json(cal_path, cal)
         written.append('calibration.json')
     elif os.path.exists(cal_path):
@@ -480,7 +506,7 @@ def main():
             with open(cal_path) as f:
                 cal = json.load(f)
             fit_on, stale = cal['fit_on'], (cal['checkpoint'], cal['iter']) != (ckpt, int(ck['iter_num']))
-            calibrated_radii(cal, kappa[:1])
+            calibrated_radii(cal, kappa[:1], ev_doms[:1])
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
                              f"run sample.py --split=val to write it again")
@@ -492,9 +518,9 @@ def main():
             print(f"sample: error circles calibrated by {cal_path}, fit on {fit_on}")
     else:
         print(f"sample: no {cal_path} (sample.py --split=val writes it): the error circles use the predicted kappa")
-    radii = circles(kappa, cal, (0.5, 0.9))
+    radii = circles(kappa, ev_doms, cal, (0.5, 0.9))
     if cal:
-        cols['kappa_calibrated'] = calibrated_kappa(cal, kappa)
+        cols['kappa_calibrated'] = calibrated_kappa(cal, kappa, ev_doms)
     cols.update({'radius50_deg': np.degrees(radii['calibrated' if cal else 'predicted'][0]),
                  'radius90_deg': np.degrees(radii['calibrated' if cal else 'predicted'][1])})
     result['calibration'] = None if cal is None else {'path': cal_path, 'fit_on': cal['fit_on']}
@@ -516,7 +542,6 @@ def main():
         print("model percentiles (deg): " + ", ".join(f"p{p} {v:.1f}" for p, v in result['percentiles_deg'].items()))
         intfmt = lambda a, b: f"{a:.0f}-{b:.0f}" if np.isfinite(b) else f">= {a:.0f}"
         logfmt = lambda a, b: f"{a}-{b}" if np.isfinite(a) and np.isfinite(b) else (f"< {b}" if np.isfinite(b) else f">= {a}")
-        ev_pulses, ev_doms = s.n_pulses[:n], s.n_doms[:n]
         result['by_pulses'] = breakdown('pulse count', ev_pulses, [0, 30, 60, 100, 200, 500, 1000, 10000, np.inf], intfmt, errs)
         result['by_doms'] = breakdown('DOM count', ev_doms, DOM_EDGES, intfmt, errs)
         result['by_zenith'] = breakdown('true zenith (deg)', np.degrees(s.zenith[:n]), np.arange(0, 181, 30.0), intfmt, errs)
@@ -543,7 +568,7 @@ def main():
             result['resolution'] = {'energy': resolution_table(log_e, np.arange(2.0, 8.01, 0.5), errs, kind, plot_min_events)}
         result['resolution_doms'] = resolution_table(ev_doms, 2.0 ** np.arange(3, 13), errs, kind, plot_min_events)
 
-        result['coverage'] = check_coverage(split, err, kappa, cal, groups, kind)
+        result['coverage'] = check_coverage(split, err, kappa, ev_doms, cal, groups, kind)
         cols.update({'true_azimuth': s.azimuth[:n], 'true_zenith': s.zenith[:n], 'angular_error': err})
         cols.update({f'{k}_angular_error': e for k, e in errs.items() if k != 'model'})
     else:

@@ -52,19 +52,42 @@ def test_calibration_fixes_miscalibrated_kappa_on_held_out_events():
     fit, check = slice(0, 20000), slice(20000, None)
     raw = sample.coverage(err[check], sample.vmf_radii(predicted[check]))
     assert np.abs(raw - sample.LEVELS).min() > 0.03, raw
-    cal = sample.fit_calibration(predicted[fit], err[fit])
-    c = sample.circles(predicted[check], cal)
+    doms = rng.integers(20, 200, len(err))  # no bearing on the errors here
+    cal = sample.fit_calibration(predicted[fit], err[fit], doms[fit])
+    c = sample.circles(predicted[check], doms[check], cal)
     for name in ('calibrated', 'calibrated_vmf'):  # here one vMF of the calibrated kappa fits at every level too
         radii = c[name]
         assert np.abs(sample.coverage(err[check], radii) - sample.LEVELS).max() < 0.02, name
     # monotone: a surer prediction never gets a wider circle, and a higher level never a smaller one
     grid = np.exp(np.linspace(-5, 10, 1000))
-    radii = sample.calibrated_radii(cal, grid, sample.CAL_LEVELS)
-    assert (np.diff(radii, axis=1) <= 0).all() and (np.diff(radii, axis=0) >= 0).all()
-    assert (np.diff(sample.calibrated_kappa(cal, grid)) >= 0).all()
+    for n_doms in (20, 199):
+        radii = sample.calibrated_radii(cal, grid, np.full(len(grid), n_doms), sample.CAL_LEVELS)
+        assert (np.diff(radii, axis=1) <= 0).all() and (np.diff(radii, axis=0) >= 0).all()
+        assert (np.diff(sample.calibrated_kappa(cal, grid, np.full(len(grid), n_doms))) >= 0).all()
     # well calibrated input stays so
-    cal = sample.fit_calibration(true_kappa[fit], err[fit])
-    assert np.abs(sample.coverage(err[check], sample.calibrated_radii(cal, true_kappa[check])) - sample.LEVELS).max() < 0.02
+    cal = sample.fit_calibration(true_kappa[fit], err[fit], doms[fit])
+    radii = sample.calibrated_radii(cal, true_kappa[check], doms[check])
+    assert np.abs(sample.coverage(err[check], radii) - sample.LEVELS).max() < 0.02
+
+
+def test_calibration_per_hit_dom_group():
+    """Where the predicted kappa means another thing for well-lit events than for faint ones (the toy model's
+    tracks, most of its many-DOM events), one map for all is wrong in both groups and per-group maps are right."""
+    rng = np.random.default_rng(2)
+    true_kappa = np.exp(rng.uniform(np.log(2), np.log(200), 40000))
+    doms = np.where(rng.random(len(true_kappa)) < 0.3, rng.integers(80, 400, len(true_kappa)), rng.integers(10, 80, len(true_kappa)))
+    err = vmf_errors(rng, true_kappa)
+    predicted = np.where(doms >= 80, true_kappa / 4, true_kappa * 2)  # the bright too unsure, the faint too sure
+    fit, check = slice(0, 20000), slice(20000, None)
+    cal = sample.fit_calibration(predicted[fit], err[fit], doms[fit])
+    assert 80 in cal['dom_edges'], cal['dom_edges']
+    one = sample.fit_calibration(predicted[fit], err[fit], doms[fit], min_events=len(doms))
+    assert len(one['maps']) == 1
+    for bright in (True, False):
+        m = ((doms >= 80) == bright)[check]
+        cov = lambda c: sample.coverage(err[check][m], sample.calibrated_radii(c, predicted[check][m], doms[check][m]))
+        assert np.abs(cov(cal) - sample.LEVELS).max() < 0.03, (bright, cov(cal))
+        assert np.abs(cov(one) - sample.LEVELS).max() > 0.06, (bright, cov(one))
 
 
 def test_calibration_covers_heavy_tails_level_by_level():
@@ -73,8 +96,9 @@ def test_calibration_covers_heavy_tails_level_by_level():
     kappa = np.exp(rng.uniform(np.log(5), np.log(500), 40000))
     err = np.where(rng.random(len(kappa)) < 0.15, np.arccos(rng.uniform(-1, 1, len(kappa))), vmf_errors(rng, kappa))
     fit, check = slice(0, 20000), slice(20000, None)
-    cal = sample.fit_calibration(kappa[fit], err[fit])
-    c = sample.circles(kappa[check], cal)
+    doms = rng.integers(20, 200, len(err))
+    cal = sample.fit_calibration(kappa[fit], err[fit], doms[fit])
+    c = sample.circles(kappa[check], doms[check], cal)
     assert np.abs(sample.coverage(err[check], c['calibrated']) - sample.LEVELS).max() < 0.02
     # the one vMF matched at 50% leaves its 90% circles far too small: why each level has its own map
     vmf = sample.coverage(err[check], c['calibrated_vmf'])
@@ -113,9 +137,9 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
 
     # the csv's circles are those of the calibrated kappa, and the json's coverage is that of the csv's circles
     pr = read_csv(os.path.join(out, 'predictions_val.csv'))
-    assert np.allclose(pr['kappa_calibrated'], sample.calibrated_kappa(cal, pr['kappa']), rtol=1e-5)
+    assert np.allclose(pr['kappa_calibrated'], sample.calibrated_kappa(cal, pr['kappa'], pr['hit_doms']), rtol=1e-5)
     assert np.allclose([pr['radius50_deg'], pr['radius90_deg']],
-                       np.degrees(sample.calibrated_radii(cal, pr['kappa'], (0.5, 0.9))), atol=1e-5)
+                       np.degrees(sample.calibrated_radii(cal, pr['kappa'], pr['hit_doms'], (0.5, 0.9))), atol=1e-5)
     cov = ev['coverage']
     assert cov['levels'] == [0.5, 0.68, 0.9]
     odd = slice(1, None, 2)
@@ -155,7 +179,7 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     et = json.load(open(os.path.join(out, 'eval_train.json')))
     ptr = read_csv(os.path.join(out, 'predictions_train.csv'))
     assert et['calibration']['fit_on'] == cal['fit_on']
-    assert np.allclose(ptr['kappa_calibrated'], sample.calibrated_kappa(cal, ptr['kappa']), rtol=1e-5)
+    assert np.allclose(ptr['kappa_calibrated'], sample.calibrated_kappa(cal, ptr['kappa'], ptr['hit_doms']), rtol=1e-5)
     inside = ptr['angular_error'] <= np.radians([ptr['radius50_deg'], ptr['radius90_deg']])
     assert np.allclose(np.array(et['coverage']['held_out']['all']['calibrated'])[[0, 2]], inside.mean(1))
 
