@@ -126,9 +126,9 @@ def fit_kappa_map(kappa, err, levels, n_bins=12, min_events=300):
 def fit_calibration(kappa, err, n_doms, levels=CAL_LEVELS, min_events=1000):
     """The calibration: per group of events by hit-DOM count (the report's DOM_EDGES bins, a bin with fewer than
     min_events merged into its smaller neighbour), a kappa map per level (fit_kappa_map). The hit DOMs are known for
-    every event, labelled or not, and the model's kappa means something else in each group: after the toy main job,
-    one map for all left the 80-160 DOM events' 50% circles holding 61% and the 20-40 DOM events' 42%, and the
-    tracks, most of the well-lit events, up to 8 points off."""
+    every event, labelled or not (an analysis can select on them, not on kind or energy), and the model's kappa
+    means something else in each group: after the toy main job one map for all left the 80-160 DOM events' 50%
+    circles holding 61% and the 20-40 DOM events' 42% (held out; per group 49.5% and 43.8%)."""
     edges = list(DOM_EDGES[1:-1])
     while edges:
         counts = np.bincount(np.digitize(n_doms, edges), minlength=len(edges) + 1)
