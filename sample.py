@@ -13,15 +13,16 @@ truth file (the synthetic set does).
 Error circles: the model's 3-vector is a von Mises-Fisher distribution whose norm kappa is its
 concentration; the circle that holds probability p of it has a closed-form radius. On the val split
 sample.py measures how often the true direction falls inside each event's 50%, 68% and 90% circles, fits
-monotone maps from the predicted kappa to calibrated circles (one per level: the errors have heavier tails
-than a vMF; one set per group of events by hit-DOM count), checks them honestly (fit on the even-indexed events, measured on the odd-indexed ones), then
-fits the stored maps on all of val and writes them to out_dir/calibration.json; on any other split it applies
-the stored maps. Writes to out_dir:
+monotone maps from the predicted kappa to calibrated circles (one per level, since the errors have heavier
+tails than a vMF, and one set per group of events by hit-DOM count), checks them honestly (fit on the
+even-indexed events, measured on the odd-indexed ones), then fits the stored maps on all of val and writes
+them to out_dir/calibration.json; on any other split it applies the stored maps. Writes to out_dir:
     eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
                                linefit, linefit_improved: {mean_angular_error, median_angular_error},
                                breakdowns, resolution, coverage, training)
-    predictions_<split>.csv    event_id, azimuth, zenith, kappa, hit_doms, kappa_calibrated (its vMF's 50% circles hold 50%),
-                               radius50_deg, radius90_deg (the calibrated circles; from kappa without a map)
+    predictions_<split>.csv    event_id, azimuth, zenith, kappa, hit_doms, kappa_calibrated (its vMF's 50%
+                               circles hold 50%), radius50_deg, radius90_deg (the calibrated circles; from kappa
+                               without a map)
                                (+ true angles and errors where known)
     submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format)
     calibration.json           for the val split: the calibration maps (applied on other splits)
