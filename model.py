@@ -419,7 +419,7 @@ def features(b):
         lf_dir, ilf_dir, speed, dom_kept = seed_fits(b, s, c['de'])
         dom_feats, spacetime, unit, unit_e = dom_features(b, s, c, ilf_dir, dom_kept)
         t1_x = take(F.pad(pulse, (0, 0, 0, 1)), b['t1_src'])  # row P is zero: T1's padding tokens
-        return dict(t1_x=t1_x, dom_feats=dom_feats, dom_spacetime=spacetime,
+        return dict(t1_x=t1_x, dom_feats=dom_feats, dom_spacetime=spacetime, seed_dir=ilf_dir[:-1],
                     event_feats=event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e))
 
 
@@ -447,7 +447,8 @@ class Block(nn.Module):
 
 
 class IceModel(nn.Module):
-    """T1 over each DOM's pulses, T2 over each event's DOMs plus a CLS token, head -> 3-vector per event."""
+    """T1 over each DOM's pulses, T2 over each event's DOMs plus a CLS token, head -> the network's vMF per event,
+    combined with one around the seed -> the prediction."""
 
     def __init__(self, t1_dim=64, t1_layers=2, t1_heads=4, t2_dim=128, t2_layers=4, t2_heads=4,
                  mlp_ratio=4, attn='auto'):
@@ -466,7 +467,8 @@ class IceModel(nn.Module):
         self.event_embed = nn.Linear(N_EVENT_FEATURES, t2_dim)
         self.t2 = nn.ModuleList([Block(t2_dim, t2_heads, mlp_ratio) for _ in range(t2_layers)])
         self.t2_ln = nn.LayerNorm(t2_dim)
-        self.head = nn.Linear(t2_dim, 3)
+        self.head = nn.Linear(t2_dim, 3)  # the network's own vMF: direction times kappa
+        self.combine = nn.Linear(t2_dim + 1, 2)  # log weights of the network's vMF and the seed's in the prediction
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * max(t1_layers, t2_layers)) if name.endswith(('proj.weight', 'fc_out.weight')) else 0.02
@@ -501,18 +503,35 @@ class IceModel(nn.Module):
         D = b['dom_pos'].shape[0]
         return sum_by(b['t1_dom'], self.t1_ln(x).float(), D + 1)[:D] / b['dom_n_kept'].clamp(min=1)[:, None]
 
-    def forward(self, b):
-        if 'event_feats' not in b:  # the loader did not compute them: here, on the device, in the same graph
-            b = {**b, **features(b)}
+    def encode(self, b):
+        """T1, then T2 over a token per DOM and a CLS token per event -> the CLS token's output (E, t2_dim)."""
         t1_layout, t2_layout = attention_layouts(b)
         dom_emb = self.embed_doms(b, t1_layout)
-        # T2: a token per DOM and a CLS token per event -> the CLS token's output, a 3-vector per event
         dom_tok = self.dom_embed(b['dom_feats']) + self.t1_to_t2(dom_emb) + self.spacetime_embed(self.fourier(b['dom_spacetime']))
         cls_tok = self.cls + self.event_embed(b['event_feats'])
         x = take(torch.cat([dom_tok.float(), cls_tok.float(), dom_emb.new_zeros(1, dom_tok.shape[1])]), b['t2_src'])
         for blk in self.t2:
             x = blk(x, t2_layout)
-        return self.head(self.t2_ln(take(x, b['t2_cls']))).float()
+        return self.t2_ln(take(x, b['t2_cls']))
+
+    def forward(self, b):
+        """-> (E, 6): the prediction's vMF mean vector (direction times kappa), then the network's own."""
+        if 'event_feats' not in b:  # the loader did not compute them: here, on the device, in the same graph
+            b = {**b, **features(b)}
+        x = self.encode(b)
+        own = self.head(x).float()
+        return torch.cat([self.with_seed(x, own, b['seed_dir']), own], 1)
+
+    def with_seed(self, x, own, seed_dir):
+        """The prediction: the product of the network's vMF and one around the improved LineFit (a product of vMFs
+        is the vMF of the sum of their mean vectors), each with a per-event weight learned from the event's
+        embedding and the network's log kappa. Everything upstream is seen through detach, so this loss only
+        teaches the two weights, and the network trains exactly as without it: with the seed in the network's own
+        output, in every way tried, it learned to lean on the seed and cascades got worse (notes, section 11).
+        On bright tracks the seed is the better of the two early in training; on cascades the network is."""
+        kappa = own.detach().norm(dim=1, keepdim=True)
+        w = self.combine(torch.cat([x.detach().float(), torch.log(kappa + 1e-3)], 1)).float().clamp(-8.0, 9.0).exp()
+        return w[:, :1] * own.detach() + w[:, 1:] * seed_dir
 
 
 def load_weights(model, state, path, who):
@@ -572,9 +591,11 @@ def per_event_loss(pred, target, real, angular_weight=0.0):
     """vMF NLL + angular_weight * angle per event slot; 0 where not real. Padding slots and unknown (NaN)
     targets are masked with where, so no NaN leaks into the gradient."""
     target = torch.where(real[:, None], target, torch.zeros_like(target)).float()
-    per = vmf_nll(pred, target)
-    if angular_weight:
-        per = per + angular_weight * angle_between(pred, target)
+    per = 0.0
+    for vec in pred.float().split(3, dim=1):  # the prediction and the network's own vMF: each its own loss
+        per = per + vmf_nll(vec, target)
+        if angular_weight:
+            per = per + angular_weight * angle_between(vec, target)
     return torch.where(real, per, torch.zeros_like(per))
 
 
@@ -585,7 +606,7 @@ def loss_fn(pred, target, real, angular_weight=0.0):
 
 def direction_error(pred, target):
     """The metric's per-event angle, arccos(clip(u_true . u_pred, -1, 1)), for tensors (no gradient use)."""
-    return torch.acos((F.normalize(pred.float(), dim=-1, eps=1e-12) * target).sum(-1).clamp(-1.0, 1.0))
+    return torch.acos((F.normalize(pred[..., :3].float(), dim=-1, eps=1e-12) * target).sum(-1).clamp(-1.0, 1.0))
 
 
 # -----------------------------------------------------------------------------

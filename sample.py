@@ -466,7 +466,7 @@ def main():
             with autocast:
                 out = model(M.to_device(batch, device))
             k = batch['n_events']
-            pred[batch['event_index'][:k].numpy()] = out[:k].float().cpu().numpy()
+            pred[batch['event_index'][:k].numpy()] = out[:k, :3].float().cpu().numpy()  # the prediction, not the network's own
             seen[batch['event_index'][:k].numpy()] = True
     loader.close()
     assert seen.all(), "some events were not evaluated"
