@@ -475,7 +475,6 @@ class IceModel(nn.Module):
         self.t2 = nn.ModuleList([Block(t2_dim, t2_heads, mlp_ratio) for _ in range(t2_layers)])
         self.t2_ln = nn.LayerNorm(t2_dim)
         self.head = nn.Linear(t2_dim, 3)  # the network's own vMF: direction times kappa
-        self.combine = nn.Linear(t2_dim + 1, 2)  # log weights of the network's vMF and the seed's in the prediction
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * max(t1_layers, t2_layers)) if name.endswith(('proj.weight', 'fc_out.weight')) else 0.02
@@ -484,7 +483,11 @@ class IceModel(nn.Module):
                 nn.init.zeros_(p)
         nn.init.normal_(self.cls, std=0.02)
         nn.init.normal_(self.spacetime_freq.weight, std=1.0)  # wavelengths from about 2 * SPACETIME_SCALE up
-        nn.init.zeros_(self.combine.weight)  # the prediction starts as the network's vMF plus the seed's at kappa 1
+        # log weights of the network's vMF and the seed's in the prediction (with_seed), made last and from zeros:
+        # the network's initial weights are those of a model without them
+        self.combine = nn.Linear(t2_dim + 1, 2)
+        nn.init.zeros_(self.combine.weight)
+        nn.init.zeros_(self.combine.bias)
 
     def path(self, device):
         if self.attn != 'auto':

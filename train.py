@@ -199,6 +199,10 @@ if features not in ('model', 'loader'):
 to_model = functools.partial(M.model_inputs, path=path, with_features=features == 'loader')
 pin = device_type == 'cuda'
 
+# the seed's weights in the prediction (IceModel.with_seed) learn from a loss that reaches nothing else; clipped on
+# their own, their gradient (large when a bright track's seed weight is wrong) never shrinks the network's step
+seed_weights = list(raw_model.combine.parameters())
+network_weights = [p for name, p in raw_model.named_parameters() if not name.startswith('combine.')]
 decay = [p for p in raw_model.parameters() if p.dim() >= 2]
 no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
 # fused: one kernel per step on either device (the unfused CPU path reads its step count with .item())
@@ -475,7 +479,8 @@ while True:
         (per / n_events).backward()
         window['loss'] += per.detach()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(network_weights, grad_clip)
+        torch.nn.utils.clip_grad_norm_(seed_weights, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:  # the decay starts at 0.1 and grows to ema_decay, so the first weights fade fast
