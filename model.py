@@ -483,11 +483,12 @@ class IceModel(nn.Module):
                 nn.init.zeros_(p)
         nn.init.normal_(self.cls, std=0.02)
         nn.init.normal_(self.spacetime_freq.weight, std=1.0)  # wavelengths from about 2 * SPACETIME_SCALE up
-        # log weights of the network's vMF and the seed's in the prediction (with_seed), made last and from zeros:
-        # the network's initial weights are those of a model without them
-        self.combine = nn.Linear(t2_dim + 1, 2)
-        nn.init.zeros_(self.combine.weight)
-        nn.init.zeros_(self.combine.bias)
+        # log weights of the network's vMF and the seed's in the prediction (with_seed), made last: the network's
+        # initial weights are those of a model without them
+        self.combine = nn.Sequential(nn.Linear(t2_dim + 2 + N_EVENT_FEATURES, 64), nn.GELU(), nn.Linear(64, 2))
+        for layer in (self.combine[0], self.combine[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
 
     def path(self, device):
         if self.attn != 'auto':
@@ -531,19 +532,22 @@ class IceModel(nn.Module):
             b = {**b, **features(b)}
         x = self.encode(b)
         own = self.head(x).float()
-        return torch.cat([self.with_seed(x, own, b['seed_dir']), own], 1)
+        return torch.cat([self.with_seed(x, own, b['seed_dir'], b['event_feats']), own], 1)
 
-    def with_seed(self, x, own, seed_dir):
+    def with_seed(self, x, own, seed_dir, event_feats):
         """The prediction: the product of the network's vMF and one around the improved LineFit (a product of vMFs
         is the vMF of the sum of their mean vectors), each with a per-event weight learned from the event's
         embedding and the network's log kappa. Everything upstream is seen through detach, so this loss only
-        teaches the two weights, and the network trains exactly as without it: with the seed in the network's own
+        teaches the two weights (a small MLP of the embedding, the network's kappa, how far the two directions agree
+        and the event's features), and the network trains exactly as without it: with the seed in the network's own
         output, in every way tried, it learned to lean on the seed and cascades got worse (notes, section 11).
         On bright tracks the seed is the better of the two early in training; on cascades the network is."""
-        kappa = own.detach().norm(dim=1, keepdim=True)
-        log_w = COMBINE_GAIN * self.combine(torch.cat([x.detach().float(), torch.log(kappa + 1e-3)], 1)).float()
+        own = own.detach()
+        kappa = own.norm(dim=1, keepdim=True)
+        agree = (F.normalize(own, dim=1, eps=1e-6) * seed_dir).sum(1, keepdim=True)  # where they disagree, one is off
+        log_w = COMBINE_GAIN * self.combine(torch.cat([x.detach().float(), torch.log(kappa + 1e-3), agree, event_feats], 1)).float()
         w = log_w.clamp(-8.0, 9.0).exp()
-        return w[:, :1] * own.detach() + w[:, 1:] * seed_dir
+        return w[:, :1] * own + w[:, 1:] * seed_dir
 
 
 def load_weights(model, state, path, who):

@@ -455,6 +455,7 @@ def main():
     # model predictions, in split order
     t0 = time.time()
     pred = np.zeros((n, 3), np.float64)
+    network = np.zeros((n, 3), np.float64)  # the network's own vMF, before the seed's weight joins it
     seen = np.zeros(n, bool)
     # the loader builds each batch's stream layout ahead of the model (model.model_inputs); the features run in the forward
     to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=False)
@@ -466,7 +467,8 @@ def main():
             with autocast:
                 out = model(M.to_device(batch, device))
             k = batch['n_events']
-            pred[batch['event_index'][:k].numpy()] = out[:k, :3].float().cpu().numpy()  # the prediction, not the network's own
+            pred[batch['event_index'][:k].numpy()] = out[:k, :3].float().cpu().numpy()
+            network[batch['event_index'][:k].numpy()] = out[:k, 3:].float().cpu().numpy()
             seen[batch['event_index'][:k].numpy()] = True
     loader.close()
     assert seen.all(), "some events were not evaluated"
@@ -540,6 +542,11 @@ def main():
         for k, name in [('linefit', 'LineFit'), ('linefit_improved', 'improved LineFit')]:
             if k in errs:
                 print(f"model / {name} mean angular error: {err.mean() / errs[k].mean():.3f}")
+        # what the seed's weight (model.IceModel.with_seed) adds to the network's own direction
+        err_network = M.angular_errors(s.azimuth[:n], s.zenith[:n], *M.vector_to_angles(network))
+        result['network_alone'] = summary(err_network)
+        print(f"the network alone, before the seed joins: mean {err_network.mean():.4f} rad, "
+              f"{err_network.mean() / err.mean():.3f} of the model's")
         print("model percentiles (deg): " + ", ".join(f"p{p} {v:.1f}" for p, v in result['percentiles_deg'].items()))
         intfmt = lambda a, b: f"{a:.0f}-{b:.0f}" if np.isfinite(b) else f">= {a:.0f}"
         logfmt = lambda a, b: f"{a}-{b}" if np.isfinite(a) and np.isfinite(b) else (f"< {b}" if np.isfinite(b) else f">= {a}")
@@ -560,8 +567,10 @@ def main():
             bright = (kind == 0) & (ev_doms >= 50)
             if bright.any():
                 result['tracks_50_doms'] = {'n': int(bright.sum()), 'median_angular_error': float(np.median(err[bright])),
+                                            'network_alone_median_angular_error': float(np.median(err_network[bright])),
                                             **{f'{k}_median_angular_error': float(np.median(e[bright])) for k, e in errs.items() if k != 'model'}}
                 print(f"  tracks with >= 50 hit DOMs ({bright.sum()} events), median: model {np.median(err[bright]):.4f} rad"
+                      f"   network alone {np.median(err_network[bright]):.4f}"
                       + "".join(f"   {k} {np.median(e[bright]):.4f}" for k, e in errs.items() if k != 'model'))
             groups = {'by_kind': (kind, KIND_NAMES),
                       'by_energy': (np.digitize(log_e, ENERGY_EDGES[1:-1]), [logfmt(a, b) for a, b in zip(ENERGY_EDGES, ENERGY_EDGES[1:])]),

@@ -179,7 +179,7 @@ def test_step_equals_bfe73ee():
     ref = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'step_bfe73ee.pt'), weights_only=False)
     m = M.IceModel(**ref['args']).train()
     missing = m.load_state_dict(ref['state'], strict=False).missing_keys
-    assert sorted(missing) == ['combine.bias', 'combine.weight']
+    assert missing and all(k.startswith('combine.') for k in missing)
     t = tensors(ref['batch'])
     pred = m(t)
     real = t['event_index'] >= 0
