@@ -536,16 +536,17 @@ class IceModel(nn.Module):
 
     def with_seed(self, x, own, seed_dir, event_feats):
         """The prediction: the product of the network's vMF and one around the improved LineFit (a product of vMFs
-        is the vMF of the sum of their mean vectors), each with a per-event weight learned from the event's
-        embedding and the network's log kappa. Everything upstream is seen through detach, so this loss only
-        teaches the two weights (a small MLP of the embedding, the network's kappa, how far the two directions agree
-        and the event's features), and the network trains exactly as without it: with the seed in the network's own
-        output, in every way tried, it learned to lean on the seed and cascades got worse (notes, section 11).
-        On bright tracks the seed is the better of the two early in training; on cascades the network is."""
+        is the vMF of the sum of their mean vectors), each with a per-event weight from a small MLP of the event's
+        embedding, the network's log kappa, how far the two directions agree and the event's features. On bright
+        tracks the seed is the better of the two early in training; on cascades the network is. Everything upstream
+        is seen through detach, so this loss only teaches the two weights and the network trains exactly as without
+        it: with the seed in the network's own output, in every way tried, it learned to lean on the seed and
+        cascades got worse (notes, section 11)."""
         own = own.detach()
         kappa = own.norm(dim=1, keepdim=True)
         agree = (F.normalize(own, dim=1, eps=1e-6) * seed_dir).sum(1, keepdim=True)  # where they disagree, one is off
-        log_w = COMBINE_GAIN * self.combine(torch.cat([x.detach().float(), torch.log(kappa + 1e-3), agree, event_feats], 1)).float()
+        inputs = torch.cat([x.detach().float(), torch.log(kappa + 1e-3), agree, event_feats], 1)
+        log_w = COMBINE_GAIN * self.combine(inputs).float()
         w = log_w.clamp(-8.0, 9.0).exp()
         return w[:, :1] * own + w[:, 1:] * seed_dir
 
@@ -604,8 +605,9 @@ def angle_between(pred, target):
 
 
 def per_event_loss(pred, target, real, angular_weight=0.0):
-    """vMF NLL + angular_weight * angle per event slot; 0 where not real. Padding slots and unknown (NaN)
-    targets are masked with where, so no NaN leaks into the gradient."""
+    """vMF NLL + angular_weight * angle per event slot, summed over pred's 3-vectors (IceModel's prediction and
+    its network's own); 0 where not real. Padding slots and unknown (NaN) targets are masked with where, so no
+    NaN leaks into the gradient."""
     target = torch.where(real[:, None], target, torch.zeros_like(target)).float()
     per = 0.0
     for vec in pred.float().split(3, dim=1):  # the prediction and the network's own vMF: each its own loss
