@@ -467,9 +467,9 @@ def main():
             with autocast:
                 out = model(M.to_device(batch, device))
             k = batch['n_events']
-            pred[batch['event_index'][:k].numpy()] = out[:k, :3].float().cpu().numpy()
-            network[batch['event_index'][:k].numpy()] = out[:k, 3:].float().cpu().numpy()
-            seen[batch['event_index'][:k].numpy()] = True
+            idx = batch['event_index'][:k].numpy()
+            pred[idx], network[idx] = out[:k, :3].float().cpu().numpy(), out[:k, 3:].float().cpu().numpy()
+            seen[idx] = True
     loader.close()
     assert seen.all(), "some events were not evaluated"
     t_model = time.time() - t0
