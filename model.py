@@ -269,6 +269,8 @@ def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
 N_PULSE_FEATURES = 6
 N_DOM_FEATURES = 31
 N_EVENT_FEATURES = 16
+N_SEEDS = 2  # the classical directions the prediction may lean on: the improved LineFit and the quick likelihood fit (seeds)
+N_SEED_FEATURES = 2
 N_SPACETIME_FREQS = 32  # learned Fourier features of each DOM's place and first-hit time (T2's input)
 SPACETIME_SCALE = 100.0  # m: the unit of those coordinates (the first-hit time as a light path in ice)
 C_ICE = 0.2210          # m/ns, light's group velocity in ice
@@ -411,7 +413,8 @@ def event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e):
 @torch.no_grad()
 def features(b):
     """The model's inputs that need no gradient, from a batch of tensors with its stream layout (model_inputs):
-    t1_x (N1, N_PULSE_FEATURES) the pulse features in T1's stream order, dom_feats, dom_spacetime, event_feats.
+    t1_x (N1, N_PULSE_FEATURES) the pulse features in T1's stream order, dom_feats, dom_spacetime, event_feats, and
+    the seeds of the prediction (seeds()).
     Float32 whatever the autocast: times of tens of microseconds and phases of tens of radians need it."""
     with torch.autocast(b['dom_pos'].device.type, enabled=False):
         pulse, s = pulse_features(b)
@@ -419,8 +422,19 @@ def features(b):
         lf_dir, ilf_dir, speed, dom_kept = seed_fits(b, s, c['de'])
         dom_feats, spacetime, unit, unit_e = dom_features(b, s, c, ilf_dir, dom_kept)
         t1_x = take(F.pad(pulse, (0, 0, 0, 1)), b['t1_src'])  # row P is zero: T1's padding tokens
-        return dict(t1_x=t1_x, dom_feats=dom_feats, dom_spacetime=spacetime, seed_dir=ilf_dir[:-1],
-                    event_feats=event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e))
+        return dict(t1_x=t1_x, dom_feats=dom_feats, dom_spacetime=spacetime,
+                    event_feats=event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e), **seeds(b, ilf_dir))
+
+
+def seeds(b, ilf_dir):
+    """The classical directions the prediction may lean on (IceModel.with_seed): seed_dirs (E, 2, 3), the improved
+    LineFit and the quick likelihood fit that prepare.py stored with each event (classical.time_fit), and seed_feats
+    (E, N_SEED_FEATURES): the fit's reduced log-likelihood, which says how well a track explains the hit times, and the cosine
+    between the two seeds."""
+    fit_dir = b['event_fit_dir'].float()
+    ilf = ilf_dir[:-1]
+    rlogl = (b['event_fit_rlogl'].float().clamp(-5.0, 25.0) / 10.0)[:, None]
+    return dict(seed_dirs=torch.stack([ilf, fit_dir], 1), seed_feats=torch.cat([rlogl, (ilf * fit_dir).sum(1, keepdim=True)], 1))
 
 
 # -----------------------------------------------------------------------------
@@ -485,7 +499,7 @@ class IceModel(nn.Module):
         nn.init.normal_(self.spacetime_freq.weight, std=1.0)  # wavelengths from about 2 * SPACETIME_SCALE up
         # log weights of the network's vMF and the seed's in the prediction (with_seed), made last: the network's
         # initial weights are those of a model without them
-        self.combine = nn.Sequential(nn.Linear(t2_dim + 2 + N_EVENT_FEATURES, 64), nn.GELU(), nn.Linear(64, 2))
+        self.combine = nn.Sequential(nn.Linear(t2_dim + 1 + N_SEEDS + N_SEED_FEATURES + N_EVENT_FEATURES, 64), nn.GELU(), nn.Linear(64, 1 + N_SEEDS))
         for layer in (self.combine[0], self.combine[2]):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
@@ -532,23 +546,24 @@ class IceModel(nn.Module):
             b = {**b, **features(b)}
         x = self.encode(b)
         own = self.head(x).float()
-        return torch.cat([self.with_seed(x, own, b['seed_dir'], b['event_feats']), own], 1)
+        return torch.cat([self.with_seed(x, own, b['seed_dirs'], b['seed_feats'], b['event_feats']), own], 1)
 
-    def with_seed(self, x, own, seed_dir, event_feats):
-        """The prediction: the product of the network's vMF and one around the improved LineFit (a product of vMFs
-        is the vMF of the sum of their mean vectors), each with a per-event weight from a small MLP of the event's
-        embedding, the network's log kappa, how far the two directions agree and the event's features. On bright
-        tracks the seed is the better of the two early in training; on cascades the network is. Everything upstream
+    def with_seed(self, x, own, seed_dirs, seed_feats, event_feats):
+        """The prediction: the product of the network's vMF and one around each seed, the improved LineFit and the
+        quick likelihood fit (a product of vMFs is the vMF of the sum of their mean vectors), each with a per-event
+        weight from a small MLP of the event's embedding, the network's log kappa, how far the network agrees with
+        each seed, the seeds' own features (seeds()) and the event's features. On bright tracks the fit is the best
+        of the three early in training; on cascades the network is. Everything upstream
         is seen through detach, so this loss only teaches the two weights and the network trains exactly as without
         it: with the seed in the network's own output, in every way tried, it learned to lean on the seed and
         cascades got worse (notes, section 11)."""
         own = own.detach()
         kappa = own.norm(dim=1, keepdim=True)
-        agree = (F.normalize(own, dim=1, eps=1e-6) * seed_dir).sum(1, keepdim=True)  # where they disagree, one is off
-        inputs = torch.cat([x.detach().float(), torch.log(kappa + 1e-3), agree, event_feats], 1)
+        agree = (F.normalize(own, dim=1, eps=1e-6)[:, None] * seed_dirs).sum(2)  # (E, N_SEEDS): where they disagree, one is off
+        inputs = torch.cat([x.detach().float(), torch.log(kappa + 1e-3), agree, seed_feats, event_feats], 1)
         log_w = COMBINE_GAIN * self.combine(inputs).float()
         w = log_w.clamp(-8.0, 9.0).exp()
-        return w[:, :1] * own + w[:, 1:] * seed_dir
+        return w[:, :1] * own + (w[:, 1:, None] * seed_dirs).sum(1)
 
 
 def load_weights(model, state, path, who):

@@ -17,8 +17,10 @@ out_dir/test, each a folder of shards, one per batch file, plus geometry.npy and
                                         a DOM is one hit sensor in one event, its pulses contiguous
                            events.npy   (n_events,) records: event_id, t0 (first pulse time, ns),
                                         pulse_start (int64), n_pulses, dom_start (int64), n_doms,
-                                        azimuth, zenith (NaN in test), and the truth columns where the
-                                        raw folder has a truth file (simulate.py writes one)
+                                        azimuth, zenith (NaN in test), fit_azimuth, fit_zenith, fit_rlogl
+                                        (the quick likelihood fit, classical.time_fit: the model's second
+                                        seed), and the truth columns where the raw folder has a truth file
+                                        (simulate.py writes one)
                            shard.json   counts, summary statistics, the source file's stamp, and each array
                                         file's size and CRC-32; written last, inside the shard
     out_dir/<split>/geometry.npy         (n_sensors, 3) float32 x, y, z in metres, indexed by sensor_id
@@ -71,6 +73,8 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import torch
 
+import classical  # the quick likelihood fit stored with each event
+
 # -----------------------------------------------------------------------------
 # settings (override with a config file or --key=value, see configurator.py)
 raw_dir = 'data/kaggle'   # Kaggle-layout folder; if this default one holds no data, the toy set is simulated
@@ -79,14 +83,20 @@ out_dir = ''              # '' = <raw_dir>_packed, so real and synthetic outputs
 val_batches = 1           # the last val_batches train batch files become the val split
 train_batches = 0         # use only the first N train batch files of the meta (0 = all); for partial downloads
 num_proc = max(1, min(8, os.cpu_count() or 1))  # worker processes, one batch file each
+fit_steps = 80            # steps of the quick likelihood fit stored with each event, the model's second seed
+                          # (classical.time_fit, ~600 events/s per process); 0 stores the improved LineFit instead:
+                          # a prepare of the whole Kaggle set many times faster, a model less precise on bright tracks
+fit_ice = 'auto'          # the fit's ice (classical.MPE_ICE): 'auto' = 'toy' for a simulate.py set (it has a
+                          # simulation.json), 'bulk' for real data; or a depth table file (classical.ice_table)
 verify = False            # also re-read every finished shard against its recorded checksums (reads the whole output)
                           # and rebuild the damaged ones; without the raw files, only report them
 # -----------------------------------------------------------------------------
 
-FORMAT_VERSION = 2  # 2: shard.json records each array file's size and CRC-32
+FORMAT_VERSION = 3  # 2: shard.json records each array file's size and CRC-32; 3: each event's quick fit
 PULSE_DTYPE = np.dtype([('dt', '<u4'), ('sensor_aux', '<u2'), ('charge', '<f2')])
 EVENT_FIELDS = [('event_id', '<i8'), ('t0', '<i8'), ('pulse_start', '<i8'), ('n_pulses', '<i4'),
-                ('n_doms', '<i4'), ('dom_start', '<i8'), ('azimuth', '<f8'), ('zenith', '<f8')]
+                ('n_doms', '<i4'), ('dom_start', '<i8'), ('azimuth', '<f8'), ('zenith', '<f8'),
+                ('fit_azimuth', '<f4'), ('fit_zenith', '<f4'), ('fit_rlogl', '<f4')]
 TRUTH_FIELDS = [('energy', '<f4'), ('kind', 'u1'), ('vertex_x', '<f4'), ('vertex_y', '<f4'), ('vertex_z', '<f4')]
 KIND_NAMES = ['track', 'cascade']  # truth 'kind' codes
 AUX_BIT = 1 << 15
@@ -242,8 +252,9 @@ def _ranges(starts, lengths):
     return np.repeat(np.asarray(starts, np.int64) - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
 
 
-def pack_file(src, meta, truth, geometry, has_labels):
-    """Read one Kaggle batch file, check it against its meta rows, and return the shard's arrays."""
+def pack_file(src, meta, truth, geometry, has_labels, fit):
+    """Read one Kaggle batch file, check it against its meta rows, and return the shard's arrays (with each event's
+    quick fit, fit = {'steps', 'ice'}: classical.time_fit in that ice, or with 0 steps the improved LineFit)."""
     with _reading(src):
         pf = pq.ParquetFile(src)
         check_schema(src, pf.schema_arrow, BATCH_COLUMNS)
@@ -340,6 +351,21 @@ def pack_file(src, meta, truth, geometry, has_labels):
     if truth is not None:
         for name, _ in TRUTH_FIELDS:
             events[name] = truth[name]
+    ev = {'sensor_id': sensor_sorted, 'time': pulses['dt'].astype(np.int64), 'charge': pulses['charge'].astype(np.float32),
+          'auxiliary': pulses['sensor_aux'] >= AUX_BIT, 'pulse_offsets': np.r_[expected_first, n_rows],
+          'event_dom_offsets': np.r_[0, np.cumsum(n_doms)], 'dom_offsets': doms.astype(np.int64)}
+    t_fit, ice = time.time(), classical.MPE_ICE
+    if fit['steps']:
+        try:
+            classical.MPE_ICE = fit['ice']
+            fit_dir, rlogl = classical.time_fit(ev, geometry, fit['steps'])
+        finally:
+            classical.MPE_ICE = ice
+    else:
+        fit_dir, rlogl = classical.reconstruct('linefit_improved', ev, geometry), classical.TIME_FIT_FAILED
+    events['fit_azimuth'] = np.mod(np.arctan2(fit_dir[:, 1], fit_dir[:, 0]), 2 * np.pi)
+    events['fit_zenith'] = np.arccos(np.clip(fit_dir[:, 2], -1.0, 1.0))
+    events['fit_rlogl'] = rlogl
 
     log_q = np.log10(np.maximum(pulses['charge'], np.float16(1e-3)), dtype=np.float32)
     dom_size = np.diff(doms)
@@ -348,7 +374,8 @@ def pack_file(src, meta, truth, geometry, has_labels):
              'max_pulses_per_event': int(counts.max()), 'max_doms_per_event': int(n_doms.max()),
              'max_pulses_per_dom': int(dom_size.max()), 'max_time_span': int(dt.max()),
              'sum_log10_charge': float(log_q.sum(dtype=np.float64)), 'sum_log10_charge_sq': float(np.dot(log_q, log_q)),
-             'event_id_min': int(event_id.min()), 'event_id_max': int(event_id.max())}
+             'event_id_min': int(event_id.min()), 'event_id_max': int(event_id.max()),
+             'fit': fit, 'fit_seconds': time.time() - t_fit}
     return pulses, doms, events, stats
 
 
@@ -407,14 +434,16 @@ def shard_problem(shard_dir, checksums=False):
     return info, None
 
 
-def shard_status(shard_dir, src, checksums=False):
-    """(record, None) for a finished shard of the same source file that checks out, to be kept, else
+def shard_status(shard_dir, src, fit, checksums=False):
+    """(record, None) for a finished shard of the same source file and quick fit that checks out, to be kept, else
     (None, why it is rebuilt), the reason None where there is simply no shard yet."""
     if not os.path.isdir(shard_dir):
         return None, None
     info, problem = shard_problem(shard_dir, checksums)
     if problem is None and any(info.get(k) != v for k, v in _source_stamp(src).items()):
         problem = f"its source {src} changed since it was made"
+    elif problem is None and info.get('fit') != fit:
+        problem = f"its quick fit was made with {info.get('fit')}, this run asks for {fit}"
     return (info, None) if problem is None else (None, problem)
 
 
@@ -428,9 +457,9 @@ def _write_error(e, path):
 
 def write_shard(task):
     """Worker: pack one batch file into out/<split>/batch_<N>, atomically (build in a temp folder, rename)."""
-    src, shard_dir, meta, truth, geometry, has_labels = task
+    src, shard_dir, meta, truth, geometry, has_labels, fit = task
     t_start = time.time()
-    pulses, doms, events, stats = pack_file(src, meta, truth, geometry, has_labels)
+    pulses, doms, events, stats = pack_file(src, meta, truth, geometry, has_labels, fit)
     tmp = f"{os.path.dirname(shard_dir)}/.tmp-{os.path.basename(shard_dir)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -516,7 +545,7 @@ def check_space(out, shards, has_truth):
     return need
 
 
-def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=False):
+def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=False, fit_steps=80, fit_ice='auto'):
     """Pack raw into out. Shards already complete are kept (their sizes are checked; verify=True also re-reads them
     against their checksums); damaged or stale ones are rebuilt, with a message."""
     t_start = time.time()
@@ -526,6 +555,13 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
     if os.path.abspath(raw) == os.path.abspath(out):
         raise PrepareError(f"out_dir {out} must differ from raw_dir")
     geometry = read_geometry(raw)
+    if fit_ice == 'auto':  # the toy's own ice table is right for the toy only; real data gets the homogeneous one
+        fit_ice = 'toy' if os.path.exists(os.path.join(raw, 'simulation.json')) else 'bulk'
+    try:
+        classical.ice_table(fit_ice)  # a table file that cannot be read fails here, before any work
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"fit_ice={fit_ice}: {e}") from None
+    fit = {'steps': fit_steps, 'ice': fit_ice if fit_steps else None}
 
     plans, sizes = [], {}  # (part, split, batch ids); (part, batch id) -> (n_events, n_pulses)
     for part in ['train', 'test']:
@@ -559,9 +595,9 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
     except OSError as e:
         raise _write_error(e, out) from None
     to_write = [sizes[part, int(b)] for part, split, ids in plans for b in ids
-                if shard_status(f"{out}/{split}/batch_{b}", _batch_file(raw, part, b))[0] is None]
+                if shard_status(f"{out}/{split}/batch_{b}", _batch_file(raw, part, b), fit)[0] is None]
     check_space(out, to_write, any(os.path.exists(os.path.join(raw, f"{part}_truth.parquet")) for part, _, _ in plans))
-    made_by = {'raw_dir': os.path.abspath(raw), 'val_batches': val_batches, 'train_batches': train_batches}
+    made_by = {'raw_dir': os.path.abspath(raw), 'val_batches': val_batches, 'train_batches': train_batches, 'fit': fit}
     try:
         _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify)
     except BaseException as e:
@@ -577,7 +613,9 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
 
 
 def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
-    with ProcessPoolExecutor(num_proc, mp_context=get_context('fork')) as pool:
+    # the workers run torch (the quick fit) on one thread each: a forked child entering the OpenMP team of a parent
+    # that had used one hangs, so each worker leaves OpenMP before its first torch op (as BatchLoader's do)
+    with ProcessPoolExecutor(num_proc, mp_context=get_context('fork'), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for part, split, ids in plans:
             split_dir = os.path.join(out, split)
             os.makedirs(split_dir, exist_ok=True)
@@ -598,14 +636,14 @@ def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
                 if b not in id_set:
                     continue
                 src, shard_dir = _batch_file(raw, part, b), f"{split_dir}/batch_{b}"
-                info, problem = shard_status(shard_dir, src, checksums=verify)
+                info, problem = shard_status(shard_dir, src, made_by['fit'], checksums=verify)
                 if info is not None:
                     done[shard_dir], n_skipped = info, n_skipped + 1
                 else:
                     if problem:
                         log(f"prepare: {shard_dir}: {problem}: rebuilding it")
                     truth = read_truth(truth_path, b, meta['event_id']) if has_truth else None
-                    pending[pool.submit(write_shard, (src, shard_dir, meta, truth, geometry, has_labels))] = src
+                    pending[pool.submit(write_shard, (src, shard_dir, meta, truth, geometry, has_labels, made_by['fit']))] = src
                 # a bounded number of batch files in flight keeps memory bounded
                 while len(pending) >= 2 * num_proc or (pending and len(done) + len(pending) == len(id_set)):
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -619,7 +657,8 @@ def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
                         done[shard_dir] = info
                         n_pulses += info['n_pulses']
                         log(f"prepare: {split} {len(done)}/{len(id_set)} {os.path.basename(shard_dir)}: {info['n_events']} events, "
-                            f"{info['n_pulses']} pulses in {dt:.1f}s ({info['n_pulses'] / dt / 1e6:.1f}M pulses/s/process, "
+                            f"{info['n_pulses']} pulses in {dt:.1f}s, of which the quick fit {info['fit_seconds']:.1f}s "
+                            f"({info['n_pulses'] / dt / 1e6:.1f}M pulses/s/process, "
                             f"{n_pulses / (time.time() - t_split) / 1e6:.1f}M/s for the split)")
                 if len(done) == len(id_set):
                     break
@@ -649,7 +688,14 @@ def mend_command(split_dir, manifest):
             raw = '<the raw folder it was made from>'
         return f"python prepare.py --raw_dir={raw} --out_dir={out} (and the val_batches, train_batches it was made with)"
     return (f"python prepare.py --raw_dir={made_by['raw_dir']} --out_dir={out} --val_batches={made_by['val_batches']} "
-            f"--train_batches={made_by['train_batches']}")
+            f"--train_batches={made_by['train_batches']}" + _fit_args(made_by.get('fit')))
+
+
+def _fit_args(fit):
+    """The command-line settings of a recorded quick fit (none for a manifest older than it)."""
+    if not fit:
+        return ""
+    return f" --fit_steps={fit['steps']}" + (f" --fit_ice={fit['ice']}" if fit['steps'] else "")
 
 
 class Split:
@@ -670,14 +716,16 @@ class Split:
         if self.manifest['format_version'] != FORMAT_VERSION:
             raise SplitError(f"{mpath}: format version {self.manifest['format_version']}, this reader reads {FORMAT_VERSION}; "
                              f"re-run prepare.py to rebuild it: {mend_command(path, self.manifest)}")
-        self.shards = []
+        self.shards, fitted, fit_seconds = [], 0, 0.0
         for name in self.manifest['shards']:
             d = os.path.join(path, name)
-            _, problem = shard_problem(d)
+            info, problem = shard_problem(d)
             if problem:
                 raise SplitError(f"{d}/{problem}: the shard is damaged; rebuild it with: {mend_command(path, self.manifest)}")
             # plain ndarray views of the memory maps: same pages, without np.memmap's per-index overhead
             self.shards.append({k: np.asarray(np.load(f"{d}/{k}.npy", mmap_mode='r')) for k in ['pulses', 'doms', 'events']})
+            fitted, fit_seconds = fitted + info['n_events'], fit_seconds + info['fit_seconds']
+        self.fit_events_per_s = fitted / max(fit_seconds, 1e-9)  # the quick fit's rate when prepare.py ran it, per process
         sizes = [len(s['events']) for s in self.shards]
         self.shard_start = np.r_[0, np.cumsum(sizes)].astype(np.int64)
         try:
@@ -830,13 +878,14 @@ def pack_taken(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
     """The micro-batch of exactly the events idx (as plan_batch took them)."""
     idx = np.asarray(idx, np.int64)
     ev, _ = split.event_records(idx)
-    return pack_events(split.events(idx), ev['azimuth'], ev['zenith'], idx, split.geometry,
-                       max_pulses, max_doms, max_events, max_pulses_per_dom)
+    return pack_events(split.events(idx), ev, idx, split.geometry, max_pulses, max_doms, max_events, max_pulses_per_dom)
 
 
-def pack_events(e, azimuth, zenith, event_index, geometry, max_pulses, max_doms, max_events, max_pulses_per_dom):
+def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, max_pulses_per_dom):
     """The model's micro-batch from events as split.events() returns them (all of them are packed,
-    truncated by the rules of pack_batch). Fixed shapes: P = max_pulses, D = max_doms, E = max_events."""
+    truncated by the rules of pack_batch) and their records ev (events.npy's, or a dict of arrays with the same
+    names: azimuth, zenith, fit_azimuth, fit_zenith, fit_rlogl). Fixed shapes: P = max_pulses, D = max_doms,
+    E = max_events."""
     n_taken = len(e['pulse_offsets']) - 1
     n_pulses_raw = e['pulse_offsets'][-1]
     dom_size = np.diff(e['dom_offsets'])
@@ -879,6 +928,7 @@ def pack_events(e, azimuth, zenith, event_index, geometry, max_pulses, max_doms,
         'dom_pos': np.zeros((D, 3), np.float32), 'dom_sensor': np.full(D, -1, np.int32),
         'dom_event': np.full(D, -1, np.int32), 'dom_n_pulses': np.zeros(D, np.int32),
         'event_dir': np.zeros((E, 3), np.float32), 'event_index': np.full(E, -1, np.int64),
+        'event_fit_dir': np.zeros((E, 3), np.float32), 'event_fit_rlogl': np.zeros(E, np.float32),
         'event_n_pulses': np.zeros(E, np.int32), 'event_n_doms': np.zeros(E, np.int32),
         'n_pulses': n_p, 'n_doms': n_dm, 'n_events': n_taken,
     }
@@ -891,7 +941,9 @@ def pack_events(e, azimuth, zenith, event_index, geometry, max_pulses, max_doms,
     b['dom_sensor'][:n_dm] = dom_sensor
     b['dom_event'][:n_dm] = dom_event
     b['dom_n_pulses'][:n_dm] = dom_size[dom_alive]
-    b['event_dir'][:n_taken] = angles_to_dir(azimuth, zenith)
+    b['event_dir'][:n_taken] = angles_to_dir(ev['azimuth'], ev['zenith'])
+    b['event_fit_dir'][:n_taken] = angles_to_dir(ev['fit_azimuth'], ev['fit_zenith'])
+    b['event_fit_rlogl'][:n_taken] = ev['fit_rlogl']
     b['event_index'][:n_taken] = event_index
     b['event_n_pulses'][:n_taken] = np.diff(e['pulse_offsets'])
     b['event_n_doms'][:n_taken] = np.diff(e['event_dom_offsets'])
@@ -1077,7 +1129,8 @@ if __name__ == '__main__':
                 raise PrepareError(f"{out}: {len(bad)} damaged or incomplete shards or splits (listed above); to rebuild them, "
                                    f"run prepare.py again with --raw_dir={src} --out_dir={out} --verify=True")
         else:
-            run(raw, out, val_batches=val_batches, train_batches=train_batches, num_proc=num_proc, verify=verify)
+            run(raw, out, val_batches=val_batches, train_batches=train_batches, num_proc=num_proc, verify=verify,
+                fit_steps=fit_steps, fit_ice=fit_ice)
     except PrepareError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -18,7 +18,7 @@ tails than a vMF, and one set per group of events by hit-DOM count), checks them
 even-indexed events, measured on the odd-indexed ones), then fits the stored maps on all of val and writes
 them to out_dir/calibration.json; on any other split it applies the stored maps. Writes to out_dir:
     eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
-                               linefit, linefit_improved: {mean_angular_error, median_angular_error},
+                               linefit, linefit_improved, time_fit: {mean_angular_error, median_angular_error},
                                breakdowns, resolution, coverage, training)
     predictions_<split>.csv    event_id, azimuth, zenith, kappa, hit_doms, kappa_calibrated (its vMF's 50%
                                circles hold 50%), radius50_deg, radius90_deg (the calibrated circles; from kappa
@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 import model as M  # noqa: E402
 import classical  # noqa: E402
+import prepare  # noqa: E402
 from prepare import KIND_NAMES, BatchLoader, SplitError, open_split  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -62,7 +63,8 @@ max_events_per_batch = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'        # autocast dtype on CUDA
 compile = False
-baselines = 'linefit,linefit_improved'  # classical methods on the same events, from classical.METHODS ('mpe' too: slow; '' = none)
+baselines = 'linefit,linefit_improved,time_fit'  # classical methods on the same events, from classical.METHODS ('mpe' too:
+                                                 # slow; '' = none); time_fit is read as prepare.py stored it, the model's seed
 plots = True              # write the PNG figures
 plot_min_events = 20      # the resolution figures leave out bins with fewer events
 # -----------------------------------------------------------------------------
@@ -73,7 +75,8 @@ CAL_LEVELS = np.union1d(CURVE_LEVELS, LEVELS)            # the levels the calibr
 ENERGY_EDGES = [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf]  # log10(E / GeV), for the tables
 DOM_EDGES = [0, 10, 20, 40, 80, 160, 320, np.inf]
 GROUP_TITLES = {'by_kind': 'by kind', 'by_energy': 'by energy (log10 GeV)', 'by_doms': 'by hit DOMs'}
-METHOD_LABELS = {'model': 'iceaggr', 'linefit': 'LineFit', 'linefit_improved': 'improved LineFit', 'mpe': 'MPE likelihood fit'}
+METHOD_LABELS = {'model': 'iceaggr', 'linefit': 'LineFit', 'linefit_improved': 'improved LineFit', 'time_fit': 'quick likelihood fit',
+                 'mpe': 'MPE likelihood fit'}
 
 
 # -----------------------------------------------------------------------------
@@ -480,6 +483,10 @@ def main():
     # the classical reconstructions on the same events (classical.py), timed like the model
     base_dirs, speed = {}, {'model': n / t_model}
     for name in methods:
+        if name == 'time_fit':  # prepare.py fitted every event with it: read, as the model does (its rate is prepare's)
+            rec = s.event_records(np.arange(n))[0]
+            base_dirs[name], speed[name] = prepare.angles_to_dir(rec['fit_azimuth'], rec['fit_zenith']).astype(np.float64), s.fit_events_per_s
+            continue
         t0 = time.time()
         dirs = np.zeros((n, 3))
         chunk = 2000 if name == 'mpe' else 20000

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import classical
 import prepare
 from prepare import PrepareError, open_split, pack_batch, BatchLoader
 
@@ -113,6 +114,30 @@ def test_every_pulse_round_trips(prepared):
             else:
                 assert (s.azimuth[i], s.zenith[i]) == label[eid]
     assert seen == set(raw), "every event appears in exactly one split"
+
+
+def test_each_event_carries_its_quick_fit(prepared, tmp_path, monkeypatch):
+    # the model's second seed: classical.time_fit of the event, stored by prepare and carried into every batch
+    s = open_split(f"{prepared}/out/val")
+    monkeypatch.setattr(classical, 'MPE_ICE', 'bulk')  # not a simulate.py set: prepare fitted it in homogeneous ice
+    direction, rlogl = classical.time_fit(s.events(np.arange(len(s))), s.geometry)
+    stored = prepare.angles_to_dir(s._column('fit_azimuth'), s._column('fit_zenith'))
+    assert classical.angular_error(stored, direction).max() < 1e-4
+    np.testing.assert_allclose(s._column('fit_rlogl'), rlogl, rtol=1e-4, atol=1e-4)
+    batch, n = prepare.pack_batch(s, np.arange(len(s)), 4096, 2048, 64, 32)
+    np.testing.assert_allclose(batch['event_fit_dir'][:n], stored[:n], atol=1e-6)
+    # fit_steps=0 (a faster prepare of a large set) stores the improved LineFit; a change of fit_steps rebuilds
+    shutil.copytree(f"{prepared}/out", tmp_path / 'out')
+    logs = []
+    prepare.run(f"{prepared}/raw", str(tmp_path / 'out'), val_batches=1, num_proc=1, log=logs.append, fit_steps=0)
+    assert s.manifest['made_by']['fit'] == {'steps': 80, 'ice': 'bulk'}  # not a simulate.py set: real data's ice
+    assert sum("its quick fit was made with {'steps': 80, 'ice': 'bulk'}, this run asks for {'steps': 0, 'ice': None}: "
+               "rebuilding it" in line for line in logs) == 4
+    s = open_split(str(tmp_path / 'out' / 'val'))
+    ilf = classical.reconstruct('linefit_improved', s.events(np.arange(len(s))), s.geometry)
+    stored = prepare.angles_to_dir(s._column('fit_azimuth'), s._column('fit_zenith'))
+    assert classical.angular_error(stored, ilf).max() < 1e-4 and (s._column('fit_rlogl') == classical.TIME_FIT_FAILED).all()
+    assert '--fit_steps=0' in prepare.mend_command(s.path, s.manifest)
 
 
 def test_val_is_whole_held_out_batch_files(prepared):
@@ -395,7 +420,7 @@ def test_a_dead_worker_is_named(clean_raw, tmp_path, monkeypatch):
 def test_shard_json_records_sizes_and_checksums(prepared):
     d = f"{prepared}/out/train/batch_1"
     info = json.load(open(f"{d}/shard.json"))
-    assert info['format_version'] == prepare.FORMAT_VERSION == 2
+    assert info['format_version'] == prepare.FORMAT_VERSION == 3
     assert set(info['files']) == {'pulses.npy', 'doms.npy', 'events.npy'}
     for name, rec in info['files'].items():
         data = open(f"{d}/{name}", 'rb').read()
@@ -466,7 +491,7 @@ def test_old_format_output_is_refused_and_rebuilt(tmp_path, prepared):
         info.pop('files', None)
         info.pop('made_by', None)
         json.dump(info, open(p, 'w'))
-    with pytest.raises(prepare.SplitError, match=r"format version 1, this reader reads 2; re-run prepare.py") as e:
+    with pytest.raises(prepare.SplitError, match=r"format version 1, this reader reads 3; re-run prepare.py") as e:
         open_split(str(out / 'train'))
     assert f"python prepare.py --raw_dir={prepared}/raw --out_dir={out} (and the val_batches" in str(e.value)
     logs = []

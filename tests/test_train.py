@@ -14,6 +14,9 @@ import sys
 import pytest
 import torch
 
+import classical
+import prepare
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--compile=False', '--t1_dim=16', '--t1_layers=1', '--t1_heads=2', '--t2_dim=32', '--t2_layers=2',
         '--t2_heads=2', '--max_pulses=8192', '--max_doms=4096', '--max_events=64', '--max_pulses_per_dom=16',
@@ -22,7 +25,6 @@ TINY = ['--compile=False', '--t1_dim=16', '--t1_layers=1', '--t1_heads=2', '--t2
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    import prepare
     import simulate
     d = tmp_path_factory.mktemp('tiny')
     simulate.simulate(out_dir=str(d / 'raw'), n_train_batches=2, n_test_batches=1, events_per_batch=40, seed=7)
@@ -85,6 +87,12 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
     for k in ('mean_angular_error', 'median_angular_error'):
         assert 0 <= ev[k] <= 3.15 and 0 <= ev['linefit'][k] <= 3.15
     assert 'LineFit' in p.stdout
+    # the model's second seed, beside it as prepare.py stored it for each event (in the toy's own ice)
+    s = prepare.open_split(os.path.join(data_dir, 'val'))
+    assert s.manifest['made_by']['fit'] == {'steps': 80, 'ice': 'toy'}
+    fit = prepare.angles_to_dir(s._column('fit_azimuth')[:30], s._column('fit_zenith')[:30])
+    fit_err = classical.angular_error(fit, prepare.angles_to_dir(s.azimuth[:30], s.zenith[:30]))
+    assert abs(ev['time_fit']['mean_angular_error'] - float(fit_err.mean())) < 1e-5
     p = run(['sample.py', f'--out_dir={out}', '--split=test', '--max_events=25'])
     sub = open(os.path.join(out, 'submission.csv')).read().splitlines()
     assert sub[0] == 'event_id,azimuth,zenith' and len(sub) == 26
