@@ -427,14 +427,15 @@ def features(b):
 
 
 def seeds(b, ilf_dir):
-    """The classical directions the prediction may lean on (IceModel.with_seed): seed_dirs (E, 2, 3), the improved
-    LineFit and the quick likelihood fit that prepare.py stored with each event (classical.time_fit), and seed_feats
-    (E, N_SEED_FEATURES): the fit's reduced log-likelihood, which says how well a track explains the hit times, and the cosine
-    between the two seeds."""
+    """The classical directions the prediction may lean on (IceModel.with_seed): seed_dirs (E, N_SEEDS, 3), the
+    improved LineFit and the quick likelihood fit that prepare.py stored with each event (classical.time_fit), and
+    seed_feats (E, N_SEED_FEATURES): the fit's reduced log-likelihood (how well a track explains the hit times) and
+    the cosine between the two seeds."""
     fit_dir = b['event_fit_dir'].float()
     ilf = ilf_dir[:-1]
     rlogl = (b['event_fit_rlogl'].float().clamp(-5.0, 25.0) / 10.0)[:, None]
-    return dict(seed_dirs=torch.stack([ilf, fit_dir], 1), seed_feats=torch.cat([rlogl, (ilf * fit_dir).sum(1, keepdim=True)], 1))
+    return dict(seed_dirs=torch.stack([ilf, fit_dir], 1),
+                seed_feats=torch.cat([rlogl, (ilf * fit_dir).sum(1, keepdim=True)], 1))
 
 
 # -----------------------------------------------------------------------------
@@ -497,9 +498,10 @@ class IceModel(nn.Module):
                 nn.init.zeros_(p)
         nn.init.normal_(self.cls, std=0.02)
         nn.init.normal_(self.spacetime_freq.weight, std=1.0)  # wavelengths from about 2 * SPACETIME_SCALE up
-        # log weights of the network's vMF and the seed's in the prediction (with_seed), made last: the network's
+        # log weights of the network's vMF and the seeds' in the prediction (with_seed), made last: the network's
         # initial weights are those of a model without them
-        self.combine = nn.Sequential(nn.Linear(t2_dim + 1 + N_SEEDS + N_SEED_FEATURES + N_EVENT_FEATURES, 64), nn.GELU(), nn.Linear(64, 1 + N_SEEDS))
+        n_in = t2_dim + 1 + N_SEEDS + N_SEED_FEATURES + N_EVENT_FEATURES
+        self.combine = nn.Sequential(nn.Linear(n_in, 64), nn.GELU(), nn.Linear(64, 1 + N_SEEDS))
         for layer in (self.combine[0], self.combine[2]):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
@@ -552,14 +554,13 @@ class IceModel(nn.Module):
         """The prediction: the product of the network's vMF and one around each seed, the improved LineFit and the
         quick likelihood fit (a product of vMFs is the vMF of the sum of their mean vectors), each with a per-event
         weight from a small MLP of the event's embedding, the network's log kappa, how far the network agrees with
-        each seed, the seeds' own features (seeds()) and the event's features. On bright tracks the fit is the best
-        of the three early in training; on cascades the network is. Everything upstream
-        is seen through detach, so this loss only teaches the two weights and the network trains exactly as without
-        it: with the seed in the network's own output, in every way tried, it learned to lean on the seed and
-        cascades got worse (notes, section 11)."""
+        each seed, the seeds' own features (seeds()) and the event's features. On bright tracks the fit is the most
+        precise of the three, on cascades the network. Everything upstream is seen through detach, so this loss only
+        teaches the weights and the network trains exactly as without it: with the seed in the network's own output,
+        in every way tried, it learned to lean on the seed and cascades got worse (notes, section 11)."""
         own = own.detach()
         kappa = own.norm(dim=1, keepdim=True)
-        agree = (F.normalize(own, dim=1, eps=1e-6)[:, None] * seed_dirs).sum(2)  # (E, N_SEEDS): where they disagree, one is off
+        agree = (F.normalize(own, dim=1, eps=1e-6)[:, None] * seed_dirs).sum(2)  # (E, N_SEEDS): where two disagree, one is off
         inputs = torch.cat([x.detach().float(), torch.log(kappa + 1e-3), agree, seed_feats, event_feats], 1)
         log_w = COMBINE_GAIN * self.combine(inputs).float()
         w = log_w.clamp(-8.0, 9.0).exp()

@@ -33,7 +33,8 @@ file holds tens of millions of pulses, never four billion; prepare checks it).
 
 Each shard is built in a temporary folder and renamed when complete, so an interrupted prepare never
 leaves a shard that looks complete, and a re-run skips the shards that are (and rebuilds one whose
-source file changed, or whose files differ in size from those shard.json records: a copy cut short).
+source file changed, whose quick fit was made with other fit_steps or fit_ice, or whose files differ in size
+from those shard.json records: a copy cut short).
 Workers process one batch file each, so memory is bounded by num_proc batch files. Bad input, an unreadable
 file, or a full disk stops the run with a message naming the file, the event and the problem.
 

@@ -3,7 +3,7 @@
 #   python train.py config/toy_long.py
 #   python sample.py --out_dir=out-toy-long
 # and, for the likelihood fit on the bright tracks beside the model (the MPE fit takes about 15 minutes on 2,000 events):
-#   python sample.py --out_dir=out-toy-long --baselines=linefit,linefit_improved,mpe --max_events=2000
+#   python sample.py --out_dir=out-toy-long --baselines=linefit,linefit_improved,time_fit,mpe --max_events=2000
 import os
 
 exec(open(os.path.join(os.path.dirname(__file__), 'toy_cpu.py')).read())
