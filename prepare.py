@@ -632,7 +632,7 @@ def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
             wanted = META_COLUMNS if has_labels else {k: v for k, v in META_COLUMNS.items() if k not in ('azimuth', 'zenith')}
             truth_path = os.path.join(raw, f"{part}_truth.parquet")
             has_truth = os.path.exists(truth_path)
-            id_set, done, pending, n_skipped, n_pulses, t_split = set(int(b) for b in ids), {}, {}, 0, 0, time.time()
+            id_set, done, pending, n_skipped, n_events, t_split = set(int(b) for b in ids), {}, {}, 0, 0, time.time()
             for b, meta in iter_meta(os.path.join(raw, f"{part}_meta.parquet"), wanted):
                 if b not in id_set:
                     continue
@@ -656,11 +656,13 @@ def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
                             raise PrepareError(f"{src}: the worker process packing it died (out of memory? "
                                                f"try a smaller --num_proc)") from None
                         done[shard_dir] = info
-                        n_pulses += info['n_pulses']
+                        n_events += info['n_events']
+                        fit_rate = (f"the quick fit {info['n_events'] / info['fit_seconds']:.0f} events/s on its process"
+                                    if info['fit']['steps'] else "no quick fit")
+                        pack_rate = info['n_pulses'] / max(dt - info['fit_seconds'], 1e-9) / 1e6
                         log(f"prepare: {split} {len(done)}/{len(id_set)} {os.path.basename(shard_dir)}: {info['n_events']} events, "
-                            f"{info['n_pulses']} pulses in {dt:.1f}s, of which the quick fit {info['fit_seconds']:.1f}s "
-                            f"({info['n_pulses'] / dt / 1e6:.1f}M pulses/s/process, "
-                            f"{n_pulses / (time.time() - t_split) / 1e6:.1f}M/s for the split)")
+                            f"{info['n_pulses']} pulses in {dt:.1f}s (packing {pack_rate:.1f}M pulses/s, {fit_rate}; "
+                            f"{n_events / (time.time() - t_split):.0f} events/s for the split)")
                 if len(done) == len(id_set):
                     break
             if n_skipped:

@@ -64,7 +64,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'        # autocast dtype on CUDA
 compile = False
 baselines = 'linefit,linefit_improved,time_fit'  # classical methods on the same events, from classical.METHODS ('mpe' too:
-                                                 # slow; '' = none); time_fit is read as prepare.py stored it, the model's seed
+                                                 # slow; '' = none); time_fit is read as prepare.py stored it, the model's second seed
 plots = True              # write the PNG figures
 plot_min_events = 20      # the resolution figures leave out bins with fewer events
 # -----------------------------------------------------------------------------
@@ -458,7 +458,7 @@ def main():
     # model predictions, in split order
     t0 = time.time()
     pred = np.zeros((n, 3), np.float64)
-    network = np.zeros((n, 3), np.float64)  # the network's own vMF, before the seed's weight joins it
+    network = np.zeros((n, 3), np.float64)  # the network's own vMF, before the seeds join it
     seen = np.zeros(n, bool)
     # the loader builds each batch's stream layout ahead of the model (model.model_inputs); the features run in the forward
     to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=False)
@@ -549,10 +549,10 @@ def main():
         for k, name in [('linefit', 'LineFit'), ('linefit_improved', 'improved LineFit')]:
             if k in errs:
                 print(f"model / {name} mean angular error: {err.mean() / errs[k].mean():.3f}")
-        # what the seed's weight (model.IceModel.with_seed) adds to the network's own direction
+        # what the seeds' weights (model.IceModel.with_seed) add to the network's own direction
         err_network = M.angular_errors(s.azimuth[:n], s.zenith[:n], *M.vector_to_angles(network))
         result['network_alone'] = summary(err_network)
-        print(f"the network alone, before the seed joins: mean {err_network.mean():.4f} rad, "
+        print(f"the network alone, before the seeds join: mean {err_network.mean():.4f} rad, "
               f"{err_network.mean() / err.mean():.3f} of the model's")
         print("model percentiles (deg): " + ", ".join(f"p{p} {v:.1f}" for p, v in result['percentiles_deg'].items()))
         intfmt = lambda a, b: f"{a:.0f}-{b:.0f}" if np.isfinite(b) else f">= {a:.0f}"
