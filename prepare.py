@@ -364,8 +364,7 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
             classical.MPE_ICE = ice
     else:
         fit_dir, rlogl = classical.reconstruct('linefit_improved', ev, geometry), classical.TIME_FIT_FAILED
-    events['fit_azimuth'] = np.mod(np.arctan2(fit_dir[:, 1], fit_dir[:, 0]), 2 * np.pi)
-    events['fit_zenith'] = np.arccos(np.clip(fit_dir[:, 2], -1.0, 1.0))
+    events['fit_azimuth'], events['fit_zenith'] = classical.vector_to_angles(fit_dir)
     events['fit_rlogl'] = rlogl
 
     log_q = np.log10(np.maximum(pulses['charge'], np.float16(1e-3)), dtype=np.float32)
