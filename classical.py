@@ -260,14 +260,14 @@ def _tilted(direction, angle, phase):
     return math.cos(angle) * direction + math.sin(angle) * (math.cos(phase) * e1 + math.sin(phase) * e2)
 
 
-def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', steps=None, near=None):
+def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', steps=None, near=None, ice=None):
     """Fit a muon track to the first pulse time of each hit DOM, for many events at once.
     dom_pos (D, 3) m, dom_time (D,) ns (first pulse), dom_npe (D,) charge in pe, event_dom_offsets (n_events + 1,),
     seeds (n_events, S, 3) neutrino directions to start from. First every seed is fitted as an infinite track to the
     times alone. With near = (geometry (n_sensors, 3), efficiency (n_sensors,), hit_sensor (H,), hit_charge (H,),
     event_hit_offsets (n_events + 1,)): every DOM of the detector and the charge each event's DOMs saw (all pulses),
     each of these fits is then refined, adding the charge likelihood of the DOMs within MPE_AMP_RADIUS of the best
-    one, hit or not, as an infinite and (MPE_STARTING) as a starting track. Returns (n_events, 3) float64 unit vectors (where the
+    one, hit or not, as an infinite and (MPE_STARTING) as a starting track. ice: ice_table's (None = MPE_ICE). Returns (n_events, 3) float64 unit vectors (where the
     neutrino comes from) and the best log-likelihood per event (of the last stage)."""
     steps = MPE_STEPS if steps is None else steps
     dom_pos, dom_time = np.asarray(dom_pos, np.float64), np.asarray(dom_time, np.float64)
@@ -289,10 +289,10 @@ def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', 
         for lo, hi in zip(cuts[:-1], cuts[1:]):  # chunks of events, to bound memory
             a, b = event_dom_offsets[lo], event_dom_offsets[hi]
             doms = (dom_pos[a:b], dom_time[a:b], np.asarray(dom_npe[a:b], np.float64), event_dom_offsets[lo:hi + 1] - a)
-            direction, ll, track, fits = _mpe_chunk(*doms, seeds[lo:hi], device, steps)
+            direction, ll, track, fits = _mpe_chunk(*doms, seeds[lo:hi], device, steps, ice)
             if near is not None:
                 amp = _near_doms(near, lo, hi, *track[:2])
-                direction, ll, _, _ = _mpe_chunk(*doms, fits[1], device, MPE_REFINE_STEPS, amp, fits)
+                direction, ll, _, _ = _mpe_chunk(*doms, fits[1], device, MPE_REFINE_STEPS, ice, amp, fits)
             out[lo:hi], best_ll[lo:hi] = direction, ll
     finally:
         if flush:
@@ -322,7 +322,7 @@ def _near_doms(near, lo, hi, point, direction):
     return geometry[sensor], efficiency[sensor], charge, np.r_[0, np.cumsum(np.bincount(rows // n_sensors, minlength=hi - lo))]
 
 
-def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, amp=None, start=None):
+def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, ice, amp=None, start=None):
     """Fit one chunk of events from seeds (n_events, S, 3); amp: the DOMs near the track (_near_doms) for the charge
     likelihood; start: (point (n_events, S, 3), direction, t0 (n_events, S)), the previous stage's fits of the
     seeds, to start from. Returns the best direction and log-likelihood per event, its track as (point, neutrino
@@ -337,7 +337,7 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, amp=None, start=No
     centre_g = torch.as_tensor(np.repeat(centre, n_seeds, 0), **f64)
     starting = torch.as_tensor(np.tile(np.arange(n_seeds) >= n_dirs, n_events), device=device)
     near = None if amp is None else _charge_rows(amp, n_seeds, f64)
-    path_mean = _ice_path_mean(f64)
+    path_mean = _ice_path_mean(f64, ice)
     params = _seed_tracks(seeds, start, hits, centre_g, t_ref, n_seeds, path_mean, f64)
     params['s_vertex'], params['log_ratio'] = _starting_vertex(params, starting, hits, centre_g, starting_too, f64)
 
@@ -389,10 +389,10 @@ def _charge_rows(amp, n_seeds, f64):
                 charge=charge, q_total=torch.zeros(n_events * n_seeds, **f64).index_add_(0, group, charge))
 
 
-def _ice_path_mean(f64):
+def _ice_path_mean(f64, ice=None):
     """path_mean(which, z_from, z_to): the mean of 1 / l_scat (which 0) or of 1 / l_att (which 1) along the path
-    from depth z_from to a DOM at depth z_to, in the ice MPE_ICE (ice_table)."""
-    ice = ice_table()
+    from depth z_from to a DOM at depth z_to, in the ice ice_table(ice) (None: MPE_ICE)."""
+    ice = ice_table(ice)
     if ice is None:
         return lambda which, z_from, z_to: 1.0 / (PANDEL_LAMBDA, BULK_ATTENUATION)[which]
     # path averages of 1/l_scat and 1/l_att from a point to a DOM: (G(z_dom) - G(z_from)) / (z_dom - z_from),
@@ -633,7 +633,7 @@ def reconstruct(method, ev, geometry, device='cpu'):
     return direction
 
 
-def time_fit(ev, geometry, steps=None):
+def time_fit(ev, geometry, steps=None, ice=None):
     """The quick likelihood fit that prepare.py stores with every event as the model's second seed: the MPE fit's
     first stage alone (an infinite track fitted to the hit DOMs' first-pulse times), from the two LineFits,
     TIME_FIT_STEPS steps, no charge likelihood, no tilted seeds. On the toy's tracks with 50+ hit DOMs its median
@@ -643,7 +643,7 @@ def time_fit(ev, geometry, steps=None):
     where the times fit a track well; TIME_FIT_FAILED where the fit failed and the direction is the seed's)."""
     fit = _fit_inputs(ev, geometry)
     direction, ll = mpe_fit(*fit['doms'], np.stack([fit['linefit_improved'], fit['linefit']], 1),
-                            steps=TIME_FIT_STEPS if steps is None else steps)
+                            steps=TIME_FIT_STEPS if steps is None else steps, ice=ice)
     dof = np.maximum(np.diff(fit['doms'][3]) - 5, 1)
     rlogl = np.where(np.isfinite(ll), -ll / dof, TIME_FIT_FAILED)
     return direction, np.clip(rlogl, -TIME_FIT_FAILED, TIME_FIT_FAILED)

@@ -87,7 +87,7 @@ num_proc = max(1, min(8, os.cpu_count() or 1))  # worker processes, one batch fi
 fit_steps = 80            # steps of the quick likelihood fit stored with each event, the model's second seed
                           # (classical.time_fit, ~600 events/s per process); 0 stores the improved LineFit instead:
                           # a prepare of the whole Kaggle set many times faster, a model less precise on bright tracks
-fit_ice = 'auto'          # the fit's ice (classical.MPE_ICE): 'auto' = 'toy' for a simulate.py set (it has a
+fit_ice = 'auto'          # the fit's ice (classical.ice_table): 'auto' = 'toy' for a simulate.py set (it has a
                           # simulation.json), 'bulk' for real data; or a depth table file (classical.ice_table)
 verify = False            # also re-read every finished shard against its recorded checksums (reads the whole output)
                           # and rebuild the damaged ones; without the raw files, only report them
@@ -355,13 +355,9 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     ev = {'sensor_id': sensor_sorted, 'time': pulses['dt'].astype(np.int64), 'charge': pulses['charge'].astype(np.float32),
           'auxiliary': pulses['sensor_aux'] >= AUX_BIT, 'pulse_offsets': np.r_[expected_first, n_rows],
           'event_dom_offsets': np.r_[0, np.cumsum(n_doms)], 'dom_offsets': doms.astype(np.int64)}
-    t_fit, ice = time.time(), classical.MPE_ICE
+    t_fit = time.time()
     if fit['steps']:
-        try:
-            classical.MPE_ICE = fit['ice']
-            fit_dir, rlogl = classical.time_fit(ev, geometry, fit['steps'])
-        finally:
-            classical.MPE_ICE = ice
+        fit_dir, rlogl = classical.time_fit(ev, geometry, fit['steps'], ice=fit['ice'])
     else:
         fit_dir, rlogl = classical.reconstruct('linefit_improved', ev, geometry), classical.TIME_FIT_FAILED
     events['fit_azimuth'], events['fit_zenith'] = classical.vector_to_angles(fit_dir)

@@ -116,11 +116,11 @@ def test_every_pulse_round_trips(prepared):
     assert seen == set(raw), "every event appears in exactly one split"
 
 
-def test_each_event_carries_its_quick_fit(prepared, tmp_path, monkeypatch):
+def test_each_event_carries_its_quick_fit(prepared, tmp_path):
     # the model's second seed: classical.time_fit of the event, stored by prepare and carried into every batch
     s = open_split(f"{prepared}/out/val")
-    monkeypatch.setattr(classical, 'MPE_ICE', 'bulk')  # not a simulate.py set: prepare fitted it in homogeneous ice
-    direction, rlogl = classical.time_fit(s.events(np.arange(len(s))), s.geometry)
+    # not a simulate.py set: prepare fitted it in homogeneous ice
+    direction, rlogl = classical.time_fit(s.events(np.arange(len(s))), s.geometry, ice='bulk')
     stored = prepare.angles_to_dir(s._column('fit_azimuth'), s._column('fit_zenith'))
     assert classical.angular_error(stored, direction).max() < 1e-4
     np.testing.assert_allclose(s._column('fit_rlogl'), rlogl, rtol=1e-4, atol=1e-4)
