@@ -609,66 +609,92 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
 
 
 def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
-    # the workers run torch (the quick fit) on one thread each: a forked child entering the OpenMP team of a parent
+    # One pool for all splits, each split's manifest written when its last shard is in: val's and test's shards
+    # start while train's last ones still run (split by split, a one-shard split left the other cores idle).
+    # The workers run torch (the quick fit) on one thread each: a forked child entering the OpenMP team of a parent
     # that had used one hangs, so each worker leaves OpenMP before its first torch op (as BatchLoader's do)
     with ProcessPoolExecutor(num_proc, mp_context=get_context('fork'), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        pending = {}  # future -> (its split's state, source file)
         for part, split, ids in plans:
-            split_dir = os.path.join(out, split)
-            os.makedirs(split_dir, exist_ok=True)
-            if os.path.exists(f"{split_dir}/manifest.json"):
-                os.remove(f"{split_dir}/manifest.json")  # the split is incomplete until rewritten below
-            for stale in glob.glob(f"{split_dir}/.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
-            wanted_shards = {f"batch_{b}" for b in ids}
-            for d in glob.glob(f"{split_dir}/batch_*"):
-                if os.path.basename(d) not in wanted_shards and os.path.exists(f"{d}/shard.json"):
-                    shutil.rmtree(d)  # a shard of another split layout (val_batches changed)
-            has_labels = part == 'train'
-            wanted = META_COLUMNS if has_labels else {k: v for k, v in META_COLUMNS.items() if k not in ('azimuth', 'zenith')}
-            truth_path = os.path.join(raw, f"{part}_truth.parquet")
-            has_truth = os.path.exists(truth_path)
-            id_set, done, pending, n_skipped, n_events, t_split = set(int(b) for b in ids), {}, {}, 0, 0, time.time()
-            for b, meta in iter_meta(os.path.join(raw, f"{part}_meta.parquet"), wanted):
-                if b not in id_set:
+            st = _start_split(raw, out, part, split, ids, verify)
+            for b, meta in iter_meta(os.path.join(raw, f"{part}_meta.parquet"), st['wanted']):
+                if b not in st['ids']:
                     continue
-                src, shard_dir = _batch_file(raw, part, b), f"{split_dir}/batch_{b}"
+                src, shard_dir = _batch_file(raw, part, b), f"{st['dir']}/batch_{b}"
                 info, problem = shard_status(shard_dir, src, made_by['fit'], checksums=verify)
                 if info is not None:
-                    done[shard_dir], n_skipped = info, n_skipped + 1
+                    st['done'][shard_dir], st['n_skipped'] = info, st['n_skipped'] + 1
                 else:
                     if problem:
                         log(f"prepare: {shard_dir}: {problem}: rebuilding it")
-                    truth = read_truth(truth_path, b, meta['event_id']) if has_truth else None
-                    pending[pool.submit(write_shard, (src, shard_dir, meta, truth, geometry, has_labels, made_by['fit']))] = src
-                # a bounded number of batch files in flight keeps memory bounded
-                while len(pending) >= 2 * num_proc or (pending and len(done) + len(pending) == len(id_set)):
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        src = pending.pop(f)
-                        try:
-                            shard_dir, info, dt = f.result()  # re-raises a worker's PrepareError here
-                        except BrokenProcessPool:
-                            raise PrepareError(f"{src}: the worker process packing it died (out of memory? "
-                                               f"try a smaller --num_proc)") from None
-                        done[shard_dir] = info
-                        n_events += info['n_events']
-                        fit_rate = (f"the quick fit {info['n_events'] / info['fit_seconds']:.0f} events/s on its process"
-                                    if info['fit']['steps'] else "no quick fit")
-                        pack_rate = info['n_pulses'] / max(dt - info['fit_seconds'], 1e-9) / 1e6
-                        log(f"prepare: {split} {len(done)}/{len(id_set)} {os.path.basename(shard_dir)}: {info['n_events']} events, "
-                            f"{info['n_pulses']} pulses in {dt:.1f}s (packing {pack_rate:.1f}M pulses/s, {fit_rate}; "
-                            f"{n_events / (time.time() - t_split):.0f} events/s for the split)")
-                if len(done) == len(id_set):
+                    truth = read_truth(st['truth_path'], b, meta['event_id']) if st['has_truth'] else None
+                    task = (src, shard_dir, meta, truth, geometry, st['has_labels'], made_by['fit'])
+                    pending[pool.submit(write_shard, task)] = (st, src)
+                    st['pending'].add(shard_dir)
+                while len(pending) >= 2 * num_proc:  # a bounded number of batch files in flight bounds memory
+                    _collect(pending, made_by, geometry, log)
+                if len(st['done']) + len(st['pending']) == len(st['ids']):
                     break
-            if n_skipped:
-                checked = 'sizes and checksums' if verify else 'sizes'
-                log(f"prepare: {split}: {n_skipped} shards were already complete ({checked} checked) and were kept")
-            missing = [b for b in ids if f"{split_dir}/batch_{b}" not in done]
+            missing = [b for b in ids if f"{st['dir']}/batch_{b}" not in st['done'].keys() | st['pending']]
             if missing:
                 raise PrepareError(f"{os.path.join(raw, part + '_meta.parquet')}: no meta rows for batch_id {missing[0]}")
-            shard_infos = [(f"{split_dir}/batch_{b}", done[f"{split_dir}/batch_{b}"]) for b in ids]
-            m = write_manifest(split_dir, split, shard_infos, geometry, has_labels, has_truth, made_by)
-            log(f"prepare: {split}: {m['n_events']} events, {m['n_pulses']} pulses, {m['n_doms']} DOMs in {len(ids)} shards -> {split_dir}")
+            st['listed'] = True
+            _finish_split(st, made_by, geometry, log)
+        while pending:
+            _collect(pending, made_by, geometry, log)
+
+
+def _start_split(raw, out, part, split, ids, verify):
+    """Clear what an earlier run left in out/split (its manifest: the split is incomplete until rewritten; temporary
+    folders; shards of another split layout) and return the split's state for _run_pool."""
+    split_dir = os.path.join(out, split)
+    os.makedirs(split_dir, exist_ok=True)
+    if os.path.exists(f"{split_dir}/manifest.json"):
+        os.remove(f"{split_dir}/manifest.json")
+    for stale in glob.glob(f"{split_dir}/.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
+    wanted_shards = {f"batch_{b}" for b in ids}
+    for d in glob.glob(f"{split_dir}/batch_*"):
+        if os.path.basename(d) not in wanted_shards and os.path.exists(f"{d}/shard.json"):
+            shutil.rmtree(d)  # a shard of another split layout (val_batches changed)
+    has_labels = part == 'train'
+    truth_path = os.path.join(raw, f"{part}_truth.parquet")
+    return dict(split=split, dir=split_dir, ids=set(int(b) for b in ids), order=list(ids), has_labels=has_labels,
+                wanted=META_COLUMNS if has_labels else {k: v for k, v in META_COLUMNS.items() if k not in ('azimuth', 'zenith')},
+                truth_path=truth_path, has_truth=os.path.exists(truth_path), done={}, pending=set(), n_skipped=0,
+                checked='sizes and checksums' if verify else 'sizes',
+                n_events=0, t_start=time.time(), listed=False)
+
+
+def _collect(pending, made_by, geometry, log):
+    """Wait for one shard of pending to finish, log it, and write its split's manifest if it was the last."""
+    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+    for f in finished:
+        st, src = pending.pop(f)
+        try:
+            shard_dir, info, dt = f.result()  # re-raises a worker's PrepareError here
+        except BrokenProcessPool:
+            raise PrepareError(f"{src}: the worker process packing it died (out of memory? try a smaller --num_proc)") from None
+        st['done'][shard_dir], st['n_events'] = info, st['n_events'] + info['n_events']
+        st['pending'].discard(shard_dir)
+        fit_rate = (f"the quick fit {info['n_events'] / info['fit_seconds']:.0f} events/s on its process"
+                    if info['fit']['steps'] else "no quick fit")
+        pack_rate = info['n_pulses'] / max(dt - info['fit_seconds'], 1e-9) / 1e6
+        log(f"prepare: {st['split']} {len(st['done'])}/{len(st['ids'])} {os.path.basename(shard_dir)}: {info['n_events']} events, "
+            f"{info['n_pulses']} pulses in {dt:.1f}s (packing {pack_rate:.1f}M pulses/s, {fit_rate}; "
+            f"{st['n_events'] / (time.time() - st['t_start']):.0f} events/s for the split)")
+        _finish_split(st, made_by, geometry, log)
+
+
+def _finish_split(st, made_by, geometry, log):
+    """Once a split's meta is read through and all its shards are in: its manifest, which makes it readable."""
+    if not st['listed'] or st['pending'] or 'manifest' in st:
+        return
+    if st['n_skipped']:
+        log(f"prepare: {st['split']}: {st['n_skipped']} shards were already complete ({st['checked']} checked) and were kept")
+    shard_infos = [(f"{st['dir']}/batch_{b}", st['done'][f"{st['dir']}/batch_{b}"]) for b in st['order']]
+    m = st['manifest'] = write_manifest(st['dir'], st['split'], shard_infos, geometry, st['has_labels'], st['has_truth'], made_by)
+    log(f"prepare: {st['split']}: {m['n_events']} events, {m['n_pulses']} pulses, {m['n_doms']} DOMs in {len(shard_infos)} shards -> {st['dir']}")
 
 
 # -----------------------------------------------------------------------------
