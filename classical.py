@@ -267,8 +267,9 @@ def mpe_fit(dom_pos, dom_time, dom_npe, event_dom_offsets, seeds, device='cpu', 
     times alone. With near = (geometry (n_sensors, 3), efficiency (n_sensors,), hit_sensor (H,), hit_charge (H,),
     event_hit_offsets (n_events + 1,)): every DOM of the detector and the charge each event's DOMs saw (all pulses),
     each of these fits is then refined, adding the charge likelihood of the DOMs within MPE_AMP_RADIUS of the best
-    one, hit or not, as an infinite and (MPE_STARTING) as a starting track. ice: ice_table's (None = MPE_ICE). Returns (n_events, 3) float64 unit vectors (where the
-    neutrino comes from) and the best log-likelihood per event (of the last stage)."""
+    one, hit or not, as an infinite and (MPE_STARTING) as a starting track. ice: ice_table's (None = MPE_ICE).
+    Returns (n_events, 3) float64 unit vectors (where the neutrino comes from) and the best log-likelihood per
+    event (of the last stage)."""
     steps = MPE_STEPS if steps is None else steps
     dom_pos, dom_time = np.asarray(dom_pos, np.float64), np.asarray(dom_time, np.float64)
     event_dom_offsets, seeds = np.asarray(event_dom_offsets, np.int64), np.asarray(seeds, np.float64)
