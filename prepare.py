@@ -688,12 +688,12 @@ def _collect(pending, made_by, geometry, log):
 
 def _finish_split(st, made_by, geometry, log):
     """Once a split's meta is read through and all its shards are in: its manifest, which makes it readable."""
-    if not st['listed'] or st['pending'] or 'manifest' in st:
+    if not st['listed'] or st['pending']:  # each split reaches this state once: listed, then no shard left
         return
     if st['n_skipped']:
         log(f"prepare: {st['split']}: {st['n_skipped']} shards were already complete ({st['checked']} checked) and were kept")
     shard_infos = [(f"{st['dir']}/batch_{b}", st['done'][f"{st['dir']}/batch_{b}"]) for b in st['order']]
-    m = st['manifest'] = write_manifest(st['dir'], st['split'], shard_infos, geometry, st['has_labels'], st['has_truth'], made_by)
+    m = write_manifest(st['dir'], st['split'], shard_infos, geometry, st['has_labels'], st['has_truth'], made_by)
     log(f"prepare: {st['split']}: {m['n_events']} events, {m['n_pulses']} pulses, {m['n_doms']} DOMs in {len(shard_infos)} shards -> {st['dir']}")
 
 
