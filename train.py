@@ -15,6 +15,7 @@ ckpt.prev.pt. SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) finishes the 
 ckpt.pt and exits 143 (130 for SIGINT); --init_from=resume goes on with the same data order.
 """
 
+import concurrent.futures
 import functools
 import json
 import math
@@ -51,6 +52,8 @@ max_doms = 4096
 max_events = 256
 max_pulses_per_dom = 64      # a DOM keeps its earliest max_pulses_per_dom pulses
 gradient_accumulation_steps = 1  # micro-batches per iteration on each rank
+micro_threads = 1            # micro-batches of an iteration computed at once, each in its own Python thread (CPU, one
+                             # process): on 2 cores two micro-batches on one core each beat one micro-batch on both
 loader_workers = 0           # processes per rank that pack batches (0 = one background thread); more when the loader
                              # cannot keep two steps ahead of a GPU (bench.py's reading row gives its events/s)
 features = 'model'           # where the no-grad features run: 'model' (in the forward pass, on the model's device)
@@ -123,6 +126,15 @@ def fail(msg):
         dist.destroy_process_group()
     sys.exit(1)
 
+
+if micro_threads > 1:
+    # ops release the interpreter lock, so the threads' forward and backward passes overlap; each thread's ops run on
+    # one core, where a single micro-batch spreads badly over two (many small ops, a nearly serial SDPA backward).
+    # With two micro-batches per thread the order of their gradient sums would vary from run to run: one each.
+    if ddp or compile or device_type != 'cpu' or gradient_accumulation_steps != micro_threads:
+        fail(f"micro_threads={micro_threads} needs one CPU process, compile=False and gradient_accumulation_steps="
+             f"{micro_threads} (one micro-batch per thread); under torchrun, with compile or on a GPU set --micro_threads=1")
+    torch.set_num_threads(max(1, torch.get_num_threads() // micro_threads))
 
 # data
 try:
@@ -223,7 +235,8 @@ log(f"train: {raw_model.num_params() / 1e6:.3f}M parameters (T1 {n_t1 / 1e6:.3f}
     f"in {data_dir}; device {device} x{world_size}, attention {raw_model.path(torch.device(device))}, "
     f"compile={compile}, amp={dtype if use_amp else 'off'}, weight average {ema_decay:g}; {max_iters} iterations"
     f"{f' or {max_minutes:g} min' if max_minutes else ''}; micro-batch {max_pulses} pulses / {max_doms} DOMs / "
-    f"{max_events} events, {gradient_accumulation_steps} per rank per iteration; "
+    f"{max_events} events, {gradient_accumulation_steps} per rank per iteration"
+    f"{f' ({micro_threads} threads at once)' if micro_threads > 1 else ''}; "
     f"{'resuming at iter ' + str(iter_num) if init_from == 'resume' else 'from scratch'}")
 
 wandb = None
@@ -432,6 +445,18 @@ def flush_window():
     window.update(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=time.time(), stop=stops > 0)
 
 
+def micro_step(batch, n_events):
+    """Forward and backward of one micro-batch, its loss scaled to the iteration's mean per event; returns the sum
+    of its events' losses (a device scalar, not read here)."""
+    b = M.to_device(batch, device)
+    with autocast:
+        pred = model(b)
+    per = M.per_event_loss(pred, b['event_dir'], b['event_index'] >= 0, angular_weight).sum()
+    (per / n_events).backward()
+    return per.detach()
+
+
+threads = concurrent.futures.ThreadPoolExecutor(micro_threads) if micro_threads > 1 else None
 lr = get_lr(iter_num, seconds_before)
 first_iter = iter_num
 start_record()
@@ -469,15 +494,14 @@ while True:
         g['lr'] = lr
     micro = [next(loader) for _ in range(gradient_accumulation_steps)]
     n_events = sum(b['n_events'] for b in micro)  # this rank's; DDP averages the ranks' mean gradients
-    for k, batch in enumerate(micro):
-        b = M.to_device(batch, device)
-        if ddp:
-            model.require_backward_grad_sync = k == len(micro) - 1
-        with autocast:
-            pred = model(b)
-        per = M.per_event_loss(pred, b['event_dir'], b['event_index'] >= 0, angular_weight).sum()
-        (per / n_events).backward()
-        window['loss'] += per.detach()
+    if threads is None:
+        for k, batch in enumerate(micro):
+            if ddp:
+                model.require_backward_grad_sync = k == len(micro) - 1
+            window['loss'] += micro_step(batch, n_events)
+    else:  # the gradients of the threads' micro-batches add up in the weights' .grad (autograd locks each sum)
+        for per in threads.map(micro_step, micro, [n_events] * len(micro)):
+            window['loss'] += per
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(network_weights, grad_clip)
         torch.nn.utils.clip_grad_norm_(seed_weights, grad_clip)
@@ -493,6 +517,8 @@ while True:
         flush_window()
 
 loader.close()
+if threads is not None:
+    threads.shutdown()
 log(f"train: done, {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best val {best_val:.4f} rad "
     f"({math.degrees(best_val):.2f} deg); checkpoints in {out_dir}")
 if wandb is not None:
