@@ -163,26 +163,39 @@ def _same_state(a, b):
     assert a['iter_num'] == b['iter_num']
 
 
+def signalled_train(tmp_path, rank, at):
+    """A wrapper script that runs train.py and sends its own process SIGTERM while the given torchrun rank (0 alone
+    without torchrun) takes its at-th batch: a preemption at a known point, whatever the machine's speed."""
+    wrapper = tmp_path / 'signalled_train.py'
+    wrapper.write_text(
+        "import os, runpy, signal, sys\n"
+        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
+        "import prepare\n"
+        "nxt, taken = prepare.BatchLoader.__next__, [0]\n"
+        "def signalled(self):\n"
+        "    taken[0] += 1\n"
+        f"    if os.environ.get('RANK', '0') == '{rank}' and taken[0] == {at}:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return nxt(self)\n"
+        "prepare.BatchLoader.__next__ = signalled\n"
+        "sys.argv = ['train.py'] + sys.argv[1:]\n"
+        "runpy.run_path('train.py', run_name='__main__')\n")
+    return str(wrapper)
+
+
 @pytest.fixture(scope='module')
 def preempted(data_dir, tmp_path_factory):
-    """An uninterrupted run of 12 iterations, and the same run stopped by SIGTERM after iteration 3 and resumed.
+    """An uninterrupted run of 12 iterations, and the same run stopped by SIGTERM during iteration 4 and resumed.
     8 of the 40 train events per batch, so the data order shows in the weights; max_minutes=0 keeps the lr off
-    the clock."""
+    the clock. The run signals itself (signalled_train): a signal sent from here on reading its log raced the run,
+    which on a fast machine could finish its 12 iterations first."""
     root = tmp_path_factory.mktemp('preempt')
-    args = ['train.py', f'--data_dir={data_dir}', '--max_iters=12', '--eval_interval=1000', '--max_minutes=0'] + TINY + ['--max_events=8']
-    run(args + [f'--out_dir={root}/whole'])
-    p = subprocess.Popen([sys.executable] + args + [f'--out_dir={root}/stopped'], cwd=ROOT, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
-    for line in p.stdout:
-        lines.append(line)
-        if line.startswith('iter 3:'):
-            p.send_signal(signal.SIGTERM)
-            break
-    lines += p.communicate(timeout=300)[0].splitlines()
+    args = [f'--data_dir={data_dir}', '--max_iters=12', '--eval_interval=1000', '--max_minutes=0'] + TINY + ['--max_events=8']
+    run(['train.py'] + args + [f'--out_dir={root}/whole'])
+    p = run([signalled_train(root, rank=0, at=4)] + args + [f'--out_dir={root}/stopped'], check=False)
     stopped = torch.load(f'{root}/stopped/ckpt.pt', weights_only=False)
-    resumed = run(args + [f'--out_dir={root}/stopped', '--init_from=resume'])
-    return root, args, p.returncode, ''.join(lines), stopped, resumed.stdout
+    resumed = run(['train.py'] + args + [f'--out_dir={root}/stopped', '--init_from=resume'])
+    return root, ['train.py'] + args, p.returncode, p.stdout + p.stderr, stopped, resumed.stdout
 
 
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(preempted):
@@ -244,21 +257,8 @@ def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
 
 def test_ddp_ranks_stop_together_when_one_gets_sigterm(data_dir, tmp_path):
     out = str(tmp_path / 'out')
-    wrapper = tmp_path / 'ddp_train.py'
-    wrapper.write_text(  # rank 1 alone gets SIGTERM, while taking its 3rd batch
-        "import os, runpy, signal, sys\n"
-        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
-        "import prepare\n"
-        "nxt, taken = prepare.BatchLoader.__next__, [0]\n"
-        "def signalled(self):\n"
-        "    taken[0] += 1\n"
-        "    if os.environ['RANK'] == '1' and taken[0] == 3:\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return nxt(self)\n"
-        "prepare.BatchLoader.__next__ = signalled\n"
-        "sys.argv = ['train.py'] + sys.argv[1:]\n"
-        "runpy.run_path('train.py', run_name='__main__')\n")
-    p = run([str(wrapper), f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=40', '--eval_interval=1000',
+    wrapper = signalled_train(tmp_path, rank=1, at=3)  # rank 1 alone gets SIGTERM, while taking its 3rd batch
+    p = run([wrapper, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=40', '--eval_interval=1000',
              '--device=cpu', '--max_minutes=0'] + TINY + ['--log_interval=4', '--max_events=8'], torchrun=True, check=False)
     # the flags are compared every log_interval iterations: both ranks stop at iteration 4 and rank 0 saves it
     assert p.returncode != 0 and 'train: SIGTERM: stopped at iteration 4;' in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
