@@ -175,23 +175,21 @@ def bench_reading(raw, packed):
 
     meta = pq.read_table(f"{raw}/train_meta.parquet", columns=['batch_id', 'event_id', 'azimuth', 'zenith'])
     meta = {c: meta[c].to_numpy() for c in meta.column_names}
+    # the seed fits and the LineFit's direct pulses are prepare.py's work, not the reader's: read ahead, untimed
+    groups = [idx[pos:pos + max_events] for pos in range(0, len(idx), max_events)]
+    seeds = [(split.event_records(g)[0], split.events(g)['direct']) for g in groups]
 
     def parquet_loader():
         # groups of max_events events with budgets wide enough to take them all: the same events and work
-        pos, n_batches = 0, 0
-        while pos < len(idx):
-            ids = split.event_id[idx[pos:pos + max_events]]
-            e = parquet_events(raw, meta, ids)
+        for g, (fit, direct) in zip(groups, seeds):
+            ids = split.event_id[g]
+            e = {**parquet_events(raw, meta, ids), 'direct': direct}
             row = np.searchsorted(meta['event_id'], ids)
-            fit = split.event_records(idx[pos:pos + max_events])[0]  # the quick fit: prepare.py's work, not the reader's
-            labels = {'azimuth': meta['azimuth'][row], 'zenith': meta['zenith'][row],
-                      **{k: fit[k] for k in ('fit_azimuth', 'fit_zenith', 'fit_rlogl')}}
-            batch = prepare.pack_events(e, labels, idx[pos:pos + max_events],
-                                        split.geometry, max(max_pulses, len(e['time'])), max(max_doms, len(e['dom_offsets'])),
-                                        max_events, max_pulses_per_dom)
+            labels = {'azimuth': meta['azimuth'][row], 'zenith': meta['zenith'][row], **{k: fit[k] for k in prepare.SEED_FIELDS}}
+            batch = prepare.pack_events(e, labels, g, split.geometry, max(max_pulses, len(e['time'])),
+                                        max(max_doms, len(e['dom_offsets'])), max_events, max_pulses_per_dom)
             tensors = {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
-            pos, n_batches = pos + max_events, n_batches + 1
-        return n_batches
+        return len(groups)
 
     t_packed, _ = timed(packed_loader, repeat=3)
     t_parquet, _ = timed(parquet_loader, repeat=1)
@@ -518,7 +516,8 @@ def bench_scaling(hier, geometry):
     rows, flat_done = [], []  # (pulses, seconds, peak bytes) of the flat sizes that ran
     for n in [int(s) for s in str(scaling_sizes).split(',') if s.strip()]:
         e, sizes = scaling_event(n, rng, geometry)
-        labels = {'azimuth': [1.0], 'zenith': [1.0], 'fit_azimuth': [1.0], 'fit_zenith': [1.0], 'fit_rlogl': [1.0]}
+        columns, e['direct'] = prepare.linefit_seeds(e, geometry)  # prepare.py's work, stored with an event
+        labels = {'azimuth': [1.0], 'zenith': [1.0], 'fit_azimuth': [1.0], 'fit_zenith': [1.0], 'fit_rlogl': [1.0], **columns}
         batch = prepare.pack_events(e, labels, np.array([0]), geometry, n, len(sizes), 1,
                                     int(sizes.max()))
         b = M.model_inputs(batch, hier.path(device), device, with_features=False)  # features inside the step, as the flat model's

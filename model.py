@@ -9,8 +9,9 @@ A micro-batch reaches the model in three steps, each a named function:
                       order (the "natural" order);
   stream_layout       numpy: where each pulse sits in T1's token stream and each DOM and CLS token in T2's, and the
                       attention layout of both streams (below);
-  features            torch, no gradient: the pulse, DOM and event features (per-DOM summaries, the LineFit seeds,
-                      each DOM in the seed's frame, the place and time that the Fourier features encode).
+  features            torch, no gradient: the pulse, DOM and event features (per-DOM summaries, the seeds' directions,
+                      each DOM in the seed's frame, the place and time that the Fourier features encode). The seeds,
+                      both LineFits (linefit_seeds) and the quick likelihood fit, prepare.py computed ahead and stored.
 The loader runs stream_layout ahead of the step (model_inputs); the features run in the forward pass, on the model's
 device, unless the loader is asked to compute them too (model_inputs(..., with_features=True), train.py's
 features='loader'): that pays only where the loader has a core of its own. IceModel.forward reads as the architecture.
@@ -30,7 +31,7 @@ tests/test_model.py checks that both give the same output, and that the step equ
 
 The output is a 3-vector per event slot: its direction is the predicted direction the neutrino comes from, its norm
 kappa the von Mises-Fisher concentration (a per-event confidence). Also here: the improved LineFit (the model's seed,
-which classical.py runs too), the vMF loss, the angular loss, helpers between angles and unit vectors, the metric.
+which prepare.py stores and classical.py runs too), the vMF loss, the angular loss, helpers between angles and unit vectors, the metric.
 """
 
 import math
@@ -331,24 +332,33 @@ def event_centres(b, s):
     return dict(de=de, dreal=dreal, wq=wq, wsum=wsum, t_ref=t_ref, p_ref=p_ref, p_e=p_e, t_e=t_e)
 
 
-def seed_fits(b, s, de):
-    """The classical seeds, over the event's pulses: plain LineFit on the non-auxiliary pulses (all pulses where it has
-    none), as a classical reconstruction would seed a likelihood fit, and the improved LineFit (linefit_improved_packed;
-    on toy val events 4-5 deg closer than the plain one). Returns both directions (E + 1, 3), the plain fit's speed, and
-    each DOM's share of pulses the improved fit keeps as direct light (its delay cleaning drops the scattered ones)."""
-    pos = b['dom_pos'].float()
-    D, E = pos.shape[0], b['event_index'].shape[0]
+def linefit_seeds(pos, t, aux, event, dom, dom_pos, n_events):
+    """The two LineFits the model leans on, over the pulses of many events (torch, any float dtype; prepare.py runs
+    this in float64 over each shard and stores the results with every event and pulse, so a batch costs none of it):
+    the plain LineFit over the non-auxiliary pulses (the auxiliary ones weigh 1e-3), as a classical reconstruction
+    would seed a likelihood fit, and the improved LineFit (linefit_improved_packed; on toy val events 4-5 deg closer
+    than the plain one). Pulse positions pos (P, 3), times t (P,), aux (P,) 1.0 for auxiliary pulses, event (P,) and
+    DOM dom (P,) indices, DOM positions dom_pos (n_doms, 3). Returns the plain fit's velocity (n_events, 3) in m/ns,
+    the improved fit's direction the neutrino comes from (n_events, 3; zero where the fit has no velocity), and each
+    pulse's direct flag (P,): 1.0 for those of the improved fit's final fit (its delay cleaning drops scattered
+    light, its outlier cut far pulses)."""
+    w = 1.0 - aux + 1e-3
+    v_i, direct, v = linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, len(dom_pos))
+    return v, -v_i / torch.linalg.vector_norm(v_i, dim=1).clamp(min=1e-6)[:, None], direct
+
+
+def seed_fits(b, s):
+    """The two LineFits of the batch's events, as prepare.py stored them (linefit_seeds): both directions (E + 1, 3;
+    the last row, for padding DOMs, zero), the plain fit's speed, and each DOM's share of pulses the improved fit
+    keeps as direct light."""
+    D = b['dom_pos'].shape[0]
     pdom = b['pulse_dom'].long()
-    pd = torch.where(pdom >= 0, pdom, D)
-    pe = torch.where(pdom >= 0, de[pdom.clamp(min=0)], E)
-    pw = (1.0 - b['pulse_aux'].float() + 1e-3) * (pdom >= 0).float()
-    v_i, kept, v = linefit_improved_packed(take(pos, pdom.clamp(min=0)), b['pulse_time'].float(), pw, pe, pd,
-                                           F.pad(pos, (0, 0, 0, 1)), E + 1, D + 1)  # m/ns
+    pad = (0, 0, 0, 1)
+    v = F.pad(b['event_lf_v'].float(), pad)  # m/ns
     speed = torch.linalg.vector_norm(v, dim=1)
     lf_dir = -v / speed.clamp(min=1e-6)[:, None]
-    ilf_dir = -v_i / torch.linalg.vector_norm(v_i, dim=1).clamp(min=1e-6)[:, None]
-    dom_kept = sum_by(pd, kept, D + 1)[:D] / s['kept'].clamp(min=1)  # padding pulses sit in slot D, dropped
-    return lf_dir, ilf_dir, speed, dom_kept
+    dom_kept = sum_by(torch.where(pdom >= 0, pdom, D), b['pulse_direct'].float(), D + 1)[:D] / s['kept'].clamp(min=1)
+    return lf_dir, F.pad(b['event_ilf_dir'].float(), pad), speed, dom_kept
 
 
 def dom_features(b, s, c, ilf_dir, dom_kept):
@@ -419,7 +429,7 @@ def features(b):
     with torch.autocast(b['dom_pos'].device.type, enabled=False):
         pulse, s = pulse_features(b)
         c = event_centres(b, s)
-        lf_dir, ilf_dir, speed, dom_kept = seed_fits(b, s, c['de'])
+        lf_dir, ilf_dir, speed, dom_kept = seed_fits(b, s)
         dom_feats, spacetime, unit, unit_e = dom_features(b, s, c, ilf_dir, dom_kept)
         t1_x = take(F.pad(pulse, (0, 0, 0, 1)), b['t1_src'])  # row P is zero: T1's padding tokens
         return dict(t1_x=t1_x, dom_feats=dom_feats, dom_spacetime=spacetime,

@@ -11,7 +11,8 @@ out_dir/test, each a folder of shards, one per batch file, plus geometry.npy and
 
     out_dir/<split>/batch_<N>/pulses.npy   (n_pulses,) 8-byte records, sorted by (event, sensor, time):
                                              dt          uint32   time - t0 of the event (ns), exact
-                                             sensor_aux  uint16   sensor_id | auxiliary << 15, exact
+                                             sensor_aux  uint16   sensor_id | direct << 14 | auxiliary << 15, exact
+                                                                  (direct: kept by the improved LineFit, below)
                                              charge      float16  photoelectrons (the data's own precision)
                            doms.npy     (n_doms + 1,) uint32: shard-local index of each DOM's first pulse;
                                         a DOM is one hit sensor in one event, its pulses contiguous
@@ -19,8 +20,10 @@ out_dir/test, each a folder of shards, one per batch file, plus geometry.npy and
                                         pulse_start (int64), n_pulses, dom_start (int64), n_doms,
                                         azimuth, zenith (NaN in test), fit_azimuth, fit_zenith, fit_rlogl
                                         (the quick likelihood fit, classical.time_fit: the model's second
-                                        seed), and the truth columns where the raw folder has a truth file
-                                        (simulate.py writes one)
+                                        seed), lf_vx, lf_vy, lf_vz (the plain LineFit's velocity, m/ns),
+                                        ilf_x, ilf_y, ilf_z (the improved LineFit's direction, the model's
+                                        first seed; model.linefit_seeds), and the truth columns where the raw
+                                        folder has a truth file (simulate.py writes one)
                            shard.json   counts, summary statistics, the source file's stamp, and each array
                                         file's size and CRC-32; written last, inside the shard
     out_dir/<split>/geometry.npy         (n_sensors, 3) float32 x, y, z in metres, indexed by sensor_id
@@ -75,6 +78,7 @@ import pyarrow.parquet as pq
 import torch
 
 import classical  # the quick likelihood fit stored with each event
+import model as M  # both LineFits stored with each event
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file or --key=value, see configurator.py)
@@ -93,14 +97,18 @@ verify = False            # also re-read every finished shard against its record
                           # and rebuild the damaged ones; without the raw files, only report them
 # -----------------------------------------------------------------------------
 
-FORMAT_VERSION = 3  # 2: shard.json records each array file's size and CRC-32; 3: each event's quick fit
+FORMAT_VERSION = 4  # 2: shard.json records each array file's size and CRC-32; 3: each event's quick fit; 4: both
+                    # LineFits per event and each pulse's direct flag (the model computed them in every batch)
 PULSE_DTYPE = np.dtype([('dt', '<u4'), ('sensor_aux', '<u2'), ('charge', '<f2')])
 EVENT_FIELDS = [('event_id', '<i8'), ('t0', '<i8'), ('pulse_start', '<i8'), ('n_pulses', '<i4'),
                 ('n_doms', '<i4'), ('dom_start', '<i8'), ('azimuth', '<f8'), ('zenith', '<f8'),
-                ('fit_azimuth', '<f4'), ('fit_zenith', '<f4'), ('fit_rlogl', '<f4')]
+                ('fit_azimuth', '<f4'), ('fit_zenith', '<f4'), ('fit_rlogl', '<f4'),
+                ('lf_vx', '<f4'), ('lf_vy', '<f4'), ('lf_vz', '<f4'), ('ilf_x', '<f4'), ('ilf_y', '<f4'), ('ilf_z', '<f4')]
 TRUTH_FIELDS = [('energy', '<f4'), ('kind', 'u1'), ('vertex_x', '<f4'), ('vertex_y', '<f4'), ('vertex_z', '<f4')]
+SEED_FIELDS = [name for name, _ in EVENT_FIELDS[8:]]  # what prepare.py computes for the model: the seed fits
 KIND_NAMES = ['track', 'cascade']  # truth 'kind' codes
 AUX_BIT = 1 << 15
+DIRECT_BIT = 1 << 14  # sensor ids stay below it (IceCube has 5,160)
 MAX_DT = np.iinfo(np.uint32).max
 MAX_CHARGE = float(np.finfo(np.float16).max)
 BATCH_COLUMNS = {'event_id': 'integer', 'sensor_id': 'integer', 'time': 'integer',
@@ -160,8 +168,8 @@ def read_geometry(raw):
     if not np.isfinite(xyz).all():
         row = int(np.flatnonzero(~np.isfinite(xyz).all(1))[0])
         raise PrepareError(f"{path}: non-finite position for sensor_id {sensor[row]}")
-    if sensor.min() < 0 or sensor.max() >= AUX_BIT:
-        raise PrepareError(f"{path}: sensor_id must be in [0, {AUX_BIT}) for the packed format")
+    if sensor.min() < 0 or sensor.max() >= DIRECT_BIT:
+        raise PrepareError(f"{path}: sensor_id must be in [0, {DIRECT_BIT}) for the packed format")
     if len(np.unique(sensor)) != len(sensor):
         raise PrepareError(f"{path}: duplicate sensor_id")
     geometry = np.full((int(sensor.max()) + 1, 3), np.nan, np.float32)
@@ -251,6 +259,29 @@ def _ranges(starts, lengths):
     lengths = np.asarray(lengths, np.int64)
     ends = np.cumsum(lengths)
     return np.repeat(np.asarray(starts, np.int64) - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
+
+
+def linefit_seeds(ev, geometry, chunk=2000):
+    """Both LineFits of every event of a shard, as the model reads them (model.linefit_seeds, float64, chunks of
+    events for bounded memory), from ev as Split.events returns it: the plain fit's velocity (n, 3) in m/ns, the
+    improved fit's direction (n, 3), as events.npy's columns ({lf_vx, ..., ilf_z}: (n,) each), and each pulse's
+    direct flag (P,) bool."""
+    offsets, dom_offsets, event_doms = ev['pulse_offsets'], ev['dom_offsets'], ev['event_dom_offsets']
+    n = len(offsets) - 1
+    event = np.repeat(np.arange(n), np.diff(offsets))
+    dom = np.repeat(np.arange(len(dom_offsets) - 1), np.diff(dom_offsets))
+    pos = geometry[ev['sensor_id']].astype(np.float64)
+    t, aux = ev['time'].astype(np.float64), ev['auxiliary'].astype(np.float64)
+    lf_v, ilf_dir, direct = np.zeros((n, 3)), np.zeros((n, 3)), np.zeros(len(t), bool)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        p, d = slice(offsets[lo], offsets[hi]), slice(event_doms[lo], event_doms[hi])
+        dom_pos = pos[dom_offsets[:-1][d]]
+        v, u, kept = M.linefit_seeds(*map(torch.from_numpy, (pos[p], t[p], aux[p], event[p] - lo, dom[p] - event_doms[lo],
+                                                            dom_pos)), hi - lo)
+        lf_v[lo:hi], ilf_dir[lo:hi], direct[p] = v.numpy(), u.numpy(), kept.numpy() > 0.5
+    columns = {f'lf_v{c}': lf_v[:, i] for i, c in enumerate('xyz')}
+    return {**columns, **{f'ilf_{c}': ilf_dir[:, i] for i, c in enumerate('xyz')}}, direct
 
 
 def pack_file(src, meta, truth, geometry, has_labels, fit):
@@ -362,6 +393,10 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
         fit_dir, rlogl = classical.reconstruct('linefit_improved', ev, geometry), classical.TIME_FIT_FAILED
     events['fit_azimuth'], events['fit_zenith'] = classical.vector_to_angles(fit_dir)
     events['fit_rlogl'] = rlogl
+    columns, direct = linefit_seeds(ev, geometry)
+    for k, v in columns.items():
+        events[k] = v
+    pulses['sensor_aux'] |= direct.astype(np.uint16) << 14
 
     log_q = np.log10(np.maximum(pulses['charge'], np.float16(1e-3)), dtype=np.float32)
     dom_size = np.diff(doms)
@@ -805,7 +840,8 @@ class Split:
 
     def events(self, idx):
         """Pulses of many events, concatenated in the order of idx, as a dict of numpy arrays:
-        sensor_id int16, time int64 (ns, as in the parquet), charge float32, auxiliary bool, and
+        sensor_id int16, time int64 (ns, as in the parquet), charge float32, auxiliary bool, direct bool (kept by
+        the improved LineFit, as prepare.py stored it), and
         pulse_offsets (n+1), event_dom_offsets (n+1), dom_offsets (n_doms+1) int64 into those arrays."""
         ev, shard = self.event_records(idx)
         n_p, n_d = ev['n_pulses'].astype(np.int64), ev['n_doms'].astype(np.int64)
@@ -823,10 +859,11 @@ class Split:
             dom_offsets[_ranges(dom_event_offsets[:-1][m], n_d[m])] = local + shift
         sensor_aux = pulses['sensor_aux']
         return {
-            'sensor_id': (sensor_aux & (AUX_BIT - 1)).astype(np.int16),
+            'sensor_id': (sensor_aux & (DIRECT_BIT - 1)).astype(np.int16),
             'time': pulses['dt'].astype(np.int64) + np.repeat(ev['t0'], n_p),
             'charge': pulses['charge'].astype(np.float32),
             'auxiliary': sensor_aux >= AUX_BIT,
+            'direct': (sensor_aux & DIRECT_BIT) > 0,
             'pulse_offsets': pulse_offsets, 'event_dom_offsets': dom_event_offsets, 'dom_offsets': dom_offsets,
         }
 
@@ -908,7 +945,7 @@ def pack_taken(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
 def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, max_pulses_per_dom):
     """The model's micro-batch from events as split.events() returns them (all of them are packed,
     truncated by the rules of pack_batch) and their records ev (events.npy's, or a dict of arrays with the same
-    names: azimuth, zenith, fit_azimuth, fit_zenith, fit_rlogl). Fixed shapes: P = max_pulses, D = max_doms,
+    names: azimuth, zenith, the quick fit's and the LineFits' columns). Fixed shapes: P = max_pulses, D = max_doms,
     E = max_events."""
     n_taken = len(e['pulse_offsets']) - 1
     n_pulses_raw = e['pulse_offsets'][-1]
@@ -953,12 +990,15 @@ def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, 
         'dom_event': np.full(D, -1, np.int32), 'dom_n_pulses': np.zeros(D, np.int32),
         'event_dir': np.zeros((E, 3), np.float32), 'event_index': np.full(E, -1, np.int64),
         'event_fit_dir': np.zeros((E, 3), np.float32), 'event_fit_rlogl': np.zeros(E, np.float32),
+        'event_lf_v': np.zeros((E, 3), np.float32), 'event_ilf_dir': np.zeros((E, 3), np.float32),
+        'pulse_direct': np.zeros(P, np.float32),
         'event_n_pulses': np.zeros(E, np.int32), 'event_n_doms': np.zeros(E, np.int32),
         'n_pulses': n_p, 'n_doms': n_dm, 'n_events': n_taken,
     }
     b['pulse_time'][:n_p] = t - t_first[event_of_pulse]
     b['pulse_charge'][:n_p] = e['charge'][kept]
     b['pulse_aux'][:n_p] = e['auxiliary'][kept]
+    b['pulse_direct'][:n_p] = e['direct'][kept]
     b['pulse_rank'][:n_p] = pulse_rank
     b['pulse_dom'][:n_p] = pulse_dom
     b['dom_pos'][:n_dm] = geometry[dom_sensor]
@@ -968,6 +1008,8 @@ def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, 
     b['event_dir'][:n_taken] = angles_to_dir(ev['azimuth'], ev['zenith'])
     b['event_fit_dir'][:n_taken] = angles_to_dir(ev['fit_azimuth'], ev['fit_zenith'])
     b['event_fit_rlogl'][:n_taken] = ev['fit_rlogl']
+    b['event_lf_v'][:n_taken] = np.stack([ev['lf_vx'], ev['lf_vy'], ev['lf_vz']], -1)
+    b['event_ilf_dir'][:n_taken] = np.stack([ev['ilf_x'], ev['ilf_y'], ev['ilf_z']], -1)
     b['event_index'][:n_taken] = event_index
     b['event_n_pulses'][:n_taken] = np.diff(e['pulse_offsets'])
     b['event_n_doms'][:n_taken] = np.diff(e['event_dom_offsets'])

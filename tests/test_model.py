@@ -64,6 +64,20 @@ def pack(events, P, D, E, directions=None):
         b['event_fit_dir'][e], b['event_fit_rlogl'][e] = fit / np.linalg.norm(fit), 6.0 + len(doms) % 5
     assert p <= P and d <= D and len(events) <= E
     b['n_pulses'], b['n_doms'], b['n_events'] = p, d, len(events)
+    return with_linefits(b)
+
+
+def with_linefits(b):
+    """The LineFit columns prepare.py stores with each event and pulse, computed on the batch's own pulses (in
+    float32, as the model did before they were stored)."""
+    n_p, n_d, n_e = b['n_pulses'], b['n_doms'], b['n_events']
+    pdom = b['pulse_dom'][:n_p].astype(np.int64)
+    v, u, direct = M.linefit_seeds(*map(torch.from_numpy, (b['dom_pos'][pdom], b['pulse_time'][:n_p], b['pulse_aux'][:n_p],
+                                                           b['dom_event'][pdom].astype(np.int64), pdom, b['dom_pos'][:n_d])), n_e)
+    E, P = len(b['event_index']), len(b['pulse_dom'])
+    b = {**b, 'event_lf_v': np.zeros((E, 3), np.float32), 'event_ilf_dir': np.zeros((E, 3), np.float32),
+         'pulse_direct': np.zeros(P, np.float32)}
+    b['event_lf_v'][:n_e], b['event_ilf_dir'][:n_e], b['pulse_direct'][:n_p] = v.numpy(), u.numpy(), direct.numpy()
     return b
 
 
@@ -185,7 +199,9 @@ def test_step_equals_bfe73ee():
     missing = m.load_state_dict(ref['state'], strict=False).missing_keys
     assert missing and all(k.startswith('combine.') for k in missing)
     # the stored batch predates the quick fit in the data (a seed of the prediction only): any direction will do
-    t = tensors({**ref['batch'], 'event_fit_dir': ref['batch']['event_dir'], 'event_fit_rlogl': np.ones(len(ref['batch']['event_dir']), np.float32)})
+    # nor the LineFits, which prepare.py stores now: the model computed them on the batch then (with_linefits)
+    t = tensors(with_linefits({**ref['batch'], 'event_fit_dir': ref['batch']['event_dir'],
+                               'event_fit_rlogl': np.ones(len(ref['batch']['event_dir']), np.float32)}))
     pred = m(t)
     real = t['event_index'] >= 0
     M.loss_fn(pred, t['event_dir'], real, 0.5).backward()

@@ -14,8 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import classical
+import model as M
 import prepare
 from prepare import PrepareError, open_split, pack_batch, BatchLoader
 
@@ -138,6 +140,24 @@ def test_each_event_carries_its_quick_fit(prepared, tmp_path):
     stored = prepare.angles_to_dir(s._column('fit_azimuth'), s._column('fit_zenith'))
     assert classical.angular_error(stored, ilf).max() < 1e-4 and (s._column('fit_rlogl') == classical.TIME_FIT_FAILED).all()
     assert '--fit_steps=0' in prepare.mend_command(s.path, s.manifest)
+
+
+def test_each_event_carries_the_linefits_the_model_computed(prepared):
+    """The model's LineFit seeds, stored by prepare (float64, over all of an event's pulses), equal what the model
+    computed on a batch before (float32, its packed pulses; none cut here), and the improved fit's direct pulses
+    are flagged: the features of a batch are the same function as when the step computed them."""
+    s = open_split(f"{prepared}/out/train")
+    batch, n = prepare.pack_batch(s, np.arange(len(s)), 16384, 8192, 128, 4096)
+    assert n == len(s) == 80 and batch['n_pulses'] == s.events(np.arange(n))['time'].size
+    n_p, n_d = batch['n_pulses'], batch['n_doms']
+    pdom = batch['pulse_dom'][:n_p].astype(np.int64)
+    v, u, direct = M.linefit_seeds(*map(torch.from_numpy, (batch['dom_pos'][pdom], batch['pulse_time'][:n_p], batch['pulse_aux'][:n_p],
+                                                           batch['dom_event'][pdom].astype(np.int64), pdom, batch['dom_pos'][:n_d])), n)
+    np.testing.assert_allclose(batch['event_lf_v'][:n], v.numpy(), atol=1e-5)
+    np.testing.assert_allclose(batch['event_ilf_dir'][:n], u.numpy(), atol=1e-4)  # zero where a fit has no velocity
+    assert (batch['pulse_direct'][:n_p] == direct.numpy()).mean() > 0.999  # a float32 lateness can sit at the cut
+    assert 0.3 < batch['pulse_direct'][:n_p].mean() < 0.95 and (batch['pulse_direct'][n_p:] == 0).all()
+    assert (s.events(np.arange(n))['direct'] == batch['pulse_direct'][:n_p].astype(bool)).all()  # the reader's flags
 
 
 def test_val_is_whole_held_out_batch_files(prepared):
@@ -420,7 +440,7 @@ def test_a_dead_worker_is_named(clean_raw, tmp_path, monkeypatch):
 def test_shard_json_records_sizes_and_checksums(prepared):
     d = f"{prepared}/out/train/batch_1"
     info = json.load(open(f"{d}/shard.json"))
-    assert info['format_version'] == prepare.FORMAT_VERSION == 3
+    assert info['format_version'] == prepare.FORMAT_VERSION == 4
     assert set(info['files']) == {'pulses.npy', 'doms.npy', 'events.npy'}
     for name, rec in info['files'].items():
         data = open(f"{d}/{name}", 'rb').read()
@@ -491,7 +511,7 @@ def test_old_format_output_is_refused_and_rebuilt(tmp_path, prepared):
         info.pop('files', None)
         info.pop('made_by', None)
         json.dump(info, open(p, 'w'))
-    with pytest.raises(prepare.SplitError, match=r"format version 1, this reader reads 3; re-run prepare.py") as e:
+    with pytest.raises(prepare.SplitError, match=r"format version 1, this reader reads 4; re-run prepare.py") as e:
         open_split(str(out / 'train'))
     assert f"python prepare.py --raw_dir={prepared}/raw --out_dir={out} (and the val_batches" in str(e.value)
     logs = []
