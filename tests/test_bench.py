@@ -29,7 +29,7 @@ def test_bench_runs_end_to_end(tmp_path):
     for row in ('prepare', 'reading', 'step', 'scaling', 'inference', 'ratios'):
         assert row in r, row
         assert row in p.stdout or row == 'ratios'
-    for key in ('reading_vs_parquet', 'step_vs_flat_realistic', 'step_vs_flat_10k', 'prepare_over_pyarrow_read',
+    for key in ('reading_vs_parquet', 'step_vs_flat_realistic', 'step_vs_flat_10k', 'prepare_over_pyarrow_read', 'packing_over_pyarrow_read',
                 'step_vs_padded_t1_realistic', 'inference_vs_linefit'):
         v = r['ratios'][key]
         assert isinstance(v, float) and math.isfinite(v) and v > 0, (key, v)
