@@ -31,7 +31,8 @@ tests/test_model.py checks that both give the same output, and that the step equ
 
 The output is a 3-vector per event slot: its direction is the predicted direction the neutrino comes from, its norm
 kappa the von Mises-Fisher concentration (a per-event confidence). Also here: the improved LineFit (the model's seed,
-which prepare.py stores and classical.py runs too), the vMF loss, the angular loss, helpers between angles and unit vectors, the metric.
+which prepare.py stores and classical.py runs too), the vMF loss, the angular loss, helpers between angles and unit
+vectors, the metric.
 """
 
 import math

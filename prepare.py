@@ -393,7 +393,7 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     columns, direct = linefit_seeds(ev, geometry)
     for k, v in columns.items():
         events[k] = v
-    pulses['sensor_aux'] |= direct.astype(np.uint16) << 14
+    pulses['sensor_aux'] |= np.where(direct, DIRECT_BIT, 0).astype(np.uint16)
     if fit['steps']:
         fit_dir, rlogl = classical.time_fit(ev, geometry, fit['steps'], ice=fit['ice'])
     else:  # the improved LineFit just made (the plain one's direction where it found no velocity)
