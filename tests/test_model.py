@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model as M
+from conftest import with_linefits
 
 
 # -----------------------------------------------------------------------------
@@ -65,20 +66,6 @@ def pack(events, P, D, E, directions=None):
     assert p <= P and d <= D and len(events) <= E
     b['n_pulses'], b['n_doms'], b['n_events'] = p, d, len(events)
     return with_linefits(b)
-
-
-def with_linefits(b):
-    """The LineFit columns prepare.py stores with each event and pulse, computed on the batch's own pulses (in
-    float32, as the model did before they were stored)."""
-    n_p, n_d, n_e = b['n_pulses'], b['n_doms'], b['n_events']
-    pdom = b['pulse_dom'][:n_p].astype(np.int64)
-    v, u, direct = M.linefit_seeds(*map(torch.from_numpy, (b['dom_pos'][pdom], b['pulse_time'][:n_p], b['pulse_aux'][:n_p],
-                                                           b['dom_event'][pdom].astype(np.int64), pdom, b['dom_pos'][:n_d])), n_e)
-    E, P = len(b['event_index']), len(b['pulse_dom'])
-    b = {**b, 'event_lf_v': np.zeros((E, 3), np.float32), 'event_ilf_dir': np.zeros((E, 3), np.float32),
-         'pulse_direct': np.zeros(P, np.float32)}
-    b['event_lf_v'][:n_e], b['event_ilf_dir'][:n_e], b['pulse_direct'][:n_p] = v.numpy(), u.numpy(), direct.numpy()
-    return b
 
 
 def tensors(b, path='sdpa'):
