@@ -57,7 +57,7 @@ ckpt = 'best.pt'          # file in out_dir
 data_dir = ''             # '' = the data_dir the model was trained on
 split = 'val'
 max_events = 0            # the first max_events events of the split (0 = all)
-max_pulses = 0            # micro-batch budgets; 0 = those of training
+max_pulses = 0            # micro-batch budgets; 0 = INFER_BUDGET times those of training
 max_doms = 0
 max_events_per_batch = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -72,6 +72,8 @@ plot_min_events = 20      # the resolution figures leave out bins with fewer eve
 LEVELS = (0.5, 0.68, 0.9)              # the error circles reported: IceCube's 50% and 90%, and 1 sigma
 CURVE_LEVELS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the coverage plot's nominal levels
 CAL_LEVELS = np.union1d(CURVE_LEVELS, LEVELS)            # the levels the calibration maps are fit at
+INFER_BUDGET = 4  # without gradients a micro-batch keeps no activations: 4x training's budgets ran the toy model at
+                  # 1.3x the events/s of 1x on one core (fewer, larger ops), 8x and 16x slower again (notes, section 10)
 ENERGY_EDGES = [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf]  # log10(E / GeV), for the tables
 DOM_EDGES = [0, 10, 20, 40, 80, 160, 320, np.inf]
 GROUP_TITLES = {'by_kind': 'by kind', 'by_energy': 'by energy (log10 GeV)', 'by_doms': 'by hit DOMs'}
@@ -462,8 +464,8 @@ def main():
     seen = np.zeros(n, bool)
     # the loader builds each batch's stream layout ahead of the model (model.model_inputs); the features run in the forward
     to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=False)
-    loader = BatchLoader(s, max_pulses or cfg['max_pulses'], max_doms or cfg['max_doms'],
-                         max_events_per_batch or cfg['max_events'], ck['max_pulses_per_dom'], shuffle=False,
+    loader = BatchLoader(s, max_pulses or INFER_BUDGET * cfg['max_pulses'], max_doms or INFER_BUDGET * cfg['max_doms'],
+                         max_events_per_batch or INFER_BUDGET * cfg['max_events'], ck['max_pulses_per_dom'], shuffle=False,
                          epochs=1, max_events_total=n, transform=to_model, pin_memory=device_type == 'cuda')
     with torch.no_grad():
         for batch in loader:
