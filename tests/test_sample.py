@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+import model as M
 import sample
 from prepare import open_split
 from test_train import TINY, data_dir, run  # noqa: F401 (data_dir is the tiny data set fixture)
@@ -192,3 +193,11 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     pt = read_csv(os.path.join(out, 'predictions_test.csv'))
     assert 'kappa_calibrated' not in pt
     assert np.allclose(pt['radius90_deg'], np.degrees(sample.containment_radius(pt['kappa'], 0.9)), atol=1e-5)
+
+    # sample.py packs 4x training's budgets per micro-batch (INFER_BUDGET); the predictions are those of training's
+    run(['sample.py', f'--out_dir={out}', '--split=val', '--baselines=', '--plots=False', '--max_pulses=8192',
+         '--max_doms=4096', '--max_events_per_batch=64'])
+    again = read_csv(os.path.join(out, 'predictions_val.csv'))
+    assert len(again['event_id']) == len(pr['event_id']) and (again['event_id'] == pr['event_id']).all()
+    assert np.allclose(again['kappa'], pr['kappa'], rtol=1e-4)
+    assert M.angular_errors(again['azimuth'], again['zenith'], pr['azimuth'], pr['zenith']).max() < 1e-4
