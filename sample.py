@@ -73,7 +73,7 @@ LEVELS = (0.5, 0.68, 0.9)              # the error circles reported: IceCube's 5
 CURVE_LEVELS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the coverage plot's nominal levels
 CAL_LEVELS = np.union1d(CURVE_LEVELS, LEVELS)            # the levels the calibration maps are fit at
 INFER_BUDGET = 4  # without gradients a micro-batch keeps no activations: 4x training's budgets ran the toy model at
-                  # 1.3x the events/s of 1x on one core (fewer, larger ops), 8x and 16x slower again (notes, section 10)
+                  # 1.2-1.3x the events/s of 1x on the CPU (fewer, larger ops; 8x and 16x less again; notes, section 10)
 ENERGY_EDGES = [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf]  # log10(E / GeV), for the tables
 DOM_EDGES = [0, 10, 20, 40, 80, 160, 320, np.inf]
 GROUP_TITLES = {'by_kind': 'by kind', 'by_energy': 'by energy (log10 GeV)', 'by_doms': 'by hit DOMs'}
