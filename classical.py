@@ -156,10 +156,15 @@ def _direction_from_velocity(v, fallback=None):
     return direction
 
 
+# pulses per chunk of linefit_improved: its delay cleaning's (DOMs, DELAY_MAX_REFS) arrays then stay in the CPU's
+# cache (chunks of 2,000 toy events, ~300,000 pulses, ran at about a third of the speed; prepare.linefit_seeds)
+CHUNK_PULSES = 16384
+
+
 def linefit_improved(pos, time, event_offsets, dom=None):
     """Improved LineFit (delay cleaning, Huber-weighted fit, refit without outliers), same arguments and output as
     linefit. dom (P,) identifies the DOM of each pulse (sensor_id); by default pulses at one position share a DOM.
-    Runs linefit_improved_packed in float64 over chunks of events (bounded memory)."""
+    Runs linefit_improved_packed in float64 over chunks of whole events of about CHUNK_PULSES pulses."""
     pos, time, event_offsets = _check(pos, time, event_offsets, 'linefit_improved')
     n_events = len(event_offsets) - 1
     event = np.repeat(np.arange(n_events), np.diff(event_offsets))
@@ -167,8 +172,9 @@ def linefit_improved(pos, time, event_offsets, dom=None):
         dom = np.unique(pos, axis=0, return_inverse=True)[1].ravel()
     t = time - np.repeat(_event_mean(time, event_offsets), np.diff(event_offsets))  # small numbers, for precision
     v = np.zeros((n_events, 3))
-    for lo in range(0, n_events, 2000):
-        hi = min(n_events, lo + 2000)
+    # the last event boundary at or before each multiple of CHUNK_PULSES (an event larger than a chunk is one alone)
+    bounds = np.unique(np.r_[np.searchsorted(event_offsets, np.arange(0, event_offsets[-1], CHUNK_PULSES), 'right') - 1, n_events])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
         p = slice(event_offsets[lo], event_offsets[hi])
         # one DOM slot per (event, DOM)
         key = (event[p] - lo) * (int(np.max(dom[p], initial=0)) + 1) + np.asarray(dom[p], np.int64)
