@@ -161,6 +161,12 @@ def _direction_from_velocity(v, fallback=None):
 CHUNK_PULSES = 16384
 
 
+def chunk_bounds(offsets, size):
+    """Chunks of whole events of about size items (pulses or DOMs), from the events' offsets into them: the last
+    event boundary at or before each multiple of size, then the end (an event larger than a chunk is one alone)."""
+    return np.unique(np.r_[np.searchsorted(offsets, np.arange(0, offsets[-1], size), 'right') - 1, len(offsets) - 1])
+
+
 def linefit_improved(pos, time, event_offsets, dom=None):
     """Improved LineFit (delay cleaning, Huber-weighted fit, refit without outliers), same arguments and output as
     linefit. dom (P,) identifies the DOM of each pulse (sensor_id); by default pulses at one position share a DOM.
@@ -172,8 +178,7 @@ def linefit_improved(pos, time, event_offsets, dom=None):
         dom = np.unique(pos, axis=0, return_inverse=True)[1].ravel()
     t = time - np.repeat(_event_mean(time, event_offsets), np.diff(event_offsets))  # small numbers, for precision
     v = np.zeros((n_events, 3))
-    # the last event boundary at or before each multiple of CHUNK_PULSES (an event larger than a chunk is one alone)
-    bounds = np.unique(np.r_[np.searchsorted(event_offsets, np.arange(0, event_offsets[-1], CHUNK_PULSES), 'right') - 1, n_events])
+    bounds = chunk_bounds(event_offsets, CHUNK_PULSES)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         p = slice(event_offsets[lo], event_offsets[hi])
         # one DOM slot per (event, DOM)

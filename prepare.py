@@ -274,9 +274,7 @@ def linefit_seeds(ev, geometry, chunk_doms=8192):
     pos = geometry[ev['sensor_id']].astype(np.float64)
     t, aux = ev['time'].astype(np.float64), ev['auxiliary'].astype(np.float64)
     lf_v, ilf_dir, direct = np.zeros((n, 3)), np.zeros((n, 3)), np.zeros(len(t), bool)
-    # chunk bounds: the last event boundary at or before each multiple of chunk_doms (an event larger than a chunk
-    # is a chunk of its own)
-    bounds = np.unique(np.r_[np.searchsorted(event_doms, np.arange(0, event_doms[-1], chunk_doms), 'right') - 1, n])
+    bounds = classical.chunk_bounds(event_doms, chunk_doms)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         p, d = slice(offsets[lo], offsets[hi]), slice(event_doms[lo], event_doms[hi])
         dom_pos = pos[dom_offsets[:-1][d]]
