@@ -76,7 +76,7 @@ dtype = 'bfloat16'             # autocast dtype on CUDA ('float32' = off); the C
 _toy = read_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'toy_cpu.py'))
 t1_dim, t1_layers, t1_heads = _toy['t1_dim'], _toy['t1_layers'], _toy['t1_heads']
 t2_dim, t2_layers, t2_heads = _toy['t2_dim'], _toy['t2_layers'], _toy['t2_heads']
-mlp_ratio = 4
+mlp_ratio = _toy.get('mlp_ratio', 4)  # train.py's default where a config leaves it out
 # training step and inference rows: micro-batches drawn at random from the packed synthetic train split
 step_batches = 8
 step_max_pulses, step_max_doms = _toy['max_pulses'], _toy['max_doms']
@@ -375,7 +375,8 @@ def matmul_rate(model, b):
     dt = torch.bfloat16 if device == 'cuda' and dtype == 'bfloat16' else torch.float32
     shapes = []
     for n, dim in ((b['t1_src'].shape[0], model.args['t1_dim']), (b['t2_src'].shape[0], model.args['t2_dim'])):
-        for k, m in ((dim, 3 * dim), (dim, dim), (dim, mlp_ratio * dim), (mlp_ratio * dim, dim)):
+        hidden = model.args['mlp_ratio'] * dim
+        for k, m in ((dim, 3 * dim), (dim, dim), (dim, hidden), (hidden, dim)):
             shapes += [(n, k, m), (n, m, k), (k, n, m)]
     mats = [(torch.randn(n, k, device=device, dtype=dt), torch.randn(k, m, device=device, dtype=dt)) for n, k, m in shapes]
 
@@ -426,8 +427,9 @@ def bench_efficiency(name, split):
     budgets = (cfg['max_pulses'] // divisor, cfg['max_doms'] // divisor, max(cfg['max_events'] // divisor, 1),
                cfg['max_pulses_per_dom'])
     args = {k: cfg[k] for k in ('t1_dim', 't1_layers', 't1_heads', 't2_dim', 't2_layers', 't2_heads')}
+    args['mlp_ratio'] = cfg.get('mlp_ratio', 4)
     torch.manual_seed(seed)
-    model = M.IceModel(**args, mlp_ratio=mlp_ratio)
+    model = M.IceModel(**args)
     idx = np.random.default_rng(seed + 3).permutation(len(split))
     raw, pos = [], 0
     while len(raw) < step_batches and pos < len(idx):
@@ -458,7 +460,7 @@ def bench_efficiency(name, split):
     if compare_commit:
         old = old_model_module(compare_commit)
         torch.manual_seed(seed)
-        old_model = old.IceModel(**args, mlp_ratio=mlp_ratio).to(device)
+        old_model = old.IceModel(**args).to(device)
         old_batches = [old.batch_to_tensors(r, device) for r in raw]
         train_step(old_model, old_batches[0])
         ab = {'old': [], 'new': [], 'new_network': []}
