@@ -28,8 +28,8 @@ t1_layers = 1
 t1_heads = 2
 t2_dim = 64
 t2_layers = 3
-t2_heads = 2                 # 2 heads of 32 and an MLP 2x wide (train.py's defaults: 4 heads, 4x): 1.15x the events of
-mlp_ratio = 2                # 4 and 4x in 13 minutes, at a lower val error on this machine (notes, section 10)
+t2_heads = 2                 # 2 heads of 32 and an MLP 2x wide (train.py's defaults: 4 heads, 4x): 1.13-1.15x the events
+mlp_ratio = 2                # of 4 and 4x in 13 minutes, at least as low a val error on this machine (notes, section 10)
 
 angular_weight = 0.5
 learning_rate = 1e-3
