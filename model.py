@@ -518,6 +518,13 @@ class IceModel(nn.Module):
         for layer in (self.combine[0], self.combine[2]):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
+        # what the event is: a track's logit and log10(energy / GeV), learned where the truth has them (simulation):
+        # sample.py calibrates the error circles per predicted kind and energy, where the model's kappa means
+        # different things (notes, section 9). Made last, like combine; the energy starts at 1 TeV.
+        self.truth_head = nn.Linear(t2_dim, 2)
+        nn.init.normal_(self.truth_head.weight, std=0.02)
+        with torch.no_grad():
+            self.truth_head.bias.copy_(torch.tensor([0.0, 3.0]))
 
     def path(self, device):
         if self.attn != 'auto':
@@ -556,12 +563,14 @@ class IceModel(nn.Module):
         return self.t2_ln(take(x, b['t2_cls']))
 
     def forward(self, b):
-        """-> (E, 6): the prediction's vMF mean vector (direction times kappa), then the network's own."""
+        """-> (E, 8): the prediction's vMF mean vector (direction times kappa), the network's own, then the event's
+        track logit and log10(energy / GeV) (truth_head)."""
         if 'event_feats' not in b:  # the loader did not compute them: here, on the device, in the same graph
             b = {**b, **features(b)}
         x = self.encode(b)
         own = self.head(x).float()
-        return torch.cat([self.with_seed(x, own, b['seed_dirs'], b['seed_feats'], b['event_feats']), own], 1)
+        pred = self.with_seed(x, own, b['seed_dirs'], b['seed_feats'], b['event_feats'])
+        return torch.cat([pred, own, self.truth_head(x).float()], 1)
 
     def with_seed(self, x, own, seed_dirs, seed_feats, event_feats):
         """The prediction: the product of the network's vMF and one around each seed, the improved LineFit and the
@@ -634,16 +643,26 @@ def angle_between(pred, target):
 
 
 def per_event_loss(pred, target, real, angular_weight=0.0):
-    """vMF NLL + angular_weight * angle per event slot, summed over pred's 3-vectors (IceModel's prediction and
-    its network's own); 0 where not real. Padding slots and unknown (NaN) targets are masked with where, so no
+    """vMF NLL + angular_weight * angle per event slot, summed over pred's first two 3-vectors (IceModel's
+    prediction and its network's own); 0 where not real. Padding slots and unknown (NaN) targets are masked with where, so no
     NaN leaks into the gradient."""
     target = torch.where(real[:, None], target, torch.zeros_like(target)).float()
     per = 0.0
-    for vec in pred.float().split(3, dim=1):  # the prediction and the network's own vMF: each its own loss
+    for vec in pred[:, :6].float().split(3, dim=1):  # the prediction and the network's own vMF: each its own loss
         per = per + vmf_nll(vec, target)
         if angular_weight:
             per = per + angular_weight * angle_between(vec, target)
     return torch.where(real, per, torch.zeros_like(per))
+
+
+def truth_loss(pred, track, log_energy):
+    """Per event slot: the binary cross-entropy of the track logit (pred[:, 6]) against track (1 track, 0 cascade)
+    plus the squared error of the log10 energy (pred[:, 7]); 0 where the truth is unknown (NaN: real data, padding),
+    masked before the loss so that no NaN reaches the gradient."""
+    known_kind, known_energy = torch.isfinite(track), torch.isfinite(log_energy)
+    bce = F.binary_cross_entropy_with_logits(pred[:, 6].float(), torch.where(known_kind, track, 0.0), reduction='none')
+    sq = (pred[:, 7].float() - torch.where(known_energy, log_energy, 0.0)) ** 2
+    return torch.where(known_kind, bce, 0.0) + torch.where(known_energy, sq, 0.0)
 
 
 def loss_fn(pred, target, real, angular_weight=0.0):

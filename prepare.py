@@ -995,6 +995,7 @@ def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, 
         'event_lf_v': np.zeros((E, 3), np.float32), 'event_ilf_dir': np.zeros((E, 3), np.float32),
         'pulse_direct': np.zeros(P, np.float32),
         'event_n_pulses': np.zeros(E, np.int32), 'event_n_doms': np.zeros(E, np.int32),
+        'event_track': np.full(E, np.nan, np.float32), 'event_log_energy': np.full(E, np.nan, np.float32),
         'n_pulses': n_p, 'n_doms': n_dm, 'n_events': n_taken,
     }
     b['pulse_time'][:n_p] = t - t_first[event_of_pulse]
@@ -1015,6 +1016,10 @@ def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, 
     b['event_index'][:n_taken] = event_index
     b['event_n_pulses'][:n_taken] = np.diff(e['pulse_offsets'])
     b['event_n_doms'][:n_taken] = np.diff(e['event_dom_offsets'])
+    names = ev.dtype.names if hasattr(ev, 'dtype') else ev.keys()
+    if 'kind' in names:  # a simulated set's truth: what the model's track and energy heads learn (NaN: unknown)
+        b['event_track'][:n_taken] = ev['kind'] == KIND_NAMES.index('track')
+        b['event_log_energy'][:n_taken] = np.log10(np.maximum(ev['energy'], 1e-3))
     return b
 
 

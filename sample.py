@@ -14,15 +14,17 @@ Error circles: the model's 3-vector is a von Mises-Fisher distribution whose nor
 concentration; the circle that holds probability p of it has a closed-form radius. On the val split
 sample.py measures how often the true direction falls inside each event's 50%, 68% and 90% circles, fits
 monotone maps from the predicted kappa to calibrated circles (one per level, since the errors have heavier
-tails than a vMF, and one set per group of events by hit-DOM count), checks them honestly (fit on the
+tails than a vMF, and one set per group of events: by the model's predicted kind and energy where its heads
+learned them, else by hit-DOM count), checks them honestly (fit on the
 even-indexed events, measured on the odd-indexed ones), then fits the stored maps on all of val and writes
 them to out_dir/calibration.json; on any other split it applies the stored maps. Writes to out_dir:
     eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
                                linefit, linefit_improved, time_fit: {mean_angular_error, median_angular_error},
                                breakdowns, resolution, coverage, training)
-    predictions_<split>.csv    event_id, azimuth, zenith, kappa, hit_doms, kappa_calibrated (its vMF's 50%
-                               circles hold 50%), radius50_deg, radius90_deg (the calibrated circles; from kappa
-                               without a map)
+    predictions_<split>.csv    event_id, azimuth, zenith, kappa, hit_doms, track_probability and log10_energy
+                               (the model's heads, where its training data had a truth file), kappa_calibrated
+                               (its vMF's 50% circles hold 50%), radius50_deg, radius90_deg (the calibrated
+                               circles; from kappa without a map)
                                (+ true angles and errors where known)
     submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format)
     calibration.json           for the val split: the calibration maps (applied on other splits)
@@ -76,6 +78,7 @@ INFER_BUDGET = 4  # without gradients a micro-batch keeps no activations: 4x tra
                   # 1.2-1.3x the events/s of 1x on the CPU (fewer, larger ops; 8x and 16x less again; notes, section 10)
 ENERGY_EDGES = [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf]  # log10(E / GeV), for the tables
 DOM_EDGES = [0, 10, 20, 40, 80, 160, 320, np.inf]
+ENERGY_GROUPS = 3  # the calibration's bins of predicted energy per predicted kind (fit_calibration)
 GROUP_TITLES = {'by_kind': 'by kind', 'by_energy': 'by energy (log10 GeV)', 'by_doms': 'by hit DOMs'}
 METHOD_LABELS = {'model': 'iceaggr', 'linefit': 'LineFit', 'linefit_improved': 'improved LineFit', 'time_fit': 'quick likelihood fit',
                  'mpe': 'MPE likelihood fit'}
@@ -129,24 +132,65 @@ def fit_kappa_map(kappa, err, levels, n_bins=12, min_events=300):
     return {'log_kappa_knots': knots.tolist(), 'log_scale': log_scale.tolist()}
 
 
-def fit_calibration(kappa, err, n_doms, levels=CAL_LEVELS, min_events=1000):
-    """The calibration: per group of events by hit-DOM count (the report's DOM_EDGES bins, a bin with fewer than
-    min_events merged into its smaller neighbour), a kappa map per level (fit_kappa_map). The hit DOMs are known for
-    every event, labelled or not (an analysis can select on them, not on kind or energy), and the model's kappa
-    means something else in each group: after the toy main job one map for all left the 80-160 DOM events' 50%
-    circles holding 61% and the 20-40 DOM events' 42% (held out; per group 49.5% and 43.8%)."""
+def dom_boxes(n_doms, min_events):
+    """The report's hit-DOM bins (DOM_EDGES) as calibration groups, a bin with fewer than min_events merged into its
+    smaller neighbour: a list of boxes {'hit_doms': [lo, hi)}."""
     edges = list(DOM_EDGES[1:-1])
     while edges:
         counts = np.bincount(np.digitize(n_doms, edges), minlength=len(edges) + 1)
         g = int(np.argmin(counts))
-        if counts[g] >= min(min_events, len(kappa)):
+        if counts[g] >= min(min_events, len(n_doms)):
             break
         # drop the edge between group g and its smaller neighbour
         edges.pop(0 if g == 0 else g - 1 if g == len(edges) or counts[g - 1] <= counts[g + 1] else g)
-    group = np.digitize(n_doms, edges)
-    return {'method': 'per group of hit-DOM count, per level, a scale of kappa per quantile bin of log kappa, '
-                      'interpolated, monotone', 'levels': [float(p) for p in levels], 'dom_edges': [float(e) for e in edges],
-            'maps': [fit_kappa_map(kappa[group == g], err[group == g], levels) for g in range(len(edges) + 1)]}
+    bounds = [-np.inf] + [float(e) for e in edges] + [np.inf]
+    return [{'hit_doms': [lo, hi]} for lo, hi in zip(bounds, bounds[1:])]
+
+
+def finite_or_none(x):
+    return float(x) if np.isfinite(x) else None  # JSON has no infinity: an open end of a group's box is null
+
+
+def in_box(box, events):
+    """Which events lie in box ({column: [lo, hi)}, None an open end), events a dict of per-event columns."""
+    m = np.ones(len(events['hit_doms']), bool)
+    for column, (lo, hi) in box.items():
+        m &= (events[column] >= (-np.inf if lo is None else lo)) & (events[column] < (np.inf if hi is None else hi))
+    return m
+
+
+def fit_calibration(kappa, err, events, levels=CAL_LEVELS, min_events=1000):
+    """The calibration: a kappa map per level (fit_kappa_map) for each group of events, the groups boxes in columns
+    of events that every event has, labelled or not (an analysis can select on them, where it cannot on the true
+    kind or energy). events: dict of per-event columns, 'hit_doms' and, where the model's heads learned them (a
+    simulated training set), 'track_probability' and 'log10_energy'.
+    - With the heads: the events the model calls tracks (p >= 0.5) and cascades, each in up to ENERGY_GROUPS quantile
+      bins of the predicted energy (at least min_events each). The model's kappa means another thing for each kind
+      and energy: after a toy main job, held out, the worst kind was 3.6 points off nominal and the worst energy bin
+      3.3 (per hit-DOM group 4.7 and 5.1; notes, section 9).
+    - Without: per bin of hit-DOM count (the report's DOM_EDGES bins, merged to min_events): after the toy main job
+      one map for all left the 80-160 DOM events' 50% circles holding 61%, per group 49.5%."""
+    n = len(kappa)
+    if 'track_probability' in events:
+        boxes = []
+        p, log_e = events['track_probability'], events['log10_energy']
+        parts = [[-np.inf, 0.5], [0.5, np.inf]] if min(((p < 0.5).sum(), (p >= 0.5).sum())) >= min_events else [[-np.inf, np.inf]]
+        for part in parts:
+            m = (p >= part[0]) & (p < part[1])
+            k = max(1, min(ENERGY_GROUPS, m.sum() // min_events))
+            q = [-np.inf] + np.quantile(log_e[m], np.linspace(0, 1, k + 1)[1:-1]).tolist() + [np.inf]
+            boxes += [{'track_probability': part, 'log10_energy': [lo, hi]} for lo, hi in zip(q, q[1:])]
+        method = 'per predicted kind and quantile bin of predicted energy'
+    else:
+        boxes, method = dom_boxes(events['hit_doms'], min(min_events, n)), 'per group of hit-DOM count'
+    boxes = [{c: [finite_or_none(lo), finite_or_none(hi)] for c, (lo, hi) in box.items()} for box in boxes]
+    groups = [{'box': box, **fit_kappa_map(kappa[m], err[m], levels)} for box in boxes for m in [in_box(box, events)]]
+    return {'method': method + ', per level, a scale of kappa per quantile bin of log kappa, interpolated, monotone',
+            'levels': [float(p) for p in levels], 'columns': sorted({c for b in boxes for c in b}), 'groups': groups}
+
+
+def subset(events, idx):
+    return {k: v[idx] for k, v in events.items()}
 
 
 def level_index(cal, p):
@@ -154,33 +198,33 @@ def level_index(cal, p):
     return int(np.argmin(np.abs(np.array(cal['levels']) - p)))
 
 
-def calibrated_kappa(cal, kappa, n_doms, p=0.5):
-    """The kappa of the level-p map of each event's hit-DOM group: for p = 0.5 the vMF whose 50% circles hold 50% of
-    the true directions (the median-matched width, as IceCube's pull correction does)."""
+def calibrated_kappa(cal, kappa, events, p=0.5):
+    """The kappa of the level-p map of each event's group: for p = 0.5 the vMF whose 50% circles hold 50% of the true
+    directions (the median-matched width, as IceCube's pull correction does)."""
     j, log_k = level_index(cal, p), np.log(np.maximum(kappa, 1e-12))
-    group = np.digitize(n_doms, cal['dom_edges'])
     log_scale = np.zeros(len(kappa))
-    for g, m in enumerate(cal['maps']):
-        log_scale[group == g] = np.interp(log_k[group == g], m['log_kappa_knots'], m['log_scale'][j])
+    for g in cal['groups']:
+        m = in_box(g['box'], events)
+        log_scale[m] = np.interp(log_k[m], g['log_kappa_knots'], g['log_scale'][j])
     return kappa * np.exp(log_scale)
 
 
-def calibrated_radii(cal, kappa, n_doms, levels=LEVELS):
+def calibrated_radii(cal, kappa, events, levels=LEVELS):
     """(len(levels), n) calibrated containment radii (rad), each level from its own map (levels the map was fit
     at), widened where needed so that a higher level never has a smaller circle."""
-    radii = np.maximum.accumulate(np.stack([containment_radius(calibrated_kappa(cal, kappa, n_doms, p), p)
+    radii = np.maximum.accumulate(np.stack([containment_radius(calibrated_kappa(cal, kappa, events, p), p)
                                             for p in cal['levels']]), 0)
     return radii[[level_index(cal, p) for p in levels]]
 
 
-def circles(kappa, n_doms, cal, levels=LEVELS):
+def circles(kappa, events, cal, levels=LEVELS):
     """The error circles compared, as radii (len(levels), n): each event's own vMF ('predicted'), and where there is
     a map, the calibrated circles and those of the one vMF of the calibrated kappa (whose 90% circles the tails
     outgrow)."""
     out = {'predicted': vmf_radii(kappa, levels)}
     if cal:
-        out.update(calibrated=calibrated_radii(cal, kappa, n_doms, levels),
-                   calibrated_vmf=vmf_radii(calibrated_kappa(cal, kappa, n_doms), levels))
+        out.update(calibrated=calibrated_radii(cal, kappa, events, levels),
+                   calibrated_vmf=vmf_radii(calibrated_kappa(cal, kappa, events), levels))
     return out
 
 
@@ -206,7 +250,7 @@ def print_coverage(title, report):
             print(f"    {r['bin']:>18} {r['n']:8d}" + "".join("   " + " ".join(f"{100 * c:5.1f}" for c in r[k]) for k in names))
 
 
-def check_coverage(split, err, kappa, n_doms, cal, groups, kind):
+def check_coverage(split, err, kappa, events, cal, groups, kind):
     """Do the true directions fall inside the error circles as often as they claim? On val the honest check is a
     map fit on the even-indexed events, measured on the odd-indexed ones (cal, the stored map, is fit on all of
     them); on other splits cal was fit on val, so every event is held out. Prints the tables, returns the json's
@@ -217,22 +261,22 @@ def check_coverage(split, err, kappa, n_doms, cal, groups, kind):
           f" of kappa_calibrated)")
     if split == 'val':
         even, check = np.arange(0, n, 2), np.arange(1, n, 2)
-        check_cal = fit_calibration(kappa[even], err[even], n_doms[even])
+        check_cal = fit_calibration(kappa[even], err[even], subset(events, even))
         about = f"held out: a map fit on the {len(even)} even-indexed events of {split}, checked on the {len(check)} odd-indexed ones"
     else:
         check, check_cal = np.arange(n), cal
         about = f"all {n} events of {split}" + (", held out: the map was fit on val" if cal else ", no calibration map")
     cov = {'levels': list(LEVELS), 'about': about, 'held_out': coverage_report(
-        err[check], circles(kappa[check], n_doms[check], check_cal), {k: (idx[check], labels) for k, (idx, labels) in groups.items()})}
+        err[check], circles(kappa[check], subset(events, check), check_cal), {k: (idx[check], labels) for k, (idx, labels) in groups.items()})}
     print_coverage(about, cov['held_out'])
     curve_groups = {'all': np.ones(n, bool), **({k: kind == i for i, k in enumerate(KIND_NAMES)} if kind is not None else {})}
-    curve_radii = circles(kappa[check], n_doms[check], check_cal, CURVE_LEVELS)
+    curve_radii = circles(kappa[check], subset(events, check), check_cal, CURVE_LEVELS)
     cov['curves'] = {'title': about, 'nominal': CURVE_LEVELS.tolist(),
                      'groups': {g: {k: coverage(err[check][m[check]], r[:, m[check]]).tolist()
                                     for k, r in curve_radii.items() if k != 'calibrated_vmf'}
                                 for g, m in curve_groups.items() if m[check].any()}}
     if split == 'val':
-        cov['stored_map_in_sample'] = coverage_report(err, circles(kappa, n_doms, cal), {})['all']
+        cov['stored_map_in_sample'] = coverage_report(err, circles(kappa, events, cal), {})['all']
         print(f"  the stored map, fit on all {n} events, on those same events (in sample, not a check): "
               + " ".join(f"{100 * c:5.1f}" for c in cov['stored_map_in_sample']['calibrated']))
     return cov
@@ -461,6 +505,7 @@ def main():
     t0 = time.time()
     pred = np.zeros((n, 3), np.float64)
     network = np.zeros((n, 3), np.float64)  # the network's own vMF, before the seeds join it
+    truth_out = np.zeros((n, 2), np.float64)  # the track logit and log10 energy of the heads (model.truth_loss)
     seen = np.zeros(n, bool)
     # the loader builds each batch's stream layout ahead of the model (model.model_inputs); the features run in the forward
     to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=False)
@@ -473,7 +518,8 @@ def main():
                 out = model(M.to_device(batch, device))
             k = batch['n_events']
             idx = batch['event_index'][:k].numpy()
-            pred[idx], network[idx] = out[:k, :3].float().cpu().numpy(), out[:k, 3:].float().cpu().numpy()
+            out = out[:k].float().cpu().numpy()
+            pred[idx], network[idx], truth_out[idx] = out[:, :3], out[:, 3:6], out[:, 6:8]
             seen[idx] = True
     loader.close()
     assert seen.all(), "some events were not evaluated"
@@ -502,6 +548,11 @@ def main():
     has_labels = bool(np.isfinite(s.azimuth[:n]).all())
     ev_pulses, ev_doms = s.n_pulses[:n], s.n_doms[:n]
     cols = {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen, 'kappa': kappa, 'hit_doms': ev_doms}
+    # what the calibration may group events by: the hit DOMs, and the heads' kind and energy where they learned them
+    events = {'hit_doms': ev_doms}
+    if ck.get('truth_heads'):
+        events.update(track_probability=1 / (1 + np.exp(-truth_out[:, 0])), log10_energy=truth_out[:, 1])
+        cols.update(events)
     written = [f'eval_{split}.json', f'predictions_{split}.csv']
 
     # the kappa map: fit here on val, read from out_dir/calibration.json elsewhere
@@ -510,7 +561,7 @@ def main():
     err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen) if has_labels else None
     if split == 'val' and has_labels:
         cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'fit_on': f"{s.path}, {n} events",
-               **fit_calibration(kappa, err, ev_doms)}
+               **fit_calibration(kappa, err, events)}
         write_json(cal_path, cal)
         written.append('calibration.json')
     elif os.path.exists(cal_path):
@@ -518,7 +569,7 @@ def main():
             with open(cal_path) as f:
                 cal = json.load(f)
             fit_on, stale = cal['fit_on'], (cal['checkpoint'], cal['iter']) != (ckpt, int(ck['iter_num']))
-            calibrated_radii(cal, kappa[:1], ev_doms[:1])
+            calibrated_radii(cal, kappa[:1], subset(events, slice(0, 1)))
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
                              f"run sample.py --split=val to write it again")
@@ -530,9 +581,9 @@ def main():
             print(f"sample: error circles calibrated by {cal_path}, fit on {fit_on}")
     else:
         print(f"sample: no {cal_path} (sample.py --split=val writes it): the error circles use the predicted kappa")
-    radii = circles(kappa, ev_doms, cal, (0.5, 0.9))
+    radii = circles(kappa, events, cal, (0.5, 0.9))
     if cal:
-        cols['kappa_calibrated'] = calibrated_kappa(cal, kappa, ev_doms)
+        cols['kappa_calibrated'] = calibrated_kappa(cal, kappa, events)
     cols.update({'radius50_deg': np.degrees(radii['calibrated' if cal else 'predicted'][0]),
                  'radius90_deg': np.degrees(radii['calibrated' if cal else 'predicted'][1])})
     result['calibration'] = None if cal is None else {'path': cal_path, 'fit_on': cal['fit_on']}
@@ -581,13 +632,21 @@ def main():
                 print(f"  tracks with >= 50 hit DOMs ({bright.sum()} events), median: model {np.median(err[bright]):.4f} rad"
                       f"   network alone {np.median(err_network[bright]):.4f}"
                       + "".join(f"   {k} {np.median(e[bright]):.4f}" for k, e in errs.items() if k != 'model'))
+            if 'track_probability' in events:  # how well the heads tell the kind and the energy
+                p_track, is_track = events['track_probability'], kind == KIND_NAMES.index('track')
+                rank = np.argsort(np.argsort(p_track)) + 1
+                auc = (rank[is_track].sum() - is_track.sum() * (is_track.sum() + 1) / 2) / max(is_track.sum() * (~is_track).sum(), 1)
+                result['truth_heads'] = {'track_auc': float(auc), 'kind_accuracy': float(((p_track >= 0.5) == is_track).mean()),
+                                         **{f'log10_energy_rms_{k}s': float(np.sqrt(np.mean((events['log10_energy'] - log_e)[kind == i] ** 2)))
+                                            for i, k in enumerate(KIND_NAMES) if (kind == i).any()}}
+                print("  the heads: " + ", ".join(f"{k} {v:.3f}" for k, v in result['truth_heads'].items()))
             groups = {'by_kind': (kind, KIND_NAMES),
                       'by_energy': (np.digitize(log_e, ENERGY_EDGES[1:-1]), [logfmt(a, b) for a, b in zip(ENERGY_EDGES, ENERGY_EDGES[1:])]),
                       **groups}
             result['resolution'] = {'energy': resolution_table(log_e, np.arange(2.0, 8.01, 0.5), errs, kind, plot_min_events)}
         result['resolution_doms'] = resolution_table(ev_doms, 2.0 ** np.arange(3, 13), errs, kind, plot_min_events)
 
-        result['coverage'] = check_coverage(split, err, kappa, ev_doms, cal, groups, kind)
+        result['coverage'] = check_coverage(split, err, kappa, events, cal, groups, kind)
         cols.update({'true_azimuth': s.azimuth[:n], 'true_zenith': s.zenith[:n], 'angular_error': err})
         cols.update({f'{k}_angular_error': e for k, e in errs.items() if k != 'model'})
     else:

@@ -67,8 +67,10 @@ t2_layers = 4
 t2_heads = 4
 mlp_ratio = 4
 attn = 'auto'                # 'auto' (FlexAttention on CUDA, grouped SDPA elsewhere), 'flex' or 'sdpa'
-# loss: von Mises-Fisher NLL + angular_weight * angle (rad)
+# loss: von Mises-Fisher NLL + angular_weight * angle (rad), plus truth_weight * the track and energy heads' loss
+# (model.truth_loss) where the data has a truth file (simulation; the Kaggle data has none, and the heads stay untrained)
 angular_weight = 0.0
+truth_weight = 1.0
 # optimizer: AdamW, linear warmup then cosine decay to min_lr at lr_decay_iters
 learning_rate = 1e-3
 min_lr = 1e-4
@@ -293,7 +295,8 @@ def evaluate():
             pred = eval_model(b)
         target = torch.where(real[:, None], b['event_dir'].float(), 0.0)
         err_sum += torch.where(real, M.direction_error(pred, target), 0.0).sum()
-        loss_sum += M.per_event_loss(pred, target, real, angular_weight).sum()
+        loss_sum += (M.per_event_loss(pred, target, real, angular_weight) + truth_weight * M.truth_loss(
+            pred, b['event_track'], b['event_log_energy'])).sum()
         n += batch['n_events']
     loader.close()
     err_sum, loss_sum, n = all_sum([err_sum, loss_sum, n])
@@ -352,6 +355,7 @@ def save_checkpoint(path):
     ckpt = {**weights, 'optimizer': optimizer.state_dict(), 'model_args': raw_model.args,
             'iter_num': iter_num, 'best_val': best_val, 'config': config, 'train_seconds': seconds,
             'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': data_dir,
+            'truth_heads': bool(truth_weight > 0 and train_split.truth is not None),  # sample.py reads them if so
             'data_order': {'seed': seed, 'world_size': world_size, 'n_events': n_train, 'loader_seed': loader_seed,
                            'positions': [[int(flat[2 * r]), int(flat[2 * r + 1])] for r in range(world_size)]}}
     tmp = path + '.tmp'
@@ -451,7 +455,8 @@ def micro_step(batch, n_events):
     b = M.to_device(batch, device)
     with autocast:
         pred = model(b)
-    per = M.per_event_loss(pred, b['event_dir'], b['event_index'] >= 0, angular_weight).sum()
+    per = (M.per_event_loss(pred, b['event_dir'], b['event_index'] >= 0, angular_weight)
+           + truth_weight * M.truth_loss(pred, b['event_track'], b['event_log_energy'])).sum()
     (per / n_events).backward()
     return per.detach()
 

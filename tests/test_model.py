@@ -43,7 +43,8 @@ def pack(events, P, D, E, directions=None):
              dom_n_pulses=np.zeros(D, np.int32), event_dir=np.zeros((E, 3), np.float32),
              event_index=np.full(E, -1, np.int64), event_n_pulses=np.zeros(E, np.int32),
              event_n_doms=np.zeros(E, np.int32), event_fit_dir=np.zeros((E, 3), np.float32),
-             event_fit_rlogl=np.zeros(E, np.float32))
+             event_fit_rlogl=np.zeros(E, np.float32), event_track=np.full(E, np.nan, np.float32),
+             event_log_energy=np.full(E, np.nan, np.float32))
     p = d = 0
     for e, doms in enumerate(events):
         for (s, pos, t, q, a) in doms:
@@ -63,6 +64,7 @@ def pack(events, P, D, E, directions=None):
         # the quick fit prepare.py stores, a property of the event: tilted off the truth towards its first DOM
         fit = v + 0.1 * doms[0][1] / np.linalg.norm(doms[0][1])
         b['event_fit_dir'][e], b['event_fit_rlogl'][e] = fit / np.linalg.norm(fit), 6.0 + len(doms) % 5
+        b['event_track'][e], b['event_log_energy'][e] = e % 2, 2.0 + 0.25 * e
     assert p <= P and d <= D and len(events) <= E
     b['n_pulses'], b['n_doms'], b['n_events'] = p, d, len(events)
     return with_linefits(b)
@@ -185,7 +187,7 @@ def test_step_equals_bfe73ee():
     ref = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'step_bfe73ee.pt'), weights_only=False)
     m = M.IceModel(**ref['args']).train()
     keys = m.load_state_dict(ref['state'], strict=False)
-    assert keys.missing_keys and all(k.startswith('combine.') for k in keys.missing_keys)
+    assert keys.missing_keys and all(k.startswith(('combine.', 'truth_head.')) for k in keys.missing_keys)
     assert keys.unexpected_keys and all(k.split('.')[-2] in ('qkv', 'proj', 'fc', 'fc_out') and k.endswith('.bias')
                                         and not ref['state'][k].any() for k in keys.unexpected_keys)
     # the stored batch predates the quick fit in the data (a seed of the prediction only): any direction will do
@@ -196,11 +198,14 @@ def test_step_equals_bfe73ee():
     real = t['event_index'] >= 0
     M.loss_fn(pred, t['event_dir'], real, 0.5).backward()
     n = ref['batch']['n_events']
-    own_loss = M.loss_fn(pred[:, 3:].detach(), t['event_dir'], real, 0.5)
-    assert abs(own_loss.item() - ref['loss'].item()) < 1e-5 and torch.allclose(pred[:n, 3:], ref['pred'], atol=1e-5)
+    own_loss = M.loss_fn(pred[:, 3:6].detach(), t['event_dir'], real, 0.5)
+    assert abs(own_loss.item() - ref['loss'].item()) < 1e-5 and torch.allclose(pred[:n, 3:6], ref['pred'], atol=1e-5)
     for name, p in m.named_parameters():
         if name.startswith('combine.'):
             assert p.grad.abs().max() > 0, name
+            continue
+        if name.startswith('truth_head.'):  # the track and energy heads came later, with a loss of their own
+            assert p.grad is None or not p.grad.any(), name
             continue
         scale = ref['grads'][name].abs().max()
         assert (p.grad - ref['grads'][name]).abs().max() <= 1e-4 * scale + 1e-7, name
@@ -251,7 +256,7 @@ def test_gradients_reach_every_parameter(data):
     t = tensors(b)
     pred = m(t)
     loss = M.loss_fn(pred, t['event_dir'], t['event_index'] >= 0, angular_weight=0.5)
-    loss.backward()
+    (loss + M.truth_loss(pred, t['event_track'], t['event_log_energy']).mean()).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
@@ -288,6 +293,22 @@ def test_log_c3_and_vmf():
     loss = M.loss_fn(pred, tgt, torch.tensor([True, False, False]), angular_weight=1.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+
+
+def test_truth_loss():
+    """The track and energy heads' loss: cross-entropy and squared error where the truth is known, nothing (and no
+    NaN in the gradient) where it is not: real data has no truth, padding slots none either."""
+    pred = torch.randn(4, 8, requires_grad=True)
+    track = torch.tensor([1.0, 0.0, math.nan, 1.0])
+    log_energy = torch.tensor([3.0, 5.5, math.nan, math.nan])
+    per = M.truth_loss(pred, track, log_energy)
+    p = torch.sigmoid(pred[:, 6].detach())
+    want = torch.stack([-torch.log(p[0]) + (pred[0, 7] - 3.0) ** 2, -torch.log(1 - p[1]) + (pred[1, 7] - 5.5) ** 2,
+                        torch.tensor(0.0), -torch.log(p[3])]).detach()
+    assert torch.allclose(per.detach(), want, atol=1e-5)
+    per.sum().backward()
+    assert torch.isfinite(pred.grad).all() and not pred.grad[2].any() and not pred.grad[:, :6].any()
+    assert pred.grad[3, 6] != 0 and pred.grad[3, 7] == 0
 
 
 def kaggle_reference(az_true, zen_true, az_pred, zen_pred):

@@ -215,6 +215,11 @@ def test_pack_batch_budgets_and_truncation(prepared):
     np.testing.assert_array_equal(b['pulse_time'][:b['n_pulses']], ev['time'] - np.repeat(first, np.diff(ev['pulse_offsets'])))
     assert (b['dom_n_pulses'][:b['n_doms']] == np.diff(ev['dom_offsets'])).all()
     np.testing.assert_allclose(np.linalg.norm(b['event_dir'][:n], axis=1), 1, atol=1e-6)
+    # the simulation's truth, for the model's track and energy heads; NaN in the empty slots (and on real data)
+    truth = {k: v[1:1 + n] for k, v in s.truth.items()}
+    np.testing.assert_array_equal(b['event_track'][:n], truth['kind'] == 0)
+    np.testing.assert_allclose(b['event_log_energy'][:n], np.log10(truth['energy']), rtol=1e-6)
+    assert np.isnan(b['event_track'][n:]).all() and np.isnan(b['event_log_energy'][n:]).all()
 
 
 def test_loader_covers_split_once_and_ranks_differ(prepared):

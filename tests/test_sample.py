@@ -54,20 +54,21 @@ def test_calibration_fixes_miscalibrated_kappa_on_held_out_events():
     raw = sample.coverage(err[check], sample.vmf_radii(predicted[check]))
     assert np.abs(raw - sample.LEVELS).min() > 0.03, raw
     doms = rng.integers(20, 200, len(err))  # no bearing on the errors here
-    cal = sample.fit_calibration(predicted[fit], err[fit], doms[fit])
-    c = sample.circles(predicted[check], doms[check], cal)
+    cal = sample.fit_calibration(predicted[fit], err[fit], {'hit_doms': doms[fit]})
+    c = sample.circles(predicted[check], {'hit_doms': doms[check]}, cal)
     for name in ('calibrated', 'calibrated_vmf'):  # here one vMF of the calibrated kappa fits at every level too
         radii = c[name]
         assert np.abs(sample.coverage(err[check], radii) - sample.LEVELS).max() < 0.02, name
     # monotone: a surer prediction never gets a wider circle, and a higher level never a smaller one
     grid = np.exp(np.linspace(-5, 10, 1000))
     for n_doms in (20, 199):
-        radii = sample.calibrated_radii(cal, grid, np.full(len(grid), n_doms), sample.CAL_LEVELS)
+        events = {'hit_doms': np.full(len(grid), n_doms)}
+        radii = sample.calibrated_radii(cal, grid, events, sample.CAL_LEVELS)
         assert (np.diff(radii, axis=1) <= 0).all() and (np.diff(radii, axis=0) >= 0).all()
-        assert (np.diff(sample.calibrated_kappa(cal, grid, np.full(len(grid), n_doms))) >= 0).all()
+        assert (np.diff(sample.calibrated_kappa(cal, grid, events)) >= 0).all()
     # well calibrated input stays so
-    cal = sample.fit_calibration(true_kappa[fit], err[fit], doms[fit])
-    radii = sample.calibrated_radii(cal, true_kappa[check], doms[check])
+    cal = sample.fit_calibration(true_kappa[fit], err[fit], {'hit_doms': doms[fit]})
+    radii = sample.calibrated_radii(cal, true_kappa[check], {'hit_doms': doms[check]})
     assert np.abs(sample.coverage(err[check], radii) - sample.LEVELS).max() < 0.02
 
 
@@ -80,15 +81,40 @@ def test_calibration_per_hit_dom_group():
     err = vmf_errors(rng, true_kappa)
     predicted = np.where(doms >= 80, true_kappa / 4, true_kappa * 2)  # the bright too unsure, the faint too sure
     fit, check = slice(0, 20000), slice(20000, None)
-    cal = sample.fit_calibration(predicted[fit], err[fit], doms[fit])
-    assert 80 in cal['dom_edges'], cal['dom_edges']
-    one = sample.fit_calibration(predicted[fit], err[fit], doms[fit], min_events=len(doms))
-    assert len(one['maps']) == 1
+    cal = sample.fit_calibration(predicted[fit], err[fit], {'hit_doms': doms[fit]})
+    assert 80 in [g['box']['hit_doms'][0] for g in cal['groups']], cal['groups']
+    one = sample.fit_calibration(predicted[fit], err[fit], {'hit_doms': doms[fit]}, min_events=len(doms))
+    assert len(one['groups']) == 1
     for bright in (True, False):
         m = ((doms >= 80) == bright)[check]
-        cov = lambda c: sample.coverage(err[check][m], sample.calibrated_radii(c, predicted[check][m], doms[check][m]))
+        cov = lambda c: sample.coverage(err[check][m], sample.calibrated_radii(c, predicted[check][m], {'hit_doms': doms[check][m]}))
         assert np.abs(cov(cal) - sample.LEVELS).max() < 0.03, (bright, cov(cal))
         assert np.abs(cov(one) - sample.LEVELS).max() > 0.06, (bright, cov(one))
+
+
+def test_calibration_per_predicted_kind_and_energy():
+    """Where the model's heads learned the kind and energy (simulated training data), the groups are the predicted
+    kind and energy: tracks and cascades of the same kappa and hit DOMs that miss differently get their own maps, so
+    each true kind is calibrated although the prediction of its kind is sometimes wrong; without the heads (the
+    hit-DOM groups) neither kind is."""
+    rng = np.random.default_rng(4)
+    n = 60000
+    track = rng.random(n) < 0.3
+    true_kappa = np.exp(rng.uniform(np.log(1), np.log(300), n))
+    err = vmf_errors(rng, true_kappa)
+    predicted = np.where(track, true_kappa / 3, true_kappa * 2)  # the tracks too unsure, the cascades too sure
+    events = {'hit_doms': rng.integers(20, 200, n), 'log10_energy': rng.normal(3, 0.7, n),
+              'track_probability': np.clip(np.where(track, 0.85, 0.1) + rng.normal(0, 0.08, n), 0, 1)}
+    fit, check = np.arange(n // 2), np.arange(n // 2, n)
+    cal = sample.fit_calibration(predicted[fit], err[fit], sample.subset(events, fit))
+    assert cal['columns'] == ['log10_energy', 'track_probability'] and len(cal['groups']) == 6
+    json.loads(json.dumps(cal, allow_nan=False))  # plain JSON: open ends are null, not Infinity
+    doms_only = sample.fit_calibration(predicted[fit], err[fit], {'hit_doms': events['hit_doms'][fit]})
+    for is_track in (True, False):
+        m = check[track[check] == is_track]
+        cov = lambda c: sample.coverage(err[m], sample.calibrated_radii(c, predicted[m], sample.subset(events, m)))
+        assert np.abs(cov(cal) - sample.LEVELS).max() < 0.03, (is_track, cov(cal))
+        assert np.abs(cov(doms_only) - sample.LEVELS).max() > 0.08, (is_track, cov(doms_only))
 
 
 def test_calibration_covers_heavy_tails_level_by_level():
@@ -98,8 +124,8 @@ def test_calibration_covers_heavy_tails_level_by_level():
     err = np.where(rng.random(len(kappa)) < 0.15, np.arccos(rng.uniform(-1, 1, len(kappa))), vmf_errors(rng, kappa))
     fit, check = slice(0, 20000), slice(20000, None)
     doms = rng.integers(20, 200, len(err))
-    cal = sample.fit_calibration(kappa[fit], err[fit], doms[fit])
-    c = sample.circles(kappa[check], doms[check], cal)
+    cal = sample.fit_calibration(kappa[fit], err[fit], {'hit_doms': doms[fit]})
+    c = sample.circles(kappa[check], {'hit_doms': doms[check]}, cal)
     assert np.abs(sample.coverage(err[check], c['calibrated']) - sample.LEVELS).max() < 0.02
     # the one vMF matched at 50% leaves its 90% circles far too small: why each level has its own map
     vmf = sample.coverage(err[check], c['calibrated_vmf'])
@@ -135,12 +161,14 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     ev = json.load(open(os.path.join(out, 'eval_val.json')))
     cal = json.load(open(os.path.join(out, 'calibration.json')))
     assert cal['iter'] == ev['iter'] and cal['checkpoint'] == 'best.pt'
+    # the tiny set is simulated: the heads learned the kind and energy, and the calibration groups by them
+    assert cal['columns'] == ['log10_energy', 'track_probability'] and 0 <= ev['truth_heads']['track_auc'] <= 1
 
     # the csv's circles are those of the calibrated kappa, and the json's coverage is that of the csv's circles
     pr = read_csv(os.path.join(out, 'predictions_val.csv'))
-    assert np.allclose(pr['kappa_calibrated'], sample.calibrated_kappa(cal, pr['kappa'], pr['hit_doms']), rtol=1e-5)
+    assert np.allclose(pr['kappa_calibrated'], sample.calibrated_kappa(cal, pr['kappa'], pr), rtol=1e-5)
     assert np.allclose([pr['radius50_deg'], pr['radius90_deg']],
-                       np.degrees(sample.calibrated_radii(cal, pr['kappa'], pr['hit_doms'], (0.5, 0.9))), atol=1e-5)
+                       np.degrees(sample.calibrated_radii(cal, pr['kappa'], pr, (0.5, 0.9))), atol=1e-5)
     cov = ev['coverage']
     assert cov['levels'] == [0.5, 0.68, 0.9]
     odd = slice(1, None, 2)
@@ -180,7 +208,7 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     et = json.load(open(os.path.join(out, 'eval_train.json')))
     ptr = read_csv(os.path.join(out, 'predictions_train.csv'))
     assert et['calibration']['fit_on'] == cal['fit_on']
-    assert np.allclose(ptr['kappa_calibrated'], sample.calibrated_kappa(cal, ptr['kappa'], ptr['hit_doms']), rtol=1e-5)
+    assert np.allclose(ptr['kappa_calibrated'], sample.calibrated_kappa(cal, ptr['kappa'], ptr), rtol=1e-5)
     inside = ptr['angular_error'] <= np.radians([ptr['radius50_deg'], ptr['radius90_deg']])
     assert np.allclose(np.array(et['coverage']['held_out']['all']['calibrated'])[[0, 2]], inside.mean(1))
 
@@ -201,3 +229,15 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     assert len(again['event_id']) == len(pr['event_id']) and (again['event_id'] == pr['event_id']).all()
     assert np.allclose(again['kappa'], pr['kappa'], rtol=1e-4)
     assert M.angular_errors(again['azimuth'], again['zenith'], pr['azimuth'], pr['zenith']).max() < 1e-4
+    assert np.allclose(again['track_probability'], pr['track_probability'], atol=1e-5)
+
+    # a model whose heads did not learn (truth_weight=0; the Kaggle data, which has no truth file, likewise): no
+    # kind or energy in the csv, and the calibration groups by hit DOMs
+    out0 = str(tmp_path / 'out0')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out0}', '--max_iters=4', '--eval_interval=4',
+         '--truth_weight=0'] + TINY)
+    run(['sample.py', f'--out_dir={out0}', '--split=val', '--baselines=', '--plots=False'])
+    p0 = read_csv(os.path.join(out0, 'predictions_val.csv'))
+    assert 'track_probability' not in p0 and 'log10_energy' not in p0
+    assert json.load(open(os.path.join(out0, 'calibration.json')))['columns'] == ['hit_doms']
+    assert 'truth_heads' not in json.load(open(os.path.join(out0, 'eval_val.json')))
