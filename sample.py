@@ -78,7 +78,6 @@ INFER_BUDGET = 4  # without gradients a micro-batch keeps no activations: 4x tra
                   # 1.2-1.3x the events/s of 1x on the CPU (fewer, larger ops; 8x and 16x less again; notes, section 10)
 ENERGY_EDGES = [-np.inf, 2.5, 3, 3.5, 4, 5, 6, np.inf]  # log10(E / GeV), for the tables
 DOM_EDGES = [0, 10, 20, 40, 80, 160, 320, np.inf]
-ENERGY_GROUPS = 3  # the calibration's bins of predicted energy per predicted kind (fit_calibration)
 GROUP_TITLES = {'by_kind': 'by kind', 'by_energy': 'by energy (log10 GeV)', 'by_doms': 'by hit DOMs'}
 METHOD_LABELS = {'model': 'iceaggr', 'linefit': 'LineFit', 'linefit_improved': 'improved LineFit', 'time_fit': 'quick likelihood fit',
                  'mpe': 'MPE likelihood fit'}
@@ -132,19 +131,18 @@ def fit_kappa_map(kappa, err, levels, n_bins=12, min_events=300):
     return {'log_kappa_knots': knots.tolist(), 'log_scale': log_scale.tolist()}
 
 
-def dom_boxes(n_doms, min_events):
-    """The report's hit-DOM bins (DOM_EDGES) as calibration groups, a bin with fewer than min_events merged into its
-    smaller neighbour: a list of boxes {'hit_doms': [lo, hi)}."""
-    edges = list(DOM_EDGES[1:-1])
+def merged_edges(values, edges, min_events):
+    """The report's bin edges (DOM_EDGES, ENERGY_EDGES) for the calibration's groups: a bin with fewer than
+    min_events of values merged into its smaller neighbour, until none is."""
+    edges = list(edges)
     while edges:
-        counts = np.bincount(np.digitize(n_doms, edges), minlength=len(edges) + 1)
+        counts = np.bincount(np.digitize(values, edges), minlength=len(edges) + 1)
         g = int(np.argmin(counts))
-        if counts[g] >= min(min_events, len(n_doms)):
+        if counts[g] >= min(min_events, len(values)):
             break
         # drop the edge between group g and its smaller neighbour
         edges.pop(0 if g == 0 else g - 1 if g == len(edges) or counts[g - 1] <= counts[g + 1] else g)
-    bounds = [-np.inf] + [float(e) for e in edges] + [np.inf]
-    return [{'hit_doms': [lo, hi]} for lo, hi in zip(bounds, bounds[1:])]
+    return [-np.inf] + [float(e) for e in edges] + [np.inf]
 
 
 def finite_or_none(x):
@@ -164,25 +162,23 @@ def fit_calibration(kappa, err, events, levels=CAL_LEVELS, min_events=1000):
     of events that every event has, labelled or not (an analysis can select on them, where it cannot on the true
     kind or energy). events: dict of per-event columns, 'hit_doms' and, where the model's heads learned them (a
     simulated training set), 'track_probability' and 'log10_energy'.
-    - With the heads: the events the model calls tracks (p >= 0.5) and cascades, each in up to ENERGY_GROUPS quantile
-      bins of the predicted energy (at least min_events each). The model's kappa means another thing for each kind
-      and energy: after a toy main job, held out, the worst kind was 3.6 points off nominal and the worst energy bin
-      3.3 (per hit-DOM group 4.7 and 5.1; notes, section 9).
+    - With the heads: the events the model calls tracks (p >= 0.5) and cascades, each per bin of the report's
+      ENERGY_EDGES in predicted energy (merged to min_events). The model's kappa means another thing for each kind
+      and energy: after a toy main job, held out, the worst kind was 3.0 points off nominal and the worst energy bin
+      3.2 (per hit-DOM group 4.4 and 4.6; notes, section 9).
     - Without: per bin of hit-DOM count (the report's DOM_EDGES bins, merged to min_events): after the toy main job
       one map for all left the 80-160 DOM events' 50% circles holding 61%, per group 49.5%."""
-    n = len(kappa)
     if 'track_probability' in events:
         boxes = []
         p, log_e = events['track_probability'], events['log10_energy']
         parts = [[-np.inf, 0.5], [0.5, np.inf]] if min(((p < 0.5).sum(), (p >= 0.5).sum())) >= min_events else [[-np.inf, np.inf]]
         for part in parts:
-            m = (p >= part[0]) & (p < part[1])
-            k = max(1, min(ENERGY_GROUPS, m.sum() // min_events))
-            q = [-np.inf] + np.quantile(log_e[m], np.linspace(0, 1, k + 1)[1:-1]).tolist() + [np.inf]
-            boxes += [{'track_probability': part, 'log10_energy': [lo, hi]} for lo, hi in zip(q, q[1:])]
-        method = 'per predicted kind and quantile bin of predicted energy'
+            e = merged_edges(log_e[(p >= part[0]) & (p < part[1])], ENERGY_EDGES[1:-1], min_events)
+            boxes += [{'track_probability': part, 'log10_energy': [lo, hi]} for lo, hi in zip(e, e[1:])]
+        method = 'per predicted kind and bin of predicted energy'
     else:
-        boxes, method = dom_boxes(events['hit_doms'], min(min_events, n)), 'per group of hit-DOM count'
+        e = merged_edges(events['hit_doms'], DOM_EDGES[1:-1], min_events)
+        boxes, method = [{'hit_doms': [lo, hi]} for lo, hi in zip(e, e[1:])], 'per group of hit-DOM count'
     boxes = [{c: [finite_or_none(lo), finite_or_none(hi)] for c, (lo, hi) in box.items()} for box in boxes]
     groups = [{'box': box, **fit_kappa_map(kappa[m], err[m], levels)} for box in boxes for m in [in_box(box, events)]]
     return {'method': method + ', per level, a scale of kappa per quantile bin of log kappa, interpolated, monotone',
@@ -569,7 +565,8 @@ def main():
             with open(cal_path) as f:
                 cal = json.load(f)
             fit_on, stale = cal['fit_on'], (cal['checkpoint'], cal['iter']) != (ckpt, int(ck['iter_num']))
-            calibrated_radii(cal, kappa[:1], subset(events, slice(0, 1)))
+            if not stale:  # a map of another checkpoint may group by outputs this one lacks
+                calibrated_radii(cal, kappa[:1], subset(events, slice(0, 1)))
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
                              f"run sample.py --split=val to write it again")
