@@ -278,6 +278,12 @@ def swap_ema():
             e.copy_(tmp)
 
 
+def event_losses(pred, b):
+    """Per event slot of micro-batch b: the direction's loss plus truth_weight times the kind and energy heads'."""
+    return (M.per_event_loss(pred, b['event_dir'], b['event_index'] >= 0, angular_weight)
+            + truth_weight * M.truth_loss(pred, b['event_track'], b['event_log_energy']))
+
+
 @torch.no_grad()
 def evaluate():
     """Mean angular error (rad) and mean loss of the averaged weights over the first eval_events val events,
@@ -295,8 +301,7 @@ def evaluate():
             pred = eval_model(b)
         target = torch.where(real[:, None], b['event_dir'].float(), 0.0)
         err_sum += torch.where(real, M.direction_error(pred, target), 0.0).sum()
-        loss_sum += (M.per_event_loss(pred, target, real, angular_weight) + truth_weight * M.truth_loss(
-            pred, b['event_track'], b['event_log_energy'])).sum()
+        loss_sum += event_losses(pred, b).sum()
         n += batch['n_events']
     loader.close()
     err_sum, loss_sum, n = all_sum([err_sum, loss_sum, n])
@@ -455,8 +460,7 @@ def micro_step(batch, n_events):
     b = M.to_device(batch, device)
     with autocast:
         pred = model(b)
-    per = (M.per_event_loss(pred, b['event_dir'], b['event_index'] >= 0, angular_weight)
-           + truth_weight * M.truth_loss(pred, b['event_track'], b['event_log_energy'])).sum()
+    per = event_losses(pred, b).sum()
     (per / n_events).backward()
     return per.detach()
 
