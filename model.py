@@ -112,10 +112,13 @@ def stream_layout(batch, path):
       dom_n_kept (D,) kept pulses per DOM (the pooling's divisor)
       t2_src (N2,)  the row of each T2 token in [DOM tokens (D), CLS tokens (E), a zero row]
       t2_doc (N2,)  its event (E for padding)
-      t2_cls (E,)   the slot of each event's CLS token (0 for padding event slots)
-    and the attention layout of each stream: t1_groups / t2_groups ('sdpa'), or t1_lo, t1_hi, t1_block_doc and the
-    same for t2 ('flex', block_ranges). The flex layout pads T1 to P and T2 to D + E tokens, rounded up to BLOCK, so
-    every array has a shape fixed by the budgets."""
+      t2_query      the slots of the CLS tokens in stream order: the queries of T2's last block, whose outputs are
+                    read only at the CLS tokens ('flex': padded to E rounded up to BLOCK with the last one)
+      t2_cls (E,)   where each event's CLS token is among t2_query (0 for padding event slots)
+    and the attention layout of each stream: t1_groups / t2_groups ('sdpa'; the last block's too), or t1_lo, t1_hi,
+    t1_block_doc and the same for t2 ('flex', block_ranges), plus t2_query_lo, t2_query_hi (each block of 128 CLS
+    queries attends the key blocks lo..hi) and t2_query_doc (each query's event). The flex layout pads T1 to P and T2
+    to D + E tokens, rounded up to BLOCK, so every array has a shape fixed by the budgets."""
     P, D, E = len(batch['pulse_dom']), len(batch['dom_pos']), len(batch['event_index'])
     n_p, n_d, n_e = batch['n_pulses'], batch['n_doms'], batch['n_events']
     dom_len = np.bincount(batch['pulse_dom'][:n_p], minlength=D)
@@ -123,46 +126,64 @@ def stream_layout(batch, path):
     ev_doms = np.bincount(batch['dom_event'][:n_d], minlength=n_e)
     cls_and_doms = np.insert(np.arange(n_d), np.cumsum(ev_doms) - ev_doms, D + np.arange(n_e))
     t2_src, t2_doc, cls, t2_attn = _stream(1 + ev_doms, cls_and_doms, path, -(-(D + E) // BLOCK) * BLOCK, D + E)
+    # each document starts with its CLS token, so the CLS slots in stream order are the documents' in stream order
+    query = np.sort(cls)
+    rank = np.empty(n_e, np.int64)
+    rank[np.argsort(cls)] = np.arange(n_e)
     out = {**batch, 't1_src': t1_src, 't1_dom': np.where(t1_dom < n_d, t1_dom, D), 'dom_n_kept': dom_len.astype(np.float32),
-           't2_src': t2_src, 't2_doc': np.where(t2_doc < n_e, t2_doc, E), 't2_cls': np.r_[cls, np.zeros(E - n_e, np.int64)]}
+           't2_src': t2_src, 't2_doc': np.where(t2_doc < n_e, t2_doc, E), 't2_cls': np.r_[rank, np.zeros(E - n_e, np.int64)]}
     for stage, attn in (('t1', t1_attn), ('t2', t2_attn)):
         if path == 'sdpa':
             out[f'{stage}_groups'] = attn
         else:
             out.update({f'{stage}_{k}': a for k, a in zip(('lo', 'hi', 'block_doc'), attn)})
+    if path == 'flex':  # the queries padded with copies of the last (outputs nobody reads) to a fixed length
+        query = np.r_[query, np.full(-(-E // BLOCK) * BLOCK - n_e, query[-1])]
+        end = query + 1 + ev_doms[t2_doc[query]]  # one past each query's document
+        out.update(t2_query_lo=(query[::BLOCK] // BLOCK).astype(np.int32),
+                   t2_query_hi=((end[BLOCK - 1::BLOCK] - 1) // BLOCK).astype(np.int32), t2_query_doc=t2_doc[query])
+    out['t2_query'] = query
     return out
 
 
 # -----------------------------------------------------------------------------
 # attention over a stream
 
-def block_mask(lo, hi, block_doc, mask_mod):
+def block_mask(lo, hi, block_doc, mask_mod, kv_blocks=None):
     """The FlexAttention BlockMask of a stream from block_ranges: key block j is in query block i's range when
     lo[i] <= j <= hi[i], "full" (no mask_mod needed) when both blocks lie inside one single document, else partial.
-    Fixed (nb, nb) shapes; the mask is symmetric, so the same indices serve the backward pass."""
-    nb = lo.shape[0]
-    j = torch.arange(nb, device=lo.device)
+    Queries and keys are the same stream, unless kv_blocks says how many key blocks there are (T2's last block:
+    the CLS queries, block_doc None, every block partial). Fixed (nq, nkv) shapes; the backward pass reads the
+    transposed indices."""
+    nq = lo.shape[0]
+    nkv = nq if kv_blocks is None else kv_blocks
+    j = torch.arange(nkv, device=lo.device)
     in_range = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
-    full = in_range & (block_doc[:, None] >= 0) & (block_doc[:, None] == block_doc[None, :])
+    if block_doc is None:
+        full = torch.zeros_like(in_range)
+    else:
+        full = in_range & (block_doc[:, None] >= 0) & (block_doc[:, None] == block_doc[None, :])
 
     def ordered(m):  # BlockMask's format: each row's count, and its blocks first in ascending order
         idx = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
         return m.sum(1).to(torch.int32)[None, None], idx.to(torch.int32)[None, None]
 
     (num, idx), (fnum, fidx) = ordered(in_range & ~full), ordered(full)
-    return BlockMask(seq_lengths=(nb * BLOCK, nb * BLOCK), kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=fnum,
-                     full_kv_indices=fidx, q_num_blocks=num, q_indices=idx, full_q_num_blocks=fnum, full_q_indices=fidx,
-                     BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod)
+    (qnum, qidx), (fqnum, fqidx) = ordered((in_range & ~full).T), ordered(full.T)
+    return BlockMask(seq_lengths=(nq * BLOCK, nkv * BLOCK), kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=fnum,
+                     full_kv_indices=fidx, q_num_blocks=qnum, q_indices=qidx, full_q_num_blocks=fqnum,
+                     full_q_indices=fqidx, BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod)
 
 
 def attention_layouts(b):
-    """T1's and T2's attention layouts: the loader's groups ('sdpa'), or BlockMasks from the loader's block ranges
-    ('flex'). The two mask_mods are two functions on purpose: FlexAttention identifies a mask_mod by its code, and
-    inside one compiled graph two closures of one function (T1's and T2's) got mixed up, so the compiled model
-    computed another function (tests/test_model.py::test_flex_path_is_one_graph_without_recompiles)."""
+    """The attention layouts of T1, T2 and T2's last block (CLS queries only): the loader's groups ('sdpa'), or
+    BlockMasks from the loader's block ranges ('flex'). The mask_mods are separate functions on purpose: FlexAttention
+    identifies a mask_mod by its code, and inside one compiled graph two closures of one function (T1's and T2's) got
+    mixed up, so the compiled model computed another function
+    (tests/test_model.py::test_flex_path_is_one_graph_without_recompiles)."""
     if 't1_groups' in b:
-        return b['t1_groups'], b['t2_groups']
-    t1_dom, t2_doc = b['t1_dom'], b['t2_doc']
+        return b['t1_groups'], b['t2_groups'], b['t2_groups']
+    t1_dom, t2_doc, query_doc = b['t1_dom'], b['t2_doc'], b['t2_query_doc']
 
     def same_dom(batch, head, q, kv):
         return t1_dom[q] == t1_dom[kv]
@@ -170,22 +191,30 @@ def attention_layouts(b):
     def same_event(batch, head, q, kv):
         return t2_doc[q] == t2_doc[kv]
 
+    def own_event(batch, head, q, kv):
+        return query_doc[q] == t2_doc[kv]
+
     return (block_mask(b['t1_lo'], b['t1_hi'], b['t1_block_doc'], same_dom),
-            block_mask(b['t2_lo'], b['t2_hi'], b['t2_block_doc'], same_event))
+            block_mask(b['t2_lo'], b['t2_hi'], b['t2_block_doc'], same_event),
+            block_mask(b['t2_query_lo'], b['t2_query_hi'], None, own_event, kv_blocks=b['t2_lo'].shape[0]))
 
 
-def attend(qkv, layout):
-    """qkv: (3, H, N, hd), the queries, keys and values of one stream, head-major. layout: a BlockMask (flex) or the
-    groups ((length, n_docs), ...) of a stream sorted by document length (sdpa). Returns (H, N, hd): each token
-    attends (softmax, scale 1/sqrt(hd)) over its document's tokens. Head-major, a group's tokens are one (H, n_docs,
-    length, hd) view, each document's (length, hd) block contiguous, as the kernels read it."""
+def attend(q, k, v, layout):
+    """k, v: (H, N, hd), the keys and values of one stream, head-major; q: the queries, (H, N, hd) for every token or
+    (H, n_docs, hd) for each document's first token alone (T2's last block: the CLS tokens, in stream order).
+    layout: a BlockMask (flex) or the groups ((length, n_docs), ...) of a stream sorted by document length (sdpa).
+    Returns q's shape: each query attends (softmax, scale 1/sqrt(hd)) over its document's tokens. Head-major, a
+    group's tokens are one (H, n_docs, length, hd) view, each document's (length, hd) block contiguous, as the
+    kernels read it."""
     if isinstance(layout, BlockMask):
-        q, k, v = (t[None] for t in qkv)
-        return _flex_compiled(q, k, v, block_mask=layout)[0]
+        return _flex_compiled(q[None], k[None], v[None], block_mask=layout)[0]
+    sizes = [length * n for length, n in layout]
+    per_doc = q.shape[1] != k.shape[1]  # (all documents of one token: the same either way)
     out = []
-    for (length, n), g in zip(layout, qkv.split([length * n for length, n in layout], dim=2)):  # one backward
-        q, k, v = g.unflatten(2, (n, length))
-        out.append(v if length == 1 else F.scaled_dot_product_attention(q, k, v))
+    for (length, n), qg, kg, vg in zip(layout, q.split([n for _, n in layout] if per_doc else sizes, dim=1),
+                                       k.split(sizes, dim=1), v.split(sizes, dim=1)):  # one backward
+        qg, kg, vg = qg.unflatten(1, (n, -1)), kg.unflatten(1, (n, length)), vg.unflatten(1, (n, length))
+        out.append(vg if length == 1 else F.scaled_dot_product_attention(qg, kg, vg))
     return torch.cat([o.flatten(1, 2) for o in out], dim=1)
 
 
@@ -467,10 +496,20 @@ class Block(nn.Module):
         self.fc = nn.Linear(dim, mlp_ratio * dim, bias=False)
         self.fc_out = nn.Linear(mlp_ratio * dim, dim, bias=False)
 
-    def forward(self, x, layout):
+    def forward(self, x, layout, queries=None):
+        """x (N, C) -> (N, C); or with queries (slots of the stream: T2's last block, whose output is read only at the
+        CLS tokens) only those tokens' outputs, which is the same function: the other tokens are keys and values
+        alone and skip the queries' projection, the output projection and the MLP (a quarter of their FLOPs)."""
         N, C = x.shape
-        qkv = self.qkv(self.ln1(x)).view(N, 3, self.n_head, C // self.n_head).permute(1, 2, 0, 3).contiguous()  # (3, H, N, hd)
-        x = x + self.proj(attend(qkv, layout).transpose(0, 1).reshape(N, C))
+        H, h = self.n_head, self.ln1(x)
+        if queries is None:
+            q, k, v = self.qkv(h).view(N, 3, H, C // H).permute(1, 2, 0, 3).contiguous()  # (H, N, hd) each
+        else:
+            x = take(x, queries)
+            # (1, H, n, hd) made contiguous, then [0]: inductor's CPU flex kernel wants a 4-d buffer, as k's and v's are
+            q = F.linear(take(h, queries), self.qkv.weight[:C]).view(-1, 1, H, C // H).permute(1, 2, 0, 3).contiguous()[0]
+            k, v = F.linear(h, self.qkv.weight[C:]).view(N, 2, H, C // H).permute(1, 2, 0, 3).contiguous()
+        x = x + self.proj(attend(q, k, v, layout).transpose(0, 1).reshape(x.shape[0], C))
         return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
 
 
@@ -488,6 +527,8 @@ class IceModel(nn.Module):
     def __init__(self, t1_dim=64, t1_layers=2, t1_heads=4, t2_dim=128, t2_layers=4, t2_heads=4,
                  mlp_ratio=4, attn='auto'):
         super().__init__()
+        if t2_layers < 1:
+            raise ValueError(f"IceModel: t2_layers={t2_layers}: T2 needs at least one block (its last reads the CLS tokens)")
         self.args = dict(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim,
                          t2_layers=t2_layers, t2_heads=t2_heads, mlp_ratio=mlp_ratio, attn=attn)
         self.attn = attn  # 'flex', 'sdpa' or 'auto' (flex on CUDA, sdpa elsewhere): the layout model_inputs builds
@@ -553,13 +594,14 @@ class IceModel(nn.Module):
 
     def encode(self, b):
         """T1, then T2 over a token per DOM and a CLS token per event -> the CLS token's output (E, t2_dim)."""
-        t1_layout, t2_layout = attention_layouts(b)
+        t1_layout, t2_layout, cls_layout = attention_layouts(b)
         dom_emb = self.embed_doms(b, t1_layout)
         dom_tok = self.dom_embed(b['dom_feats']) + self.t1_to_t2(dom_emb) + self.spacetime_embed(self.fourier(b['dom_spacetime']))
         cls_tok = self.cls + self.event_embed(b['event_feats'])
         x = take(torch.cat([dom_tok.float(), cls_tok.float(), dom_emb.new_zeros(1, dom_tok.shape[1])]), b['t2_src'])
-        for blk in self.t2:
+        for blk in self.t2[:-1]:
             x = blk(x, t2_layout)
+        x = self.t2[-1](x, cls_layout, b['t2_query'])  # only the CLS tokens' outputs are read
         return self.t2_ln(take(x, b['t2_cls']))
 
     def forward(self, b):

@@ -156,7 +156,7 @@ def test_attention_paths_agree(compiled, monkeypatch):
     qh, kh, vh = (t[:n].transpose(0, 1) for t in (q, k, v))
     ref = (torch.softmax((qh @ kh.transpose(-1, -2)) / 4.0 + torch.where(mask, 0.0, -math.inf), -1) @ vh).transpose(0, 1)
     for path, (src, doc, layout) in streams(lengths).items():
-        out = M.attend(torch.stack([q[src], k[src], v[src]]).transpose(1, 2).contiguous(), layout).transpose(0, 1)
+        out = M.attend(*torch.stack([q[src], k[src], v[src]]).transpose(1, 2).contiguous(), layout).transpose(0, 1)
         real = src < n
         diff = (out[real] - ref[src[real]]).abs().max().item()
         print(f"attention {path} (compiled flex={compiled}): max abs diff from the dense reference {diff:.2e}")
@@ -248,6 +248,31 @@ def test_block_mask_blocks():
         full = set(f_idx[i, :f_num[i]].tolist())
         assert full == set(torch.nonzero(all_[i]).flatten().tolist())
         assert part == set(torch.nonzero(any_[i] & ~all_[i]).flatten().tolist())
+
+
+def test_cls_query_block_mask(data):
+    """T2's last block, whose queries are the CLS tokens alone: its BlockMask's key blocks (forward) and query blocks
+    (backward) are exactly the blocks where a query meets a key of its own event, and the mask_mod says which
+    tokens; the square masks' query blocks are their key blocks (symmetric)."""
+    _, b = data
+    t = M.model_inputs(b, 'flex')
+    t1, t2, cls = M.attention_layouts(t)
+    q_doc, doc = t['t2_query_doc'], t['t2_doc']
+    assert len(t['t2_query']) % M.BLOCK == 0 and (doc[t['t2_query']] == q_doc).all()
+    assert (torch.sort(t['t2_query'][:b['n_events']]).values == t['t2_query'][:b['n_events']]).all()
+    dense = q_doc[:, None] == doc[None, :]
+    nq, nkv = dense.shape[0] // M.BLOCK, dense.shape[1] // M.BLOCK
+    any_ = dense.view(nq, M.BLOCK, nkv, M.BLOCK).any(3).any(1)
+    kv_num, kv_idx, q_num, q_idx = cls.kv_num_blocks[0, 0], cls.kv_indices[0, 0], cls.q_num_blocks[0, 0], cls.q_indices[0, 0]
+    assert not cls.full_kv_num_blocks.any() and not cls.full_q_num_blocks.any()
+    for i in range(nq):
+        assert set(kv_idx[i, :kv_num[i]].tolist()) == set(torch.nonzero(any_[i]).flatten().tolist())
+    for j in range(nkv):
+        assert set(q_idx[j, :q_num[j]].tolist()) == set(torch.nonzero(any_[:, j]).flatten().tolist())
+    qi, kvi = torch.meshgrid(torch.arange(dense.shape[0]), torch.arange(dense.shape[1]), indexing='ij')
+    assert torch.equal(cls.mask_mod(0, 0, qi, kvi), dense)
+    for square in (t1, t2):
+        assert torch.equal(square.q_indices, square.kv_indices) and torch.equal(square.q_num_blocks, square.kv_num_blocks)
 
 
 def test_gradients_reach_every_parameter(data):
