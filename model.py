@@ -499,7 +499,8 @@ class Block(nn.Module):
     def forward(self, x, layout, queries=None):
         """x (N, C) -> (N, C); or with queries (slots of the stream: T2's last block, whose output is read only at the
         CLS tokens) only those tokens' outputs, which is the same function: the other tokens are keys and values
-        alone and skip the queries' projection, the output projection and the MLP (a quarter of their FLOPs)."""
+        alone, and skip the queries' projection, the output projection and the MLP (at mlp_ratio 2 they cost a
+        quarter of the block's matmul FLOPs)."""
         N, C = x.shape
         H, h = self.n_head, self.ln1(x)
         if queries is None:
