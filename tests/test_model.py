@@ -161,6 +161,12 @@ def test_attention_paths_agree(compiled, monkeypatch):
         diff = (out[real] - ref[src[real]]).abs().max().item()
         print(f"attention {path} (compiled flex={compiled}): max abs diff from the dense reference {diff:.2e}")
         assert diff < 1e-5
+        if path == 'sdpa':  # queries at each document's first token alone (T2's last block: the CLS tokens)
+            lens = np.repeat(*zip(*layout))
+            first = torch.from_numpy(np.cumsum(lens) - lens)
+            qkv = torch.stack([q[src], k[src], v[src]]).transpose(1, 2).contiguous()
+            out = M.attend(qkv[0][:, first], qkv[1], qkv[2], layout).transpose(0, 1)
+            assert out.shape[0] == len(lengths) and (out - ref[src[first]]).abs().max() < 1e-5
 
 
 def test_model_paths_agree(data, monkeypatch):
