@@ -127,9 +127,9 @@ def stream_layout(batch, path):
     cls_and_doms = np.insert(np.arange(n_d), np.cumsum(ev_doms) - ev_doms, D + np.arange(n_e))
     t2_src, t2_doc, cls, t2_attn = _stream(1 + ev_doms, cls_and_doms, path, -(-(D + E) // BLOCK) * BLOCK, D + E)
     # each document starts with its CLS token, so the CLS slots in stream order are the documents' in stream order
-    query = np.sort(cls)
-    rank = np.empty(n_e, np.int64)
-    rank[np.argsort(cls)] = np.arange(n_e)
+    order = np.argsort(cls)
+    query, rank = cls[order], np.empty(n_e, np.int64)
+    rank[order] = np.arange(n_e)
     out = {**batch, 't1_src': t1_src, 't1_dom': np.where(t1_dom < n_d, t1_dom, D), 'dom_n_kept': dom_len.astype(np.float32),
            't2_src': t2_src, 't2_doc': np.where(t2_doc < n_e, t2_doc, E), 't2_cls': np.r_[rank, np.zeros(E - n_e, np.int64)]}
     for stage, attn in (('t1', t1_attn), ('t2', t2_attn)):

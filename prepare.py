@@ -1071,6 +1071,11 @@ class BatchLoader:
         self.stop = threading.Event()
         # forked before the thread starts; the workers run torch on one thread each and never touch a GPU
         self.pool = get_context('fork').Pool(workers, _worker_init, (split.path, self.args, transform)) if workers else None
+        # this thread and its consumer share the interpreter lock, which a waiting thread gets only after the holder
+        # has run for Python's switch interval: at its 5 ms the training step's threads, which retake the lock between
+        # ops, stalled behind this thread's numpy; at 0.5 ms the toy's main job made 1.04-1.08x the events/s and
+        # sample.py's model loop 1.02-1.08x (notes, section 10). A process-wide setting, made where the thread is.
+        sys.setswitchinterval(0.0005)
         self.thread = threading.Thread(target=self._fill, daemon=True)
         self.thread.start()
 

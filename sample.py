@@ -38,7 +38,6 @@ import functools
 import json
 import math
 import os
-import sys
 import textwrap
 import time
 
@@ -504,9 +503,7 @@ def main():
     network = np.zeros((n, 3), np.float64)  # the network's own vMF, before the seeds join it
     truth_out = np.zeros((n, 2), np.float64)  # the track logit and log10 energy of the heads (model.truth_loss)
     seen = np.zeros(n, bool)
-    # the loader builds each batch's stream layout ahead of the model (model.model_inputs); the features run in the
-    # forward. A 0.5 ms switch interval hands the interpreter lock between them sooner (train.py says why)
-    sys.setswitchinterval(0.0005)
+    # the loader builds each batch's stream layout ahead of the model (model.model_inputs); the features run in the forward
     to_model = functools.partial(M.model_inputs, path=raw_model.path(device), with_features=False)
     loader = BatchLoader(s, max_pulses or INFER_BUDGET * cfg['max_pulses'], max_doms or INFER_BUDGET * cfg['max_doms'],
                          max_events_per_batch or INFER_BUDGET * cfg['max_events'], ck['max_pulses_per_dom'], shuffle=False,

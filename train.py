@@ -110,10 +110,6 @@ device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if master:
     os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
-# the loader thread and the step's threads share the interpreter lock, which a waiting thread gets only after the
-# holder has run for the switch interval: at Python's 5 ms the step's threads, which retake it between ops, stalled
-# behind the loader's numpy; at 0.5 ms the toy's main job made 1.04-1.08x the events/s (notes, section 10)
-sys.setswitchinterval(0.0005)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
