@@ -93,6 +93,7 @@ efficiency_configs = 'toy_cpu,baseline_1m'
 cpu_budget_divisor = 8
 loader_batches = 16            # batches timed per loader measurement
 compare_commit = ''            # a git commit (e.g. bfe73ee): its model.py's step timed on the same batches, A B A B
+rows = 'prepare,reading,step,scaling,inference,efficiency'  # the rows to run (scaling and inference need step)
 # -----------------------------------------------------------------------------
 
 
@@ -604,80 +605,87 @@ def main():
     torch.set_num_threads(threads or os.cpu_count())
     pa.set_cpu_count(threads or os.cpu_count())
     t_start = time.time()
+    todo = set(rows.split(','))
+    unknown = todo - {'prepare', 'reading', 'step', 'scaling', 'inference', 'efficiency'}
+    if unknown or todo & {'scaling', 'inference'} and 'step' not in todo:
+        raise SystemExit(f"bench: error: rows={rows!r}: the rows are prepare, reading, step, scaling, inference and "
+                         f"efficiency" + (f", not {', '.join(sorted(unknown))}" if unknown else "; scaling and inference need step"))
     raw, packed = make_data()
     results = {'config': config, 'machine': {'device': device, 'cpus': os.cpu_count(), 'threads': torch.get_num_threads(),
                                              'torch': torch.__version__,
                                              'memory': 'torch.cuda.max_memory_allocated' if device == 'cuda' else
                                              'peak resident set growth (VmHWM after clear_refs)'}}
-    results['prepare'] = bench_prepare(raw)
-    results['reading'] = bench_reading(raw, packed)
+    r, q, table = results, {}, []
+    if 'prepare' in todo:
+        p = r['prepare'] = bench_prepare(raw)
+        q['prepare_over_pyarrow_read'] = p['prepare_s'] / p['pyarrow_read_s']
+        q['packing_over_pyarrow_read'] = p['packing_s'] / p['pyarrow_read_s']
+        table.append(('prepare', f"{p['prepare_pulses_per_s'] / 1e6:.2f}M pulses/s ({p['packing_pulses_per_s'] / 1e6:.2f}M the packing alone)",
+                      f"pyarrow read {p['pyarrow_read_pulses_per_s'] / 1e6:.1f}M pulses/s",
+                      f"{q['packing_over_pyarrow_read']:.2f}x the read time for the packing (goal <= 5), "
+                      f"{q['prepare_over_pyarrow_read']:.1f}x with the LineFits"))
+    if 'reading' in todo:
+        rd = r['reading'] = bench_reading(raw, packed)
+        q['reading_vs_parquet'] = rd['packed_events_per_s'] / rd['parquet_events_per_s']
+        table.append(('reading', f"{rd['packed_events_per_s']:,.0f} events/s", f"parquet loader {rd['parquet_events_per_s']:,.0f} events/s",
+                      f"{q['reading_vs_parquet']:.1f}x faster (goal >= 20)"))
     split, batches, idx = step_batches_of(packed)
-    results['step'], hier = bench_step(batches)
-    results['scaling'] = bench_scaling(hier, split.geometry)
-    results['inference'] = bench_inference(split, batches, idx, hier)
-    results['efficiency'] = {name: bench_efficiency(name, split) for name in efficiency_configs.split(',') if name}
-    r = results
-    st, sc, inf = r['step'], r['scaling'], r['inference']
-    n10k, t10k, m10k = ratio_at(sc, 10000)
-    hm = [(x['n_pulses'], x['hier']['peak_mb']) for x in sc if x['hier']['peak_mb'] > 0]
-    results['ratios'] = {
-        'prepare_over_pyarrow_read': r['prepare']['prepare_s'] / r['prepare']['pyarrow_read_s'],
-        'packing_over_pyarrow_read': r['prepare']['packing_s'] / r['prepare']['pyarrow_read_s'],
-        'reading_vs_parquet': r['reading']['packed_events_per_s'] / r['reading']['parquet_events_per_s'],
-        'step_vs_flat_realistic': st['hier']['events_per_s'] / st['flat']['events_per_s'],
-        'step_vs_padded_t1_realistic': st['hier']['events_per_s'] / st['padded_t1']['events_per_s'],
-        'step_memory_flat_over_hier_realistic': st['flat']['peak_mb'] / max(st['hier']['peak_mb'], 1e-9),
-        'step_memory_padded_t1_over_hier_realistic': st['padded_t1']['peak_mb'] / max(st['hier']['peak_mb'], 1e-9),
-        'step_vs_flat_10k': t10k,
-        'step_vs_flat_10k_pulses': n10k,  # 10,000 unless the scaling sizes leave it out
-        'memory_flat_over_hier_10k': m10k,
+    if 'step' in todo:
+        st, hier = bench_step(batches)
+        r['step'] = st
+        q.update(step_vs_flat_realistic=st['hier']['events_per_s'] / st['flat']['events_per_s'],
+                 step_vs_padded_t1_realistic=st['hier']['events_per_s'] / st['padded_t1']['events_per_s'],
+                 step_memory_flat_over_hier_realistic=st['flat']['peak_mb'] / max(st['hier']['peak_mb'], 1e-9),
+                 step_memory_padded_t1_over_hier_realistic=st['padded_t1']['peak_mb'] / max(st['hier']['peak_mb'], 1e-9))
+        table += [('step', f"{st['hier']['events_per_s']:,.0f} events/s, {st['hier']['peak_mb']:,.0f} MB",
+                   f"flat {st['flat']['events_per_s']:,.1f} events/s, {st['flat']['peak_mb']:,.0f} MB",
+                   f"{q['step_vs_flat_realistic']:.1f}x faster (goal >= 1), {q['step_memory_flat_over_hier_realistic']:.1f}x less memory"),
+                  ('', '', f"padded T1 {st['padded_t1']['events_per_s']:,.0f} events/s, {st['padded_t1']['peak_mb']:,.0f} MB",
+                   f"{q['step_vs_padded_t1_realistic']:.1f}x faster, {q['step_memory_padded_t1_over_hier_realistic']:.1f}x less memory")]
+    if 'scaling' in todo:
+        sc = r['scaling'] = bench_scaling(hier, split.geometry)
+        n10k, t10k, m10k = ratio_at(sc, 10000)
+        hm = [(x['n_pulses'], x['hier']['peak_mb']) for x in sc if x['hier']['peak_mb'] > 0]
         # d log(memory) / d log(pulses) of the hierarchical step between the two largest sizes (1 = linear)
-        'hier_memory_exponent': (math.log(hm[-1][1] / hm[-2][1]) / math.log(hm[-1][0] / hm[-2][0])
-                                 if len(hm) >= 2 else float('nan')),
-        'inference_vs_linefit': inf['model_events_per_s'] / inf['linefit_events_per_s'],
-    }
-    q = results['ratios']
-    rows = [
-        ('prepare', f"{r['prepare']['prepare_pulses_per_s'] / 1e6:.2f}M pulses/s ({r['prepare']['packing_pulses_per_s'] / 1e6:.2f}M the packing alone)",
-         f"pyarrow read {r['prepare']['pyarrow_read_pulses_per_s'] / 1e6:.1f}M pulses/s",
-         f"{results['ratios']['packing_over_pyarrow_read']:.2f}x the read time for the packing (goal <= 5), "
-         f"{results['ratios']['prepare_over_pyarrow_read']:.1f}x with the LineFits"),
-        ('reading', f"{r['reading']['packed_events_per_s']:,.0f} events/s", f"parquet loader {r['reading']['parquet_events_per_s']:,.0f} events/s",
-         f"{results['ratios']['reading_vs_parquet']:.1f}x faster (goal >= 20)"),
-        ('step', f"{st['hier']['events_per_s']:,.0f} events/s, {st['hier']['peak_mb']:,.0f} MB",
-         f"flat {st['flat']['events_per_s']:,.1f} events/s, {st['flat']['peak_mb']:,.0f} MB",
-         f"{q['step_vs_flat_realistic']:.1f}x faster (goal >= 1), {q['step_memory_flat_over_hier_realistic']:.1f}x less memory"),
-        ('', '', f"padded T1 {st['padded_t1']['events_per_s']:,.0f} events/s, {st['padded_t1']['peak_mb']:,.0f} MB",
-         f"{q['step_vs_padded_t1_realistic']:.1f}x faster, {q['step_memory_padded_t1_over_hier_realistic']:.1f}x less memory"),
-    ]
-    for x in sc:
-        h, f = x['hier'], x['flat']
-        label = f"{x['n_pulses']:,} pulses / {x['n_doms']:,} DOMs"
-        if 's' in f:
-            rows.append(('scaling', f"{h['s'] * 1e3:,.0f} ms, {h['peak_mb']:,.0f} MB  {label}", f"flat {f['s'] * 1e3:,.0f} ms, {f['peak_mb']:,.0f} MB",
-                         f"{f['s'] / h['s']:.1f}x faster" + (" (goal >= 10)" if x['n_pulses'] == 10000 else "")))
-        else:
-            rows.append(('scaling', f"{h['s'] * 1e3:,.0f} ms, {h['peak_mb']:,.0f} MB  {label}", "flat skipped", f['skipped']))
-    lik = ', '.join(f"{m} {inf[m]['events_per_s']:,.0f}" for m in ('linefit_improved', 'mpe') if 'events_per_s' in inf[m])
-    rows.append(('inference', f"{inf['model_events_per_s']:,.0f} events/s",
-                 f"LineFit {inf['linefit_events_per_s']:,.0f} events/s" + (f"; {lik}" if lik else ""),
-                 f"{q['inference_vs_linefit']:.3f}x LineFit's rate"))
-    for name, e in results['efficiency'].items():
+        q.update(step_vs_flat_10k=t10k, step_vs_flat_10k_pulses=n10k,  # 10,000 unless the scaling sizes leave it out
+                 memory_flat_over_hier_10k=m10k,
+                 hier_memory_exponent=(math.log(hm[-1][1] / hm[-2][1]) / math.log(hm[-1][0] / hm[-2][0])
+                                       if len(hm) >= 2 else float('nan')))
+        for x in sc:
+            h, f = x['hier'], x['flat']
+            label = f"{x['n_pulses']:,} pulses / {x['n_doms']:,} DOMs"
+            if 's' in f:
+                table.append(('scaling', f"{h['s'] * 1e3:,.0f} ms, {h['peak_mb']:,.0f} MB  {label}", f"flat {f['s'] * 1e3:,.0f} ms, {f['peak_mb']:,.0f} MB",
+                              f"{f['s'] / h['s']:.1f}x faster" + (" (goal >= 10)" if x['n_pulses'] == 10000 else "")))
+            else:
+                table.append(('scaling', f"{h['s'] * 1e3:,.0f} ms, {h['peak_mb']:,.0f} MB  {label}", "flat skipped", f['skipped']))
+    if 'inference' in todo:
+        inf = r['inference'] = bench_inference(split, batches, idx, hier)
+        q['inference_vs_linefit'] = inf['model_events_per_s'] / inf['linefit_events_per_s']
+        lik = ', '.join(f"{m} {inf[m]['events_per_s']:,.0f}" for m in ('linefit_improved', 'mpe') if 'events_per_s' in inf[m])
+        table.append(('inference', f"{inf['model_events_per_s']:,.0f} events/s",
+                      f"LineFit {inf['linefit_events_per_s']:,.0f} events/s" + (f"; {lik}" if lik else ""),
+                      f"{q['inference_vs_linefit']:.3f}x LineFit's rate"))
+    if 'efficiency' in todo:
+        r['efficiency'] = {name: bench_efficiency(name, split) for name in efficiency_configs.split(',') if name}
+    results['ratios'] = q
+    for name, e in results.get('efficiency', {}).items():
         cmp = e.get('compare')
-        rows.append(('efficiency', f"{name}: {e['events_per_s']:,.0f} events/s, {e['flops_per_event'] / 1e6:,.0f} MFLOP/event, "
-                     f"{e['flops_per_s'] / 1e9:,.1f} GFLOP/s", f"matmul at its widths {e['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s",
-                     f"{e['share_of_matmul']:.0%} of it; budgets {'/'.join(map(str, e['budgets']))}"
-                     + (f"; {cmp['step_ratio']:.2f}x {cmp['commit']}'s step ({cmp['network_ratio']:.2f}x with the features done ahead)" if cmp else '')))
-        rows.append(('', '', f"loader {e['loader_events_per_s']:,.0f} events/s per rank",
-                     f"{e['loader_events_per_s'] / e['events_per_s']:.1f}x the step" + (
-                         '' if name == 'toy_cpu' or device == 'cuda' else " at the reduced budget (the step on a GPU is the one that counts)")
-                     + f"; budgets {'/'.join(map(str, e['loader_budgets']))}, {e['loader_path']} layout"))
-    w1, w2 = max(len(x[1]) for x in rows) + 2, max(len(x[2]) for x in rows) + 2
+        table.append(('efficiency', f"{name}: {e['events_per_s']:,.0f} events/s, {e['flops_per_event'] / 1e6:,.0f} MFLOP/event, "
+                      f"{e['flops_per_s'] / 1e9:,.1f} GFLOP/s", f"matmul at its widths {e['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s",
+                      f"{e['share_of_matmul']:.0%} of it; budgets {'/'.join(map(str, e['budgets']))}"
+                      + (f"; {cmp['step_ratio']:.2f}x {cmp['commit']}'s step ({cmp['network_ratio']:.2f}x with the features done ahead)" if cmp else '')))
+        table.append(('', '', f"loader {e['loader_events_per_s']:,.0f} events/s per rank",
+                      f"{e['loader_events_per_s'] / e['events_per_s']:.1f}x the step" + (
+                          '' if name == 'toy_cpu' or device == 'cuda' else " at the reduced budget (the step on a GPU is the one that counts)")
+                      + f"; budgets {'/'.join(map(str, e['loader_budgets']))}, {e['loader_path']} layout"))
+    w1, w2 = max(len(x[1]) for x in table) + 2, max(len(x[2]) for x in table) + 2
     print(f"\n{'row':<10} {'iceaggr':<{w1}} {'naive alternative':<{w2}} ratio")
-    for row in rows:
+    for row in table:
         print(f"{row[0]:<10} {row[1]:<{w1}} {row[2]:<{w2}} {row[3]}")
-    print(f"hierarchical step memory ~ pulses^{q['hier_memory_exponent']:.2f} between the two largest scaling sizes; "
-          f"memory: {results['machine']['memory']}; device {device}, {torch.get_num_threads()} threads")
+    if 'scaling' in todo:
+        print(f"hierarchical step memory ~ pulses^{q['hier_memory_exponent']:.2f} between the two largest scaling sizes; ", end='')
+    print(f"memory: {results['machine']['memory']}; device {device}, {torch.get_num_threads()} threads")
     with open(out, 'w') as f:
         json.dump(results, f, indent=1)
     print(f"\nbench: wrote {out} in {time.time() - t_start:.0f}s")

@@ -48,3 +48,22 @@ def test_bench_runs_end_to_end(tmp_path):
         if HAS_BFE73EE:  # a clone without the history has nothing to compare with
             assert e['compare']['step_ratio'] > 0 and e['compare']['commit'] == 'bfe73ee'
     assert r['efficiency']['baseline_1m']['budgets'][0] == 65536 // 512
+
+
+def test_bench_rows_setting(tmp_path):
+    """rows= runs only the rows named (the GPU check runs the efficiency rows alone); a misspelt row is an error."""
+    out = tmp_path / 'bench.json'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    args = [sys.executable, 'bench.py', f'--work_dir={tmp_path / "work"}', f'--out={out}'] + [
+        a for a in TINY if not a.startswith('--compare_commit')]
+    p = subprocess.run(args + ['--rows=efficiency', '--efficiency_configs=toy_cpu'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert list(r['efficiency']) == ['toy_cpu'] and r['efficiency']['toy_cpu']['events_per_s'] > 0
+    assert not {'prepare', 'reading', 'step', 'scaling', 'inference'} & set(r)
+    assert 'efficiency toy_cpu' in p.stdout.replace('  ', ' ') and 'reading' not in p.stdout
+    p = subprocess.run(args + ['--rows=efficiency,speed'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and 'not speed' in p.stderr
+    p = subprocess.run(args + ['--rows=scaling'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and 'scaling and inference need step' in p.stderr
