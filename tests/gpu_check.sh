@@ -10,9 +10,9 @@
 #   data    a small synthetic set: 3 files of 20,000 events (the last is val), the improved LineFit as the second
 #           seed (prepare's fit_steps=0, the quick fit takes minutes)
 #   train   config/baseline_1m.py on it for $MINUTES minutes (compile, flex, bf16): the log's events/s
-#   bench   bench.py's efficiency rows on CUDA: FLOPs per event, the share of the chip's bf16 matmul rate measured
-#           in the same run, the loader's events/s beside the step
-#   graphs  the same training with CUDA graphs (compile_mode=reduce-overhead), for half as long, if time is left
+#   bench   bench.py's efficiency row of baseline_1m on CUDA: FLOPs per event, the share of the chip's bf16 matmul
+#           rate measured in the same run, the loader's events/s beside the step
+#   graphs  the same training with CUDA graphs (compile_mode=reduce-overhead), for what is left of the budget
 # GPU_CHECK_DEVICE=cpu runs every stage on the CPU at toy sizes: a dry run of this script, nothing measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +57,7 @@ if [[ $DEVICE == cuda ]]; then
     stage tests 150 $PY -m pytest -q -x tests/test_model.py -k cuda
     EVENTS=20000
     TRAIN_ARGS=()
-    BENCH_ARGS=(--compile=True --events_per_batch=5000 --efficiency_configs=baseline_1m,toy_cpu)
+    BENCH_ARGS=(--compile=True --events_per_batch=5000 --efficiency_configs=baseline_1m)
 else  # the dry run: toy sizes, the CPU's layout, no compile
     stage tests 150 $PY -m pytest -q -x tests/test_model.py -k cuda
     EVENTS=500
@@ -73,12 +73,16 @@ TRAIN=($PY train.py config/baseline_1m.py --data_dir=$WORK/sim_packed --device=$
     --eval_interval=1000000 --eval_events=2000 --log_interval=20 "${TRAIN_ARGS[@]}")
 stage train $((MINUTES * 60 + 90)) "${TRAIN[@]}" --out_dir=$WORK/out-train --max_minutes=$MINUTES
 
-stage bench 200 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 \
+stage bench 180 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 \
     --work_dir=$WORK/bench --out="$OUT/bench.json" "${BENCH_ARGS[@]}"
 
-if [[ $DEVICE == cuda ]]; then
-    stage graphs $((MINUTES * 30 + 90)) "${TRAIN[@]}" --out_dir=$WORK/out-graphs --compile_mode=reduce-overhead \
-        --max_minutes=$(awk "BEGIN {print $MINUTES / 2}")
+# what is left of the budget, less a minute for starting and the final evaluation, at least a minute
+graphs_s=$(($(left) - 60))
+if ((graphs_s >= 60)); then
+    stage graphs $((graphs_s + 60)) "${TRAIN[@]}" --out_dir=$WORK/out-graphs --compile_mode=reduce-overhead \
+        --max_minutes=$(awk "BEGIN {print $graphs_s / 60}")
+else
+    echo "graphs: skipped, $(left) s left" | tee -a "$SUMMARY"
 fi
 
 {
