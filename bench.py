@@ -4,6 +4,7 @@ Measured throughput and scaling, each row beside its naive alternative, in one r
 
     python bench.py                      # CPU, the sizes in the settings below
     python bench.py --device=cuda        # FlexAttention, bf16 (and compile=True for torch.compile)
+    python bench.py --rows=efficiency    # only the rows named (tests/gpu_check.sh runs this one on a GPU)
 
 Rows:
   prepare    pulses/s of prepare.py packing one synthetic batch file without the quick fit (fit_steps=0), and of
