@@ -343,8 +343,8 @@ def train_step(model, b):
     return float(loss.detach())
 
 
-def step_batches_of(packed):
-    split = prepare.open_split(f"{packed}/train")
+def step_batches_of(split):
+    """The step, scaling and inference rows' micro-batches, drawn at random from the train split, and their events."""
     idx = np.random.default_rng(seed + 1).permutation(len(split))
     batches, taken, pos = [], [], 0
     while len(batches) < step_batches and pos < len(idx):
@@ -353,7 +353,7 @@ def step_batches_of(packed):
         batches.append(M.model_inputs(batch, 'flex' if device == 'cuda' else 'sdpa', device))
         taken.append(idx[pos:pos + n])
         pos += n
-    return split, batches, np.concatenate(taken)
+    return batches, np.concatenate(taken)
 
 
 def step_flops(model, b):
@@ -633,8 +633,9 @@ def main():
         q['reading_vs_parquet'] = rd['packed_events_per_s'] / rd['parquet_events_per_s']
         table.append(('reading', f"{rd['packed_events_per_s']:,.0f} events/s", f"parquet loader {rd['parquet_events_per_s']:,.0f} events/s",
                       f"{q['reading_vs_parquet']:.1f}x faster (goal >= 20)"))
-    split, batches, idx = step_batches_of(packed)
-    if 'step' in todo:
+    split = prepare.open_split(f"{packed}/train")
+    if 'step' in todo:  # (scaling and inference need it)
+        batches, idx = step_batches_of(split)
         st, hier = bench_step(batches)
         r['step'] = st
         q.update(step_vs_flat_realistic=st['hier']['events_per_s'] / st['flat']['events_per_s'],
