@@ -95,9 +95,10 @@ def _stream(doc_len, doc_src, path, n_slots, pad_src):
     doc = np.repeat(order, doc_len[order])
     first = np.empty(len(doc_len), np.int64)
     first[order] = np.cumsum(doc_len[order]) - doc_len[order]
-    if path == 'sdpa':
-        lengths, counts = np.unique(doc_len[order], return_counts=True)
-        return src, doc, first, tuple(zip(lengths.tolist(), counts.tolist()))
+    if path == 'sdpa':  # the lengths in order: each group starts where the length changes
+        sorted_len = doc_len[order]
+        starts = np.flatnonzero(np.diff(sorted_len, prepend=-1))
+        return src, doc, first, tuple(zip(sorted_len[starts].tolist(), np.diff(starts, append=len(order)).tolist()))
     pad = n_slots - len(src)
     src, doc = np.r_[src, np.full(pad, pad_src)], np.r_[doc, np.full(pad, len(doc_len))]
     return src, doc, first, block_ranges(doc)
@@ -124,14 +125,17 @@ def stream_layout(batch, path):
     dom_len = np.bincount(batch['pulse_dom'][:n_p], minlength=D)
     t1_src, t1_dom, _, t1_attn = _stream(dom_len[:n_d], np.arange(n_p), path, -(-P // BLOCK) * BLOCK, P)
     ev_doms = np.bincount(batch['dom_event'][:n_d], minlength=n_e)
-    cls_and_doms = np.insert(np.arange(n_d), np.cumsum(ev_doms) - ev_doms, D + np.arange(n_e))
+    # each event's CLS token (row D + event) then its DOMs: a DOM's place in that order is its index plus the CLS
+    # tokens up to and including its event's
+    cls_and_doms = np.arange(n_d + n_e) - np.repeat(np.arange(1, n_e + 1), 1 + ev_doms)
+    cls_and_doms[np.cumsum(1 + ev_doms) - (1 + ev_doms)] = D + np.arange(n_e)
     t2_src, t2_doc, cls, t2_attn = _stream(1 + ev_doms, cls_and_doms, path, -(-(D + E) // BLOCK) * BLOCK, D + E)
     # each document starts with its CLS token, so the CLS slots in stream order are the documents' in stream order
     order = np.argsort(cls)
     query, rank = cls[order], np.empty(n_e, np.int64)
     rank[order] = np.arange(n_e)
     out = {**batch, 't1_src': t1_src, 't1_dom': np.where(t1_dom < n_d, t1_dom, D), 'dom_n_kept': dom_len.astype(np.float32),
-           't2_src': t2_src, 't2_doc': np.where(t2_doc < n_e, t2_doc, E), 't2_cls': np.r_[rank, np.zeros(E - n_e, np.int64)]}
+           't2_src': t2_src, 't2_doc': np.where(t2_doc < n_e, t2_doc, E), 't2_cls': np.concatenate([rank, np.zeros(E - n_e, np.int64)])}
     for stage, attn in (('t1', t1_attn), ('t2', t2_attn)):
         if path == 'sdpa':
             out[f'{stage}_groups'] = attn

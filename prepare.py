@@ -254,6 +254,13 @@ def read_truth(path, batch_id, event_id):
 # -----------------------------------------------------------------------------
 # packing one batch file into one shard
 
+def _offsets(counts):
+    """[0, cumsum(counts)]: where each run starts, and the end (np.r_ costs several times more per call)."""
+    out = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
 def _ranges(starts, lengths):
     """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
     lengths = np.asarray(lengths, np.int64)
@@ -787,6 +794,10 @@ class Split:
             self.shards.append({k: np.asarray(np.load(f"{d}/{k}.npy", mmap_mode='r')) for k in ['pulses', 'doms', 'events']})
             fitted, fit_seconds = fitted + info['n_events'], fit_seconds + info['fit_seconds']
         self.fit_events_per_s = fitted / max(fit_seconds, 1e-9)  # the quick fit's rate when prepare.py ran it, per process
+        # what rows() gathers from: the records as raw bytes, since numpy copies a structured dtype field by field (a
+        # gather of events.npy records took 30x as long)
+        self._raw = {k: [s[k].view((np.void, s[k].dtype.itemsize)) if s[k].dtype.names else s[k] for s in self.shards]
+                     for k in ('pulses', 'doms', 'events')}
         sizes = [len(s['events']) for s in self.shards]
         self.shard_start = np.r_[0, np.cumsum(sizes)].astype(np.int64)
         try:
@@ -829,36 +840,58 @@ class Split:
         return {name: self._column(name) for name, _ in TRUTH_FIELDS}
 
     def event_records(self, idx):
-        """The events.npy records of split-wide indices idx, in the order given."""
+        """The events.npy records of split-wide indices idx, in the order given, and each one's shard."""
         idx = np.asarray(idx, np.int64)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"event index out of range [0, {len(self)}) in {self.path}")
         shard = np.searchsorted(self.shard_start, idx, side='right') - 1
-        out = np.empty(len(idx), self.shards[0]['events'].dtype) if self.shards else np.empty(0)
-        for s in np.unique(shard):  # a loop over shards, not events
-            m = shard == s
-            out[m] = self.shards[s]['events'][idx[m] - self.shard_start[s]]
-        return out, shard
+        return self.rows('events', shard, idx - self.shard_start[shard]), shard
 
-    def events(self, idx):
+    def rows(self, name, shard, starts, lengths=None):
+        """Rows of the shards' `name` array (events, doms or pulses): row starts[i] of shard[i], or with lengths the
+        rows starts[i] .. starts[i] + lengths[i] - 1, concatenated in the order given. The events are sorted by shard
+        once, so a batch costs one gather per shard it touches, whatever the number of events (a batch of the full
+        Kaggle set draws its events from hundreds of shards)."""
+        if not self.shards:
+            return np.zeros(0)
+        raw, dtype = self._raw[name], self.shards[0][name].dtype
+        if len(shard) == 0 or shard.min() == shard.max():  # one shard: no sorting
+            src = starts if lengths is None else _ranges(starts, lengths)
+            return raw[int(shard[0]) if len(shard) else 0][src].view(dtype)
+        order = np.argsort(shard, kind='stable')
+        runs = np.flatnonzero(np.diff(shard[order])) + 1  # where each shard's events start in that order
+        starts = np.asarray(starts, np.int64)[order]
+        if lengths is None:
+            dst, src, cuts = order, starts, runs
+        else:
+            n = np.asarray(lengths, np.int64)
+            dst = _ranges((np.cumsum(n) - n)[order], n[order])  # each row's place in the output
+            src, cuts = _ranges(starts, n[order]), np.cumsum(n[order])[runs - 1]
+        out = np.empty(len(dst), raw[0].dtype)
+        for s, d, r in zip(shard[order[np.r_[0, runs]]].tolist(), np.split(dst, cuts), np.split(src, cuts)):
+            out[d] = raw[s][r]
+        return out.view(dtype)
+
+    def dom_sizes(self, ev, shard):
+        """The pulse count of every DOM of the events with records ev (event_records), concatenated: each event's
+        n_doms + 1 DOM bounds read from doms.npy, without the differences across two events."""
+        n_d = ev['n_doms'].astype(np.int64)
+        sizes = np.diff(self.rows('doms', shard, ev['dom_start'], n_d + 1).astype(np.int64))
+        return np.delete(sizes, _offsets(n_d + 1)[1:-1] - 1)
+
+    def events(self, idx, read=None):
         """Pulses of many events, concatenated in the order of idx, as a dict of numpy arrays:
         sensor_id int16, time int64 (ns, as in the parquet), charge float32, auxiliary bool, direct bool (kept by
         the improved LineFit, as prepare.py stored it), and
-        pulse_offsets (n+1), event_dom_offsets (n+1), dom_offsets (n_doms+1) int64 into those arrays."""
-        ev, shard = self.event_records(idx)
+        pulse_offsets (n+1), event_dom_offsets (n+1), dom_offsets (n_doms+1) int64 into those arrays.
+        read: (records, shards, DOM sizes) of these events where the caller has read them (plan_batch)."""
+        ev, shard, dom_sizes = read if read is not None else (*self.event_records(idx), None)
         n_p, n_d = ev['n_pulses'].astype(np.int64), ev['n_doms'].astype(np.int64)
-        pulse_offsets, dom_event_offsets = np.r_[0, np.cumsum(n_p)], np.r_[0, np.cumsum(n_d)]
-        pulses = np.empty(pulse_offsets[-1], PULSE_DTYPE)
-        dom_offsets = np.empty(dom_event_offsets[-1] + 1, np.int64)
-        dom_offsets[-1] = pulse_offsets[-1]
-        for s in np.unique(shard):
-            m = shard == s
-            sh = self.shards[s]
-            pulses[_ranges(pulse_offsets[:-1][m], n_p[m])] = sh['pulses'][_ranges(ev['pulse_start'][m], n_p[m])]
-            # DOM starts, moved from shard-local pulse positions to positions in the output
-            local = sh['doms'][_ranges(ev['dom_start'][m], n_d[m])].astype(np.int64)
-            shift = np.repeat(pulse_offsets[:-1][m] - ev['pulse_start'][m], n_d[m])
-            dom_offsets[_ranges(dom_event_offsets[:-1][m], n_d[m])] = local + shift
+        pulses = self.rows('pulses', shard, ev['pulse_start'], n_p)
+        # each event's DOMs hold its pulses in order, and the events follow each other: the DOM offsets are the
+        # running sum of the DOM sizes
+        dom_offsets = _offsets(self.dom_sizes(ev, shard) if dom_sizes is None else dom_sizes)
+        pulse_offsets = _offsets(n_p)
         sensor_aux = pulses['sensor_aux']
         return {
             'sensor_id': (sensor_aux & (DIRECT_BIT - 1)).astype(np.int16),
@@ -866,7 +899,7 @@ class Split:
             'charge': pulses['charge'].astype(np.float32),
             'auxiliary': sensor_aux >= AUX_BIT,
             'direct': (sensor_aux & DIRECT_BIT) > 0,
-            'pulse_offsets': pulse_offsets, 'event_dom_offsets': dom_event_offsets, 'dom_offsets': dom_offsets,
+            'pulse_offsets': pulse_offsets, 'event_dom_offsets': _offsets(n_d), 'dom_offsets': dom_offsets,
         }
 
     def event(self, i):
@@ -909,17 +942,21 @@ def verify_output(out, log=print):
 
 def plan_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom):
     """How many of the events idx (from the first) the next micro-batch takes: events in order while their pulses
-    (after the per-DOM cap), DOMs and count fit the budgets, at least one. Reads only event records and DOM offsets."""
+    (after the per-DOM cap), DOMs and count fit the budgets, at least one. Reads only event records and DOM offsets.
+    Returns the count and what it read of the events taken (their records, shards and DOM sizes), which packing
+    them needs again (pack_taken's read)."""
     cand = np.asarray(idx[:max_events], np.int64)
     if len(cand) == 0:
         raise ValueError("pack_batch needs at least one event")
-    ev, _ = split.event_records(cand)
+    ev, shard = split.event_records(cand)
     # exact pulse cost after the per-DOM cap, from the DOM offsets alone (no pulse is read for this)
     n_d = ev['n_doms'].astype(np.int64)
-    capped = np.minimum(_dom_sizes(split, cand, ev), max_pulses_per_dom)
-    cost_p = np.add.reduceat(capped, np.r_[0, np.cumsum(n_d)[:-1]])
-    fits = (np.cumsum(cost_p) <= max_pulses) & (np.cumsum(n_d) <= max_doms)
-    return max(int(np.argmin(fits)) if not fits.all() else len(cand), 1)
+    sizes = split.dom_sizes(ev, shard)
+    dom_end = np.cumsum(n_d)
+    cost_p = np.add.reduceat(np.minimum(sizes, max_pulses_per_dom), dom_end - n_d)
+    fits = (np.cumsum(cost_p) <= max_pulses) & (dom_end <= max_doms)
+    n = max(int(np.argmin(fits)) if not fits.all() else len(cand), 1)
+    return n, (ev[:n], shard[:n], sizes[:dom_end[n - 1]])
 
 
 def pack_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom):
@@ -933,15 +970,16 @@ def pack_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
       order non-auxiliary first, then earliest, up to max_pulses, and of those only the pulses of the
       first max_doms DOMs in that order.
     Returns (batch, n_taken) with batch a dict of numpy arrays (see the field list in the code)."""
-    n_taken = plan_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
-    return pack_taken(split, idx[:n_taken], max_pulses, max_doms, max_events, max_pulses_per_dom), n_taken
+    n_taken, read = plan_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
+    return pack_taken(split, idx[:n_taken], max_pulses, max_doms, max_events, max_pulses_per_dom, read), n_taken
 
 
-def pack_taken(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom):
-    """The micro-batch of exactly the events idx (as plan_batch took them)."""
+def pack_taken(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom, read=None):
+    """The micro-batch of exactly the events idx (as plan_batch took them; read: what it read of them)."""
     idx = np.asarray(idx, np.int64)
-    ev, _ = split.event_records(idx)
-    return pack_events(split.events(idx), ev, idx, split.geometry, max_pulses, max_doms, max_events, max_pulses_per_dom)
+    read = (*split.event_records(idx), None) if read is None else read
+    return pack_events(split.events(idx, read), read[0], idx, split.geometry, max_pulses, max_doms, max_events,
+                       max_pulses_per_dom)
 
 
 def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, max_pulses_per_dom):
@@ -976,7 +1014,7 @@ def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, 
     event_of_dom = np.repeat(np.arange(n_taken), np.diff(e['event_dom_offsets']))
     dom_event = event_of_dom[dom_alive]
     dom_sensor = e['sensor_id'][e['dom_offsets'][:-1]][dom_alive].astype(np.int32)
-    dom_first = np.r_[0, np.flatnonzero(np.diff(pulse_dom)) + 1]
+    dom_first = np.flatnonzero(np.diff(pulse_dom, prepend=-1))
     pulse_rank = np.arange(n_p) - dom_first[pulse_dom]
     event_of_pulse = dom_event[pulse_dom]
     t = e['time'][kept]
@@ -1021,22 +1059,6 @@ def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, 
         b['event_track'][:n_taken] = ev['kind'] == KIND_NAMES.index('track')
         b['event_log_energy'][:n_taken] = np.log10(np.maximum(ev['energy'], 1e-3))
     return b
-
-
-def _dom_sizes(split, idx, ev):
-    """Pulse count of every DOM of the given events, concatenated, read from doms.npy only."""
-    n_d = ev['n_doms'].astype(np.int64)
-    shard = np.searchsorted(split.shard_start, idx, side='right') - 1
-    out_start = np.r_[0, np.cumsum(n_d)[:-1]]
-    sizes = np.empty(n_d.sum(), np.int64)
-    for s in np.unique(shard):
-        m = shard == s
-        bounds = split.shards[s]['doms'][_ranges(ev['dom_start'][m], n_d[m] + 1)].astype(np.int64)
-        # n_d + 1 bounds per event give n_d sizes; drop the difference across two events
-        diffs = np.diff(bounds)
-        last_of_event = np.cumsum(n_d[m] + 1)[:-1] - 1
-        sizes[_ranges(out_start[m], n_d[m])] = np.delete(diffs, last_of_event)
-    return sizes
 
 
 def angles_to_dir(azimuth, zenith):
@@ -1088,13 +1110,13 @@ class BatchLoader:
         return np.array_split(np.arange(n), self.world_size)[self.rank]
 
     def _plans(self):
-        """(epoch, event indices, position after it) of each batch in order, from self.position on."""
+        """(epoch, event indices, position after it, what plan_batch read of them) of each batch in order, from self.position on."""
         epoch, pos = self.position
         while self.epochs is None or epoch < self.epochs:
             order = self._order(epoch)
             while pos < len(order):
-                n = plan_batch(self.split, order[pos:], *self.args)
-                yield epoch, order[pos:pos + n], (epoch, pos + n)
+                n, read = plan_batch(self.split, order[pos:], *self.args)
+                yield epoch, order[pos:pos + n], (epoch, pos + n), read
                 pos += n
             epoch, pos = epoch + 1, 0
 
@@ -1152,8 +1174,8 @@ class BatchLoader:
             self.pool.terminate()
 
 
-def _pack(split, args, transform, epoch, idx, position):
-    batch = pack_taken(split, idx, *args)
+def _pack(split, args, transform, epoch, idx, position, read):
+    batch = pack_taken(split, idx, *args, read)
     batch['epoch'], batch['position'] = epoch, position
     return transform(batch) if transform is not None else batch
 
@@ -1166,8 +1188,8 @@ def _worker_init(path, args, transform):
     _worker.update(split=open_split(path), args=args, transform=transform)
 
 
-def _worker_pack(epoch, idx, position):
-    batch = _pack(_worker['split'], _worker['args'], _worker['transform'], epoch, idx, position)
+def _worker_pack(epoch, idx, position, read):
+    batch = _pack(_worker['split'], _worker['args'], _worker['transform'], epoch, idx, position, read)
     tensors = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
     return {k: v.numpy() if k in tensors else v for k, v in batch.items()}, tensors  # pickled as plain arrays
 

@@ -167,11 +167,13 @@ def test_val_is_whole_held_out_batch_files(prepared):
 
 
 def test_events_offsets_and_truth(prepared):
-    s = open_split(f"{prepared}/out/val")
-    idx = np.array([5, 0, 39, 5])
+    s = open_split(f"{prepared}/out/train")
+    idx = np.array([45, 5, 0, 79, 5, 40])  # both shards, interleaved: read one gather per shard, then put in order
     e = s.events(idx)
+    records = s.event_records(idx)[0]
     for j, i in enumerate(idx):
         one = s.event(i)
+        assert records[j].tobytes() == s.event_records([i])[0].tobytes()
         a, b = e['pulse_offsets'][j], e['pulse_offsets'][j + 1]
         assert (e['sensor_id'][a:b] == one['sensor_id']).all() and (e['time'][a:b] == one['time']).all()
         d0, d1 = e['event_dom_offsets'][j], e['event_dom_offsets'][j + 1]
