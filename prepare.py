@@ -356,14 +356,15 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     if n_rows >= 2**32:
         raise PrepareError(f"{src}: {n_rows} pulses in one batch file exceed the shard format's uint32 DOM offsets")
 
-    # sort each event's pulses by (sensor, time): one sort of a packed integer key when it fits in 64 bits.
-    # Quicksort is twice as fast as a stable sort here and as deterministic; only pulses equal in
-    # (event, sensor, time) can come out in either order.
+    # sort each event's pulses by (sensor, time): one sort of a packed integer key when it fits in 64 bits. A stable
+    # sort: the rows come grouped by event (and in the Kaggle files in time order within each), runs that numpy's
+    # stable sort exploits (2.1x quicksort's speed on a 20,000-event synthetic file, numpy 2.4), and pulses equal in
+    # (event, sensor, time) keep the file's order.
     dt = dt.astype(np.uint64)
     bits_t, bits_e = max(int(dt.max()).bit_length(), 1), max(n_events.bit_length(), 1)
     if bits_e + 15 + bits_t <= 64:
         key = (event_of_row.astype(np.uint64) << np.uint64(15 + bits_t)) | (sensor.astype(np.uint64) << np.uint64(bits_t)) | dt
-        order = np.argsort(key)
+        order = np.argsort(key, kind='stable')
         del key
     else:
         order = np.lexsort((dt, sensor, event_of_row))
