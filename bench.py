@@ -168,8 +168,7 @@ def parquet_events(raw, meta_by_event, event_ids):
             'dom_offsets': np.r_[dom_start, len(pos)], 'event_dom_offsets': np.r_[0, np.cumsum(np.bincount(pos[dom_start], minlength=len(event_ids)))]}
 
 
-def bench_reading(raw, packed):
-    split = prepare.open_split(f"{packed}/train")
+def bench_reading(raw, split):
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(split))[:read_events]
     budgets = (max_pulses, max_doms, max_events, max_pulses_per_dom)
@@ -615,6 +614,7 @@ def main():
         raise SystemExit(f"bench: error: rows={rows!r}: the rows are prepare, reading, step, scaling, inference and "
                          f"efficiency" + (f", not {', '.join(sorted(unknown))}" if unknown else "; scaling and inference need step"))
     raw, packed = make_data()
+    split = prepare.open_split(f"{packed}/train")  # the reading, step and efficiency rows' events
     results = {'config': config, 'machine': {'device': device, 'cpus': os.cpu_count(), 'threads': torch.get_num_threads(),
                                              'torch': torch.__version__,
                                              'memory': 'torch.cuda.max_memory_allocated' if device == 'cuda' else
@@ -629,11 +629,10 @@ def main():
                       f"{q['packing_over_pyarrow_read']:.2f}x the read time for the packing (goal <= 5), "
                       f"{q['prepare_over_pyarrow_read']:.1f}x with the LineFits"))
     if 'reading' in todo:
-        rd = r['reading'] = bench_reading(raw, packed)
+        rd = r['reading'] = bench_reading(raw, split)
         q['reading_vs_parquet'] = rd['packed_events_per_s'] / rd['parquet_events_per_s']
         table.append(('reading', f"{rd['packed_events_per_s']:,.0f} events/s", f"parquet loader {rd['parquet_events_per_s']:,.0f} events/s",
                       f"{q['reading_vs_parquet']:.1f}x faster (goal >= 20)"))
-    split = prepare.open_split(f"{packed}/train")
     if 'step' in todo:  # (scaling and inference need it)
         batches, idx = step_batches_of(split)
         st, hier = bench_step(batches)
