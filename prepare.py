@@ -24,8 +24,9 @@ out_dir/test, each a folder of shards, one per batch file, plus geometry.npy and
                                         ilf_x, ilf_y, ilf_z (the improved LineFit's direction, the model's
                                         first seed; model.linefit_seeds), and the truth columns where the raw
                                         folder has a truth file (simulate.py writes one)
-                           shard.json   counts, summary statistics, the source file's stamp, and each array
-                                        file's size and CRC-32; written last, inside the shard
+                           shard.json   counts, summary statistics, the source file's stamp, a digest of its
+                                        meta and truth rows and the geometry, and each array file's size and
+                                        CRC-32; written last, inside the shard
     out_dir/<split>/geometry.npy         (n_sensors, 3) float32 x, y, z in metres, indexed by sensor_id
     out_dir/<split>/manifest.json        shards, counts, dtypes, statistics; written when the split is complete
 
@@ -36,8 +37,8 @@ file holds tens of millions of pulses, never four billion; prepare checks it).
 
 Each shard is built in a temporary folder and renamed when complete, so an interrupted prepare never
 leaves a shard that looks complete, and a re-run skips the shards that are (and rebuilds one whose
-source file changed, whose quick fit was made with other fit_steps or fit_ice, or whose files differ in size
-from those shard.json records: a copy cut short).
+source file, meta rows, truth rows or geometry changed, whose quick fit was made with other fit_steps or fit_ice,
+or whose files differ in size from those shard.json records: a copy cut short).
 Workers process one batch file each, so memory is bounded by num_proc batch files. Bad input, an unreadable
 file, or a full disk stops the run with a message naming the file, the event and the problem.
 
@@ -55,6 +56,7 @@ and the batcher that turns events into the model's fixed-shape micro-batches:
 import collections
 import errno
 import glob
+import hashlib
 import io
 import json
 import os
@@ -143,8 +145,8 @@ def _reading(path):
 
 
 def _kind_ok(arrow_type, kind):
-    return {'integer': pa.types.is_integer, 'floating': pa.types.is_floating,
-            'boolean': pa.types.is_boolean}[kind](arrow_type)
+    return {'integer': pa.types.is_integer, 'floating': pa.types.is_floating, 'boolean': pa.types.is_boolean,
+            'number': lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)}[kind](arrow_type)
 
 
 def check_schema(path, schema, wanted):
@@ -162,7 +164,9 @@ def read_geometry(raw):
         raise PrepareError(f"{path}: missing file (the Kaggle layout has sensor_geometry.csv)")
     with _reading(path):
         table = pyarrow.csv.read_csv(path)
-    check_schema(path, table.schema, {'sensor_id': 'integer', 'x': 'floating', 'y': 'floating', 'z': 'floating'})
+    check_schema(path, table.schema, {'sensor_id': 'integer', 'x': 'number', 'y': 'number', 'z': 'number'})
+    if table['sensor_id'].null_count:
+        raise PrepareError(f"{path}: empty sensor_id on line {table['sensor_id'].to_pylist().index(None) + 2}")
     sensor = table['sensor_id'].to_numpy()
     xyz = np.stack([table[c].to_numpy() for c in 'xyz'], 1).astype(np.float64)
     if not np.isfinite(xyz).all():
@@ -215,6 +219,8 @@ def meta_batches(path):
         pf = pq.ParquetFile(path)
         check_schema(path, pf.schema_arrow, dict.fromkeys(cols, 'integer'))
         for rb in pf.iter_batches(batch_size=1 << 20, columns=cols):
+            if rb.column('batch_id').null_count:
+                raise PrepareError(f"{path}: empty batch_id in {rb.column('batch_id').null_count} rows")
             bid = rb.column('batch_id').to_numpy(zero_copy_only=False)
             rows = rb.column('last_pulse_index').to_numpy(zero_copy_only=False) - rb.column('first_pulse_index').to_numpy(zero_copy_only=False) + 1
             cuts = np.r_[0, np.flatnonzero(np.diff(bid)) + 1]
@@ -241,7 +247,7 @@ def read_truth(path, batch_id, event_id):
     pos = order[pos] if len(order) else pos
     if len(truth_id) == 0 or (truth_id[pos] != event_id).any():
         missing = event_id[truth_id[pos] != event_id][0] if len(truth_id) else event_id[0]
-        raise PrepareError(f"{path}: no truth row for event_id {missing} of batch {batch_id}")
+        raise PrepareError(f"{path}: no truth row for event_id {missing} of batch {batch_id}, which the meta lists")
     kinds = np.asarray(t['kind'].to_pylist(), dtype=object)[pos]
     bad = ~np.isin(kinds, KIND_NAMES)
     if bad.any():
@@ -318,7 +324,14 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     expected_first = np.r_[0, np.cumsum(counts)[:-1]]
     if (first != expected_first).any() or counts.sum() != n_rows:
         bad = first != expected_first
-        what = where(bad) if bad.any() else f"the meta's last event (covers {counts.sum()} rows)"
+        if bad.any():
+            what = where(bad)
+        else:  # the ranges tile but cover another row count: name the first row where file and meta part
+            expect = np.repeat(event_id, counts)
+            m = min(len(expect), n_rows)
+            row = int(np.flatnonzero(np.r_[expect[:m] != row_event[:m], True])[0])
+            what = (f"row {row}: the file has event_id {row_event[row] if row < n_rows else '(none, it ends)'}, "
+                    f"the meta {expect[row] if row < len(expect) else '(none, it ends)'}")
         raise PrepareError(f"{src}: meta pulse ranges do not match the batch file ({n_rows} rows) at {what}")
     if (np.repeat(event_id, counts) != row_event).any():
         row = int(np.flatnonzero(np.repeat(event_id, counts) != row_event)[0])
@@ -425,6 +438,18 @@ def _source_stamp(src):
     return {'source': os.path.abspath(src), 'source_size': st.st_size, 'source_mtime_ns': st.st_mtime_ns}
 
 
+def inputs_digest(meta, truth, geometry_digest):
+    """What a shard is made of besides its batch file, as one SHA-1: its meta rows, its truth rows and the geometry
+    (its own digest, geometry_digest), so that a re-run rebuilds a shard whose meta, truth or geometry changed, not
+    only one whose batch file did (a few ms per batch file: hashing runs at about 1 GB/s)."""
+    h = hashlib.sha1(geometry_digest.encode())
+    for part in (meta, truth or {}):
+        for k in sorted(part):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(part[k]).tobytes())
+    return h.hexdigest()
+
+
 def _save(path, a):
     """np.save of a 1-D array, returning what shard.json records of the file: its size and CRC-32, summed from the
     bytes as they are written (zlib's CRC-32, 1-2 GB/s: about 35 ms of the ~1 s a 2.9M-pulse shard takes; bench.py's
@@ -457,8 +482,14 @@ def shard_problem(shard_dir, checksums=False):
         return None, "shard.json: missing"
     except (OSError, ValueError) as e:
         return None, f"shard.json: unreadable ({e})"
-    if info.get('format_version') != FORMAT_VERSION:
-        return info, f"shard.json: format version {info.get('format_version')}, made by an older prepare.py (this one writes {FORMAT_VERSION})"
+    if not isinstance(info, dict):
+        return None, "shard.json: not a record that prepare.py wrote"
+    version = info.get('format_version')
+    if version != FORMAT_VERSION:
+        who = 'a newer' if isinstance(version, int) and version > FORMAT_VERSION else 'an older'
+        return info, f"shard.json: format version {version}, made by {who} prepare.py (this one writes {FORMAT_VERSION})"
+    if not isinstance(info.get('files'), dict):
+        return info, "shard.json: no record of its array files"
     for name, want in info['files'].items():
         path = os.path.join(shard_dir, name)
         try:
@@ -475,14 +506,18 @@ def shard_problem(shard_dir, checksums=False):
     return info, None
 
 
-def shard_status(shard_dir, src, fit, checksums=False):
-    """(record, None) for a finished shard of the same source file and quick fit that checks out, to be kept, else
-    (None, why it is rebuilt), the reason None where there is simply no shard yet."""
+def shard_status(shard_dir, src, fit, inputs=None, checksums=False):
+    """(record, None) for a finished shard of the same source file, inputs (inputs_digest: meta and truth rows,
+    geometry; None skips that check) and quick fit that checks out, to be kept, else (None, why it is rebuilt), the
+    reason None where there is simply no shard yet."""
     if not os.path.isdir(shard_dir):
         return None, None
     info, problem = shard_problem(shard_dir, checksums)
     if problem is None and any(info.get(k) != v for k, v in _source_stamp(src).items()):
         problem = f"its source {src} changed since it was made"
+    elif problem is None and inputs is not None and info.get('inputs') != inputs:
+        problem = ("it was made by an earlier prepare.py, which did not record its meta, truth and geometry" if 'inputs' not in info
+                   else "its meta rows, truth rows or the geometry changed since it was made")
     elif problem is None and info.get('fit') != fit:
         problem = f"its quick fit was made with {info.get('fit')}, this run asks for {fit}"
     return (info, None) if problem is None else (None, problem)
@@ -498,7 +533,7 @@ def _write_error(e, path):
 
 def write_shard(task):
     """Worker: pack one batch file into out/<split>/batch_<N>, atomically (build in a temp folder, rename)."""
-    src, shard_dir, meta, truth, geometry, has_labels, fit = task
+    src, shard_dir, meta, truth, geometry, has_labels, fit, inputs = task
     t_start = time.time()
     pulses, doms, events, stats = pack_file(src, meta, truth, geometry, has_labels, fit)
     tmp = f"{os.path.dirname(shard_dir)}/.tmp-{os.path.basename(shard_dir)}-{os.getpid()}"
@@ -506,7 +541,7 @@ def write_shard(task):
     try:
         os.makedirs(tmp)
         files = {f"{k}.npy": _save(f"{tmp}/{k}.npy", a) for k, a in [('pulses', pulses), ('doms', doms), ('events', events)]}
-        info = {**_source_stamp(src), 'format_version': FORMAT_VERSION, **stats, 'files': files}
+        info = {**_source_stamp(src), 'inputs': inputs, 'format_version': FORMAT_VERSION, **stats, 'files': files}
         with open(f"{tmp}/shard.json", 'w') as f:
             json.dump(info, f, indent=1)
         shutil.rmtree(shard_dir, ignore_errors=True)  # a stale shard of a changed source file, or a damaged one
@@ -524,19 +559,24 @@ def _write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+def check_duplicate_events(shards):
+    """Each event id once across shards [(shard folder, shard.json record)] of one meta file (train and val share
+    train_meta's): every pair of shards whose id ranges overlap is compared, not only neighbours in id order (Kaggle's
+    batch files hold disjoint ranges, so there it compares none)."""
+    ranges = sorted((info['event_id_min'], info['event_id_max'], d, info['source']) for d, info in shards)
+    for i, (lo_b, _, b, src_b) in enumerate(ranges):
+        for _, hi_a, a, src_a in ranges[:i]:
+            if hi_a >= lo_b:
+                dup = np.intersect1d(np.load(f"{a}/events.npy", mmap_mode='r')['event_id'],
+                                     np.load(f"{b}/events.npy", mmap_mode='r')['event_id'])
+                if len(dup):
+                    raise PrepareError(f"duplicate event_id {dup[0]} in {src_a} and {src_b}")
+
+
 def write_manifest(split_dir, split, shard_infos, geometry, has_labels, has_truth, made_by=None):
-    """Written last: its presence is what makes a split readable. Also checks event ids across shards."""
+    """Written last: its presence is what makes a split readable."""
     names = [os.path.basename(d) for d, _ in shard_infos]
     infos = [info for _, info in shard_infos]
-    # duplicate event ids across batch files: only shards whose id ranges overlap need a look
-    ranges = sorted((info['event_id_min'], info['event_id_max'], name) for name, info in zip(names, infos))
-    for (lo_a, hi_a, a), (lo_b, hi_b, b) in zip(ranges, ranges[1:]):
-        if lo_b <= hi_a:
-            ids_a = np.load(f"{split_dir}/{a}/events.npy", mmap_mode='r')['event_id']
-            ids_b = np.load(f"{split_dir}/{b}/events.npy", mmap_mode='r')['event_id']
-            dup = np.intersect1d(ids_a, ids_b)
-            if len(dup):
-                raise PrepareError(f"duplicate event_id {dup[0]} in {infos[names.index(a)]['source']} and {infos[names.index(b)]['source']}")
     tmp = f"{split_dir}/geometry.npy.tmp.npy"
     np.save(tmp, geometry)
     os.replace(tmp, f"{split_dir}/geometry.npy")
@@ -635,6 +675,7 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise _write_error(e, out) from None
+    # the shards to write as far as their batch files tell (the meta's and the geometry's digests come later, shard by shard)
     to_write = [sizes[part, int(b)] for part, split, ids in plans for b in ids
                 if shard_status(f"{out}/{split}/batch_{b}", _batch_file(raw, part, b), fit)[0] is None]
     check_space(out, to_write, any(os.path.exists(os.path.join(raw, f"{part}_truth.parquet")) for part, _, _ in plans))
@@ -658,22 +699,27 @@ def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
     # start while train's last ones still run (split by split, a one-shard split left the other cores idle).
     # The workers run torch (the quick fit) on one thread each: a forked child entering the OpenMP team of a parent
     # that had used one hangs, so each worker leaves OpenMP before its first torch op (as BatchLoader's do)
+    geometry_digest = hashlib.sha1(geometry.tobytes()).hexdigest()
     with ProcessPoolExecutor(num_proc, mp_context=get_context('fork'), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         pending = {}  # future -> (its split's state, source file)
+        states = []  # each split's state, in the order started
         for part, split, ids in plans:
             st = _start_split(raw, out, part, split, ids, verify)
+            st['peers'] = states
+            states.append(st)
             for b, meta in iter_meta(os.path.join(raw, f"{part}_meta.parquet"), st['wanted']):
                 if b not in st['ids']:
                     continue
                 src, shard_dir = _batch_file(raw, part, b), f"{st['dir']}/batch_{b}"
-                info, problem = shard_status(shard_dir, src, made_by['fit'], checksums=verify)
+                truth = read_truth(st['truth_path'], b, meta['event_id']) if st['has_truth'] else None
+                inputs = inputs_digest(meta, truth, geometry_digest)
+                info, problem = shard_status(shard_dir, src, made_by['fit'], inputs, checksums=verify)
                 if info is not None:
                     st['done'][shard_dir], st['n_skipped'] = info, st['n_skipped'] + 1
                 else:
                     if problem:
                         log(f"prepare: {shard_dir}: {problem}: rebuilding it")
-                    truth = read_truth(st['truth_path'], b, meta['event_id']) if st['has_truth'] else None
-                    task = (src, shard_dir, meta, truth, geometry, st['has_labels'], made_by['fit'])
+                    task = (src, shard_dir, meta, truth, geometry, st['has_labels'], made_by['fit'], inputs)
                     pending[pool.submit(write_shard, task)] = (st, src)
                     st['pending'].add(shard_dir)
                 while len(pending) >= 2 * num_proc:  # a bounded number of batch files in flight bounds memory
@@ -704,7 +750,7 @@ def _start_split(raw, out, part, split, ids, verify):
             shutil.rmtree(d)  # a shard of another split layout (val_batches changed)
     has_labels = part == 'train'
     truth_path = os.path.join(raw, f"{part}_truth.parquet")
-    return dict(split=split, dir=split_dir, ids=set(int(b) for b in ids), order=list(ids), has_labels=has_labels,
+    return dict(split=split, part=part, dir=split_dir, ids=set(int(b) for b in ids), order=list(ids), has_labels=has_labels,
                 wanted=META_COLUMNS if has_labels else {k: v for k, v in META_COLUMNS.items() if k not in ('azimuth', 'zenith')},
                 truth_path=truth_path, has_truth=os.path.exists(truth_path), done={}, pending=set(), n_skipped=0,
                 checked='sizes and checksums' if verify else 'sizes',
@@ -737,6 +783,16 @@ def _finish_split(st, made_by, geometry, log):
         return
     if st['n_skipped']:
         log(f"prepare: {st['split']}: {st['n_skipped']} shards were already complete ({st['checked']} checked) and were kept")
+    # against the shards of this split and those done of the others from the same meta file: the split that
+    # finishes last sees them all, so an event in both train and val is found too, and neither stays readable
+    peers = [peer for peer in st['peers'] if peer['part'] == st['part']]
+    try:
+        check_duplicate_events([shard for peer in peers for shard in peer['done'].items()])
+    except PrepareError:
+        for peer in peers:
+            if os.path.exists(f"{peer['dir']}/manifest.json"):
+                os.remove(f"{peer['dir']}/manifest.json")
+        raise
     shard_infos = [(f"{st['dir']}/batch_{b}", st['done'][f"{st['dir']}/batch_{b}"]) for b in st['order']]
     m = write_manifest(st['dir'], st['split'], shard_infos, geometry, st['has_labels'], st['has_truth'], made_by)
     log(f"prepare: {st['split']}: {m['n_events']} events, {m['n_pulses']} pulses, {m['n_doms']} DOMs in {len(shard_infos)} shards -> {st['dir']}")
@@ -782,6 +838,8 @@ class Split:
                 self.manifest = json.load(f)
         except (OSError, ValueError) as e:
             raise SplitError(f"{mpath}: unreadable ({e}); re-run prepare.py with the settings that made it") from None
+        if not isinstance(self.manifest, dict) or 'format_version' not in self.manifest:
+            raise SplitError(f"{mpath}: not a manifest that prepare.py wrote (no format_version); re-run prepare.py")
         if self.manifest['format_version'] != FORMAT_VERSION:
             raise SplitError(f"{mpath}: format version {self.manifest['format_version']}, this reader reads {FORMAT_VERSION}; "
                              f"re-run prepare.py to rebuild it: {mend_command(path, self.manifest)}")
@@ -1089,6 +1147,12 @@ class BatchLoader:
         self.position = tuple(start)
         self.shuffle, self.seed, self.rank, self.world_size, self.epochs = shuffle, seed, rank, world_size, epochs
         self.max_events_total = max_events_total  # evaluate only the first N events of the split (0 = all)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"BatchLoader: rank {rank} is not among the ranks 0..{world_size - 1} of world_size {world_size}")
+        n = min(len(split), max_events_total) if max_events_total else len(split)
+        if epochs is None and rank >= n:  # without an end, a rank with no events would wait forever
+            raise ValueError(f"{split.path}: {n} events for {world_size} ranks, so rank {rank} gets none; "
+                             f"use fewer ranks or a larger split")
         self.transform, self.pin_memory, self.prefetch, self.workers = transform, pin_memory, prefetch, workers
         self.queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()

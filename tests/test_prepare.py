@@ -341,6 +341,14 @@ BAD_INPUTS = {
     'meta too short': (lambda raw: _corrupt_meta(raw, lambda t: t.slice(1)), r"batch_1\.parquet: meta pulse ranges do not match"),
     'duplicate event id': (lambda raw: _dup_event(raw), r"batch_1\.parquet: duplicate event_id \d+ in the meta"),
     'duplicate across files': (lambda raw: _dup_across(raw), r"duplicate event_id \d+ in .*batch_1\.parquet and .*batch_2\.parquet"),
+    # batch 1's (train) and batch 3's (val) last events share an id above all others: their id ranges overlap, batch
+    # 2's between them in id order overlaps both, and train and val are separate splits of one meta file
+    'duplicate across splits': (lambda raw: _dup_across(raw, (1, 3), 10**6), r"duplicate event_id 1000000 in .*batch_1\.parquet and .*batch_3\.parquet"),
+    'meta misses an event': (lambda raw: _corrupt_meta(raw, lambda t: t.filter(pa.array(np.arange(len(t)) != 19))),
+                             r"batch_1\.parquet: meta pulse ranges do not match the batch file \(\d+ rows\) at row \d+: the file has event_id \d+, the meta \(none, it ends\)"),
+    'empty batch_id': (lambda raw: _corrupt_meta(raw, lambda t: _set(t, 'batch_id', pa.array([None] + t['batch_id'].to_pylist()[1:], pa.int64()))),
+                       r"train_meta\.parquet: empty batch_id in 1 rows"),
+    'empty sensor_id': (lambda raw: open(f"{raw}/sensor_geometry.csv", 'a').write(",1.5,1.5,2.5\n"), r"sensor_geometry\.csv: empty sensor_id on line 5162"),
     'not kaggle': (lambda raw: os.remove(f"{raw}/train_meta.parquet"), r"train_meta\.parquet: missing file"),
     # unreadable files (batch files are read in a worker process, the rest in the main one)
     'truncated batch file': (lambda raw: _truncate(f"{raw}/train/batch_2.parquet"), r"batch_2\.parquet: cannot read it \(Parquet magic bytes"),
@@ -366,18 +374,20 @@ def _dup_event(raw):
     _corrupt_batch(raw, lambda t: _set(t, 'event_id', np.where(t['event_id'].to_numpy() == old, ids[1], t['event_id'].to_numpy())))
 
 
-def _dup_across(raw):
-    # the last event of batch 2 takes the id of batch 1's last event
+def _dup_across(raw, batches=(1, 2), target=None):
+    # the last event of batches[1] takes the id of batches[0]'s last event (or both take target), in the meta, the
+    # batch files and the truth alike
     meta = pq.read_table(f"{raw}/train_meta.parquet")
     ids, bid = meta['event_id'].to_numpy().copy(), meta['batch_id'].to_numpy()
-    target = ids[bid == 1][-1]
-    j = np.flatnonzero(bid == 2)[-1]
-    old, ids[j] = ids[j], target
-    pq.write_table(_set(meta, 'event_id', ids), f"{raw}/train_meta.parquet")
-    _corrupt_batch(raw, lambda t: _set(t, 'event_id', np.where(t['event_id'].to_numpy() == old, target, t['event_id'].to_numpy())), b=2)
     truth = pq.read_table(f"{raw}/train_truth.parquet")
     tid = truth['event_id'].to_numpy().copy()
-    tid[(tid == old)] = target
+    for b in batches if target is not None else batches[1:]:
+        new = target if target is not None else ids[bid == batches[0]][-1]
+        j = np.flatnonzero(bid == b)[-1]
+        old, ids[j] = ids[j], new
+        _corrupt_batch(raw, lambda t: _set(t, 'event_id', np.where(t['event_id'].to_numpy() == old, new, t['event_id'].to_numpy())), b=b)
+        tid[tid == old] = new
+    pq.write_table(_set(meta, 'event_id', ids), f"{raw}/train_meta.parquet")
     pq.write_table(_set(truth, 'event_id', tid), f"{raw}/train_truth.parquet")
 
 
@@ -398,6 +408,7 @@ def test_bad_input_gets_a_clear_error(case, clean_raw, tmp_path):
         prepare.run(raw, str(tmp_path / 'out'), num_proc=1, log=lambda *a: None)
     split = 'test' if case.startswith('test') else 'train'  # the splits are packed in order: train, val, test
     assert not os.path.exists(tmp_path / 'out' / split / 'manifest.json')
+    assert not os.path.exists(tmp_path / 'out' / 'val' / 'manifest.json') or case.startswith('test')
     assert not glob.glob(str(tmp_path / 'out' / '*' / '.tmp-*'))
 
 
@@ -507,6 +518,36 @@ def test_verify_on_the_command_line_without_the_raw_files(tmp_path, prepared):
     assert not os.path.exists(tmp_path / 'nothing')
 
 
+def test_changed_meta_truth_or_geometry_rebuilds_the_shards_made_of_them(tmp_path, clean_raw):
+    """A re-run keeps a shard only while its batch file, its meta and truth rows and the geometry are what made it:
+    new labels are read, and an edit that breaks the meta is met as on a first run, not kept from before."""
+    shutil.copytree(clean_raw, tmp_path / 'raw')
+    raw, out = str(tmp_path / 'raw'), str(tmp_path / 'out')
+    run = lambda log: prepare.run(raw, out, num_proc=1, log=log, fit_steps=0)
+    run(lambda *a: None)
+    _corrupt_meta(raw, _bad_value('azimuth', 25, 1.25))  # batch 2's 6th event: a corrected label
+    logs = []
+    run(logs.append)
+    assert [line for line in logs if 'rebuilding' in line] == \
+        [f"prepare: {out}/train/batch_2: its meta rows, truth rows or the geometry changed since it was made: rebuilding it"]
+    assert open_split(f"{out}/train").azimuth[25] == np.float32(1.25)
+    truth = pq.read_table(f"{raw}/train_truth.parquet")
+    pq.write_table(_set(truth, 'energy', truth['energy'].to_numpy() * 2), f"{raw}/train_truth.parquet")
+    logs = []
+    run(logs.append)
+    assert sum('truth rows or the geometry changed' in line for line in logs) == 3  # train's and val's; test's truth is its own
+    geo = open(f"{raw}/sensor_geometry.csv").read().splitlines()
+    sensor, x, yz = geo[-1].split(',', 2)
+    open(f"{raw}/sensor_geometry.csv", 'w').write("\n".join(geo[:-1] + [f"{sensor},{float(x) + 1},{yz}"]) + "\n")
+    logs = []
+    run(logs.append)
+    assert sum('truth rows or the geometry changed' in line for line in logs) == 4
+    _corrupt_meta(raw, lambda t: _set(t, 'last_pulse_index', t['last_pulse_index'].to_numpy() + (np.arange(len(t)) == 3)))
+    with pytest.raises(PrepareError, match=r"batch_1\.parquet: meta pulse ranges do not match the batch file"):
+        run(lambda *a: None)
+    assert not os.path.exists(f"{out}/train/manifest.json")
+
+
 def test_old_format_output_is_refused_and_rebuilt(tmp_path, prepared):
     shutil.copytree(f"{prepared}/out", tmp_path / 'out')
     out = tmp_path / 'out'
@@ -596,3 +637,32 @@ def test_loader_workers_give_the_thread_batches(prepared):
             same = torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
             assert same, k
     assert runs[0][-1]['epoch'] == 1
+
+
+def test_loader_refuses_a_rank_without_events(prepared):
+    s = open_split(f"{prepared}/out/val")  # 40 events
+    with pytest.raises(ValueError, match=r"val: 40 events for 64 ranks, so rank 50 gets none; use fewer ranks"):
+        BatchLoader(s, 3000, 3000, 16, 64, world_size=64, rank=50)  # training's endless loader would wait forever
+    with pytest.raises(ValueError, match=r"rank 2 is not among the ranks 0\.\.1 of world_size 2"):
+        BatchLoader(s, 3000, 3000, 16, 64, world_size=2, rank=2)
+    loader = BatchLoader(s, 3000, 3000, 16, 64, world_size=64, rank=50, epochs=1)  # an evaluation's: nothing to do
+    with pytest.raises(StopIteration):
+        next(loader)
+    loader.close()
+
+
+def test_records_that_prepare_did_not_write_are_named(tmp_path, prepared):
+    shutil.copytree(f"{prepared}/out/val", tmp_path / 'val')
+    manifest = (tmp_path / 'val' / 'manifest.json').read_text()
+    for bad in ('{}', '[]'):
+        (tmp_path / 'val' / 'manifest.json').write_text(bad)
+        with pytest.raises(prepare.SplitError, match=r"val/manifest\.json: not a manifest that prepare\.py wrote"):
+            open_split(str(tmp_path / 'val'))
+    (tmp_path / 'val' / 'manifest.json').write_text(manifest)
+    shard = tmp_path / 'val' / 'batch_3' / 'shard.json'
+    info = json.loads(shard.read_text())
+    for bad, why in (({**info, 'format_version': 5}, "format version 5, made by a newer prepare.py"),
+                     ({k: v for k, v in info.items() if k != 'files'}, "no record of its array files"), ([], "not a record")):
+        shard.write_text(json.dumps(bad))
+        with pytest.raises(prepare.SplitError, match=f"batch_3/shard.json: {why}"):
+            open_split(str(tmp_path / 'val'))
