@@ -666,3 +666,13 @@ def test_records_that_prepare_did_not_write_are_named(tmp_path, prepared):
         shard.write_text(json.dumps(bad))
         with pytest.raises(prepare.SplitError, match=f"batch_3/shard.json: {why}"):
             open_split(str(tmp_path / 'val'))
+
+
+def test_geometry_in_whole_metres_is_read(tmp_path, clean_raw):
+    shutil.copytree(clean_raw, tmp_path / 'raw')
+    path = tmp_path / 'raw' / 'sensor_geometry.csv'
+    rows = [line.split(',') for line in path.read_text().splitlines()[1:]]
+    path.write_text("sensor_id,x,y,z\n" + "".join(f"{r[0]},{round(float(r[1]))},{round(float(r[2]))},{round(float(r[3]))}\n" for r in rows))
+    prepare.run(str(tmp_path / 'raw'), str(tmp_path / 'out'), num_proc=1, log=lambda *a: None, fit_steps=0)
+    geometry = open_split(str(tmp_path / 'out' / 'val')).geometry
+    assert geometry[7].tolist() == [round(float(c)) for c in rows[7][1:]]
