@@ -55,7 +55,11 @@ def read_config(path):
     except OSError as e:
         _fail(f"cannot read config file {path}: {e.strerror}")
     scope = {'__file__': path}  # so that a config can build on another beside it (config/toy_long.py)
-    exec(compile(code, path, 'exec'), scope)
+    try:
+        exec(compile(code, path, 'exec'), scope)
+    except Exception as e:  # a typo in the file: its line, not a traceback through this module
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+        _fail(f"config file {path} does not run: {type(e).__name__}: {getattr(e, 'msg', None) or e}{where}")
     return {k: v for k, v in scope.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)}
 
 
@@ -84,3 +88,14 @@ def configure(g, argv=None):
                 value = text  # --out_dir=123 is the folder '123'
             g[key] = _checked(key, value, g[key], f"override {arg}")
     return {k: g[k] for k in names}
+
+
+def check_ranges(script, g, at_least=None, choices=None):
+    """After configure: each setting in at_least below its least value, or in choices outside its allowed values, is
+    named in one line and the script exits (a negative count or an unknown mode would otherwise end deep inside the
+    run, or worse, run on and mean nothing)."""
+    problems = [f"{k}={g[k]!r} (at least {lo})" for k, lo in (at_least or {}).items() if g[k] < lo]
+    problems += [f"{k}={g[k]!r} (one of {', '.join(map(repr, allowed))})" for k, allowed in (choices or {}).items()
+                 if g[k] not in allowed]
+    if problems:
+        raise SystemExit(f"{script}: error: setting out of range: {'; '.join(problems)}")

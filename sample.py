@@ -35,6 +35,7 @@ them to out_dir/calibration.json; on any other split it applies the stored maps.
 """
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -69,6 +70,7 @@ baselines = 'linefit,linefit_improved,time_fit'  # classical methods on the same
                                                  # slow; '' = none); time_fit is read as prepare.py stored it, the model's second seed
 plots = True              # write the PNG figures
 plot_min_events = 20      # the resolution figures leave out bins with fewer events
+calibration_min_events = 1000  # the fewest val events calibration.json is fit on (its maps bin kappa by 300 at least)
 # -----------------------------------------------------------------------------
 
 LEVELS = (0.5, 0.68, 0.9)              # the error circles reported: IceCube's 50% and 90%, and 1 sigma
@@ -271,7 +273,7 @@ def check_coverage(split, err, kappa, events, cal, groups, kind):
                      'groups': {g: {k: coverage(err[check][m[check]], r[:, m[check]]).tolist()
                                     for k, r in curve_radii.items() if k != 'calibrated_vmf'}
                                 for g, m in curve_groups.items() if m[check].any()}}
-    if split == 'val':
+    if split == 'val' and cal is not None:
         cov['stored_map_in_sample'] = coverage_report(err, circles(kappa, events, cal), {})['all']
         print(f"  the stored map, fit on all {n} events, on those same events (in sample, not a check): "
               + " ".join(f"{100 * c:5.1f}" for c in cov['stored_map_in_sample']['calibrated']))
@@ -450,10 +452,31 @@ def write_csv(path, columns):
     os.replace(path + '.tmp', path)
 
 
+def finite(obj):
+    """obj with every non-finite float as None: JSON has no NaN (a figure of an empty bin, a percentile of one event)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
+        json.dump(finite(obj), f, indent=1, allow_nan=False)
     os.replace(path + '.tmp', path)
+
+
+def weights_digest(state):
+    """SHA-1 of a checkpoint's weights: what calibration.json was fit for (a name and an iteration are not enough:
+    a new run into the same out_dir writes best.pt at the same iterations)."""
+    h = hashlib.sha1()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -475,8 +498,15 @@ def load_checkpoint(path):
 
 
 def main():
-    from configurator import configure
+    from configurator import check_ranges, configure
     configure(globals())
+    check_ranges('sample', globals(), at_least=dict(max_events=0, max_pulses=0, max_doms=0, max_events_per_batch=0,
+                                                    plot_min_events=1, calibration_min_events=1), choices=dict(dtype=('float32', 'bfloat16', 'float16')))
+    try:
+        if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
+            raise SystemExit(f"sample: error: device={device!r}, but this torch finds no CUDA device; use --device=cpu")
+    except RuntimeError as e:
+        raise SystemExit(f"sample: error: device={device!r} is not a torch device ({(str(e).splitlines() or [''])[0]})") from None
     methods = [m for m in baselines.split(',') if m]
     if set(methods) - set(classical.METHODS):
         raise SystemExit(f"sample: unknown baseline {sorted(set(methods) - set(classical.METHODS))}; choose from {classical.METHODS}")
@@ -519,6 +549,11 @@ def main():
             seen[idx] = True
     loader.close()
     assert seen.all(), "some events were not evaluated"
+    bad = ~np.isfinite(pred).all(1)
+    if bad.any():  # weights gone bad (a run that diverged): no file of made-up directions
+        raise SystemExit(f"sample: error: {os.path.join(out_dir, ckpt)} predicts non-finite directions for {bad.sum()} of {n} "
+                         f"events (the first event_id {s.event_id[np.flatnonzero(bad)[0]]}): its weights are broken; "
+                         f"evaluate another checkpoint (--ckpt=ckpt.prev.pt, or an earlier run's)")
     t_model = time.time() - t0
     kappa = np.linalg.norm(pred, axis=1)
     az, zen = M.vector_to_angles(pred)
@@ -555,8 +590,12 @@ def main():
     cal_path = os.path.join(out_dir, 'calibration.json')
     cal = None
     err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen) if has_labels else None
-    if split == 'val' and has_labels:
-        cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'fit_on': f"{s.path}, {n} events",
+    weights = weights_digest(ck['model'])
+    if split == 'val' and has_labels and n < calibration_min_events:
+        print(f"sample: {n} val events are too few to fit the error circles' maps (calibration_min_events="
+              f"{calibration_min_events}): {cal_path} is not written, the circles use the predicted kappa")
+    elif split == 'val' and has_labels:
+        cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'weights_sha1': weights, 'fit_on': f"{s.path}, {n} events",
                **fit_calibration(kappa, err, events)}
         write_json(cal_path, cal)
         written.append('calibration.json')
@@ -564,15 +603,15 @@ def main():
         try:
             with open(cal_path) as f:
                 cal = json.load(f)
-            fit_on, stale = cal['fit_on'], (cal['checkpoint'], cal['iter']) != (ckpt, int(ck['iter_num']))
+            fit_on, stale = cal['fit_on'], cal.get('weights_sha1') != weights
             if not stale:  # a map of another checkpoint may group by outputs this one lacks
                 calibrated_radii(cal, kappa[:1], subset(events, slice(0, 1)))
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
                              f"run sample.py --split=val to write it again")
         if stale:
-            print(f"sample: {cal_path} was fit for {cal['checkpoint']} at iter {cal['iter']}, not this checkpoint: "
-                  f"not applied; run sample.py --split=val to refit it")
+            print(f"sample: {cal_path} was fit for other weights ({cal['checkpoint']} at iter {cal['iter']}), not this "
+                  f"checkpoint's: not applied; run sample.py --split=val to refit it")
             cal = None
         else:
             print(f"sample: error circles calibrated by {cal_path}, fit on {fit_on}")
@@ -653,7 +692,9 @@ def main():
     result['training'] = read_history(os.path.join(out_dir, 'log.jsonl'))
     write_json(os.path.join(out_dir, f'eval_{split}.json'), result)
     write_csv(os.path.join(out_dir, f'predictions_{split}.csv'), cols)
-    if split == 'test':
+    if split == 'test' and n < len(s):  # a submission needs every test event: a partial one would look complete
+        print(f"sample: submission.csv is not written: {n} of the {len(s)} test events were predicted (max_events)")
+    elif split == 'test':
         write_csv(os.path.join(out_dir, 'submission.csv'), {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen})
         written.append('submission.csv')
     if plots:

@@ -92,9 +92,25 @@ wandb_project = 'iceaggr'
 wandb_run_name = 'run'
 wandb_mode = 'offline'       # 'offline' (sync later with `wandb sync`), 'online' or 'disabled'
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import check_ranges, configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
+check_ranges('train', globals(), at_least=dict(
+    max_iters=0, max_minutes=0, eval_interval=1, eval_events=0, train_events=0, log_interval=1, max_pulses=1, max_doms=1,
+    max_events=1, max_pulses_per_dom=1, gradient_accumulation_steps=1, micro_threads=0, loader_workers=0,
+    learning_rate=0, min_lr=0, warmup_iters=0, lr_decay_iters=0, grad_clip=0, ema_decay=0, truth_weight=0,
+    angular_weight=0), choices=dict(init_from=('scratch', 'resume'), features=('model', 'loader'),
+    attn=('auto', 'flex', 'sdpa'), dtype=('float32', 'bfloat16', 'float16'), wandb_mode=('offline', 'online', 'disabled')))
+if not out_dir:
+    raise SystemExit("train: error: out_dir is empty; name the folder for the checkpoints")
+try:
+    if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"train: error: device={device!r}, but this torch finds no CUDA device; use --device=cpu")
+except RuntimeError as e:
+    raise SystemExit(f"train: error: device={device!r} is not a torch device ({(str(e).splitlines() or [''])[0]})") from None
+if attn == 'flex' and not device.startswith('cuda'):
+    raise SystemExit("train: error: attn='flex' trains on CUDA only (FlexAttention has no CPU backward in this torch); "
+                     "on the CPU use attn='sdpa' or 'auto'")
 
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
@@ -186,11 +202,27 @@ def load_resume_checkpoint():
 if init_from == 'resume':
     checkpoint = load_resume_checkpoint()
     data_order = checkpoint.get('data_order')
+    # the model the checkpoint holds, and the pulses per DOM it learned from, whatever the settings say: named when
+    # they differ, and recorded as they are in the next checkpoint's config
+    kept = {**checkpoint['model_args'], 'max_pulses_per_dom': checkpoint['max_pulses_per_dom']}
+    differ = [f"{k}={v!r} (not {config[k]!r})" for k, v in kept.items() if config.get(k, v) != v]
+    if differ:
+        log(f"train: a resumed run keeps its checkpoint's model and max_pulses_per_dom: {', '.join(differ)}")
+    config.update((k, v) for k, v in kept.items() if k in config)
     model_args = checkpoint['model_args']
     max_pulses_per_dom = checkpoint['max_pulses_per_dom']
     iter_num, best_val, seconds_before = checkpoint['iter_num'], checkpoint['best_val'], checkpoint['train_seconds']
-elif init_from != 'scratch':
-    fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
+elif master:
+    # a fresh run in an out_dir that holds another run's files: they move aside, not lost (a run started without
+    # --init_from=resume by mistake and stopped before its first checkpoint), and not mistaken for this run's
+    previous = [f for f in ('ckpt.pt', 'ckpt.prev.pt', 'best.pt', 'ckpt.damaged.pt', 'calibration.json', 'log.jsonl')
+                if os.path.exists(os.path.join(out_dir, f))]
+    if previous:
+        shutil.rmtree(os.path.join(out_dir, 'previous'), ignore_errors=True)
+        os.makedirs(os.path.join(out_dir, 'previous'))
+        for f in previous:
+            os.replace(os.path.join(out_dir, f), os.path.join(out_dir, 'previous', f))
+        log(f"train: from scratch in {out_dir}: the previous run's {', '.join(previous)} moved to {out_dir}/previous/")
 raw_model = M.IceModel(**model_args)
 if checkpoint is not None:
     M.load_weights(raw_model, checkpoint.get('train_model', checkpoint['model']), f"the checkpoint in {out_dir}", 'train')
@@ -429,6 +461,13 @@ clock = dict(iter=iter_num, seconds=seconds_before, per_iter=0.0)  # the agreed 
 window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start, stop=False)
 
 
+def last_good():
+    """Where to go on from after the loss or the val error went bad, and what to change."""
+    where = (f"the last good checkpoint is {ckpt_path} (iteration {saved_iter})" if saved_iter > first_iter or init_from == 'resume'
+             else "nothing was saved yet")
+    return f"{where}. Try a lower learning_rate or grad_clip."
+
+
 def flush_window():
     """A log point: one reduce over ranks of the window's loss, events, pulses and seconds; checks the loss, logs,
     and advances the agreed clock."""
@@ -437,8 +476,7 @@ def flush_window():
                                                         float(stop_signal is not None)])
     loss_mean = loss_sum / max(events, 1)
     if not math.isfinite(loss_mean):
-        fail(f"loss is {loss_mean} at iteration {iter_num}: stopping; the last good checkpoint is {ckpt_path} "
-             f"(iteration of the last evaluation). Try a lower learning_rate or grad_clip.")
+        fail(f"loss is {loss_mean} at iteration {iter_num}: stopping; {last_good()}")
     seconds = seconds_before + elapsed / world_size
     clock.update(per_iter=(seconds - clock['seconds']) / max(iter_num - clock['iter'], 1), iter=iter_num, seconds=seconds)
     dt = (now - window['t']) / max(window['iters'], 1)
@@ -478,6 +516,8 @@ while True:
         seconds = clock['seconds']
         t_eval = time.time()
         val_err, val_loss, n_val = evaluate()
+        if not math.isfinite(val_err):  # NaN weights: saved, they would pass for the last good checkpoint
+            fail(f"val error is {val_err} at iteration {iter_num}: the averaged weights went bad; {last_good()}")
         improved = val_err < best_val
         best_val = min(best_val, val_err)
         log(f"eval iter {iter_num}: val mean angular error {val_err:.4f} rad ({math.degrees(val_err):.2f} deg), "

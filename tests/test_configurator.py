@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from configurator import configure, read_config
+from configurator import check_ranges, configure, read_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +40,25 @@ def test_unknown_key_in_config_file(tmp_path):
     cfg.write_text("batch_size = 8\nlearnin_rate = 0.1\n")
     with pytest.raises(SystemExit, match=r"unknown setting 'learnin_rate' in config file .*c\.py"):
         configure(settings(), [str(cfg)])
+
+
+@pytest.mark.parametrize('text, message', [
+    ("batch_size = 8\nlearning_rate = 1e-3 +\n", r"c\.py does not run: SyntaxError: invalid syntax \(line 2\)"),
+    ("batch_size = 8\nout_dir = base + '-x'\n", r"c\.py does not run: NameError: name 'base' is not defined"),
+])
+def test_config_file_that_does_not_run(tmp_path, text, message):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        configure(settings(), [str(cfg)])
+
+
+def test_ranges_are_checked_after_configure():
+    g = {**settings(), 'mode': 'a'}
+    check_ranges('x', g, at_least={'batch_size': 1}, choices={'mode': ('a', 'b')})  # in range: nothing
+    g.update(batch_size=0, mode='c')
+    with pytest.raises(SystemExit, match=r"^x: error: setting out of range: batch_size=0 \(at least 1\); mode='c' \(one of 'a', 'b'\)$"):
+        check_ranges('x', g, at_least={'batch_size': 1}, choices={'mode': ('a', 'b')})
 
 
 def test_config_builds_on_the_one_beside_it(tmp_path):

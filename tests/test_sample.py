@@ -154,7 +154,7 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--init_from=resume'] + TINY)
     assert max(json.loads(line)['iter'] for line in open(os.path.join(out, 'log.jsonl'))) == 20
 
-    p = run(['sample.py', f'--out_dir={out}', '--split=val', '--plot_min_events=2'])
+    p = run(['sample.py', f'--out_dir={out}', '--split=val', '--plot_min_events=2', '--calibration_min_events=20'])
     assert 'held out: a map fit on the ' in p.stdout and 'not a check' in p.stdout
     for f in ('eval_val.json', 'predictions_val.csv', 'calibration.json', 'resolution_val.png',
               'resolution_doms_val.png', 'coverage_val.png', 'training.png'):
@@ -214,9 +214,9 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     inside = ptr['angular_error'] <= np.radians([ptr['radius50_deg'], ptr['radius90_deg']])
     assert np.allclose(np.array(et['coverage']['held_out']['all']['calibrated'])[[0, 2]], inside.mean(1))
 
-    # a map fit for another checkpoint is not applied (test: no labels, the Kaggle case; the circles are the
-    # predicted kappa's)
-    cal['iter'] = 999
+    # a map fit for other weights is not applied (test: no labels, the Kaggle case; the circles are the predicted
+    # kappa's): a new run into the same out_dir writes best.pt at the same iteration
+    cal['weights_sha1'] = '0' * 40
     json.dump(cal, open(os.path.join(out, 'calibration.json'), 'w'))
     p = run(['sample.py', f'--out_dir={out}', '--split=test', '--plots=False'])
     assert 'not applied' in p.stdout
@@ -225,7 +225,7 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     assert np.allclose(pt['radius90_deg'], np.degrees(sample.containment_radius(pt['kappa'], 0.9)), atol=1e-5)
 
     # sample.py packs 4x training's budgets per micro-batch (INFER_BUDGET); the predictions are those of training's
-    run(['sample.py', f'--out_dir={out}', '--split=val', '--baselines=', '--plots=False', '--max_pulses=8192',
+    run(['sample.py', f'--out_dir={out}', '--split=val', '--baselines=', '--plots=False', '--calibration_min_events=20', '--max_pulses=8192',
          '--max_doms=4096', '--max_events_per_batch=64'])
     again = read_csv(os.path.join(out, 'predictions_val.csv'))
     assert len(again['event_id']) == len(pr['event_id']) and (again['event_id'] == pr['event_id']).all()
@@ -238,7 +238,7 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     out0 = str(tmp_path / 'out0')
     run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out0}', '--max_iters=4', '--eval_interval=4',
          '--truth_weight=0'] + TINY)
-    run(['sample.py', f'--out_dir={out0}', '--split=val', '--baselines=', '--plots=False'])
+    run(['sample.py', f'--out_dir={out0}', '--split=val', '--baselines=', '--plots=False', '--calibration_min_events=20'])
     p0 = read_csv(os.path.join(out0, 'predictions_val.csv'))
     assert 'track_probability' not in p0 and 'log10_energy' not in p0
     assert json.load(open(os.path.join(out0, 'calibration.json')))['columns'] == ['hit_doms']

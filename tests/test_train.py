@@ -75,15 +75,20 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
         assert all(torch.equal(ck[w][k], same[w][k]) for k in ck[w]), w
 
     p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=45', '--eval_interval=20',
-             '--init_from=resume'] + TINY)
+             '--init_from=resume'] + TINY + ['--t2_layers=3'])
     assert 'resuming at iter 40' in p.stdout
     assert re.findall(r'^iter (\d+):', p.stdout, re.M)[0] == '41'
     ck2 = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert ck2['iter_num'] == 45 and ck2['best_val'] <= ck['best_val']
+    # a model setting that differs from the checkpoint's is named, and the checkpoint records the model it holds
+    assert "a resumed run keeps its checkpoint's model and max_pulses_per_dom: t2_layers=2 (not 3)" in p.stdout
+    assert ck2['config']['t2_layers'] == ck2['model_args']['t2_layers'] == 2
 
     p = run(['sample.py', f'--out_dir={out}', '--split=val', '--max_events=30'])
     ev = json.load(open(os.path.join(out, 'eval_val.json')))
     assert ev['n_events'] == 30
+    # too few events to fit the error circles' maps: no calibration.json that a later split would trust
+    assert '30 val events are too few' in p.stdout and not os.path.exists(os.path.join(out, 'calibration.json'))
     for k in ('mean_angular_error', 'median_angular_error'):
         assert 0 <= ev[k] <= 3.15 and 0 <= ev['linefit'][k] <= 3.15
     assert 'LineFit' in p.stdout
@@ -93,9 +98,13 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
     fit = prepare.angles_to_dir(s._column('fit_azimuth')[:30], s._column('fit_zenith')[:30])
     fit_err = classical.angular_error(fit, prepare.angles_to_dir(s.azimuth[:30], s.zenith[:30]))
     assert abs(ev['time_fit']['mean_angular_error'] - float(fit_err.mean())) < 1e-5
+    # a submission holds every test event: one of part of them is not written, since it would look complete
     p = run(['sample.py', f'--out_dir={out}', '--split=test', '--max_events=25'])
+    assert 'submission.csv is not written: 25 of the 40 test events' in p.stdout
+    assert not os.path.exists(os.path.join(out, 'submission.csv'))
+    run(['sample.py', f'--out_dir={out}', '--split=test'])
     sub = open(os.path.join(out, 'submission.csv')).read().splitlines()
-    assert sub[0] == 'event_id,azimuth,zenith' and len(sub) == 26
+    assert sub[0] == 'event_id,azimuth,zenith' and len(sub) == 41
 
 
 def test_micro_threads_train_as_one_thread_does(data_dir, tmp_path):
@@ -123,8 +132,29 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
             check=False)
     err = p.stderr.lower()
     assert p.returncode != 0 and ('loss is nan' in err or 'loss is inf' in err), p.stderr[-2000:]
+    assert f"the last good checkpoint is {out}/ckpt.pt (iteration 2)" in p.stderr
     after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['model']
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # weights gone bad between two log points: the evaluation finds it, and nothing is saved as the last good
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=50', '--eval_interval=1',
+             '--ema_decay=0.0', '--grad_clip=0.0', '--learning_rate=1e30', '--warmup_iters=0'] + TINY[:-3] + ['--log_interval=50'],
+            check=False)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == ("train: error: val error is nan at iteration 1: the averaged weights went "
+                                                 "bad; nothing was saved yet. Try a lower learning_rate or grad_clip.")
+    assert not os.path.exists(os.path.join(out, 'ckpt.pt'))  # the earlier run's moved aside, none of this run's
+    assert torch.load(os.path.join(out, 'previous', 'ckpt.pt'), weights_only=False)['iter_num'] == 2
+
+
+def test_settings_out_of_range_are_named(tmp_path):
+    p = run(['train.py', f'--out_dir={tmp_path}', '--eval_interval=0', '--train_events=-1', '--attn=foo'], check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "train: error: setting out of range: eval_interval=0 (at least 1); train_events=-1 (at least 0); attn='foo' "
+        "(one of 'auto', 'flex', 'sdpa')"]
+    p = run(['sample.py', f'--out_dir={tmp_path}', '--max_events=-1', '--device=gpu'], check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == ["sample: error: setting out of range: max_events=-1 (at least 0)"]
+    p = run(['sample.py', f'--out_dir={tmp_path}', '--device=gpu'], check=False)
+    assert p.returncode == 1 and p.stderr.strip().startswith("sample: error: device='gpu' is not a torch device (")
 
 
 def test_ddp_gloo_two_ranks_identical(data_dir, tmp_path):
@@ -253,6 +283,19 @@ def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1, p.stderr
     assert lines[0].startswith(f"sample: error: {tmp_path}/best.pt: its weights do not fit this model.py (size mismatch for head.bias")
+    # weights gone bad (NaN): named, and no csv of made-up directions
+    ck = torch.load(f'{root}/whole/best.pt', weights_only=False)
+    ck['model'] = {k: v * float('nan') if v.is_floating_point() else v for k, v in ck['model'].items()}
+    torch.save(ck, tmp_path / 'best.pt')
+    p = run(['sample.py', f'--out_dir={tmp_path}', '--max_events=1', '--baselines='], check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"sample: error: {tmp_path}/best.pt predicts non-finite directions for 1 of 1 events (the first event_id ")
+    assert not os.path.exists(tmp_path / 'predictions_val.csv')
+    # one event: figures of empty bins are null in the json (JSON has no NaN)
+    shutil.copy(f'{root}/whole/best.pt', tmp_path / 'best.pt')
+    run(['sample.py', f'--out_dir={tmp_path}', '--max_events=1', '--baselines=', '--plots=False'])
+    json.loads(open(tmp_path / 'eval_val.json').read(), parse_constant=lambda c: pytest.fail(f"{c} in eval_val.json"))
 
 
 def test_ddp_ranks_stop_together_when_one_gets_sigterm(data_dir, tmp_path):
