@@ -26,8 +26,11 @@ them to out_dir/calibration.json; on any other split it applies the stored maps.
                                (its vMF's 50% circles hold 50%), radius50_deg, radius90_deg (the calibrated
                                circles; from kappa without a map)
                                (+ true angles and errors where known)
-    submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format)
-    calibration.json           for the val split: the calibration maps (applied on other splits)
+    submission.csv             for the test split: event_id, azimuth, zenith (the Kaggle format), when every
+                               test event was predicted
+    calibration.json           for the val split: the calibration maps (applied on other splits, to the weights
+                               they were fit for), from calibration_min_events val events up; a run on fewer val
+                               events than the stored maps of the same weights keeps them
     resolution_<split>.png     median angular error against true energy, per kind, model and classical fits
     resolution_doms_<split>.png  the same against the number of hit DOMs
     coverage_<split>.png       observed against nominal coverage of the error circles, before and after calibration
@@ -481,6 +484,16 @@ def weights_digest(state):
 
 # -----------------------------------------------------------------------------
 
+def stored_calibration(path, weights, n):
+    """The maps in path if they were fit for these weights on more than n val events, else None."""
+    try:
+        with open(path) as f:
+            cal = json.load(f)
+        return cal if cal.get('weights_sha1') == weights and cal.get('n_events', 0) > n else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_checkpoint(path):
     """train.py's checkpoint, or one line naming the file and what to do when it is missing or damaged."""
     if not os.path.exists(path):
@@ -594,9 +607,12 @@ def main():
     if split == 'val' and has_labels and n < calibration_min_events:
         print(f"sample: {n} val events are too few to fit the error circles' maps (calibration_min_events="
               f"{calibration_min_events}): {cal_path} is not written, the circles use the predicted kappa")
+    elif split == 'val' and has_labels and (kept := stored_calibration(cal_path, weights, n)):
+        cal = kept  # a run on part of val (a slow baseline's --max_events) keeps the maps fit on more of it
+        print(f"sample: {cal_path} kept: fit on {cal['n_events']} val events for these weights, more than this run's {n}")
     elif split == 'val' and has_labels:
-        cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'weights_sha1': weights, 'fit_on': f"{s.path}, {n} events",
-               **fit_calibration(kappa, err, events)}
+        cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'weights_sha1': weights, 'n_events': int(n),
+               'fit_on': f"{s.path}, {n} events", **fit_calibration(kappa, err, events)}
         write_json(cal_path, cal)
         written.append('calibration.json')
     elif os.path.exists(cal_path):

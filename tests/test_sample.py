@@ -232,6 +232,12 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     assert np.allclose(again['kappa'], pr['kappa'], rtol=1e-4)
     assert M.angular_errors(again['azimuth'], again['zenith'], pr['azimuth'], pr['zenith']).max() < 1e-4
     assert np.allclose(again['track_probability'], pr['track_probability'], atol=1e-5)
+    # a run on part of val keeps the maps fit on all of it, for the same weights
+    stored = open(os.path.join(out, 'calibration.json')).read()
+    p = run(['sample.py', f'--out_dir={out}', '--split=val', '--max_events=30', '--baselines=', '--plots=False',
+             '--calibration_min_events=20'])
+    assert 'kept: fit on 40 val events for these weights, more than this run\'s 30' in p.stdout
+    assert open(os.path.join(out, 'calibration.json')).read() == stored
 
     # a model whose heads did not learn (truth_weight=0; the Kaggle data, which has no truth file, likewise): no
     # kind or energy in the csv, and the calibration groups by hit DOMs
