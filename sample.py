@@ -588,7 +588,9 @@ def main():
         base_dirs[name], speed[name] = dirs, n / (time.time() - t0)
         print(f"sample: {name} on {n} events in {time.time() - t0:.1f}s ({speed[name]:.0f} events/s)")
 
-    result = {'split': split, 'n_events': int(n), 'checkpoint': os.path.join(out_dir, ckpt), 'iter': int(ck['iter_num'])}
+    result = {'split': split, 'n_events': int(n), 'checkpoint': os.path.join(out_dir, ckpt), 'iter': int(ck['iter_num']),
+              'budgets': {'max_pulses': loader.args[0], 'max_doms': loader.args[1], 'max_events': loader.args[2],
+                          'max_pulses_per_dom': loader.args[3]}}
     has_labels = bool(np.isfinite(s.azimuth[:n]).all())
     ev_pulses, ev_doms = s.n_pulses[:n], s.n_doms[:n]
     cols = {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen, 'kappa': kappa, 'hit_doms': ev_doms}

@@ -449,9 +449,12 @@ def stop_for_signal():
 # follow is agreed by all ranks at log points (one small reduce, the only host synchronisation between them) and
 # extrapolated in between, so every rank takes the same learning rate and stops at the same iteration.
 loader_seed, start = data_start()
-loader = BatchLoader(train_split, max_pulses, max_doms, max_events, max_pulses_per_dom, shuffle=True,
-                     seed=loader_seed, rank=rank, world_size=world_size, max_events_total=train_events, start=start,
-                     transform=to_model, workers=loader_workers, pin_memory=pin)
+try:
+    loader = BatchLoader(train_split, max_pulses, max_doms, max_events, max_pulses_per_dom, shuffle=True,
+                         seed=loader_seed, rank=rank, world_size=world_size, max_events_total=train_events, start=start,
+                         transform=to_model, workers=loader_workers, pin_memory=pin)
+except ValueError as e:  # more ranks than train events
+    fail(e)
 saved_iter = iter_num
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)

@@ -87,6 +87,7 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
     p = run(['sample.py', f'--out_dir={out}', '--split=val', '--max_events=30'])
     ev = json.load(open(os.path.join(out, 'eval_val.json')))
     assert ev['n_events'] == 30
+    assert ev['budgets'] == {'max_pulses': 4 * 8192, 'max_doms': 4 * 4096, 'max_events': 4 * 64, 'max_pulses_per_dom': 16}
     # too few events to fit the error circles' maps: no calibration.json that a later split would trust
     assert '30 val events are too few' in p.stdout and not os.path.exists(os.path.join(out, 'calibration.json'))
     for k in ('mean_angular_error', 'median_angular_error'):
