@@ -15,6 +15,9 @@ Rows:
              same width and depth over all pulses of each event, and T1 with every DOM padded
   scaling    single events of 100 .. 100,000 pulses, hierarchical against flat
   inference  events/s of the model beside LineFit (and the likelihood fit where classical.py has one)
+  efficiency per config (toy_cpu; baseline_1m, at a reduced budget on the CPU): counted FLOPs per training event and
+             the step's FLOP/s beside the machine's own x @ w rate at the model's shapes in the same run, and the
+             loader's events/s at the config's budgets beside the step's
 
 The baselines of the step and scaling rows (built here, from model.py's Block):
   flat       one transformer over all pulses of an event: width t2_dim, t2_heads heads, depth t1_layers +

@@ -56,7 +56,7 @@ convention of simulate.py, whose d_eff = r * 33.3 m * <1/l_scat>; the Pandel tim
           Until such a table is plugged in, use 'bulk' on real data: the toy table is not real ice.
 The charge likelihood also needs the attenuation of diffuse light, sqrt(l_abs l_scat / 3): 'toy' takes simulate.py's
 absorption_length(z); a table file may give l_abs as a third column (else PANDEL_LAMBDA_A); 'bulk' uses
-BULK_ATTENUATION. Its expected charges follow simulate.py's light model (DESIGN.md section 4), which is IceCube's
+BULK_ATTENUATION. Its expected charges follow simulate.py's light model (its docstring's Physics), which is IceCube's
 in shape only: on real data the charge likelihood is as approximate as the ice table behind it.
 Real ice is more complex still (tilted layers, anisotropy, hole ice), so even a tabulated fit stays approximate,
 as IceCube's Pandel-based fits are; they remain the standard first likelihood reconstruction all the same.
@@ -72,7 +72,7 @@ from model import C_VACUUM, TRACK_DELAY_FACTOR, linefit_improved_packed  # the m
 
 # -----------------------------------------------------------------------------
 # settings
-# ice and Cherenkov light (DESIGN.md section 4; the numbers simulate.py uses)
+# ice and Cherenkov light (the numbers simulate.py uses; its docstring's Physics)
 # (C_VACUUM, the muon's speed in m/ns, and TRACK_DELAY_FACTOR, Cherenkov light's extra path, are model.py's)
 N_GROUP = 1.356
 C_ICE = C_VACUUM / N_GROUP  # 0.2210 m/ns, photons in ice
@@ -436,7 +436,7 @@ def _track(u, shift, centre_g):
 
 def _muon_light(xr, ug, refg, path_mean):
     """The muon's direct Cherenkov light at DOMs xr, the track along ug through refg (one row each): the delay of
-    direct light (ns after t0) and its Pandel shape xi (DESIGN.md section 4); and for its amount rel = xr - refg,
+    direct light (ns after t0) and its Pandel shape xi (simulate.py's Physics); and for its amount rel = xr - refg,
     where the photon left the track (s_emit, m along it from refg), its path r, z_emit, and the mean 1 / l_scat."""
     rel = xr - refg
     along = (rel * ug).sum(1)

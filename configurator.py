@@ -1,7 +1,7 @@
 """
 Settings for every script, the nanoGPT way: a script's settings are its module globals, and
 
-    python train.py config/toy_cpu.py --batch_size=32 --device=cpu
+    python train.py config/toy_cpu.py --max_events=32 --device=cpu
 
 first runs the config file(s) (plain Python that assigns some of those globals), then applies the
 --key=value overrides. Values are parsed as Python literals (32, 3e-4, False, 'x'), falling back to a

@@ -17,7 +17,7 @@ out_dir/test, each a folder of shards, one per batch file, plus geometry.npy and
                            doms.npy     (n_doms + 1,) uint32: shard-local index of each DOM's first pulse;
                                         a DOM is one hit sensor in one event, its pulses contiguous
                            events.npy   (n_events,) records: event_id, t0 (first pulse time, ns),
-                                        pulse_start (int64), n_pulses, dom_start (int64), n_doms,
+                                        pulse_start (int64), n_pulses, n_doms, dom_start (int64),
                                         azimuth, zenith (NaN in test), fit_azimuth, fit_zenith, fit_rlogl
                                         (the quick likelihood fit, classical.time_fit: the model's second
                                         seed), lf_vx, lf_vy, lf_vz (the plain LineFit's velocity, m/ns),
@@ -91,7 +91,7 @@ val_batches = 1           # the last val_batches train batch files become the va
 train_batches = 0         # use only the first N train batch files of the meta (0 = all); for partial downloads
 num_proc = max(1, min(8, os.cpu_count() or 1))  # worker processes, one batch file each
 fit_steps = 80            # steps of the quick likelihood fit stored with each event, the model's second seed
-                          # (classical.time_fit, ~600 events/s per process); 0 stores the improved LineFit instead:
+                          # (classical.time_fit, ~550 events/s per process); 0 stores the improved LineFit instead:
                           # a prepare of the whole Kaggle set many times faster, a model less precise on bright tracks
 fit_ice = 'auto'          # the fit's ice (classical.ice_table): 'auto' = 'toy' for a simulate.py set (it has a
                           # simulation.json), 'bulk' for real data; or a depth table file (classical.ice_table)

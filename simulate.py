@@ -43,7 +43,7 @@ backwards, while the brighter light ahead of them pulls it forwards).
 Direction convention: the neutrino COMES FROM (azimuth, zenith), x = cos(az) sin(zen), y = sin(az) sin(zen),
 z = cos(zen); the particle travels along minus that vector. Directions are isotropic.
 
-Physics (a fast toy, vectorised over all DOMs and photons of a chunk of events; DESIGN.md section 4):
+Physics (a fast toy, vectorised over all DOMs and photons of a chunk of events):
   - Geometry: 78 strings on a triangular grid (125 m) plus 8 DeepCore strings near the centre, 60 DOMs each;
     or any sensor_geometry.csv (strings of 60 DOMs, sensor_id = 0..n-1).
   - Ice: our own smooth parametrisation of absorption and effective scattering vs depth, with the dust layer
