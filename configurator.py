@@ -99,3 +99,14 @@ def check_ranges(script, g, at_least=None, choices=None):
                  if g[k] not in allowed]
     if problems:
         raise SystemExit(f"{script}: error: setting out of range: {'; '.join(problems)}")
+
+
+def check_device(script, device):
+    """The device setting names a torch device that this machine has, or the script exits with one line."""
+    import torch
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise SystemExit(f"{script}: error: device={device!r} is not a torch device ({(str(e).splitlines() or [''])[0]})") from None
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"{script}: error: device={device!r}, but this torch finds no CUDA device; use --device=cpu")

@@ -1146,12 +1146,12 @@ class BatchLoader:
         self.split, self.args = split, (max_pulses, max_doms, max_events, max_pulses_per_dom)
         self.position = tuple(start)
         self.shuffle, self.seed, self.rank, self.world_size, self.epochs = shuffle, seed, rank, world_size, epochs
-        self.max_events_total = max_events_total  # evaluate only the first N events of the split (0 = all)
+        # the events each epoch draws from: the first max_events_total of the split (0 = all; an evaluation of part of it)
+        self.n_events = min(len(split), max_events_total) if max_events_total else len(split)
         if not 0 <= rank < world_size:
             raise ValueError(f"BatchLoader: rank {rank} is not among the ranks 0..{world_size - 1} of world_size {world_size}")
-        n = min(len(split), max_events_total) if max_events_total else len(split)
-        if epochs is None and rank >= n:  # without an end, a rank with no events would wait forever
-            raise ValueError(f"{split.path}: {n} events for {world_size} ranks, so rank {rank} gets none; "
+        if epochs is None and rank >= self.n_events:  # without an end, a rank with no events would wait forever
+            raise ValueError(f"{split.path}: {self.n_events} events for {world_size} ranks, so rank {rank} gets none; "
                              f"use fewer ranks or a larger split")
         self.transform, self.pin_memory, self.prefetch, self.workers = transform, pin_memory, prefetch, workers
         self.queue = queue.Queue(maxsize=prefetch)
@@ -1167,12 +1167,9 @@ class BatchLoader:
         self.thread.start()
 
     def _order(self, epoch):
-        n = len(self.split)
-        if self.max_events_total:
-            n = min(n, self.max_events_total)
         if self.shuffle:
-            return np.random.default_rng([self.seed, epoch]).permutation(n)[self.rank::self.world_size]
-        return np.array_split(np.arange(n), self.world_size)[self.rank]
+            return np.random.default_rng([self.seed, epoch]).permutation(self.n_events)[self.rank::self.world_size]
+        return np.array_split(np.arange(self.n_events), self.world_size)[self.rank]
 
     def _plans(self):
         """(epoch, event indices, position after it, what plan_batch read of them) of each batch in order, from self.position on."""

@@ -511,15 +511,11 @@ def load_checkpoint(path):
 
 
 def main():
-    from configurator import check_ranges, configure
+    from configurator import check_device, check_ranges, configure
     configure(globals())
     check_ranges('sample', globals(), at_least=dict(max_events=0, max_pulses=0, max_doms=0, max_events_per_batch=0,
                                                     plot_min_events=1, calibration_min_events=1), choices=dict(dtype=('float32', 'bfloat16', 'float16')))
-    try:
-        if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
-            raise SystemExit(f"sample: error: device={device!r}, but this torch finds no CUDA device; use --device=cpu")
-    except RuntimeError as e:
-        raise SystemExit(f"sample: error: device={device!r} is not a torch device ({(str(e).splitlines() or [''])[0]})") from None
+    check_device('sample', device)
     methods = [m for m in baselines.split(',') if m]
     if set(methods) - set(classical.METHODS):
         raise SystemExit(f"sample: unknown baseline {sorted(set(methods) - set(classical.METHODS))}; choose from {classical.METHODS}")

@@ -92,7 +92,7 @@ wandb_project = 'iceaggr'
 wandb_run_name = 'run'
 wandb_mode = 'offline'       # 'offline' (sync later with `wandb sync`), 'online' or 'disabled'
 # -----------------------------------------------------------------------------
-from configurator import check_ranges, configure  # noqa: E402
+from configurator import check_device, check_ranges, configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
 check_ranges('train', globals(), at_least=dict(
@@ -103,11 +103,7 @@ check_ranges('train', globals(), at_least=dict(
     attn=('auto', 'flex', 'sdpa'), dtype=('float32', 'bfloat16', 'float16'), wandb_mode=('offline', 'online', 'disabled')))
 if not out_dir:
     raise SystemExit("train: error: out_dir is empty; name the folder for the checkpoints")
-try:
-    if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit(f"train: error: device={device!r}, but this torch finds no CUDA device; use --device=cpu")
-except RuntimeError as e:
-    raise SystemExit(f"train: error: device={device!r} is not a torch device ({(str(e).splitlines() or [''])[0]})") from None
+check_device('train', device)
 if attn == 'flex' and not device.startswith('cuda'):
     raise SystemExit("train: error: attn='flex' trains on CUDA only (FlexAttention has no CPU backward in this torch); "
                      "on the CPU use attn='sdpa' or 'auto'")
