@@ -1150,9 +1150,12 @@ class BatchLoader:
         self.n_events = min(len(split), max_events_total) if max_events_total else len(split)
         if not 0 <= rank < world_size:
             raise ValueError(f"BatchLoader: rank {rank} is not among the ranks 0..{world_size - 1} of world_size {world_size}")
-        if epochs is None and rank >= self.n_events:  # without an end, a rank with no events would wait forever
-            raise ValueError(f"{split.path}: {self.n_events} events for {world_size} ranks, so rank {rank} gets none; "
-                             f"use fewer ranks or a larger split")
+        # without an end, a rank with no events would wait forever; every rank refuses, so that under torchrun all of
+        # them stop with this line, where the others would fail later on a closed connection
+        if epochs is None and world_size > self.n_events:
+            idle = f"rank {self.n_events} gets" if world_size == self.n_events + 1 else f"ranks {self.n_events}..{world_size - 1} get"
+            raise ValueError(f"{split.path}: {self.n_events} events for {world_size} ranks, so {idle} none; use fewer ranks "
+                             f"or a larger split")
         self.transform, self.pin_memory, self.prefetch, self.workers = transform, pin_memory, prefetch, workers
         self.queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()

@@ -641,8 +641,9 @@ def test_loader_workers_give_the_thread_batches(prepared):
 
 def test_loader_refuses_a_rank_without_events(prepared):
     s = open_split(f"{prepared}/out/val")  # 40 events
-    with pytest.raises(ValueError, match=r"val: 40 events for 64 ranks, so rank 50 gets none; use fewer ranks"):
-        BatchLoader(s, 3000, 3000, 16, 64, world_size=64, rank=50)  # training's endless loader would wait forever
+    for rank in (0, 50):  # rank 50's endless loader would wait forever; rank 0 refuses too, or it would wait for 50
+        with pytest.raises(ValueError, match=r"val: 40 events for 64 ranks, so ranks 40\.\.63 get none; use fewer ranks"):
+            BatchLoader(s, 3000, 3000, 16, 64, world_size=64, rank=rank)
     with pytest.raises(ValueError, match=r"rank 2 is not among the ranks 0\.\.1 of world_size 2"):
         BatchLoader(s, 3000, 3000, 16, 64, world_size=2, rank=2)
     loader = BatchLoader(s, 3000, 3000, 16, 64, world_size=64, rank=50, epochs=1)  # an evaluation's: nothing to do
