@@ -269,15 +269,17 @@ class PaddedT1(M.IceModel):
     of attending each group of equal-length DOMs without padding."""
 
     def embed_doms(self, b, layout):
-        dom = b['t1_dom']  # the sdpa stream: each DOM's pulses contiguous
-        N, D = dom.shape[0], b['dom_pos'].shape[0]
+        D = b['dom_pos'].shape[0]
+        real = b['t1_dom'] < D  # each DOM's pulses contiguous in both layouts; the flex one ends in padding (DOM D)
+        dom, t1_x = b['t1_dom'][real], b['t1_x'][real]
+        N = dom.shape[0]
         ar = torch.arange(N, device=dom.device)
         first = torch.ones(N, dtype=torch.bool, device=dom.device)
         first[1:] = dom[1:] != dom[:-1]
         within = ar - torch.cummax(torch.where(first, ar, 0), 0).values  # each pulse's place in its DOM
         n_dom, L = int(b['n_doms']), int(within.max()) + 1
         x = torch.zeros(n_dom, L, self.pulse_embed.out_features, device=dom.device)
-        x = x.index_put((dom, within), self.pulse_embed(b['t1_x']).float())
+        x = x.index_put((dom, within), self.pulse_embed(t1_x).float())
         valid = torch.zeros(n_dom, L, dtype=torch.bool, device=dom.device).index_put((dom, within), torch.ones_like(first))
         for blk in self.t1:
             x = FlatModel.block(blk, x, valid[:, None, None, :])
@@ -611,6 +613,10 @@ def main():
     # so a ratio compares the code, not how many cores each library grabs
     torch.set_num_threads(threads or os.cpu_count())
     pa.set_cpu_count(threads or os.cpu_count())
+    # model._flex_compiled keeps its shapes static (one graph per budget, as training wants), but here every scaling
+    # size and every efficiency config is a new shape: past dynamo's default of 8 recompiles it would fall back to
+    # uncompiled flex_attention, which materialises the scores (100,000^2 per head at the largest size)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     t_start = time.time()
     todo = set(rows.split(','))
     unknown = todo - {'prepare', 'reading', 'step', 'scaling', 'inference', 'efficiency'}

@@ -83,7 +83,8 @@ grad_clip = 1.0              # 0 = off
 ema_decay = 0.999            # evaluation and checkpoints use an exponential moving average of the weights (0 = off)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16'           # autocast dtype on CUDA ('float32' = off); the CPU always runs float32
+dtype = 'bfloat16'           # autocast dtype on CUDA ('float32' = off); the CPU always runs float32. No
+                             # 'float16': its gradients underflow without loss scaling, which this loop has not
 compile = True
 compile_mode = 'default'     # torch.compile mode; 'reduce-overhead' adds CUDA graphs (the flex layout's shapes are fixed)
 # logging
@@ -100,7 +101,7 @@ check_ranges('train', globals(), at_least=dict(
     max_events=1, max_pulses_per_dom=1, gradient_accumulation_steps=1, micro_threads=0, loader_workers=0,
     learning_rate=0, min_lr=0, warmup_iters=0, lr_decay_iters=0, grad_clip=0, ema_decay=0, truth_weight=0,
     angular_weight=0), choices=dict(init_from=('scratch', 'resume'), features=('model', 'loader'),
-    attn=('auto', 'flex', 'sdpa'), dtype=('float32', 'bfloat16', 'float16'), wandb_mode=('offline', 'online', 'disabled')))
+    attn=('auto', 'flex', 'sdpa'), dtype=('float32', 'bfloat16'), wandb_mode=('offline', 'online', 'disabled')))
 if not out_dir:
     raise SystemExit("train: error: out_dir is empty; name the folder for the checkpoints")
 check_device('train', device)
@@ -457,7 +458,7 @@ signal.signal(signal.SIGINT, on_signal)
 model.train()
 t_start = time.time()
 clock = dict(iter=iter_num, seconds=seconds_before, per_iter=0.0)  # the agreed clock at the last log point
-window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start, stop=False)
+window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start, t1=t_start, stop=False)
 
 
 def last_good():
@@ -471,17 +472,21 @@ def flush_window():
     """A log point: one reduce over ranks of the window's loss, events, pulses and seconds; checks the loss, logs,
     and advances the agreed clock."""
     now = time.time()
-    loss_sum, events, pulses, elapsed, stops = all_sum([window['loss'], window['events'], window['pulses'], now - t_start,
-                                                        float(stop_signal is not None)])
+    loss_sum, events, pulses, elapsed, steady, stops = all_sum([
+        window['loss'], window['events'], window['pulses'], now - t_start, now - window['t1'], float(stop_signal is not None)])
     loss_mean = loss_sum / max(events, 1)
     if not math.isfinite(loss_mean):
         fail(f"loss is {loss_mean} at iteration {iter_num}: stopping; {last_good()}")
     seconds = seconds_before + elapsed / world_size
-    clock.update(per_iter=(seconds - clock['seconds']) / max(iter_num - clock['iter'], 1), iter=iter_num, seconds=seconds)
-    dt = (now - window['t']) / max(window['iters'], 1)
-    left = dt * (max_iters - iter_num)
+    # the rate the clock extrapolates with leaves out the window's first iteration: a run's first one compiles (tens
+    # of seconds on a GPU), and counted in the rate it would run the clock past max_minutes before the next log point
+    n = window['iters']
+    per_iter = steady / world_size / (n - 1) if n > 1 else (seconds - clock['seconds']) / max(iter_num - clock['iter'], 1)
+    clock.update(per_iter=per_iter, iter=iter_num, seconds=seconds)
+    dt = (now - window['t']) / max(n, 1)
+    left = per_iter * (max_iters - iter_num)
     if max_minutes:
-        left = min(left, 60 * max_minutes - seconds)
+        left = max(min(left, 60 * max_minutes - seconds), 0.0)  # the last iteration may pass the budget
     rate = max(now - window['t'], 1e-9)
     log(f"iter {iter_num}: loss {loss_mean:.4f}, lr {lr:.2e}, {events / rate:.0f} events/s, "
         f"{pulses / rate:.0f} pulses/s, {dt * 1000:.0f} ms/iter, {left / 60:.1f} min left")
@@ -559,6 +564,8 @@ while True:
         torch._foreach_lerp_(ema, [p.detach() for p in raw_model.parameters()], 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
     iter_num += 1
     window['iters'] += 1
+    if window['iters'] == 1:
+        window['t1'] = time.time()
     window['events'] += n_events
     window['pulses'] += sum(b['n_pulses'] for b in micro)
     if iter_num % log_interval == 0 or iter_num == max_iters:

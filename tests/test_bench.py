@@ -67,3 +67,24 @@ def test_bench_rows_setting(tmp_path):
     assert p.returncode != 0 and 'not speed' in p.stderr
     p = subprocess.run(args + ['--rows=scaling'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and 'scaling and inference need step' in p.stderr
+
+
+def test_padded_t1_baseline_reads_both_layouts(monkeypatch):
+    """bench's padded-T1 baseline computes IceModel's function from either stream layout: the flex one (CUDA's)
+    ends in padding tokens of DOM D, which it must leave out (it indexed past its DOMs there)."""
+    import numpy as np
+    import torch
+    import bench
+    import model as M
+    from test_model import fake_events, pack, small_model
+    monkeypatch.setattr(M, '_flex_compiled', M.flex_attention)  # the CPU's unfused flex forward, no compile
+    b = pack(fake_events(np.random.default_rng(3), 6), P=600, D=160, E=8)
+    hier = small_model()
+    padded = bench.PaddedT1(**hier.args).eval()
+    padded.load_state_dict(hier.state_dict())
+    n = b['n_events']
+    with torch.no_grad():
+        want = hier(M.model_inputs(b, 'sdpa'))[:n]
+        for path in ('sdpa', 'flex'):
+            got = padded(M.model_inputs(b, path))[:n]
+            assert (got - want).abs().max() < 1e-5, path

@@ -148,10 +148,11 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
 
 
 def test_settings_out_of_range_are_named(tmp_path):
-    p = run(['train.py', f'--out_dir={tmp_path}', '--eval_interval=0', '--train_events=-1', '--attn=foo'], check=False)
+    p = run(['train.py', f'--out_dir={tmp_path}', '--eval_interval=0', '--train_events=-1', '--attn=foo',
+             '--dtype=float16'], check=False)  # float16 would need loss scaling, which train.py has not
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         "train: error: setting out of range: eval_interval=0 (at least 1); train_events=-1 (at least 0); attn='foo' "
-        "(one of 'auto', 'flex', 'sdpa')"]
+        "(one of 'auto', 'flex', 'sdpa'); dtype='float16' (one of 'float32', 'bfloat16')"]
     p = run(['sample.py', f'--out_dir={tmp_path}', '--max_events=-1', '--device=gpu'], check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == ["sample: error: setting out of range: max_events=-1 (at least 0)"]
     p = run(['sample.py', f'--out_dir={tmp_path}', '--device=gpu'], check=False)
@@ -311,13 +312,23 @@ def test_ddp_ranks_stop_together_when_one_gets_sigterm(data_dir, tmp_path):
     assert 'exitcode  : 143' in p.stderr
 
 
+def train_here(monkeypatch, args):
+    """train.py in this process (so that a test can patch torch), its signal handlers put back afterwards."""
+    import runpy
+    monkeypatch.setattr(sys, 'argv', ['train.py'] + args)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 def test_no_host_sync_between_log_points(data_dir, tmp_path, monkeypatch):
     """Between two log points a training iteration never reads a tensor on the host (on a GPU each read would
     wait for the device): the calls that do (item, tolist, float(), int(), bool(), ...) are counted while train.py
     runs in this process, and between consecutive log lines there is only the log point's own read."""
     import builtins
-    import runpy
-    import signal
     count = [0]
     for name in ('item', 'tolist', '__float__', '__int__', '__bool__', '__index__', '__array__'):
         def counted(self, *a, _orig=getattr(torch.Tensor, name), **k):
@@ -326,15 +337,36 @@ def test_no_host_sync_between_log_points(data_dir, tmp_path, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     printed = []
     monkeypatch.setattr(builtins, 'print', lambda *a, **k: printed.append((count[0], ' '.join(map(str, a)))))
-    monkeypatch.setattr(sys, 'argv', ['train.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}',
-                                      '--max_iters=30', '--eval_interval=1000', '--eval_events=20']
-                        + [a for a in TINY if not a.startswith('--log_interval')] + ['--log_interval=10'])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}', '--max_iters=30',
+                             '--eval_interval=1000', '--eval_events=20']
+               + [a for a in TINY if not a.startswith('--log_interval')] + ['--log_interval=10'])
     at = [c for c, msg in printed if msg.startswith('iter ')]
     assert len(at) == 3, printed
     assert [b - a for a, b in zip(at, at[1:])] == [1, 1], printed  # 10 iterations, one read: the log point's reduce
+
+
+def test_time_budget_holds_after_a_slow_first_iteration(data_dir, tmp_path, monkeypatch):
+    """max_minutes is real training time even when the first iteration takes long (torch.compile: tens of seconds on
+    a GPU). The clock extrapolates between log points at the last window's rate; with the compile counted in that
+    rate the run stopped at about twice the compile time, here 9 s of a 15 s budget."""
+    import time
+
+    def compile_slowly(m, **kw):  # torch.compile's cost without its work: the first call waits 8 s
+        forward, calls = m.forward, [0]
+
+        def first_call_waits(*a, **k):
+            calls[0] += 1
+            if calls[0] == 1:
+                time.sleep(8)
+            return forward(*a, **k)
+        m.forward = first_call_waits
+        return m
+    monkeypatch.setattr(torch, 'compile', compile_slowly)
+    out = tmp_path / 'out'
+    monkeypatch.setattr('builtins.print', lambda *a, **k: None)
+    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--max_minutes=0.25',
+                             '--eval_interval=100000', '--eval_events=20']
+               + [a for a in TINY if not a.startswith(('--log_interval', '--compile'))] + ['--log_interval=20', '--compile=True'])
+    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    trained = [r for r in rows if 'val_error' in r][-1]['seconds']
+    assert 0.9 * 15 <= trained < 15 + 5, rows[-3:]
