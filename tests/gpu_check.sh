@@ -10,9 +10,10 @@
 #   data    a small synthetic set: 3 files of 20,000 events (the last is val), the improved LineFit as the second
 #           seed (prepare's fit_steps=0, the quick fit takes minutes)
 #   train   config/baseline_1m.py on it for $MINUTES minutes (compile, flex, bf16): the log's events/s
-#   graphs  the same training with CUDA graphs (compile_mode=reduce-overhead), when its whole limit and 30 s are left
-#   bench   bench.py's efficiency row of baseline_1m on CUDA, in what is left: FLOPs per event, the share of the
-#           chip's bf16 matmul rate measured in the same run, the loader's events/s beside the step
+#   bench   bench.py's efficiency row of baseline_1m on CUDA: FLOPs per event, the share of the chip's bf16 matmul
+#           rate measured in the same run, the loader's events/s beside the step
+#   graphs  the same training with CUDA graphs (compile_mode=reduce-overhead) in what is left, when that is at least
+#           two minutes (its minutes shortened to fit)
 # The stages' own limits add up to more than the budget: each gets at most what is left of it, so a slow stage
 # shortens the later ones rather than running the call past the device tool's 600 s.
 # GPU_CHECK_DEVICE=cpu runs every stage on the CPU at toy sizes: a dry run of this script, nothing measured.
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-out-gpu-check}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-MINUTES=${GPU_CHECK_MINUTES:-2}  # train and graphs each; 3 leaves bench no time
+MINUTES=${GPU_CHECK_MINUTES:-1.5}  # train and graphs each (a decimal is fine); 3 leaves graphs no time
 BUDGET_S=${GPU_CHECK_BUDGET_S:-560}   # the whole run; a stage that would not fit is skipped
 WORK=data/gpu_check
 mkdir -p "$OUT" "$WORK"
@@ -55,7 +56,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: runs COMMAND into $OUT/NAME.log unde
     echo "cpus $(nproc)"
 } | tee -a "$SUMMARY"
 
-stage tests 200 $PY -m pytest -q -x tests/test_model.py -k cuda
+stage tests 150 $PY -m pytest -q -x tests/test_model.py -k cuda
 
 if [[ $DEVICE == cuda ]]; then
     EVENTS=20000
@@ -73,18 +74,21 @@ stage data 150 bash -c "$PY simulate.py --out_dir=$WORK/sim --n_train_batches=3 
 
 TRAIN=($PY train.py config/baseline_1m.py --data_dir=$WORK/sim_packed --device=$DEVICE --train_events=0
     --eval_interval=1000000 --eval_events=2000 "${TRAIN_ARGS[@]}")
-TRAIN_S=$((MINUTES * 60 + 90))  # a run's limit: its minutes, the compile and the final evaluation
-stage train $TRAIN_S "${TRAIN[@]}" --out_dir=$WORK/out-train --max_minutes=$MINUTES
+seconds() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 + 75 }'; }  # a run's limit: its minutes, compile, evaluation
+stage train "$(seconds "$MINUTES")" "${TRAIN[@]}" --out_dir=$WORK/out-train --max_minutes=$MINUTES
 
-if (($(left) >= TRAIN_S + 30)); then  # cut short, it would measure the compile more than the steps
-    stage graphs $TRAIN_S "${TRAIN[@]}" --out_dir=$WORK/out-graphs --compile_mode=reduce-overhead \
-        --max_minutes=$MINUTES
+stage bench 150 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 \
+    --work_dir=$WORK/bench --out="$OUT/bench.json" "${BENCH_ARGS[@]}"
+
+# what is left, less the compile and evaluation, as the graphs run's minutes; cut shorter than a minute of steps
+# it would measure the compile more than the steps
+GRAPH_MINUTES=$(awk -v left="$(left)" -v m="$MINUTES" 'BEGIN { g = (left - 80) / 60; printf "%.2f", g < m ? g : m }')
+if awk -v g="$GRAPH_MINUTES" 'BEGIN { exit !(g >= 0.75) }'; then
+    stage graphs "$(seconds "$GRAPH_MINUTES")" "${TRAIN[@]}" --out_dir=$WORK/out-graphs \
+        --compile_mode=reduce-overhead --max_minutes=$GRAPH_MINUTES
 else
     echo "graphs: skipped, $(left) s left" | tee -a "$SUMMARY"
 fi
-
-stage bench 180 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 \
-    --work_dir=$WORK/bench --out="$OUT/bench.json" "${BENCH_ARGS[@]}"
 
 {
     echo "=== summary"
