@@ -579,17 +579,20 @@ def _starting_vertex(params, starting, hits, centre_g, starting_too, f64):
 
 def _fit_loop(params, starting, steps, log_likelihood):
     """Adam on minus the summed log_likelihood() of all groups at once, a step size per parameter, with cosine decay;
-    the starting-track parameters move for starting tracks only (infinite tracks stay infinite)."""
+    the starting-track parameters move for starting tracks only (infinite tracks stay infinite). Adam is written out
+    (torch.optim.Adam's single-tensor step, op for op) because torch.optim's step() asks the GPU whether a CUDA graph
+    is being captured: in prepare's forked workers that fails once the parent has touched CUDA (bench.py on a GPU),
+    and otherwise it opens a CUDA context in every worker for a fit that runs on the CPU."""
     tensors = [params[k] for k in ('u', 'shift', 't0', 's_vertex', 'log_ratio')]
+    rates = (MPE_LR_DIR, MPE_LR_POS, MPE_LR_TIME, MPE_LR_VERTEX, MPE_LR_RATIO)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
     for p in tensors:
         p.requires_grad_(True)
-    opt = torch.optim.Adam([{'params': [p], 'lr': lr} for p, lr in
-                            zip(tensors, (MPE_LR_DIR, MPE_LR_POS, MPE_LR_TIME, MPE_LR_VERTEX, MPE_LR_RATIO))])
-    base = [g['lr'] for g in opt.param_groups]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in tensors]
     for step in range(steps):
-        for g, lr in zip(opt.param_groups, base):  # cosine decay: coarse moves first, then settle
-            g['lr'] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        opt.zero_grad(set_to_none=True)
+        decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine decay: coarse moves first, then settle
+        for p in tensors:
+            p.grad = None
         (-log_likelihood().sum()).backward()
         for p in tensors:
             if p.grad is not None:
@@ -597,7 +600,14 @@ def _fit_loop(params, starting, steps, log_likelihood):
         for p in tensors[3:]:
             if p.grad is not None:
                 p.grad *= starting  # infinite tracks stay infinite
-        opt.step()
+        with torch.no_grad():
+            for p, (m, v), lr in zip(tensors, moments, rates):
+                if p.grad is None:
+                    continue
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** (step + 1))).add_(eps)
+                p.addcdiv_(m, denom, value=-lr * decay / (1 - beta1 ** (step + 1)))
 
 
 def _best_fit(ll, params, centre_g, seeds, centre, t_ref, f64):

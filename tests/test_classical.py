@@ -116,6 +116,21 @@ def test_time_fit_beats_its_seed_on_many_hit_tracks():
     assert np.isfinite(rlogl).all() and (rlogl < 10).all(), rlogl
 
 
+def test_quick_fit_never_asks_for_a_gpu(monkeypatch):
+    # prepare's forked workers run the quick fit on the CPU; torch.optim's step() asked torch for the accelerator and
+    # its stream, which in a worker of a parent that had touched CUDA failed (bench.py on a GPU: "CUDA error:
+    # initialization error") and otherwise opened a CUDA context per worker
+    def no_gpu(*args, **kwargs):
+        raise AssertionError('the quick fit asked torch for an accelerator')
+    monkeypatch.setattr(torch.accelerator, 'current_accelerator', no_gpu)
+    monkeypatch.setattr(torch.cuda, 'is_available', no_gpu)
+    pos, time, npe, offsets, truth, sensor = simulated_tracks(2, np.random.default_rng(4))
+    ev = {'sensor_id': sensor, 'time': time, 'charge': npe, 'auxiliary': np.zeros(len(time), bool),
+          'pulse_offsets': offsets, 'event_dom_offsets': offsets, 'dom_offsets': np.arange(len(time) + 1)}
+    direction, rlogl = C.time_fit(ev, make_geometry(), steps=5)
+    assert np.isfinite(direction).all() and np.isfinite(rlogl).all()
+
+
 def test_charge_likelihood_takes_every_dom_near_the_track_hit_or_not():
     # DOMs on the x axis at 0, 50, 100, 119 and 200 m; tracks along z through the origin; radius 120 m
     geometry = np.array([[0.0, 0, 0], [50, 0, 0], [100, 0, 0], [119, 0, 0], [200, 0, 0]])
