@@ -169,18 +169,40 @@ def test_attention_paths_agree(compiled, monkeypatch):
             assert out.shape[0] == len(lengths) and (out - ref[src[first]]).abs().max() < 1e-5
 
 
-def test_model_paths_agree(data, monkeypatch):
-    """The whole model gives the same output with the flex layout (forward, unfused reference on the CPU) and the
-    sdpa layout."""
-    _, b = data
+def dense_flex(monkeypatch):
+    """FlexAttention's unfused reference (eager: it materialises the scores and differentiates the dense math) in
+    place of the compiled kernel. torch refuses its backward on the CPU at the door (_validate_device); the dense
+    math itself runs there."""
+    import torch.nn.attention.flex_attention as FA
+    monkeypatch.setattr(FA, '_validate_device', lambda *args: None, raising=False)
     monkeypatch.setattr(M, '_flex_compiled', M.flex_attention)
-    m = small_model()
-    with torch.no_grad():
-        a, bb = m(tensors(b, 'sdpa')), m(tensors(b, 'flex'))
-    n = b['n_events']
-    diff = (a[:n] - bb[:n]).abs().max().item()
-    print(f"model sdpa vs flex: max abs diff {diff:.2e}")
+
+
+def forward_backward(b, path, device='cpu'):
+    """The small model's prediction for the batch's events and every parameter's gradient of the training loss."""
+    t = M.model_inputs(b, path, device, with_features=False)
+    m = small_model(attn=path).to(device).train()
+    pred = m(t)
+    M.loss_fn(pred, t['event_dir'], t['event_index'] >= 0, angular_weight=0.5).backward()
+    return pred[:b['n_events']].detach(), {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+
+
+def grad_diffs(ga, gb):
+    """Each parameter's max |difference| relative to its largest gradient, the worst first."""
+    rel = {k: ((ga[k] - gb[k]).abs().max() / ga[k].abs().max().clamp(min=1e-12)).item() for k in ga}
+    return sorted(rel.items(), key=lambda kv: -kv[1])
+
+
+def test_model_paths_agree(data, monkeypatch):
+    """The whole model computes the same function and the same gradients with the flex layout (FlexAttention's
+    unfused reference, forward and backward) and the sdpa layout."""
+    _, b = data
+    dense_flex(monkeypatch)
+    (pa, ga), (pf, gf) = forward_backward(b, 'sdpa'), forward_backward(b, 'flex')
+    diff, worst = (pa - pf).abs().max().item(), grad_diffs(ga, gf)
+    print(f"model sdpa vs flex: max abs diff {diff:.2e}; worst relative gradient diffs {worst[:4]}")
     assert diff < 1e-5
+    assert set(ga) == set(gf) and worst[0][1] < 1e-4, worst[:4]
 
 
 def test_step_equals_bfe73ee():
@@ -378,30 +400,59 @@ def test_metric_matches_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (FlexAttention backward)')
-def test_cuda_flex_equals_sdpa_forward_and_backward(data):
-    """On CUDA the model trains through compiled FlexAttention: its output and every parameter's gradient
-    equal those of the padded-SDPA path (float32, TF32 off), and bf16 autocast stays close."""
+def test_cuda_flex_equals_sdpa_forward_and_backward(data, monkeypatch):
+    """On CUDA the model trains through compiled FlexAttention: its output and every parameter's gradient equal
+    those of the padded-SDPA path and of FlexAttention's unfused reference (float32, TF32 off), and bf16 autocast
+    stays close. All three are printed before any assertion, so one run says which path is off and where.
+    (The first run on an H200, torch 2.11, 2026-12-04: the output agreed, the CLS token's gradient was 1% off
+    between sdpa and the kernel; notes, section 14.)"""
     _, b = data
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    n = b['n_events']
-    results = {}
-    for path in ('sdpa', 'flex'):
-        t = M.model_inputs(b, path, 'cuda', with_features=False)
-        real = t['event_index'] >= 0
-        m = small_model(attn=path).cuda().train()
-        pred = m(t)
-        M.loss_fn(pred, t['event_dir'], real, angular_weight=0.5).backward()
-        results[path] = (pred[:n].detach(), {k: p.grad for k, p in m.named_parameters()})
-    (pa, ga), (pf, gf) = results['sdpa'], results['flex']
-    assert (pa - pf).abs().max() < 1e-4
-    for k in ga:
-        assert torch.allclose(ga[k], gf[k], atol=1e-4, rtol=1e-3), k
+    results = {path: forward_backward(b, path, 'cuda') for path in ('sdpa', 'flex')}
+    with monkeypatch.context() as mp:
+        dense_flex(mp)
+        results['unfused'] = forward_backward(b, 'flex', 'cuda')
+    pairs = (('unfused', 'sdpa'), ('unfused', 'flex'), ('sdpa', 'flex'))
+    diffs = {pair: ((results[pair[0]][0] - results[pair[1]][0]).abs().max().item(),
+                    grad_diffs(results[pair[0]][1], results[pair[1]][1])) for pair in pairs}
+    for (a, c), (diff, worst) in diffs.items():
+        print(f"{a} vs {c}: max |pred diff| {diff:.2e}; worst relative gradient diffs {worst[:6]}")
+    for pair, (diff, worst) in diffs.items():
+        assert diff < 1e-4 and worst[0][1] < 1e-3, (pair, diff, worst[:6])
     m = small_model(attn='flex').cuda()
     t = M.model_inputs(b, 'flex', 'cuda', with_features=False)
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-        pb = m(t)[:n]
-    assert (pb - pa).abs().max() < 5e-2
+        pb = m(t)[:b['n_events']]
+    assert (pb - results['sdpa'][0]).abs().max() < 5e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (FlexAttention backward)')
+def test_cuda_flex_kernel_per_layout(data, monkeypatch):
+    """Compiled FlexAttention's output and its q, k and v gradients equal its unfused reference on each of the
+    model's three block masks (T1's DOMs, T2's events, T2's CLS queries): a failure names the mask and the tensor."""
+    _, b = data
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t = M.model_inputs(b, 'flex', 'cuda', with_features=False)
+    torch.manual_seed(0)
+    failed = []
+    for name, layout in zip(('t1', 't2', 'cls'), M.attention_layouts(t)):
+        n_q, n_kv = layout.seq_lengths
+        q = torch.randn(2, n_q, 16, device='cuda', requires_grad=True)
+        k, v = (torch.randn(2, n_kv, 16, device='cuda', requires_grad=True) for _ in range(2))
+        w = torch.randn(2, n_q, 16, device='cuda')
+        res = {}
+        for kernel in ('compiled', 'unfused'):
+            with monkeypatch.context() as mp:
+                if kernel == 'unfused':
+                    dense_flex(mp)
+                out = M.attend(q, k, v, layout)
+                res[kernel] = (out.detach(), *torch.autograd.grad((out * w).sum(), (q, k, v)))
+        rel = {what: ((a - c).abs().max() / a.abs().max()).item()
+               for what, a, c in zip(('out', 'dq', 'dk', 'dv'), res['unfused'], res['compiled'])}
+        print(f"{name} ({n_q} queries, {n_kv} keys): compiled vs unfused, relative max diffs {rel}")
+        failed += [(name, what, r) for what, r in rel.items() if not r < 1e-4]
+    assert not failed, failed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
