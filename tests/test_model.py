@@ -399,6 +399,23 @@ def test_metric_matches_reference():
     assert torch.allclose(vt, torch.tensor(v))
 
 
+def ieee_float32():
+    """float32 matmuls in full precision on CUDA, cuBLAS and FlexAttention's kernel alike. The kernel reads its own
+    setting when it is compiled: torch 2.13 follows set_float32_matmul_precision, but some earlier versions (the
+    flex lowering of torch 2.9 to 2.11, as published) took TF32 unless matmul.fp32_precision was 'ieee'. Prints
+    what the kernel will use, since a TF32 kernel against an IEEE reference differs by about 1e-3."""
+    torch.set_float32_matmul_precision('highest')
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):
+        torch.backends.cuda.matmul.fp32_precision = 'ieee'
+    try:
+        from torch._inductor.kernel.flex.flex_attention import get_float32_precision
+        print(f"torch {torch.__version__}: the flex kernel's float32 precision {get_float32_precision()}")
+    except ImportError:
+        print(f"torch {torch.__version__}: no get_float32_precision to ask")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (FlexAttention backward)')
 def test_cuda_flex_equals_sdpa_forward_and_backward(data, monkeypatch):
     """On CUDA the model trains through compiled FlexAttention: its output and every parameter's gradient equal
@@ -407,8 +424,7 @@ def test_cuda_flex_equals_sdpa_forward_and_backward(data, monkeypatch):
     (The first run on an H200, torch 2.11, 2026-12-04: the output agreed, the CLS token's gradient was 1% off
     between sdpa and the kernel; notes, section 14.)"""
     _, b = data
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    ieee_float32()
     results = {path: forward_backward(b, path, 'cuda') for path in ('sdpa', 'flex')}
     with monkeypatch.context() as mp:
         dense_flex(mp)
@@ -432,7 +448,7 @@ def test_cuda_flex_kernel_per_layout(data, monkeypatch):
     """Compiled FlexAttention's output and its q, k and v gradients equal its unfused reference on each of the
     model's three block masks (T1's DOMs, T2's events, T2's CLS queries): a failure names the mask and the tensor."""
     _, b = data
-    torch.backends.cuda.matmul.allow_tf32 = False
+    ieee_float32()
     t = M.model_inputs(b, 'flex', 'cuda', with_features=False)
     torch.manual_seed(0)
     failed = []
@@ -459,7 +475,7 @@ def test_cuda_flex_kernel_per_layout(data, monkeypatch):
 def test_cuda_compiled_equals_eager(data):
     """torch.compile (train.py's compile=True) must not change the function or its gradients."""
     _, b = data
-    torch.backends.cuda.matmul.allow_tf32 = False
+    ieee_float32()
     t = M.model_inputs(b, 'flex', 'cuda', with_features=False)
     real = t['event_index'] >= 0
     n = b['n_events']
