@@ -402,8 +402,8 @@ def test_metric_matches_reference():
 def ieee_float32():
     """float32 matmuls in full precision on CUDA, cuBLAS and FlexAttention's kernel alike. The kernel reads its own
     setting when it is compiled: torch 2.13 follows set_float32_matmul_precision, but an earlier published version of
-    the flex lowering took TF32 unless matmul.fp32_precision was 'ieee'. Prints
-    what the kernel will use, since a TF32 kernel against an IEEE reference differs by about 1e-3."""
+    the flex lowering took TF32 unless matmul.fp32_precision was 'ieee'. Prints what the kernel will use, since a
+    TF32 kernel against an IEEE reference differs by about 1e-3."""
     torch.set_float32_matmul_precision('highest')
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
