@@ -88,7 +88,7 @@ stage bench 300 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 \
 {
     echo "=== summary"
     echo "--- tests"; tail -n 3 "$OUT/tests.log" 2>/dev/null
-    echo "--- tests: the differences"; grep -E " vs |relative max diffs" "$OUT/tests.log" 2>/dev/null | cut -c1-400
+    echo "--- tests: the differences"; grep -E " vs |relative max diffs|float32 precision" "$OUT/tests.log" 2>/dev/null | cut -c1-400
     echo "--- train ($COMPILE_MODE): the first log line (the compile) and the last four"
     grep -E "^iter .*events/s" "$OUT/train.log" 2>/dev/null | sed -n 1p
     grep -E "^iter .*events/s" "$OUT/train.log" 2>/dev/null | tail -n +2 | tail -n 4
