@@ -20,6 +20,8 @@
 #           loader's events/s beside the step
 # Each stage gets at most what is left of the budget, so a slow stage shortens the later ones rather than running
 # the call past the device tool's 600 s.
+# Settings by environment: GPU_CHECK_MINUTES, GPU_CHECK_COMPILE_MODE, GPU_CHECK_BUDGET_S (560), GPU_CHECK_TESTS_S
+# (150), GPU_CHECK_EVENTS (20,000 per file), GPU_CHECK_TRAIN_ARGS (more train.py settings).
 # GPU_CHECK_DEVICE=cpu runs every stage on the CPU at toy sizes: a dry run of this script, nothing measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,10 +63,10 @@ stage() {  # stage NAME LIMIT_S COMMAND...: runs COMMAND into $OUT/NAME.log unde
     echo "cpus $(nproc)"
 } | tee -a "$SUMMARY"
 
-stage tests 150 $PY -m pytest -q -s tests/test_model.py -k cuda
+stage tests ${GPU_CHECK_TESTS_S:-150} $PY -m pytest -q -s tests/test_model.py -k cuda
 
 if [[ $DEVICE == cuda ]]; then
-    EVENTS=20000
+    EVENTS=${GPU_CHECK_EVENTS:-20000}
     TRAIN_ARGS=(--log_interval=200)  # about 2 s apart at the 25,000 events/s the issue aims at
     BENCH_ARGS=(--compile=True --events_per_batch=5000 --efficiency_configs=baseline_1m)
 else  # the dry run: toy sizes, the CPU's layout, no compile
@@ -73,6 +75,7 @@ else  # the dry run: toy sizes, the CPU's layout, no compile
         --t1_dim=32 --t1_layers=1 --t2_dim=64 --t2_layers=2)
     BENCH_ARGS=(--events_per_batch=500 --efficiency_configs=toy_cpu)
 fi
+TRAIN_ARGS+=(${GPU_CHECK_TRAIN_ARGS:-})  # more train.py settings, for example --features=loader (word-split)
 
 stage data 150 bash -c "$PY simulate.py --out_dir=$WORK/sim --n_train_batches=3 --n_test_batches=0 \
     --events_per_batch=$EVENTS && $PY prepare.py --raw_dir=$WORK/sim --out_dir=$WORK/sim_packed --fit_steps=0"
