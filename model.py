@@ -168,9 +168,12 @@ def block_mask(lo, hi, block_doc, mask_mod, kv_blocks=None):
     else:
         full = in_range & (block_doc[:, None] >= 0) & (block_doc[:, None] == block_doc[None, :])
 
-    def ordered(m):  # BlockMask's format: each row's count, and its blocks first in ascending order
+    def ordered(m):  # BlockMask's format: each row's count, and its blocks first in ascending order, row-major
+        # contiguous: the kernel reads a row's blocks at stride 1, and argsort of the transposed masks (the backward's
+        # q side) returns transposed strides; with them CUDA's compiled backward read other rows' blocks and its
+        # dK, dV were wrong (the H200, notes section 14), while the forward and dQ, which read the kv side, were right
         idx = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
-        return m.sum(1).to(torch.int32)[None, None], idx.to(torch.int32)[None, None]
+        return m.sum(1).to(torch.int32)[None, None], idx.to(torch.int32).contiguous()[None, None]
 
     (num, idx), (fnum, fidx) = ordered(in_range & ~full), ordered(full)
     (qnum, qidx), (fqnum, fqidx) = ordered((in_range & ~full).T), ordered(full.T)

@@ -281,7 +281,7 @@ def test_block_mask_blocks():
 def test_cls_query_block_mask(data):
     """T2's last block, whose queries are the CLS tokens alone: its BlockMask's key blocks (forward) and query blocks
     (backward) are exactly the blocks where a query meets a key of its own event, and the mask_mod says which
-    tokens; the square masks' query blocks are their key blocks (symmetric)."""
+    tokens; the square masks' query blocks are their key blocks (symmetric); every index tensor is contiguous."""
     _, b = data
     t = M.model_inputs(b, 'flex')
     t1, t2, cls = M.attention_layouts(t)
@@ -301,6 +301,12 @@ def test_cls_query_block_mask(data):
     assert torch.equal(cls.mask_mod(0, 0, qi, kvi), dense)
     for square in (t1, t2):
         assert torch.equal(square.q_indices, square.kv_indices) and torch.equal(square.q_num_blocks, square.kv_num_blocks)
+    # CUDA's kernels read a row of block indices at stride 1: with the q side's transposed strides the compiled
+    # backward read other rows' blocks (dK and dV off on the H200, the forward and dQ right; notes section 14)
+    for mask in (t1, t2, cls):
+        for name in ('kv_num_blocks', 'kv_indices', 'full_kv_num_blocks', 'full_kv_indices', 'q_num_blocks', 'q_indices',
+                     'full_q_num_blocks', 'full_q_indices'):
+            assert getattr(mask, name).is_contiguous(), name
 
 
 def test_gradients_reach_every_parameter(data):
