@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-out-gpu-check}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-MINUTES=${GPU_CHECK_MINUTES:-4}  # training budget, the compile included (a decimal is fine)
+MINUTES=${GPU_CHECK_MINUTES:-5}  # training budget, the compile included (a decimal is fine); 2 did not get past it on the H200
 COMPILE_MODE=${GPU_CHECK_COMPILE_MODE:-default}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-560}   # the whole run; a stage that would not fit is skipped
 WORK=data/gpu_check
