@@ -100,13 +100,19 @@ def test_mpe_fit_recovers_noise_free_tracks(ice, charge, monkeypatch):
     assert np.median(err) < np.median(C.angular_error(plain, truth))
 
 
+def track_events(n_events, rng):
+    """simulated_tracks as classical's events (one pulse per DOM, so each event's DOMs are its pulses) and the truth."""
+    pos, time, npe, offsets, truth, sensor = simulated_tracks(n_events, rng)
+    ev = {'sensor_id': sensor, 'time': time, 'charge': npe, 'auxiliary': np.zeros(len(time), bool),
+          'pulse_offsets': offsets, 'event_dom_offsets': offsets, 'dom_offsets': np.arange(len(time) + 1)}
+    return ev, truth
+
+
 def test_time_fit_beats_its_seed_on_many_hit_tracks():
     # the quick fit prepare.py stores with every event (the model's second seed): from the LineFits to within a
     # few degrees, closer than the improved LineFit, with a small reduced log-likelihood
     torch.manual_seed(0)
-    pos, time, npe, offsets, truth, sensor = simulated_tracks(8, np.random.default_rng(2))
-    ev = {'sensor_id': sensor, 'time': time, 'charge': npe, 'auxiliary': np.zeros(len(time), bool),
-          'pulse_offsets': offsets, 'event_dom_offsets': offsets, 'dom_offsets': np.arange(len(time) + 1)}
+    ev, truth = track_events(8, np.random.default_rng(2))
     direction, rlogl = C.time_fit(ev, make_geometry())
     err = C.angular_error(direction, truth)
     improved = C.angular_error(C.reconstruct('linefit_improved', ev, make_geometry()), truth)
@@ -124,9 +130,7 @@ def test_quick_fit_never_asks_for_a_gpu(monkeypatch):
         raise AssertionError('the quick fit asked torch for an accelerator')
     monkeypatch.setattr(torch.accelerator, 'current_accelerator', no_gpu)
     monkeypatch.setattr(torch.cuda, 'is_available', no_gpu)
-    pos, time, npe, offsets, truth, sensor = simulated_tracks(2, np.random.default_rng(4))
-    ev = {'sensor_id': sensor, 'time': time, 'charge': npe, 'auxiliary': np.zeros(len(time), bool),
-          'pulse_offsets': offsets, 'event_dom_offsets': offsets, 'dom_offsets': np.arange(len(time) + 1)}
+    ev, _ = track_events(2, np.random.default_rng(4))
     direction, rlogl = C.time_fit(ev, make_geometry(), steps=5)
     assert np.isfinite(direction).all() and np.isfinite(rlogl).all()
 

@@ -178,11 +178,12 @@ def dense_flex(monkeypatch):
     monkeypatch.setattr(M, '_flex_compiled', M.flex_attention)
 
 
-def forward_backward(b, path, device='cpu'):
-    """The small model's prediction for the batch's events and every parameter's gradient of the training loss."""
+def forward_backward(b, path, device='cpu', compiled=False):
+    """The small model's prediction for the batch's events and every parameter's gradient of the training loss
+    (through torch.compile with compiled=True)."""
     t = M.model_inputs(b, path, device, with_features=False)
     m = small_model(attn=path).to(device).train()
-    pred = m(t)
+    pred = (torch.compile(m) if compiled else m)(t)
     M.loss_fn(pred, t['event_dir'], t['event_index'] >= 0, angular_weight=0.5).backward()
     return pred[:b['n_events']].detach(), {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
 
@@ -442,6 +443,9 @@ def test_cuda_flex_equals_sdpa_forward_and_backward(data, monkeypatch):
         print(f"{a} vs {c}: max |pred diff| {diff:.2e}; worst relative gradient diffs {worst[:6]}")
     for pair, (diff, worst) in diffs.items():
         assert diff < 1e-4 and worst[0][1] < 1e-3, (pair, diff, worst[:6])
+        ga, gb = results[pair[0]][1], results[pair[1]][1]
+        for k in ga:
+            assert torch.allclose(ga[k], gb[k], atol=1e-4, rtol=1e-3), (pair, k)
     m = small_model(attn='flex').cuda()
     t = M.model_inputs(b, 'flex', 'cuda', with_features=False)
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
@@ -482,17 +486,7 @@ def test_cuda_compiled_equals_eager(data):
     """torch.compile (train.py's compile=True) must not change the function or its gradients."""
     _, b = data
     ieee_float32()
-    t = M.model_inputs(b, 'flex', 'cuda', with_features=False)
-    real = t['event_index'] >= 0
-    n = b['n_events']
-    results = {}
-    for compiled in (False, True):
-        m = small_model(attn='flex').cuda().train()
-        f = torch.compile(m) if compiled else m
-        pred = f(t)
-        M.loss_fn(pred, t['event_dir'], real, angular_weight=0.5).backward()
-        results[compiled] = (pred[:n].detach(), {k: p.grad for k, p in m.named_parameters()})
-    (pe, ge), (pc, gc) = results[False], results[True]
+    (pe, ge), (pc, gc) = (forward_backward(b, 'flex', 'cuda', compiled) for compiled in (False, True))
     rel = {k: ((ge[k] - gc[k]).norm() / ge[k].norm().clamp(min=1e-12)).item() for k in ge}
     worst = sorted(rel.items(), key=lambda kv: -kv[1])[:8]
     print(f"compiled vs eager: max |pred diff| {(pe - pc).abs().max().item():.2e}; worst relative grad diffs {worst}")
