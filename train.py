@@ -471,6 +471,8 @@ def last_good():
 def flush_window():
     """A log point: one reduce over ranks of the window's loss, events, pulses and seconds; checks the loss, logs,
     and advances the agreed clock."""
+    if device_type == 'cuda':  # the window's work done, not only queued, before the clock is read (the reduce below
+        torch.cuda.synchronize()  # would wait for it anyway): else the rate counts the host's launches
     now = time.time()
     loss_sum, events, pulses, elapsed, steady, stops = all_sum([
         window['loss'], window['events'], window['pulses'], now - t_start, now - window['t1'], float(stop_signal is not None)])
