@@ -39,7 +39,7 @@ out_dir = 'out'
 data_dir = 'data/sim_packed'
 init_from = 'scratch'        # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 max_iters = 5000
-max_minutes = 0.0            # wall-clock budget of training incl. evaluations (0 = none): the run stops at
+max_minutes = 0.0            # wall-clock budget of training, evaluations not counted (0 = none): the run stops at
                              # max_iters or max_minutes, whichever comes first, and the cosine follows the further
 eval_interval = 500          # evaluate on val, write checkpoints (and at the last iteration)
 eval_events = 20000          # val events per evaluation (0 = the whole split)
@@ -423,9 +423,11 @@ def stopping():
 def stop_for_signal():
     """Save the finished iterations and exit 128 + the signal number (143 SIGTERM, 130 SIGINT: a scheduler sees a
     stopped job, not a finished one)."""
+    global seconds
     sig = stop_signal or signal.SIGTERM  # under torchrun a rank may stop for another rank's signal
     if window['iters']:
         flush_window()  # checks the loss before it is saved
+    seconds = clock['seconds']  # the clock read now, not the loop's estimate (0 before a run's first log point)
     if iter_num != saved_iter or (damaged_ckpt and iter_num > 0):  # after a fallback, ckpt.pt is the damaged one
         save_checkpoint(ckpt_path)
     if ddp:
@@ -456,7 +458,7 @@ saved_iter = iter_num
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
 model.train()
-t_start = time.time()
+t_start = t_begin = time.time()  # t_start moves past each evaluation: evaluation time is not training time
 clock = dict(iter=iter_num, seconds=seconds_before, per_iter=0.0)  # the agreed clock at the last log point
 window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start, t1=t_start, stop=False)
 
@@ -576,7 +578,8 @@ while True:
 loader.close()
 if threads is not None:
     threads.shutdown()
-log(f"train: done, {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best val {best_val:.4f} rad "
+log(f"train: done, {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min of training "
+    f"({(time.time() - t_begin) / 60:.1f} with the evaluations), best val {best_val:.4f} rad "
     f"({math.degrees(best_val):.2f} deg); checkpoints in {out_dir}")
 if wandb is not None:
     wandb.finish()

@@ -11,7 +11,7 @@
 out_dir = 'out-toy-cpu'
 data_dir = 'data/sim_packed'
 max_iters = 20000            # on 2 cores the time budget below ends the run first
-max_minutes = 13.0           # training + periodic evaluations; the cosine decay follows this clock
+max_minutes = 13.0           # of training (evaluations not counted); the cosine decay follows this clock
 eval_interval = 1000
 eval_events = 2000
 log_interval = 50

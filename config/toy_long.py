@@ -10,5 +10,5 @@ exec(open(os.path.join(os.path.dirname(__file__), 'toy_cpu.py')).read())
 
 out_dir = 'out-toy-long'
 max_iters = 200000           # the time budget below ends the run first
-max_minutes = 90.0           # training + periodic evaluations; the cosine decay follows this clock
+max_minutes = 90.0           # of training (evaluations not counted); the cosine decay follows this clock
 eval_interval = 2000

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -222,19 +223,24 @@ def preempted(data_dir, tmp_path_factory):
     the clock. The run signals itself (signalled_train): a signal sent from here on reading its log raced the run,
     which on a fast machine could finish its 12 iterations first."""
     root = tmp_path_factory.mktemp('preempt')
-    args = [f'--data_dir={data_dir}', '--max_iters=12', '--eval_interval=1000', '--max_minutes=0'] + TINY + ['--max_events=8']
+    args = ([f'--data_dir={data_dir}', '--max_iters=12', '--eval_interval=1000', '--max_minutes=0', '--max_events=8']
+            + [a for a in TINY if not a.startswith('--log_interval')] + ['--log_interval=5'])  # stopped before a log point
     run(['train.py'] + args + [f'--out_dir={root}/whole'])
+    t = time.time()
     p = run([signalled_train(root, rank=0, at=4)] + args + [f'--out_dir={root}/stopped'], check=False)
+    wall = time.time() - t
     stopped = torch.load(f'{root}/stopped/ckpt.pt', weights_only=False)
     resumed = run(['train.py'] + args + [f'--out_dir={root}/stopped', '--init_from=resume'])
-    return root, ['train.py'] + args, p.returncode, p.stdout + p.stderr, stopped, resumed.stdout
+    return root, ['train.py'] + args, p.returncode, p.stdout + p.stderr, stopped, resumed.stdout, wall
 
 
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(preempted):
-    root, args, rc, log, stopped, resumed = preempted
+    root, args, rc, log, stopped, resumed, wall = preempted
     k = stopped['iter_num']
     assert rc == 143 and f"train: SIGTERM: stopped at iteration {k}; {root}/stopped/ckpt.pt holds it" in log, log
     assert k == 4 and stopped['data_order']['positions'] != [[0, 0]]
+    # the training time so far, read at the stop: the time budget and the cosine go on from it after a resume
+    assert 0 < stopped['train_seconds'] < wall, (stopped['train_seconds'], wall)
     assert f'resuming at iter {k}' in resumed
     whole = torch.load(f'{root}/whole/ckpt.pt', weights_only=False)
     _same_state(whole, torch.load(f'{root}/stopped/ckpt.pt', weights_only=False))  # weights, average, optimizer
@@ -242,7 +248,7 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(preempted):
 
 
 def test_damaged_checkpoint_falls_back_to_the_newest_readable(preempted, tmp_path):
-    root, args, _, _, stopped, _ = preempted
+    root, args, _, _, stopped, _, _ = preempted
     out = str(tmp_path / 'out')
     shutil.copytree(f'{root}/stopped', out)  # ckpt.pt and best.pt at 12, ckpt.prev.pt at the stop
     whole = torch.load(f'{root}/whole/ckpt.pt', weights_only=False)
