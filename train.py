@@ -17,6 +17,7 @@ ckpt.pt and exits 143 (130 for SIGINT); --init_from=resume goes on with the same
 
 import concurrent.futures
 import functools
+import glob
 import json
 import math
 import os
@@ -100,7 +101,12 @@ check_ranges('train', globals(), at_least=dict(
     max_iters=0, max_minutes=0, eval_interval=1, eval_events=0, train_events=0, log_interval=1, max_pulses=1, max_doms=1,
     max_events=1, max_pulses_per_dom=1, gradient_accumulation_steps=1, micro_threads=0, loader_workers=0,
     learning_rate=0, min_lr=0, warmup_iters=0, lr_decay_iters=0, grad_clip=0, ema_decay=0, truth_weight=0,
-    angular_weight=0), choices=dict(init_from=('scratch', 'resume'), features=('model', 'loader'),
+    angular_weight=0, t1_dim=1, t1_layers=0, t1_heads=1, t2_dim=1, t2_layers=1, t2_heads=1, mlp_ratio=1, beta1=0,
+    beta2=0), below=dict(beta1=1, beta2=1, ema_decay=1),
+    # the heads split the width (a resumed run takes its checkpoint's model, whatever these say)
+    more=[f"{t}_dim={globals()[t + '_dim']} (a multiple of {t}_heads={globals()[t + '_heads']})" for t in ('t1', 't2')
+          if init_from == 'scratch' and globals()[t + '_heads'] >= 1 and globals()[t + '_dim'] % globals()[t + '_heads']],
+    choices=dict(init_from=('scratch', 'resume'), features=('model', 'loader'),
     attn=('auto', 'flex', 'sdpa'), dtype=('float32', 'bfloat16'), wandb_mode=('offline', 'online', 'disabled')))
 if not out_dir:
     raise SystemExit("train: error: out_dir is empty; name the folder for the checkpoints")
@@ -163,6 +169,9 @@ model_args = dict(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=
                   t2_heads=t2_heads, mlp_ratio=mlp_ratio, attn=attn)
 iter_num, best_val, seconds_before = 0, float('inf'), 0.0
 ckpt_path, prev_path, best_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'ckpt.prev.pt', 'best.pt'))
+CHECKPOINTS = ('ckpt.pt', 'ckpt.prev.pt', 'best.pt', 'ckpt.damaged.pt')
+RUN_FILES = CHECKPOINTS + ('calibration.json', 'log.jsonl', 'eval_*.json', 'predictions_*.csv', 'submission.csv',
+                           'resolution_*.png', 'coverage_*.png', 'training.png')  # a run's files, sample.py's too
 checkpoint, damaged_ckpt, data_order = None, None, None
 
 
@@ -211,12 +220,18 @@ if init_from == 'resume':
     iter_num, best_val, seconds_before = checkpoint['iter_num'], checkpoint['best_val'], checkpoint['train_seconds']
 elif master:
     # a fresh run in an out_dir that holds another run's files: they move aside, not lost (a run started without
-    # --init_from=resume by mistake and stopped before its first checkpoint), and not mistaken for this run's
-    previous = [f for f in ('ckpt.pt', 'ckpt.prev.pt', 'best.pt', 'ckpt.damaged.pt', 'calibration.json', 'log.jsonl')
-                if os.path.exists(os.path.join(out_dir, f))]
+    # --init_from=resume by mistake and stopped before its first checkpoint), and not mistaken for this run's (sample.py's
+    # results and submission.csv too). A run that saved no checkpoint left only its log: that goes, and previous/ keeps
+    # the last run that trained something.
+    previous = sorted({os.path.basename(f) for pattern in RUN_FILES for f in glob.glob(os.path.join(out_dir, pattern))})
+    if 'log.jsonl' in previous and not any(f in previous for f in CHECKPOINTS):
+        os.remove(os.path.join(out_dir, 'log.jsonl'))
+        previous.remove('log.jsonl')
+        log(f"train: from scratch in {out_dir}: removed the log.jsonl of a run that saved no checkpoint")
     if previous:
-        shutil.rmtree(os.path.join(out_dir, 'previous'), ignore_errors=True)
-        os.makedirs(os.path.join(out_dir, 'previous'))
+        if any(f in previous for f in CHECKPOINTS):
+            shutil.rmtree(os.path.join(out_dir, 'previous'), ignore_errors=True)
+        os.makedirs(os.path.join(out_dir, 'previous'), exist_ok=True)
         for f in previous:
             os.replace(os.path.join(out_dir, f), os.path.join(out_dir, 'previous', f))
         log(f"train: from scratch in {out_dir}: the previous run's {', '.join(previous)} moved to {out_dir}/previous/")
@@ -408,9 +423,16 @@ stop_signal = None
 
 
 def on_signal(signum, frame):
-    # only a flag, read between iterations: the iteration in progress finishes, then the state is saved
+    # only a flag, read between iterations: the iteration in progress finishes, then the state is saved. A second
+    # signal stops at once, saving nothing (a first iteration that compiles can take minutes)
     global stop_signal
+    if stop_signal is not None:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     stop_signal = signum
+    os.write(2, f"train: {signal.Signals(signum).name}: stopping after this iteration; a second one stops at once, "
+                f"unsaved\n".encode())  # not print: the handler may interrupt a print
 
 
 def stopping():

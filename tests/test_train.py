@@ -137,15 +137,24 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
     assert f"the last good checkpoint is {out}/ckpt.pt (iteration 2)" in p.stderr
     after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['model']
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # weights gone bad between two log points: the evaluation finds it, and nothing is saved as the last good
-    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=50', '--eval_interval=1',
-             '--ema_decay=0.0', '--grad_clip=0.0', '--learning_rate=1e30', '--warmup_iters=0'] + TINY[:-3] + ['--log_interval=50'],
-            check=False)
+    # weights gone bad between two log points: the evaluation finds it, and nothing is saved as the last good. A fresh
+    # run: the earlier run's files move aside, sample.py's results with them (else they pass for this run's)
+    for f in ('submission.csv', 'eval_test.json'):
+        open(os.path.join(out, f), 'w').write('of the run at iteration 2\n')
+    bad = ['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=50', '--eval_interval=1',
+           '--ema_decay=0.0', '--grad_clip=0.0', '--learning_rate=1e30', '--warmup_iters=0'] + TINY[:-3] + ['--log_interval=50']
+    p = run(bad, check=False)
     assert p.returncode == 1 and 'Traceback' not in p.stderr
     assert p.stderr.strip().splitlines()[-1] == ("train: error: val error is nan at iteration 1: the averaged weights went "
                                                  "bad; nothing was saved yet. Try a lower learning_rate or grad_clip.")
     assert not os.path.exists(os.path.join(out, 'ckpt.pt'))  # the earlier run's moved aside, none of this run's
+    assert sorted(os.listdir(out)) == ['log.jsonl', 'previous']
+    assert sorted(os.listdir(os.path.join(out, 'previous'))) == ['best.pt', 'ckpt.pt', 'eval_test.json', 'log.jsonl', 'submission.csv']
+    # the next fresh run: the failed one saved nothing, so previous/ still holds the run that did
+    p = run(bad, check=False)
+    assert p.returncode == 1 and f"removed the log.jsonl of a run that saved no checkpoint" in p.stdout
     assert torch.load(os.path.join(out, 'previous', 'ckpt.pt'), weights_only=False)['iter_num'] == 2
+    assert len(open(os.path.join(out, 'previous', 'log.jsonl')).readlines()) > 1  # the run of iteration 2's
 
 
 def test_settings_out_of_range_are_named(tmp_path):
@@ -154,6 +163,10 @@ def test_settings_out_of_range_are_named(tmp_path):
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         "train: error: setting out of range: eval_interval=0 (at least 1); train_events=-1 (at least 0); attn='foo' "
         "(one of 'auto', 'flex', 'sdpa'); dtype='float16' (one of 'float32', 'bfloat16')"]
+    p = run(['train.py', f'--out_dir={tmp_path}', '--t2_heads=3', '--t1_layers=-1', '--t2_layers=0', '--beta1=1.5'], check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "train: error: setting out of range: t1_layers=-1 (at least 0); t2_layers=0 (at least 1); beta1=1.5 (below 1); "
+        "t2_dim=128 (a multiple of t2_heads=3)"]
     p = run(['sample.py', f'--out_dir={tmp_path}', '--max_events=-1', '--device=gpu'], check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == ["sample: error: setting out of range: max_events=-1 (at least 0)"]
     p = run(['sample.py', f'--out_dir={tmp_path}', '--device=gpu'], check=False)
@@ -196,19 +209,20 @@ def _same_state(a, b):
     assert a['iter_num'] == b['iter_num']
 
 
-def signalled_train(tmp_path, rank, at):
-    """A wrapper script that runs train.py and sends its own process SIGTERM while the given torchrun rank (0 alone
-    without torchrun) takes its at-th batch: a preemption at a known point, whatever the machine's speed."""
+def signalled_train(tmp_path, rank, at, times=1):
+    """A wrapper script that runs train.py and sends its own process SIGTERM (times times) while the given torchrun
+    rank (0 alone without torchrun) takes its at-th batch: a preemption at a known point, whatever the machine's
+    speed."""
     wrapper = tmp_path / 'signalled_train.py'
     wrapper.write_text(
-        "import os, runpy, signal, sys\n"
+        "import os, runpy, signal, sys, time\n"
         f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
         "import prepare\n"
         "nxt, taken = prepare.BatchLoader.__next__, [0]\n"
         "def signalled(self):\n"
         "    taken[0] += 1\n"
         f"    if os.environ.get('RANK', '0') == '{rank}' and taken[0] == {at}:\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        f"        for _ in range({times}): os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)  # handled one by one\n"
         "    return nxt(self)\n"
         "prepare.BatchLoader.__next__ = signalled\n"
         "sys.argv = ['train.py'] + sys.argv[1:]\n"
@@ -245,6 +259,16 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(preempted):
     whole = torch.load(f'{root}/whole/ckpt.pt', weights_only=False)
     _same_state(whole, torch.load(f'{root}/stopped/ckpt.pt', weights_only=False))  # weights, average, optimizer
     assert torch.load(f'{root}/stopped/ckpt.prev.pt', weights_only=False)['iter_num'] == k  # the one before is kept
+
+
+def test_second_sigterm_stops_at_once(data_dir, tmp_path):
+    """The first signal lets the iteration finish and saves it; a second one (a user's second Ctrl-C, during a first
+    iteration that compiles for minutes) ends the process at once and saves nothing."""
+    args = [f'--data_dir={data_dir}', '--max_iters=12', '--eval_interval=1000', '--out_dir=' + str(tmp_path / 'out')]
+    p = run([signalled_train(tmp_path, rank=0, at=2, times=2)] + args + TINY, check=False)
+    assert p.returncode == -signal.SIGTERM, (p.returncode, p.stderr[-2000:])
+    assert "train: SIGTERM: stopping after this iteration; a second one stops at once, unsaved" in p.stderr
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
 
 
 def test_damaged_checkpoint_falls_back_to_the_newest_readable(preempted, tmp_path):
