@@ -602,12 +602,12 @@ def main():
     cal = None
     err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen) if has_labels else None
     weights = weights_digest(ck['model'])
-    if split == 'val' and has_labels and n < calibration_min_events:
-        print(f"sample: {n} val events are too few to fit the error circles' maps (calibration_min_events="
-              f"{calibration_min_events}): {cal_path} is not written, the circles use the predicted kappa")
-    elif split == 'val' and has_labels and (kept := stored_calibration(cal_path, weights, n)):
+    if split == 'val' and has_labels and (kept := stored_calibration(cal_path, weights, n)):
         cal = kept  # a run on part of val (a slow baseline's --max_events) keeps the maps fit on more of it
         print(f"sample: {cal_path} kept: fit on {cal['n_events']} val events for these weights, more than this run's {n}")
+    elif split == 'val' and has_labels and n < calibration_min_events:
+        print(f"sample: {n} val events are too few to fit the error circles' maps (calibration_min_events="
+              f"{calibration_min_events}): {cal_path} is not written, the circles use the predicted kappa")
     elif split == 'val' and has_labels:
         cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'weights_sha1': weights, 'n_events': int(n),
                'fit_on': f"{s.path}, {n} events", **fit_calibration(kappa, err, events)}

@@ -238,6 +238,12 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
              '--calibration_min_events=20'])
     assert 'kept: fit on 40 val events for these weights, more than this run\'s 30' in p.stdout
     assert open(os.path.join(out, 'calibration.json')).read() == stored
+    # also on fewer than calibration_min_events, too few to fit new maps: the stored ones still apply
+    p = run(['sample.py', f'--out_dir={out}', '--split=val', '--max_events=10', '--baselines=', '--plots=False',
+             '--calibration_min_events=20'])
+    assert 'kept: fit on 40 val events for these weights, more than this run\'s 10' in p.stdout
+    assert 'kappa_calibrated' in read_csv(os.path.join(out, 'predictions_val.csv'))
+    assert open(os.path.join(out, 'calibration.json')).read() == stored
 
     # a model whose heads did not learn (truth_weight=0; the Kaggle data, which has no truth file, likewise): no
     # kind or energy in the csv, and the calibration groups by hit DOMs
