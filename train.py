@@ -218,6 +218,10 @@ if init_from == 'resume':
     model_args = checkpoint['model_args']
     max_pulses_per_dom = checkpoint['max_pulses_per_dom']
     iter_num, best_val, seconds_before = checkpoint['iter_num'], checkpoint['best_val'], checkpoint['train_seconds']
+    if os.path.realpath(checkpoint['data_dir']) != os.path.realpath(data_dir):  # fine-tuning on other data, say
+        log(f"train: resuming on data_dir={data_dir!r}, not the checkpoint's {checkpoint['data_dir']!r}: best.pt "
+            f"starts over (val errors of other data do not compare)")
+        best_val = float('inf')
 elif master:
     # a fresh run in an out_dir that holds another run's files: they move aside, not lost (a run started without
     # --init_from=resume by mistake and stopped before its first checkpoint), and not mistaken for this run's (sample.py's

@@ -108,6 +108,14 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
     sub = open(os.path.join(out, 'submission.csv')).read().splitlines()
     assert sub[0] == 'event_id,azimuth,zenith' and len(sub) == 41
 
+    # resumed on other data (fine-tuning): named, and best.pt starts over, since val errors of two sets do not compare
+    other = str(tmp_path / 'other_packed')
+    shutil.copytree(data_dir, other)
+    p = run(['train.py', f'--data_dir={other}', f'--out_dir={out}', '--max_iters=46', '--eval_interval=20',
+             '--init_from=resume'] + TINY)
+    assert f"resuming on data_dir={other!r}, not the checkpoint's {data_dir!r}: best.pt starts over" in p.stdout
+    assert torch.load(os.path.join(out, 'best.pt'), weights_only=False)['iter_num'] == 46
+
 
 def test_micro_threads_train_as_one_thread_does(data_dir, tmp_path):
     """Two micro-batches per iteration computed in two threads (micro_threads=2) give the weights, bit for bit, of
