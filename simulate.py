@@ -598,12 +598,15 @@ def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_
     if os.path.exists(info_path):
         with open(info_path) as f:
             old = json.load(f)
-        same = {k: old.get(k) for k in ('settings', 'physics', 'format_version')} == \
-               {k: record[k] for k in ('settings', 'physics', 'format_version')}
-        if not same:
-            raise SystemExit(f"simulate: {out_dir} already holds a synthetic data set made with other settings or "
-                             f"physics constants, or by an older simulate.py ({info_path}); delete that folder to "
-                             f"simulate it anew, or simulate into another one")
+        differ = [f"format_version {old.get('format_version')!r} (now {_FORMAT_VERSION!r}: an older simulate.py)"] \
+            if old.get('format_version') != _FORMAT_VERSION else []
+        for part in ('settings', 'physics'):
+            was = old.get(part) or {}
+            differ += [f"{k}={was.get(k)!r} (now {v!r})" for k, v in record[part].items() if was.get(k) != v]
+            differ += [f"{k}={was[k]!r} (now none)" for k in was if k not in record[part]]
+        if differ:
+            raise SystemExit(f"simulate: {out_dir} already holds a synthetic data set made otherwise ({info_path}: "
+                             f"{', '.join(differ)}); delete that folder to simulate it anew, or simulate into another one")
         if old.get('complete'):
             print(f"simulate: {out_dir} already holds this data set (complete, same settings); nothing to do")
             return out_dir

@@ -101,11 +101,14 @@ def test_same_seed_same_files(tiny, tmp_path):
         read_batch(f'{tiny}/train/batch_1.parquet')[0]['time'].tolist()
 
 
-def test_rerun_skips_and_other_settings_refused(tiny, capsys):
+def test_rerun_skips_and_other_settings_refused(tiny, capsys, monkeypatch):
     simulate.simulate(out_dir=tiny, **TINY)
     assert 'nothing to do' in capsys.readouterr().out
-    with pytest.raises(SystemExit, match='other settings'):
+    with pytest.raises(SystemExit, match=r'made otherwise \(.*simulation.json: seed=1 \(now 2\)\); delete'):
         simulate.simulate(out_dir=tiny, **{**TINY, 'seed': 2})
+    monkeypatch.setattr(simulate, 'DARK_RATE_HZ', 1000.0)  # --DARK_RATE_HZ=1000: the setting that differs is named
+    with pytest.raises(SystemExit, match=rf'simulation.json: DARK_RATE_HZ=.* \(now 1000.0\)\); delete'):
+        simulate.simulate(out_dir=tiny, **TINY)
 
 
 def test_refuses_foreign_folder(tmp_path):
