@@ -39,6 +39,7 @@ Each shard is built in a temporary folder and renamed when complete, so an inter
 leaves a shard that looks complete, and a re-run skips the shards that are (and rebuilds one whose
 source file, meta rows, truth rows or geometry changed, whose quick fit was made with other fit_steps or fit_ice,
 or whose files differ in size from those shard.json records: a copy cut short).
+A SIGTERM (a scheduler's stop, sent to the main process alone) ends the workers too, and prepare.py exits 143.
 Workers process one batch file each, so memory is bounded by num_proc batch files. Bad input, an unreadable
 file, or a full disk stops the run with a message naming the file, the event and the problem.
 
@@ -63,6 +64,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -98,6 +100,9 @@ fit_ice = 'auto'          # the fit's ice (classical.ice_table): 'auto' = 'toy' 
 verify = False            # also re-read every finished shard against its recorded checksums (reads the whole output)
                           # and rebuild the damaged ones; without the raw files, only report them
 # -----------------------------------------------------------------------------
+# the least value of each count setting, checked by the command line and by run(): 0 workers or 0 val batch files would
+# end in a traceback after all the packing, and a negative train_batches would slice off the last batch files
+LEAST = dict(val_batches=1, train_batches=0, num_proc=1, fit_steps=0)
 
 FORMAT_VERSION = 4  # 2: shard.json records each array file's size and CRC-32; 3: each event's quick fit; 4: both
                     # LineFits per event and each pulse's direct flag (the model computed them in every batch)
@@ -630,6 +635,10 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
     """Pack raw into out. Shards already complete are kept (their sizes are checked; verify=True also re-reads them
     against their checksums); damaged or stale ones are rebuilt, with a message."""
     t_start = time.time()
+    given = dict(val_batches=val_batches, train_batches=train_batches, num_proc=num_proc, fit_steps=fit_steps)
+    for name, least in LEAST.items():
+        if given[name] < least:
+            raise PrepareError(f"{name}={given[name]!r} is out of range (at least {least})")
     for name in ['sensor_geometry.csv', 'train_meta.parquet']:
         if not os.path.exists(os.path.join(raw, name)):
             raise PrepareError(f"{os.path.join(raw, name)}: missing file; {raw} is not a Kaggle-layout folder")
@@ -662,7 +671,7 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
                 ids = ids[:train_batches]
             if val_batches >= len(ids):
                 raise PrepareError(f"{meta_path}: {len(ids)} train batch files leave none for training with val_batches={val_batches}")
-            plans.append((part, 'train', ids[:len(ids) - val_batches] if val_batches else ids))
+            plans.append((part, 'train', ids[:len(ids) - val_batches]))
             plans.append((part, 'val', ids[len(ids) - val_batches:]))
         else:
             plans.append((part, 'test', ids))
@@ -694,13 +703,44 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
     log(f"prepare: done in {time.time() - t_start:.1f}s -> {out}")
 
 
+def _worker_start(parent):
+    """Each pool worker, first. It runs torch (the quick fit) on one thread: a forked child entering the OpenMP team of
+    a parent that had used one hangs, so it leaves OpenMP before its first torch op (as BatchLoader's workers do). It
+    takes back SIGTERM's default action, which the parent's handler (_stop) replaced before the fork: a SIGTERM meant to
+    end the worker would otherwise raise inside its task. And on Linux it is killed when the parent dies, which no
+    handler sees when that is SIGKILL (the out-of-memory killer, a scheduler's grace period run out)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith('linux'):
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before that
+            os._exit(1)
+
+
+@contextmanager
+def _pool(num_proc):
+    """A process pool whose workers are killed, not waited for, when the run is interrupted (Ctrl-C, or SIGTERM
+    through _stop): the pool's own shutdown lets them pack every batch file already handed to them first, up to
+    2 * num_proc of them. On an error they still finish the shards they are on, which a re-run keeps."""
+    pool = ProcessPoolExecutor(num_proc, mp_context=get_context('fork'), initializer=_worker_start, initargs=(os.getpid(),))
+    try:
+        yield pool
+    except (KeyboardInterrupt, SystemExit):
+        # ProcessPoolExecutor has no public way to do this before Python 3.14 (kill_workers). A worker killed mid-task
+        # leaves a temporary folder, which run() removes, never a shard that looks complete
+        for p in list((pool._processes or {}).values()):
+            p.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
     # One pool for all splits, each split's manifest written when its last shard is in: val's and test's shards
     # start while train's last ones still run (split by split, a one-shard split left the other cores idle).
-    # The workers run torch (the quick fit) on one thread each: a forked child entering the OpenMP team of a parent
-    # that had used one hangs, so each worker leaves OpenMP before its first torch op (as BatchLoader's do)
     geometry_digest = hashlib.sha1(geometry.tobytes()).hexdigest()
-    with ProcessPoolExecutor(num_proc, mp_context=get_context('fork'), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with _pool(num_proc) as pool:
         pending = {}  # future -> (its split's state, source file)
         states = []  # each split's state, in the order started
         for part, split, ids in plans:
@@ -823,6 +863,22 @@ def _fit_args(fit):
     return f" --fit_steps={fit['steps']}" + (f" --fit_ice={fit['ice']}" if fit['steps'] else "")
 
 
+def _no_manifest(path, mpath):
+    """Why a split has no manifest, as far as its folder tells: a data_dir that is the raw input, or a split name that
+    is not among the prepared ones, which a re-run of prepare.py would not mend; else an unfinished prepare."""
+    folder = os.path.dirname(os.path.normpath(path)) or '.'
+    for d in (folder, os.path.normpath(path)):  # data_dir=data/sim, or open_split('data/sim') itself
+        raw = sorted(os.path.basename(f) for f in glob.glob(f"{d}/*_meta.parquet") + glob.glob(f"{d}/sensor_geometry.csv"))
+        if raw:
+            return (f"{d} is raw Kaggle-layout input ({', '.join(raw)}), not prepare.py's output; point data_dir at the "
+                    f"folder prepare.py packs it into (by default {d}_packed: python prepare.py --raw_dir={d})")
+    splits = sorted((os.path.basename(os.path.dirname(m)) for m in glob.glob(f"{folder}/*/manifest.json")),
+                    key=lambda name: (['train', 'val', 'test', name].index(name), name))
+    if splits and not os.path.isdir(path):  # a split folder without a manifest is an unfinished one: the message below
+        return f"no split '{os.path.basename(os.path.normpath(path))}' in {folder}: it has {', '.join(splits)}"
+    return f"{mpath}: no manifest, so the split is missing or prepare did not finish; run prepare.py"
+
+
 class Split:
     """One prepared split (a folder with manifest.json): the events of all its shards, memory-mapped. Opening it
     checks each shard's file sizes against its shard.json (a stat per file), so a copy cut short is named here,
@@ -832,7 +888,7 @@ class Split:
         self.path = path
         mpath = os.path.join(path, 'manifest.json')
         if not os.path.exists(mpath):
-            raise FileNotFoundError(f"{mpath}: no manifest, so the split is missing or prepare did not finish; run prepare.py")
+            raise FileNotFoundError(_no_manifest(path, mpath))
         try:
             with open(mpath) as f:
                 self.manifest = json.load(f)
@@ -1266,9 +1322,21 @@ def _unpickled(result):
 
 # -----------------------------------------------------------------------------
 
+class Stopped(SystemExit):
+    """prepare.py stopped by a signal (_stop); its code is the exit status, 128 + the signal number."""
+
+
+def _stop(signum, frame):
+    """SIGTERM (a scheduler's stop) reaches this process and not its workers, which would outlive it: unwind as Ctrl-C
+    does, so that _pool kills the workers and run() removes the temporary files."""
+    signal.signal(signum, signal.SIG_IGN)  # once: a second SIGTERM would cut that cleanup short
+    raise Stopped(128 + signum)
+
+
 if __name__ == '__main__':
-    from configurator import configure
+    from configurator import check_ranges, configure
     configure(globals())
+    check_ranges('prepare', globals(), at_least=LEAST)
     raw = raw_dir
     if raw_dir == 'data/kaggle' and not os.path.exists(os.path.join(raw_dir, 'train_meta.parquet')):
         import simulate
@@ -1277,6 +1345,7 @@ if __name__ == '__main__':
             print(f"prepare: no Kaggle data in {raw_dir}; using the synthetic set in {sim_dir}, simulated first if missing")
             simulate.simulate(out_dir=sim_dir, num_proc=num_proc)  # also refuses a set made with other physics
     out = out_dir or raw.rstrip('/') + '_packed'
+    signal.signal(signal.SIGTERM, _stop)
     try:
         made_from = set()  # the raw folders the output records it was made from
         for m in glob.glob(f"{out}/*/manifest.json"):
@@ -1299,3 +1368,7 @@ if __name__ == '__main__':
     except PrepareError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as e:
+        print(f"prepare: stopped by {signal.Signals(e.code - 128).name}; the finished shards in {out} are kept, and the "
+              f"same command goes on from them", file=sys.stderr)
+        raise

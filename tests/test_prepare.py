@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -282,6 +284,95 @@ def test_interrupted_process_leaves_no_complete_looking_shard(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(open_split(str(tmp_path / 'out' / 'train'))) == 3 * 300
+
+
+def _children(pid):
+    """The live processes whose parent is pid, from /proc (this kernel has no /proc/<pid>/task/*/children)."""
+    found = []
+    for stat in glob.glob('/proc/[0-9]*/stat'):
+        try:
+            fields = open(stat).read().rsplit(')', 1)[1].split()  # after the command, which may hold spaces
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != 'Z':
+            found.append(int(stat.split('/')[2]))
+    return found
+
+
+def _alive(pid):
+    try:
+        return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_sigterm_to_the_main_process_ends_its_workers(tmp_path):
+    # a scheduler's SIGTERM reaches the main process only; its workers must not run on, orphaned, after it. Shards of
+    # 5,000 events take the workers seconds each, so the signal comes before any split is complete
+    make_raw(tmp_path / 'raw', n_train=4, events=5000)
+    out = tmp_path / 'out'
+    with open(tmp_path / 'stderr', 'w') as err:  # a file, not a pipe: workers that outlive prepare.py would hold a pipe open
+        p = subprocess.Popen([sys.executable, 'prepare.py', f"--raw_dir={tmp_path / 'raw'}", f"--out_dir={out}", '--num_proc=2'],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while len(workers) < 2 and p.poll() is None and time.time() < deadline:
+            workers = _children(p.pid)
+            time.sleep(0.05)
+        assert len(workers) == 2, f"no workers seen: {p.poll()}"
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=120)
+        err = (tmp_path / 'stderr').read_text()
+        assert p.returncode == 143, err
+        assert 'stopped by SIGTERM' in err and 'Traceback' not in err, err
+        deadline = time.time() + 60
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "workers outlived prepare.py"
+        assert not glob.glob(f"{out}/*/manifest.json"), "a split looks complete"
+        assert not glob.glob(f"{out}/*/.tmp-*") and not glob.glob(f"{out}/*/*.tmp*")
+    finally:  # never leave a process behind, whatever failed
+        for pid in [p.pid] + workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        p.wait()
+
+
+def test_settings_out_of_range_are_refused_before_any_work(clean_raw, tmp_path):
+    cmd = [sys.executable, 'prepare.py', f'--raw_dir={clean_raw}', f"--out_dir={tmp_path / 'out'}",
+           '--num_proc=0', '--val_batches=0', '--train_batches=-1', '--fit_steps=-5']
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for setting in ('num_proc=0 (at least 1)', 'val_batches=0 (at least 1)', 'train_batches=-1 (at least 0)',
+                    'fit_steps=-5 (at least 0)'):
+        assert setting in r.stderr
+    # run() itself, as bench.py and the tests call it
+    for setting, value in (('num_proc', 0), ('val_batches', 0), ('train_batches', -1), ('fit_steps', -5)):
+        with pytest.raises(PrepareError, match=rf"^{setting}={value} is out of range \(at least"):
+            prepare.run(clean_raw, str(tmp_path / 'out'), **{'num_proc': 1, setting: value}, log=lambda *a: None)
+    assert not os.path.exists(tmp_path / 'out')
+
+
+def test_a_missing_split_says_why(tmp_path, prepared):
+    # a mistyped split name: the prepared ones are listed
+    with pytest.raises(FileNotFoundError, match=rf"^no split 'tset' in {prepared}/out: it has train, val, test$"):
+        open_split(f"{prepared}/out/tset")
+    # data_dir at the raw input: prepare's output is named, as a re-run of prepare would not mend it
+    for path in (f"{prepared}/raw/train", f"{prepared}/raw"):
+        with pytest.raises(FileNotFoundError, match=rf"^{prepared}/raw is raw Kaggle-layout input \(sensor_geometry\.csv, "
+                                                    rf"test_meta\.parquet, train_meta\.parquet\), not prepare\.py's output; "
+                                                    rf".*by default {prepared}/raw_packed"):
+            open_split(path)
+    # an unfinished split, or nothing prepared at all: prepare did not finish
+    os.makedirs(tmp_path / 'out' / 'train')
+    shutil.copytree(f"{prepared}/out/val", tmp_path / 'out' / 'val')
+    unfinished = "manifest.json: no manifest, so the split is missing or prepare did not finish"
+    with pytest.raises(FileNotFoundError, match=f"out/train/{unfinished}"):
+        open_split(str(tmp_path / 'out' / 'train'))
+    with pytest.raises(FileNotFoundError, match=f"none/test/{unfinished}"):
+        open_split(str(tmp_path / 'none' / 'test'))
 
 
 # -- bad input, or a file that cannot be read: each gets a message naming the file, the event and the problem,
