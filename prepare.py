@@ -711,6 +711,7 @@ def _worker_start(parent):
     handler sees when that is SIGKILL (the out-of-memory killer, a scheduler's grace period run out)."""
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches them too: the parent stops them (_pool)
     if sys.platform.startswith('linux'):
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
@@ -1327,8 +1328,9 @@ class Stopped(SystemExit):
 
 
 def _stop(signum, frame):
-    """SIGTERM (a scheduler's stop) reaches this process and not its workers, which would outlive it: unwind as Ctrl-C
-    does, so that _pool kills the workers and run() removes the temporary files."""
+    """SIGTERM (a scheduler's stop) reaches this process and not its workers, which would outlive it, and Ctrl-C
+    (SIGINT) reaches both: unwind, so that _pool kills the workers and run() removes the temporary files, and say so
+    in one line."""
     signal.signal(signum, signal.SIG_IGN)  # once: a second SIGTERM would cut that cleanup short
     raise Stopped(128 + signum)
 
@@ -1346,6 +1348,7 @@ if __name__ == '__main__':
             simulate.simulate(out_dir=sim_dir, num_proc=num_proc)  # also refuses a set made with other physics
     out = out_dir or raw.rstrip('/') + '_packed'
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         made_from = set()  # the raw folders the output records it was made from
         for m in glob.glob(f"{out}/*/manifest.json"):

@@ -288,6 +288,9 @@ log(f"train: {raw_model.num_params() / 1e6:.3f}M parameters (T1 {n_t1 / 1e6:.3f}
     f"{max_events} events, {gradient_accumulation_steps} per rank per iteration"
     f"{f' ({micro_threads} threads at once)' if micro_threads > 1 else ''}; "
     f"{'resuming at iter ' + str(iter_num) if init_from == 'resume' else 'from scratch'}")
+if compile and device_type == 'cpu':
+    log("train: compile=True on the CPU: the first iteration compiles for minutes and later ones run no faster than "
+        "eager (config/toy_cpu.py sets --compile=False)")
 
 wandb = None
 if wandb_log and master:

@@ -307,14 +307,16 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
-def test_sigterm_to_the_main_process_ends_its_workers(tmp_path):
-    # a scheduler's SIGTERM reaches the main process only; its workers must not run on, orphaned, after it. Shards of
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_workers_too(tmp_path, sig):
+    # a scheduler's SIGTERM reaches the main process only; its workers must not run on, orphaned, after it. A
+    # terminal's Ctrl-C (SIGINT) reaches the whole process group: one line, no traceback from any process. Shards of
     # 5,000 events take the workers seconds each, so the signal comes before any split is complete
     make_raw(tmp_path / 'raw', n_train=4, events=5000)
     out = tmp_path / 'out'
     with open(tmp_path / 'stderr', 'w') as err:  # a file, not a pipe: workers that outlive prepare.py would hold a pipe open
         p = subprocess.Popen([sys.executable, 'prepare.py', f"--raw_dir={tmp_path / 'raw'}", f"--out_dir={out}", '--num_proc=2'],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     workers = []
     try:
         deadline = time.time() + 120
@@ -322,11 +324,14 @@ def test_sigterm_to_the_main_process_ends_its_workers(tmp_path):
             workers = _children(p.pid)
             time.sleep(0.05)
         assert len(workers) == 2, f"no workers seen: {p.poll()}"
-        p.send_signal(signal.SIGTERM)
+        if sig == signal.SIGTERM:
+            p.send_signal(sig)
+        else:
+            os.killpg(p.pid, sig)
         p.wait(timeout=120)
         err = (tmp_path / 'stderr').read_text()
-        assert p.returncode == 143, err
-        assert 'stopped by SIGTERM' in err and 'Traceback' not in err, err
+        assert p.returncode == 128 + sig, err
+        assert f'stopped by {sig.name}' in err and 'Traceback' not in err, err
         deadline = time.time() + 60
         while any(map(_alive, workers)) and time.time() < deadline:
             time.sleep(0.1)
