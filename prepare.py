@@ -83,6 +83,7 @@ import torch
 
 import classical  # the quick likelihood fit stored with each event
 import model as M  # both LineFits stored with each event
+import simulate  # the default synthetic set, when there is no Kaggle data
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file or --key=value, see configurator.py)
@@ -712,11 +713,7 @@ def _worker_start(parent):
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches them too: the parent stops them (_pool)
-    if sys.platform.startswith('linux'):
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before that
-            os._exit(1)
+    simulate.die_with_parent(parent)
 
 
 @contextmanager
@@ -1341,7 +1338,6 @@ if __name__ == '__main__':
     check_ranges('prepare', globals(), at_least=LEAST)
     raw = raw_dir
     if raw_dir == 'data/kaggle' and not os.path.exists(os.path.join(raw_dir, 'train_meta.parquet')):
-        import simulate
         raw = sim_dir
         if not verify:
             print(f"prepare: no Kaggle data in {raw_dir}; using the synthetic set in {sim_dir}, simulated first if missing")

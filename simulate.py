@@ -85,6 +85,8 @@ Each batch has its own random stream seeded by (seed, batch number), so output i
 import json
 import math
 import os
+import signal
+import sys
 import time as walltime
 
 from concurrent.futures import ProcessPoolExecutor
@@ -561,6 +563,17 @@ def detector(pos):
                 string_margin=np.linalg.norm(by_string[:, :, :2] - string_xy[:, None], axis=-1).max(1) + 1.0)
 
 
+def die_with_parent(parent):
+    """A pool worker's first step (prepare.py's workers take it too): on Linux it is killed when its parent dies, so
+    a SIGTERM to the main process alone (a scheduler's), or the out-of-memory killer, leaves no worker running on,
+    orphaned. parent: the parent's pid, read before the fork."""
+    if sys.platform.startswith('linux'):
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before that
+            os._exit(1)
+
+
 class _Serial:
     # the pool interface, run in this process (num_proc = 1: no fork, easier to debug and profile)
     map = staticmethod(map)
@@ -629,7 +642,9 @@ def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_
     jobs = [(out_dir, 'train' if b <= n_train_batches else 'test', b, events_per_batch, seed) for b in range(1, n_batches + 1)]
     per_split = {'train': ([], [], []), 'test': ([], [], [])}  # batch ids, labels, pulse counts
     workers = max(1, min(num_proc, n_batches))
-    with ProcessPoolExecutor(workers, mp_context=get_context('fork')) if workers > 1 else _Serial() as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=get_context('fork'), initializer=die_with_parent,
+                               initargs=(os.getpid(),)) if workers > 1 else _Serial()
+    with pool:
         for split, batch_id, labels, counts, n_pulses, dt in pool.map(_simulate_batch_file, jobs):  # in batch order
             ids, labs, cnts = per_split[split]
             ids.append(np.full(events_per_batch, batch_id, np.int64))

@@ -307,16 +307,20 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_ends_the_workers_too(tmp_path, sig):
+@pytest.mark.parametrize('script, sig', [('prepare', signal.SIGTERM), ('prepare', signal.SIGINT), ('simulate', signal.SIGTERM)])
+def test_a_signal_ends_the_workers_too(tmp_path, script, sig):
     # a scheduler's SIGTERM reaches the main process only; its workers must not run on, orphaned, after it. A
     # terminal's Ctrl-C (SIGINT) reaches the whole process group: one line, no traceback from any process. Shards of
     # 5,000 events take the workers seconds each, so the signal comes before any split is complete
-    make_raw(tmp_path / 'raw', n_train=4, events=5000)
     out = tmp_path / 'out'
-    with open(tmp_path / 'stderr', 'w') as err:  # a file, not a pipe: workers that outlive prepare.py would hold a pipe open
-        p = subprocess.Popen([sys.executable, 'prepare.py', f"--raw_dir={tmp_path / 'raw'}", f"--out_dir={out}", '--num_proc=2'],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    if script == 'prepare':
+        make_raw(tmp_path / 'raw', n_train=4, events=5000)
+        args = [f"--raw_dir={tmp_path / 'raw'}", f"--out_dir={out}", '--num_proc=2']
+    else:  # simulate.py has no handler: SIGTERM's default action ends it, and its workers die with it
+        args = [f"--out_dir={out}", '--n_train_batches=3', '--n_test_batches=1', '--events_per_batch=20000', '--num_proc=2']
+    with open(tmp_path / 'stderr', 'w') as err:  # a file, not a pipe: workers that outlive the script would hold a pipe open
+        p = subprocess.Popen([sys.executable, f'{script}.py'] + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                             start_new_session=True)
     workers = []
     try:
         deadline = time.time() + 120
@@ -324,20 +328,27 @@ def test_a_signal_ends_the_workers_too(tmp_path, sig):
             workers = _children(p.pid)
             time.sleep(0.05)
         assert len(workers) == 2, f"no workers seen: {p.poll()}"
+        time.sleep(0.5)  # the workers past their start
         if sig == signal.SIGTERM:
             p.send_signal(sig)
         else:
             os.killpg(p.pid, sig)
         p.wait(timeout=120)
         err = (tmp_path / 'stderr').read_text()
-        assert p.returncode == 128 + sig, err
-        assert f'stopped by {sig.name}' in err and 'Traceback' not in err, err
+        if script == 'prepare':
+            assert p.returncode == 128 + sig, err
+            assert f'stopped by {sig.name}' in err and 'Traceback' not in err, err
+        else:
+            assert p.returncode == -sig, err
         deadline = time.time() + 60
         while any(map(_alive, workers)) and time.time() < deadline:
             time.sleep(0.1)
-        assert not any(map(_alive, workers)), "workers outlived prepare.py"
-        assert not glob.glob(f"{out}/*/manifest.json"), "a split looks complete"
-        assert not glob.glob(f"{out}/*/.tmp-*") and not glob.glob(f"{out}/*/*.tmp*")
+        assert not any(map(_alive, workers)), f"workers outlived {script}.py"
+        if script == 'prepare':
+            assert not glob.glob(f"{out}/*/manifest.json"), "a split looks complete"
+            assert not glob.glob(f"{out}/*/.tmp-*") and not glob.glob(f"{out}/*/*.tmp*")
+        else:
+            assert json.load(open(out / 'simulation.json'))['complete'] is False
     finally:  # never leave a process behind, whatever failed
         for pid in [p.pid] + workers:
             if _alive(pid):
