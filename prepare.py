@@ -1214,7 +1214,7 @@ class BatchLoader:
         self.queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         # forked before the thread starts; the workers run torch on one thread each and never touch a GPU
-        self.pool = get_context('fork').Pool(workers, _worker_init, (split.path, self.args, transform)) if workers else None
+        self.pool = get_context('fork').Pool(workers, _worker_init, (split.path, self.args, transform, os.getpid())) if workers else None
         # this thread and its consumer share the interpreter lock, which a waiting thread gets only after the holder
         # has run for Python's switch interval: at its 5 ms the training step's threads, which retake the lock between
         # ops, stalled behind this thread's numpy; at 0.5 ms the toy's main job made 1.04-1.08x the events/s and
@@ -1302,8 +1302,15 @@ def _pack(split, args, transform, epoch, idx, position, read):
 _worker = {}
 
 
-def _worker_init(path, args, transform):
+def _worker_init(path, args, transform, parent):
     torch.set_num_threads(1)  # one core per worker; OpenMP teams do not survive a fork anyway
+    # Pool.terminate ends the workers by SIGTERM, and they were forked with the parent's handler (train.py's sets a
+    # flag and returns): a worker that kept it ran on, and close() waited for it forever (an evaluation of
+    # config/baseline_1m.py, loader_workers=4, hung in 5 runs of 7). Ctrl-C reaches the whole process group: the
+    # parent stops the workers; and a parent killed outright takes them along
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    simulate.die_with_parent(parent)
     _worker.update(split=open_split(path), args=args, transform=transform)
 
 

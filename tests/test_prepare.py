@@ -746,6 +746,24 @@ def test_loader_workers_give_the_thread_batches(prepared):
     assert runs[0][-1]['epoch'] == 1
 
 
+def test_loader_workers_close_under_a_signal_handler(prepared):
+    """train.py handles SIGTERM (a flag, read between iterations) before it makes its loaders, whose workers are
+    forked with that handler and ended by SIGTERM when a loader closes: a worker that kept the handler ignored it, and
+    close() waited forever (each evaluation closes its loader). In a process of its own, so a hang cannot stop the
+    suite."""
+    code = (f"import signal, sys; sys.path.insert(0, {ROOT!r})\n"
+            "from prepare import BatchLoader, open_split\n"
+            "signal.signal(signal.SIGTERM, lambda signum, frame: print('handler ran', flush=True))\n"
+            f"split = open_split({str(prepared) + '/out/train'!r})\n"
+            "for _ in range(10):  # whether a worker is still there to get the SIGTERM is a race: the hang came 1 in 8\n"
+            "    loader = BatchLoader(split, 3000, 3000, 16, 64, workers=4)\n"
+            "    next(loader)\n"
+            "    loader.close()\n"
+            "print('closed', flush=True)\n")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == 'closed\n', (r.stdout, r.stderr[-2000:])
+
+
 def test_loader_refuses_a_rank_without_events(prepared):
     s = open_split(f"{prepared}/out/val")  # 40 events
     for rank in (0, 50):  # rank 50's endless loader would wait forever; rank 0 refuses too, or it would wait for 50

@@ -76,7 +76,7 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
         assert all(torch.equal(ck[w][k], same[w][k]) for k in ck[w]), w
 
     p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=45', '--eval_interval=20',
-             '--init_from=resume'] + TINY + ['--t2_layers=3'])
+             '--init_from=resume'] + TINY + ['--t2_layers=3', '--loader_workers=2'])  # as config/baseline_1m.py packs
     assert 'resuming at iter 40' in p.stdout
     assert re.findall(r'^iter (\d+):', p.stdout, re.M)[0] == '41'
     ck2 = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
