@@ -426,20 +426,23 @@ def save_checkpoint(path):
     os.replace(tmp, path)
 
 
-stop_signal = None
+stop_signal, signal_time = None, 0.0
 
 
 def on_signal(signum, frame):
-    # only a flag, read between iterations: the iteration in progress finishes, then the state is saved. A second
-    # signal stops at once, saving nothing (a first iteration that compiles can take minutes)
-    global stop_signal
+    # only a flag, read between iterations: the iteration in progress finishes, then the state is saved. Alone, a
+    # second signal a second or more later stops at once, saving nothing (a first iteration that compiles can take
+    # minutes). Not under torchrun: a Ctrl-C, or a scheduler's SIGTERM to the job's processes, reaches a rank both
+    # directly and forwarded by torchrun, whose own grace period then ends the ranks
+    global stop_signal, signal_time
     if stop_signal is not None:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        if not ddp and time.time() - signal_time >= 1.0:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         return
-    stop_signal = signum
-    os.write(2, f"train: {signal.Signals(signum).name}: stopping after this iteration; a second one stops at once, "
-                f"unsaved\n".encode())  # not print: the handler may interrupt a print
+    stop_signal, signal_time = signum, time.time()
+    os.write(2, f"train: {signal.Signals(signum).name}: stopping after this iteration"
+                f"{'' if ddp else '; a second one stops at once, unsaved'}\n".encode())  # not print: the handler may interrupt one
 
 
 def stopping():

@@ -230,7 +230,7 @@ def signalled_train(tmp_path, rank, at, times=1):
         "def signalled(self):\n"
         "    taken[0] += 1\n"
         f"    if os.environ.get('RANK', '0') == '{rank}' and taken[0] == {at}:\n"
-        f"        for _ in range({times}): os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)  # handled one by one\n"
+        f"        for _ in range({times}): os.kill(os.getpid(), signal.SIGTERM); time.sleep(1.5)  # handled one by one\n"
         "    return nxt(self)\n"
         "prepare.BatchLoader.__next__ = signalled\n"
         "sys.argv = ['train.py'] + sys.argv[1:]\n"
@@ -271,7 +271,8 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(preempted):
 
 def test_second_sigterm_stops_at_once(data_dir, tmp_path):
     """The first signal lets the iteration finish and saves it; a second one (a user's second Ctrl-C, during a first
-    iteration that compiles for minutes) ends the process at once and saves nothing."""
+    iteration that compiles for minutes) ends the process at once and saves nothing. (Under torchrun a second one
+    is ignored: test_ddp_ranks_stop_together_when_one_gets_sigterm.)"""
     args = [f'--data_dir={data_dir}', '--max_iters=12', '--eval_interval=1000', '--out_dir=' + str(tmp_path / 'out')]
     p = run([signalled_train(tmp_path, rank=0, at=2, times=2)] + args + TINY, check=False)
     assert p.returncode == -signal.SIGTERM, (p.returncode, p.stderr[-2000:])
@@ -340,7 +341,9 @@ def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
 
 def test_ddp_ranks_stop_together_when_one_gets_sigterm(data_dir, tmp_path):
     out = str(tmp_path / 'out')
-    wrapper = signalled_train(tmp_path, rank=1, at=3)  # rank 1 alone gets SIGTERM, while taking its 3rd batch
+    # rank 1 alone gets SIGTERM, while taking its 3rd batch; twice, as when torchrun forwards a signal (a scheduler's
+    # to the job's processes, a terminal's Ctrl-C) that the rank got itself: the second must not cut the save short
+    wrapper = signalled_train(tmp_path, rank=1, at=3, times=2)
     p = run([wrapper, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=40', '--eval_interval=1000',
              '--device=cpu', '--max_minutes=0'] + TINY + ['--log_interval=4', '--max_events=8'], torchrun=True, check=False)
     # the flags are compared every log_interval iterations: both ranks stop at iteration 4 and rank 0 saves it
