@@ -104,8 +104,9 @@ check_ranges('train', globals(), at_least=dict(
     angular_weight=0, t1_dim=1, t1_layers=0, t1_heads=1, t2_dim=1, t2_layers=1, t2_heads=1, mlp_ratio=1, beta1=0,
     beta2=0), below=dict(beta1=1, beta2=1, ema_decay=1),
     # the heads split the width (a resumed run takes its checkpoint's model, whatever these say)
-    more=[f"{t}_dim={globals()[t + '_dim']} (a multiple of {t}_heads={globals()[t + '_heads']})" for t in ('t1', 't2')
-          if init_from == 'scratch' and globals()[t + '_heads'] >= 1 and globals()[t + '_dim'] % globals()[t + '_heads']],
+    more=[f"{t}_dim={dim} (a multiple of {t}_heads={heads})"
+          for t, dim, heads in (('t1', t1_dim, t1_heads), ('t2', t2_dim, t2_heads))
+          if init_from == 'scratch' and heads >= 1 and dim % heads],
     choices=dict(init_from=('scratch', 'resume'), features=('model', 'loader'),
     attn=('auto', 'flex', 'sdpa'), dtype=('float32', 'bfloat16'), wandb_mode=('offline', 'online', 'disabled')))
 if not out_dir:
@@ -228,12 +229,13 @@ elif master:
     # results and submission.csv too). A run that saved no checkpoint left only its log: that goes, and previous/ keeps
     # the last run that trained something.
     previous = sorted({os.path.basename(f) for pattern in RUN_FILES for f in glob.glob(os.path.join(out_dir, pattern))})
-    if 'log.jsonl' in previous and not any(f in previous for f in CHECKPOINTS):
+    trained = any(f in previous for f in CHECKPOINTS)
+    if 'log.jsonl' in previous and not trained:
         os.remove(os.path.join(out_dir, 'log.jsonl'))
         previous.remove('log.jsonl')
         log(f"train: from scratch in {out_dir}: removed the log.jsonl of a run that saved no checkpoint")
     if previous:
-        if any(f in previous for f in CHECKPOINTS):
+        if trained:
             shutil.rmtree(os.path.join(out_dir, 'previous'), ignore_errors=True)
         os.makedirs(os.path.join(out_dir, 'previous'), exist_ok=True)
         for f in previous:
@@ -396,7 +398,8 @@ def save_checkpoint(path):
     """Called on every rank, which gathers the ranks' data positions; rank 0 writes. Atomic: a temporary file renamed
     over the old one, and the old one renamed to ckpt.prev.pt, a way back if the new one is damaged later.
     'model' holds the weights to use (the averaged ones), 'train_model' the training weights that a resumed run
-    continues from."""
+    continues from; 'train_seconds' the agreed clock, which each caller has just read (flush_window): the loop's
+    estimate between log points was 0 before a run's first."""
     global saved_iter, damaged_ckpt
     flat = [0.0] * (2 * world_size)
     flat[2 * rank:2 * rank + 2] = loader.position
@@ -409,7 +412,7 @@ def save_checkpoint(path):
         weights = {'model': {**weights['model'], **dict(zip([n for n, _ in raw_model.named_parameters()], ema))},
                    'train_model': weights['model']}
     ckpt = {**weights, 'optimizer': optimizer.state_dict(), 'model_args': raw_model.args,
-            'iter_num': iter_num, 'best_val': best_val, 'config': config, 'train_seconds': seconds,
+            'iter_num': iter_num, 'best_val': best_val, 'config': config, 'train_seconds': clock['seconds'],
             'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': data_dir,
             'truth_heads': bool(truth_weight > 0 and train_split.truth is not None),  # sample.py reads them if so
             'data_order': {'seed': seed, 'world_size': world_size, 'n_events': n_train, 'loader_seed': loader_seed,
@@ -455,11 +458,9 @@ def stopping():
 def stop_for_signal():
     """Save the finished iterations and exit 128 + the signal number (143 SIGTERM, 130 SIGINT: a scheduler sees a
     stopped job, not a finished one)."""
-    global seconds
     sig = stop_signal or signal.SIGTERM  # under torchrun a rank may stop for another rank's signal
     if window['iters']:
-        flush_window()  # checks the loss before it is saved
-    seconds = clock['seconds']  # the clock read now, not the loop's estimate (0 before a run's first log point)
+        flush_window()  # checks the loss before it is saved; the checkpoint takes the clock it reads
     if iter_num != saved_iter or (damaged_ckpt and iter_num > 0):  # after a fallback, ckpt.pt is the damaged one
         save_checkpoint(ckpt_path)
     if ddp:
