@@ -705,14 +705,16 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
 
 
 def _worker_start(parent):
-    """Each pool worker, first. It runs torch (the quick fit) on one thread: a forked child entering the OpenMP team of
-    a parent that had used one hangs, so it leaves OpenMP before its first torch op (as BatchLoader's workers do). It
-    takes back SIGTERM's default action, which the parent's handler (_stop) replaced before the fork: a SIGTERM meant to
-    end the worker would otherwise raise inside its task. And on Linux it is killed when the parent dies, which no
-    handler sees when that is SIGKILL (the out-of-memory killer, a scheduler's grace period run out)."""
+    """Each worker process of prepare's pool and of BatchLoader's, first. It runs torch on one thread: a forked child
+    entering the OpenMP team of a parent that had used one hangs, so it leaves OpenMP before its first torch op. It
+    takes back SIGTERM's default action, which the parent's handler (prepare's _stop, train.py's on_signal) replaced
+    before the fork: a worker that kept it ran on after the SIGTERM meant to end it (Pool.terminate's: BatchLoader's
+    close() then waited forever, an evaluation of config/baseline_1m.py hung in 5 runs of 7), or raised inside its
+    task. Ctrl-C reaches the whole process group: the parent stops its workers. And on Linux it is killed when the
+    parent dies, which no handler sees when that is SIGKILL (the out-of-memory killer, a grace period run out)."""
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches them too: the parent stops them (_pool)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     simulate.die_with_parent(parent)
 
 
@@ -1303,14 +1305,7 @@ _worker = {}
 
 
 def _worker_init(path, args, transform, parent):
-    torch.set_num_threads(1)  # one core per worker; OpenMP teams do not survive a fork anyway
-    # Pool.terminate ends the workers by SIGTERM, and they were forked with the parent's handler (train.py's sets a
-    # flag and returns): a worker that kept it ran on, and close() waited for it forever (an evaluation of
-    # config/baseline_1m.py, loader_workers=4, hung in 5 runs of 7). Ctrl-C reaches the whole process group: the
-    # parent stops the workers; and a parent killed outright takes them along
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    simulate.die_with_parent(parent)
+    _worker_start(parent)
     _worker.update(split=open_split(path), args=args, transform=transform)
 
 
