@@ -119,8 +119,14 @@ def fit_kappa_map(kappa, err, levels, n_bins=12, min_events=300):
     circles hold 50% leaves the 90% circles too small."""
     log_k = np.log(np.maximum(kappa, 1e-12))
     n_bins = max(1, min(n_bins, len(kappa) // min_events))
-    edges = np.quantile(log_k, np.linspace(0, 1, n_bins + 1))
-    idx = np.clip(np.digitize(log_k, edges[1:-1]), 0, n_bins - 1)
+    # equal-count bins by rank, events of one kappa in one bin (the first's), empty bins dropped: quantile edges left
+    # bins empty where many events share one kappa (a model that predicts one kappa for all), and an empty bin has
+    # no median and no quantile (an IndexError)
+    order = np.argsort(log_k, kind='stable')
+    by_rank = (np.arange(len(kappa)) * n_bins // max(len(kappa), 1))[np.searchsorted(log_k[order], log_k[order])]
+    idx = np.empty(len(kappa), np.int64)
+    idx[order] = np.unique(by_rank, return_inverse=True)[1].ravel()
+    n_bins = int(idx.max(initial=0)) + 1
     knots = np.array([np.median(log_k[idx == b]) for b in range(n_bins)])
     log_scale = np.zeros((len(levels), n_bins))
     for j, p in enumerate(levels):

@@ -72,6 +72,21 @@ def test_calibration_fixes_miscalibrated_kappa_on_held_out_events():
     assert np.abs(sample.coverage(err[check], radii) - sample.LEVELS).max() < 0.02
 
 
+@pytest.mark.parametrize('tied', [1.0, 0.5])
+def test_calibration_with_tied_kappa(tied):
+    """A share of the events (all, half) with one kappa: the map is still fit, finite, and its circles cover."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    kappa = rng.lognormal(5, 1, n)
+    kappa[:int(tied * n)] = 400.0
+    err = rng.rayleigh(1 / np.sqrt(kappa))
+    events = {'hit_doms': np.full(n, 30)}
+    cal = sample.fit_calibration(kappa, err, events)
+    radii = sample.calibrated_radii(cal, kappa, events)
+    assert np.isfinite(radii).all() and np.isfinite(sample.calibrated_kappa(cal, kappa, events)).all()
+    assert np.allclose(sample.coverage(err, radii), sample.LEVELS, atol=0.03)
+
+
 def test_calibration_per_hit_dom_group():
     """Where the predicted kappa means another thing for well-lit events than for faint ones (the toy model's
     tracks, most of its many-DOM events), one map for all is wrong in both groups and per-group maps are right."""
