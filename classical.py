@@ -381,8 +381,11 @@ def _time_rows(pos, time, npe, offsets, n_seeds, f64):
     event = np.repeat(np.arange(n_events), n_doms)
     # the track's reference point lives in the plane through the charge-weighted centre, perpendicular to the
     # track: the point along the track is degenerate with t0, so fixing it leaves a well-conditioned problem
-    w = np.bincount(event, npe, n_events)
-    centre = np.stack([np.bincount(event, npe * pos[:, k], n_events) for k in range(3)], 1) / w[:, None]
+    # an event without charge (prepare.py takes charge 0) weighs its DOMs alike: a NaN centre made NaN depths, which
+    # the ice table's lookup turned into an index out of bounds
+    wq = np.where((np.bincount(event, npe, n_events) > 0)[event], npe, 1.0)
+    w = np.bincount(event, wq, n_events)
+    centre = np.stack([np.bincount(event, wq * pos[:, k], n_events) for k in range(3)], 1) / w[:, None]
     t_ref = np.bincount(event, time, n_events) / n_doms  # times relative to the event mean, for precision
     group, dom = _group_rows(event, n_seeds, f64['device'])
     hits = dict(group=group, x=torch.as_tensor(pos, **f64)[dom], t=torch.as_tensor(time - t_ref[event], **f64)[dom],

@@ -192,10 +192,11 @@ def test_degenerate_events_give_finite_angles():
         [(s, 12000, 1.0, False) for s in (100, 101, 102, 160, 161, 700)],   # all pulses at one time
         [(s, 10000 + 37 * s, 1.0, True) for s in (5, 900, 1800, 2700)],      # only auxiliary pulses
         [(s, 10000 + 50 * k, 1.0, False) for k, s in enumerate(range(1000, 1030))],  # a normal-ish event
+        [(s, 10000 + 50 * k, 0.0, False) for k, s in enumerate(range(1000, 1030))],  # no charge (prepare takes 0)
     ])
     for method in C.METHODS:
         d = C.reconstruct(method, ev, geo)
-        assert d.shape == (5, 3) and d.dtype == np.float64 and np.isfinite(d).all(), method
+        assert d.shape == (6, 3) and d.dtype == np.float64 and np.isfinite(d).all(), method
         assert np.allclose(np.linalg.norm(d, axis=1), 1.0), method
         az, zen = C.vector_to_angles(d)
         assert np.isfinite(az).all() and np.isfinite(zen).all()
