@@ -751,8 +751,12 @@ def vector_to_angles(v):
 
 
 def angular_errors(az_true, zen_true, az_pred, zen_pred):
-    """Per-event angle (rad) between true and predicted directions; non-finite input is an error."""
+    """Per-event angle (rad) between true and predicted directions; non-finite input, no events, or inputs of other
+    shapes (numpy would broadcast one prediction over all events, or a length-1 truth) are errors."""
     arrs = [np.asarray(a, dtype=np.float64) for a in (az_true, zen_true, az_pred, zen_pred)]
+    if len({a.shape for a in arrs}) > 1 or arrs[0].size == 0:
+        raise ValueError(f"angular error: azimuths and zeniths of one shape and at least one event expected, got shapes "
+                         f"{[a.shape for a in arrs]}")
     for name, a in zip(('az_true', 'zen_true', 'az_pred', 'zen_pred'), arrs):
         if not np.all(np.isfinite(a)):
             raise ValueError(f"angular error: {name} has {int((~np.isfinite(a)).sum())} non-finite values")

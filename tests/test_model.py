@@ -411,6 +411,10 @@ def test_metric_matches_reference():
         M.mean_angular_error([0.0, np.nan], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0])
     with pytest.raises(ValueError):
         M.mean_angular_error([0.0], [0.0], [np.inf], [0.0])
+    with pytest.raises(ValueError):  # one prediction is not broadcast over two events
+        M.mean_angular_error([0.0, 1.0], [0.0, 1.0], [0.0], [0.0])
+    with pytest.raises(ValueError):  # no events: no mean (numpy's is nan)
+        M.mean_angular_error([], [], [], [])
     # round trip of the angle helpers, numpy and torch
     v = M.angles_to_vector(az1, z1)
     a, z = M.vector_to_angles(v * 3.0)
