@@ -587,9 +587,10 @@ class IceModel(nn.Module):
         """Learned Fourier features [cos, sin](W (x, y, z, c_ice t)) of each DOM's place and first-hit time: the dot
         product of two DOMs' features is a function of their separation in space and time, which attention can use
         to weigh DOMs by where and when they were hit relative to each other. On the toy data the val error went from
-        0.915 to 0.78-0.86 of LineFit's with them (notes/experiments.md). The phases, tens of radians, stay float32."""
-        with torch.autocast(spacetime.device.type, enabled=False):
-            phase = self.spacetime_freq(spacetime.float())
+        0.915 to 0.78-0.86 of LineFit's with them (notes/experiments.md). The phases, tens of radians, are float32 sums
+        of four products, not a matmul, which autocast would take in bf16 and CUDA in TF32 (train.py allows it): their
+        8 or 10 bits of mantissa put up to 0.02-0.1 rad into a phase of tens of radians."""
+        phase = (spacetime.float()[:, :, None] * self.spacetime_freq.weight.t()).sum(1)  # (D, 4, F) summed: no matmul
         return torch.cat([torch.cos(phase), torch.sin(phase)], dim=1)
 
     def embed_doms(self, b, layout):
