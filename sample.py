@@ -67,7 +67,8 @@ max_pulses = 0            # micro-batch budgets; 0 = INFER_BUDGET times those of
 max_doms = 0
 max_events_per_batch = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16'        # autocast dtype on CUDA
+dtype = 'float32'         # autocast dtype on CUDA: none by default, since bf16 turned a bright track's direction by up to
+                          # 0.7 deg (p99; notes, section 17), more than real ones are resolved; 'bfloat16' is faster
 compile = False
 baselines = 'linefit,linefit_improved,time_fit'  # classical methods on the same events, from classical.METHODS ('mpe' too:
                                                  # slow; '' = none); time_fit is read as prepare.py stored it, the model's second seed
