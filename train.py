@@ -275,6 +275,10 @@ optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
                               lr=learning_rate, betas=(beta1, beta2), fused=True)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
+    # load_state_dict also brings back the checkpoint's betas and weight decay: this run's settings apply instead (the
+    # learning rate is set every iteration), as the config that the next checkpoint records says
+    for group, wd in zip(optimizer.param_groups, (weight_decay, 0.0)):
+        group.update(betas=(beta1, beta2), weight_decay=wd)
     checkpoint = None
 
 eval_model = torch.compile(raw_model, mode=compile_mode) if compile else raw_model  # evaluation runs without DDP

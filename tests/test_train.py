@@ -411,3 +411,16 @@ def test_time_budget_holds_after_a_slow_first_iteration(data_dir, tmp_path, monk
     rows = [json.loads(line) for line in open(out / 'log.jsonl')]
     trained = [r for r in rows if 'val_error' in r][-1]['seconds']
     assert 0.9 * 15 <= trained < 15 + 5, rows[-3:]
+
+
+def test_resume_applies_the_optimizer_settings_given(data_dir, tmp_path):
+    """A resumed run takes this run's weight_decay, beta1 and beta2, not those stored in the checkpoint's optimizer
+    state (torch's load_state_dict restores them), which its config would otherwise misreport."""
+    out = str(tmp_path / 'out')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY)
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3', '--eval_interval=2',
+         '--init_from=resume', '--weight_decay=0.3', '--beta1=0.8', '--beta2=0.99'] + TINY)
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    groups = ck['optimizer']['param_groups']
+    assert [g['weight_decay'] for g in groups] == [0.3, 0.0] and ck['config']['weight_decay'] == 0.3
+    assert all(tuple(g['betas']) == (0.8, 0.99) for g in groups)
