@@ -290,7 +290,7 @@ class PaddedT1(M.IceModel):
 
 
 def pulse_features(b):
-    """IceModel's six pulse features (model.pulse_features) plus the position of the pulse's DOM: (P, 9)."""
+    """IceModel's pulse features (model.pulse_features) plus the position of the pulse's DOM: (P, N_PULSE_FEATURES + 3)."""
     feats, _ = M.pulse_features(b)
     pdom = b['pulse_dom'].long()
     pos = torch.where(pdom[:, None] >= 0, b['dom_pos'].float()[pdom.clamp(min=0)], 0.0)
@@ -302,7 +302,7 @@ class FlatModel(torch.nn.Module):
 
     def __init__(self, dim, layers, heads, mlp_ratio):
         super().__init__()
-        self.embed = torch.nn.Linear(9, dim)
+        self.embed = torch.nn.Linear(M.N_PULSE_FEATURES + 3, dim)  # pulse_features: IceModel's and the DOM position
         self.blocks = torch.nn.ModuleList([M.Block(dim, heads, mlp_ratio) for _ in range(layers)])
         self.ln = torch.nn.LayerNorm(dim)
         self.head = torch.nn.Linear(dim, 3)

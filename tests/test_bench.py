@@ -88,3 +88,24 @@ def test_padded_t1_baseline_reads_both_layouts(monkeypatch):
         for path in ('sdpa', 'flex'):
             got = padded(M.model_inputs(b, path))[:n]
             assert (got - want).abs().max() < 1e-5, path
+
+
+def test_flat_baseline_follows_the_pulse_features(monkeypatch):
+    """A pulse feature added to model.pulse_features (and N_PULSE_FEATURES) reaches the flat baseline too, rather than
+    ending the step row in a shape error."""
+    import numpy as np
+    import torch
+    sys.path.insert(0, ROOT)
+    import bench
+    import model as M
+    from test_model import fake_events, pack
+    pulse_features = M.pulse_features
+
+    def with_one_more(b):
+        feats, summaries = pulse_features(b)
+        return torch.cat([feats, feats[:, :1]], 1), summaries
+    monkeypatch.setattr(M, 'pulse_features', with_one_more)
+    monkeypatch.setattr(M, 'N_PULSE_FEATURES', M.N_PULSE_FEATURES + 1)
+    flat = bench.FlatModel(16, 1, 2, 2)
+    b = M.model_inputs(pack(fake_events(np.random.default_rng(0), 4, 6), 512, 64, 8), 'sdpa')
+    assert flat(b).shape == (len(b['event_index']), 3)
