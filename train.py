@@ -211,12 +211,15 @@ if init_from == 'resume':
     data_order = checkpoint.get('data_order')
     # the model the checkpoint holds, and the pulses per DOM it learned from, whatever the settings say: named when
     # they differ, and recorded as they are in the next checkpoint's config
-    kept = {**checkpoint['model_args'], 'max_pulses_per_dom': checkpoint['max_pulses_per_dom']}
+    # (not attn: the attention layout computes the same function with the same weights, and a run trained with
+    # attn='flex' on a GPU must resume on the CPU with this run's 'auto' or 'sdpa', FlexAttention having no CPU backward)
+    kept = {**{k: v for k, v in checkpoint['model_args'].items() if k != 'attn'},
+            'max_pulses_per_dom': checkpoint['max_pulses_per_dom']}
     differ = [f"{k}={v!r} (not {config[k]!r})" for k, v in kept.items() if config.get(k, v) != v]
     if differ:
         log(f"train: a resumed run keeps its checkpoint's model and max_pulses_per_dom: {', '.join(differ)}")
     config.update((k, v) for k, v in kept.items() if k in config)
-    model_args = checkpoint['model_args']
+    model_args = {**checkpoint['model_args'], 'attn': attn}
     max_pulses_per_dom = checkpoint['max_pulses_per_dom']
     iter_num, best_val, seconds_before = checkpoint['iter_num'], checkpoint['best_val'], checkpoint['train_seconds']
     if os.path.realpath(checkpoint['data_dir']) != os.path.realpath(data_dir):  # fine-tuning on other data, say

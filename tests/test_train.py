@@ -424,3 +424,18 @@ def test_resume_applies_the_optimizer_settings_given(data_dir, tmp_path):
     groups = ck['optimizer']['param_groups']
     assert [g['weight_decay'] for g in groups] == [0.3, 0.0] and ck['config']['weight_decay'] == 0.3
     assert all(tuple(g['betas']) == (0.8, 0.99) for g in groups)
+
+
+def test_resume_takes_this_runs_attention_layout(data_dir, tmp_path):
+    """attn is how attention is computed, not what the weights are: a run trained with attn='flex' (a GPU) resumes on
+    the CPU with this run's attn instead of ending in FlexAttention's 'no backward on CPU'."""
+    out = str(tmp_path / 'out')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY)
+    path = os.path.join(out, 'ckpt.pt')
+    ck = torch.load(path, weights_only=False)
+    ck['model_args']['attn'] = 'flex'  # as a GPU run with --attn=flex writes it
+    torch.save(ck, path)
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3', '--eval_interval=2',
+             '--init_from=resume', '--attn=sdpa'] + TINY)
+    assert 'attention sdpa' in p.stdout and "keeps its checkpoint's model" not in p.stdout
+    assert torch.load(path, weights_only=False)['model_args']['attn'] == 'sdpa'
