@@ -46,9 +46,10 @@ def _checked(key, value, default, source):
     return value
 
 
-def read_config(path):
+def read_config(path, names=()):
     """The settings a config file assigns: its public globals of a plain type (imports and helpers inside a
-    config file are fine and left out)."""
+    config file are fine and left out), and any global named in names whatever its type (a setting assigned a
+    pathlib.Path, None or a list is then named as the wrong type, not silently left out)."""
     try:
         with open(path) as f:
             code = f.read()
@@ -60,7 +61,7 @@ def read_config(path):
     except Exception as e:  # a typo in the file: its line, not a traceback through this module
         where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
         _fail(f"config file {path} does not run: {type(e).__name__}: {getattr(e, 'msg', None) or e}{where}")
-    return {k: v for k, v in scope.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)}
+    return {k: v for k, v in scope.items() if not k.startswith('_') and (isinstance(v, SETTING_TYPES) or k in names)}
 
 
 def configure(g, argv=None):
@@ -70,7 +71,7 @@ def configure(g, argv=None):
     names = setting_names(g)
     for arg in argv:
         if not arg.startswith('--'):
-            for key, value in read_config(arg).items():
+            for key, value in read_config(arg, names).items():
                 if key not in names:
                     _unknown(key, names, f"config file {arg}")
                 g[key] = _checked(key, value, g[key], f"config file {arg}")

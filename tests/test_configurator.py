@@ -76,3 +76,17 @@ def test_toy_long_is_toy_cpu_for_longer():
     cpu, long = (read_config(os.path.join(ROOT, 'config', f)) for f in ('toy_cpu.py', 'toy_long.py'))
     changed = {k for k in cpu if cpu[k] != long[k]}
     assert changed == {'out_dir', 'max_iters', 'max_minutes', 'eval_interval'} and long['max_minutes'] > cpu['max_minutes']
+
+
+@pytest.mark.parametrize('line, message', [
+    ("import pathlib\nout_dir = pathlib.Path('out-x')\n", r"setting 'out_dir' from config file .* is PosixPath .*expected str"),
+    ("batch_size = None\n", r"setting 'batch_size' from config file .* is NoneType None, expected int"),
+    ("batch_size = [64]\n", r"setting 'batch_size' from config file .* is list \[64\], expected int"),
+])
+def test_a_setting_of_another_type_in_a_config_file_is_an_error(tmp_path, line, message):
+    """A config file that assigns a setting a value of no plain type is an error naming it, not a setting silently
+    left at its default (helpers of other types under other names stay fine)."""
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("helpers = [1, 2]\n" + line)
+    with pytest.raises(SystemExit, match=message):
+        configure(settings(), [str(cfg)])
