@@ -64,11 +64,12 @@ def read_config(path, names=()):
     return {k: v for k, v in scope.items() if not k.startswith('_') and (isinstance(v, SETTING_TYPES) or k in names)}
 
 
-def configure(g, argv=None):
+def configure(g, argv=None, names=None):
     """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to globals g.
+    names: the settings, where not every public global of a plain type is one (default setting_names(g)).
     Returns the dict of all settings after the overrides, for logging and checkpoints."""
     argv = sys.argv[1:] if argv is None else argv
-    names = setting_names(g)
+    names = setting_names(g) if names is None else list(names)
     for arg in argv:
         if not arg.startswith('--'):
             for key, value in read_config(arg, names).items():

@@ -100,6 +100,8 @@ fit_ice = 'auto'          # the fit's ice (classical.ice_table): 'auto' = 'toy' 
                           # simulation.json), 'bulk' for real data; or a depth table file (classical.ice_table)
 verify = False            # also re-read every finished shard against its recorded checksums (reads the whole output)
                           # and rebuild the damaged ones; without the raw files, only report them
+# the settings: the lower-case globals above (not the constants below, nor names imported, such as FIRST_COMPLETED)
+SETTINGS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
 # the least value of each count setting, checked by the command line and by run(): 0 workers or 0 val batch files would
 # end in a traceback after all the packing, and a negative train_batches would slice off the last batch files
@@ -1336,7 +1338,7 @@ def _stop(signum, frame):
 
 if __name__ == '__main__':
     from configurator import check_ranges, configure
-    configure(globals())
+    configure(globals(), names=SETTINGS)
     check_ranges('prepare', globals(), at_least=LEAST)
     raw = raw_dir
     if raw_dir == 'data/kaggle' and not os.path.exists(os.path.join(raw_dir, 'train_meta.parquet')):

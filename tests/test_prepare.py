@@ -802,3 +802,13 @@ def test_geometry_in_whole_metres_is_read(tmp_path, clean_raw):
     prepare.run(str(tmp_path / 'raw'), str(tmp_path / 'out'), num_proc=1, log=lambda *a: None, fit_steps=0)
     geometry = open_split(str(tmp_path / 'out' / 'val')).geometry
     assert geometry[7].tolist() == [round(float(c)) for c in rows[7][1:]]
+
+
+def test_constants_and_imported_names_are_not_settings(tmp_path):
+    """prepare.py's settings are the lower-case globals of its settings block: --FORMAT_VERSION=9 (data the reader then
+    refuses), --AUX_BIT=... (a corrupted pulse layout) or the imported FIRST_COMPLETED are unknown settings."""
+    for arg in ('--FORMAT_VERSION=9', '--AUX_BIT=1', '--FIRST_COMPLETED=x'):
+        r = subprocess.run([sys.executable, 'prepare.py', f"--raw_dir={tmp_path / 'nothing'}", arg], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"unknown setting '{arg[2:].split('=')[0]}'" in r.stderr, r.stderr[-2000:]
+        assert 'FORMAT_VERSION' not in r.stderr.split('settings are:')[1] and 'fit_steps' in r.stderr
