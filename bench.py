@@ -40,6 +40,7 @@ so the flat model's memory grows linearly and only its time quadratically.
 Torch and pyarrow run `threads` threads each (1 by default, see the setting), the same for every side of a row.
 """
 
+import ast
 import ctypes
 import functools
 import gc
@@ -75,12 +76,32 @@ seed = 1337
 threads = 1                    # torch threads (0 = all cores); 1 keeps one run's ratios meaningful on a shared
                                # machine, where a thread that loses its core stalls every parallel op
 dtype = 'bfloat16'             # autocast dtype on CUDA ('float32' = off); the CPU always runs float32
+
+
+def train_config(name):
+    """The settings train.py runs with under a config file: its name in config/ ('toy_cpu') or a path to one
+    ('config/my.py'), over train.py's defaults where the file leaves a setting out (those written as plain literals,
+    read from train.py's source, a script that cannot be imported)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    defaults = {}
+    with open(os.path.join(here, 'train.py')) as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.ImportFrom) and node.module == 'configurator':
+                break  # the end of the settings
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                try:
+                    defaults[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:  # device = 'cuda' if ... else 'cpu': not a literal
+                    pass
+    return {**defaults, **read_config(name if name.endswith('.py') else os.path.join(here, 'config', f'{name}.py'))}
+
+
 # the model and the training budgets of config/toy_cpu.py, read from it, so the rows measure what the toy
 # run trains (the flat model's padding makes bigger budgets very slow)
-_toy = read_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'toy_cpu.py'))
+_toy = train_config('toy_cpu')
 t1_dim, t1_layers, t1_heads = _toy['t1_dim'], _toy['t1_layers'], _toy['t1_heads']
 t2_dim, t2_layers, t2_heads = _toy['t2_dim'], _toy['t2_layers'], _toy['t2_heads']
-mlp_ratio = _toy.get('mlp_ratio', 4)  # train.py's default where a config leaves it out
+mlp_ratio = _toy['mlp_ratio']
 # training step and inference rows: micro-batches drawn at random from the packed synthetic train split
 step_batches = 8
 step_max_pulses, step_max_doms = _toy['max_pulses'], _toy['max_doms']
@@ -93,7 +114,7 @@ flat_max_gb = 8.0              # ... or whose estimated peak memory exceeds this
 likelihood_events = 64         # events of the inference row for the slower classical fits
 # efficiency rows: each config's model and budgets (baseline_1m's divided by cpu_budget_divisor on the CPU, where its
 # 65,536-pulse batches take seconds), its FLOPs, the machine's matmul rate at its widths, the loader beside it
-efficiency_configs = 'toy_cpu,baseline_1m'
+efficiency_configs = 'toy_cpu,baseline_1m'  # names in config/ or paths to config files (config/my.py)
 cpu_budget_divisor = 8
 loader_batches = 16            # batches timed per loader measurement
 compare_commit = ''            # a git commit (e.g. bfe73ee): its model.py's step timed on the same batches, A B A B
@@ -431,12 +452,11 @@ def steps_per_s(model, batches):
 
 def bench_efficiency(name, split):
     """One config's step as a share of the machine's matmul rate, and its loader's events/s beside it."""
-    cfg = read_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'{name}.py'))
+    cfg = train_config(name)
     divisor = cpu_budget_divisor if device == 'cpu' and cfg.get('device', 'cuda') != 'cpu' else 1
     budgets = (cfg['max_pulses'] // divisor, cfg['max_doms'] // divisor, max(cfg['max_events'] // divisor, 1),
                cfg['max_pulses_per_dom'])
-    args = {k: cfg[k] for k in ('t1_dim', 't1_layers', 't1_heads', 't2_dim', 't2_layers', 't2_heads')}
-    args['mlp_ratio'] = cfg.get('mlp_ratio', 4)
+    args = {k: cfg[k] for k in ('t1_dim', 't1_layers', 't1_heads', 't2_dim', 't2_layers', 't2_heads', 'mlp_ratio')}
     torch.manual_seed(seed)
     model = M.IceModel(**args)
     idx = np.random.default_rng(seed + 3).permutation(len(split))
@@ -462,7 +482,7 @@ def bench_efficiency(name, split):
     # the loader at the config's full budgets, as train.py runs it on that config's device
     full = (cfg['max_pulses'], cfg['max_doms'], cfg['max_events'], cfg['max_pulses_per_dom'])
     path_full = model.path(cfg.get('device', 'cuda'))  # the layout train.py builds on that config's device
-    out = {'budgets': list(budgets), 'params': model.num_params(), 'flops_per_event': flops, 'events_per_s': rate,
+    out = {'budgets': list(budgets), 'budget_divisor': divisor, 'params': model.num_params(), 'flops_per_event': flops, 'events_per_s': rate,
            'network_events_per_s': max(rates['network']), 'flops_per_s': flops * rate, 'matmul_flops_per_s': roof,
            'share_of_matmul': flops * rate / roof, 'loader_budgets': list(full), 'loader_path': path_full,
            'loader_events_per_s': loader_rate(split, full, functools.partial(M.model_inputs, path=path_full))}
@@ -693,7 +713,7 @@ def main():
                       + (f"; {cmp['step_ratio']:.2f}x {cmp['commit']}'s step ({cmp['network_ratio']:.2f}x with the features done ahead)" if cmp else '')))
         table.append(('', '', f"loader {e['loader_events_per_s']:,.0f} events/s per rank",
                       f"{e['loader_events_per_s'] / e['events_per_s']:.1f}x the step" + (
-                          '' if name == 'toy_cpu' or device == 'cuda' else " at the reduced budget (the step on a GPU is the one that counts)")
+                          '' if e['budget_divisor'] == 1 else " at the reduced budget (the step on a GPU is the one that counts)")
                       + f"; budgets {'/'.join(map(str, e['loader_budgets']))}, {e['loader_path']} layout"))
     w1, w2 = max(len(x[1]) for x in table) + 2, max(len(x[2]) for x in table) + 2
     print(f"\n{'row':<10} {'iceaggr':<{w1}} {'naive alternative':<{w2}} ratio")

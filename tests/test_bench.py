@@ -109,3 +109,18 @@ def test_flat_baseline_follows_the_pulse_features(monkeypatch):
     flat = bench.FlatModel(16, 1, 2, 2)
     b = M.model_inputs(pack(fake_events(np.random.default_rng(0), 4, 6), 512, 64, 8), 'sdpa')
     assert flat(b).shape == (len(b['event_index']), 3)
+
+
+def test_efficiency_config_falls_back_on_train_defaults(tmp_path):
+    """--efficiency_configs takes a config that leaves settings at train.py's defaults (a forker's config/my.py, by
+    path or by name) instead of ending in KeyError: 'max_pulses'."""
+    sys.path.insert(0, ROOT)
+    import bench
+    cfg_path = tmp_path / 'my.py'
+    cfg_path.write_text("out_dir = 'out-my'\nt2_layers = 2\ndevice = 'cpu'\n")
+    cfg = bench.train_config(str(cfg_path))
+    assert cfg['t2_layers'] == 2 and cfg['device'] == 'cpu'
+    train = open(os.path.join(ROOT, 'train.py')).read()
+    for key in ('max_pulses', 'max_doms', 'max_events', 'max_pulses_per_dom', 't1_dim', 'mlp_ratio'):
+        assert f"\n{key} = {cfg[key]!r}" in train, key  # train.py's own default
+    assert bench.train_config('toy_cpu')['mlp_ratio'] == 2
