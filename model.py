@@ -469,8 +469,25 @@ def features(b):
         lf_dir, ilf_dir, speed, dom_kept = seed_fits(b, s)
         dom_feats, spacetime, unit, unit_e = dom_features(b, s, c, ilf_dir, dom_kept)
         t1_x = take(F.pad(pulse, (0, 0, 0, 1)), b['t1_src'])  # row P is zero: T1's padding tokens
-        return dict(t1_x=t1_x, dom_feats=dom_feats, dom_spacetime=spacetime,
-                    event_feats=event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e), **seeds(b, ilf_dir))
+        out = dict(t1_x=t1_x, dom_feats=dom_feats, dom_spacetime=spacetime,
+                   event_feats=event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e), **seeds(b, ilf_dir))
+        check_feature_widths(out)
+        return out
+
+
+def check_feature_widths(f):
+    """A feature added to (or taken from) pulse_features, dom_features, event_features or seeds needs its N_* constant
+    changed too, which sizes IceModel's input layers: named here, rather than as a matmul shape error in the model."""
+    for key, name, n, fn in (('t1_x', 'N_PULSE_FEATURES', N_PULSE_FEATURES, 'pulse_features'),
+                             ('dom_feats', 'N_DOM_FEATURES', N_DOM_FEATURES, 'dom_features'),
+                             ('event_feats', 'N_EVENT_FEATURES', N_EVENT_FEATURES, 'event_features'),
+                             ('seed_feats', 'N_SEED_FEATURES', N_SEED_FEATURES, 'seeds')):
+        if f[key].shape[-1] != n:
+            raise ValueError(f"model.{fn} gives {f[key].shape[-1]} features, but model.{name} = {n}: "
+                             f"set {name} = {f[key].shape[-1]} (and train anew: older checkpoints have the old width)")
+    if f['seed_dirs'].shape[1] != N_SEEDS:
+        raise ValueError(f"model.seeds gives {f['seed_dirs'].shape[1]} seed directions, but model.N_SEEDS = {N_SEEDS}: "
+                         f"set N_SEEDS = {f['seed_dirs'].shape[1]}")
 
 
 def seeds(b, ilf_dir):

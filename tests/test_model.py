@@ -531,3 +531,19 @@ def test_cuda_compiled_equals_eager(data):
     print(f"compiled vs eager: max |pred diff| {(pe - pc).abs().max().item():.2e}; worst relative grad diffs {worst}")
     assert (pe - pc).abs().max() < 1e-4
     assert max(rel.values()) < 1e-3, worst
+
+
+def test_a_feature_added_without_its_constant_is_named(monkeypatch):
+    """Adding a pulse (DOM, event) feature means changing N_PULSE_FEATURES (N_DOM_FEATURES, N_EVENT_FEATURES) too: the
+    features say so in one line instead of a matmul shape error deep in the model."""
+    pulse_features = M.pulse_features
+
+    def with_one_more(b):
+        feats, summaries = pulse_features(b)
+        return torch.cat([feats, feats[:, :1]], 1), summaries
+    monkeypatch.setattr(M, 'pulse_features', with_one_more)
+    t = tensors(pack(fake_events(np.random.default_rng(0), 4, 6), 512, 64, 8))
+    with pytest.raises(ValueError, match=r"pulse_features gives 7 features, but model.N_PULSE_FEATURES = 6: set N_PULSE_FEATURES = 7"):
+        small_model()(t)
+    monkeypatch.setattr(M, 'N_PULSE_FEATURES', 7)
+    assert small_model()(t).shape == (8, 8)
