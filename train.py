@@ -218,6 +218,12 @@ if init_from == 'resume':
     differ = [f"{k}={v!r} (not {config[k]!r})" for k, v in kept.items() if config.get(k, v) != v]
     if differ:
         log(f"train: a resumed run keeps its checkpoint's model and max_pulses_per_dom: {', '.join(differ)}")
+    # the other settings are this run's: named where they differ from the run it continues (a loss weight changed
+    # mid-run changes what log.jsonl's train and val losses measure from here on)
+    changed = [f"{k}={config[k]!r} (was {v!r})" for k, v in checkpoint.get('config', {}).items()
+               if k in config and k not in kept and k != 'init_from' and config[k] != v]
+    if changed:
+        log(f"train: resumed with settings other than the checkpoint's: {', '.join(changed)}")
     config.update((k, v) for k, v in kept.items() if k in config)
     model_args = {**checkpoint['model_args'], 'attn': attn}
     max_pulses_per_dom = checkpoint['max_pulses_per_dom']

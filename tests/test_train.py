@@ -418,12 +418,15 @@ def test_resume_applies_the_optimizer_settings_given(data_dir, tmp_path):
     state (torch's load_state_dict restores them), which its config would otherwise misreport."""
     out = str(tmp_path / 'out')
     run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY)
-    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3', '--eval_interval=2',
-         '--init_from=resume', '--weight_decay=0.3', '--beta1=0.8', '--beta2=0.99'] + TINY)
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3', '--eval_interval=2',
+             '--init_from=resume', '--weight_decay=0.3', '--beta1=0.8', '--beta2=0.99'] + TINY)
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     groups = ck['optimizer']['param_groups']
     assert [g['weight_decay'] for g in groups] == [0.3, 0.0] and ck['config']['weight_decay'] == 0.3
     assert all(tuple(g['betas']) == (0.8, 0.99) for g in groups)
+    # and every setting that differs from the run it continues is named (a changed loss weight too)
+    assert ("train: resumed with settings other than the checkpoint's: max_iters=3 (was 2), weight_decay=0.3 (was 0.05), "
+            "beta1=0.8 (was 0.9), beta2=0.99 (was 0.95)") in p.stdout
 
 
 def test_resume_takes_this_runs_attention_layout(data_dir, tmp_path):
