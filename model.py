@@ -554,6 +554,9 @@ class IceModel(nn.Module):
         super().__init__()
         if t2_layers < 1:
             raise ValueError(f"IceModel: t2_layers={t2_layers}: T2 needs at least one block (its last reads the CLS tokens)")
+        for stage, dim, heads in (('t1', t1_dim, t1_heads), ('t2', t2_dim, t2_heads)):
+            if heads < 1 or dim % heads:
+                raise ValueError(f"IceModel: {stage}_dim={dim} is not a multiple of {stage}_heads={heads} (the heads split the width)")
         self.args = dict(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim,
                          t2_layers=t2_layers, t2_heads=t2_heads, mlp_ratio=mlp_ratio, attn=attn)
         self.attn = attn  # 'flex', 'sdpa' or 'auto' (flex on CUDA, sdpa elsewhere): the layout model_inputs builds

@@ -547,3 +547,11 @@ def test_a_feature_added_without_its_constant_is_named(monkeypatch):
         small_model()(t)
     monkeypatch.setattr(M, 'N_PULSE_FEATURES', 7)
     assert small_model()(t).shape == (8, 8)
+
+
+def test_heads_that_do_not_split_the_width_are_named():
+    """bench.py and other callers of IceModel get the reason, not a view's shape error in the first forward."""
+    with pytest.raises(ValueError, match=r"t2_dim=64 is not a multiple of t2_heads=3"):
+        M.IceModel(t2_dim=64, t2_heads=3)
+    with pytest.raises(ValueError, match=r"t1_dim=32 is not a multiple of t1_heads=0"):
+        M.IceModel(t1_dim=32, t1_heads=0)
