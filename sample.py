@@ -70,6 +70,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'float32'         # autocast dtype on CUDA: none by default, since bf16 turned a bright track's direction by up to
                           # 0.7 deg (p99; notes, section 17), more than real ones are resolved; 'bfloat16' is faster
 compile = False
+attn = 'auto'             # 'auto' (FlexAttention on CUDA, grouped SDPA elsewhere), 'flex' or 'sdpa': the same function of
+                          # the same weights, whatever the checkpoint was trained with
 baselines = 'linefit,linefit_improved,time_fit'  # classical methods on the same events, from classical.METHODS ('mpe' too:
                                                  # slow; '' = none); time_fit is read as prepare.py stored it, the model's second seed
 plots = True              # write the PNG figures
@@ -521,7 +523,7 @@ def main():
     from configurator import check_device, check_ranges, configure
     configure(globals())
     check_ranges('sample', globals(), at_least=dict(max_events=0, max_pulses=0, max_doms=0, max_events_per_batch=0,
-                                                    plot_min_events=1, calibration_min_events=1), choices=dict(dtype=('float32', 'bfloat16', 'float16')))
+                                                    plot_min_events=1, calibration_min_events=1), choices=dict(dtype=('float32', 'bfloat16', 'float16'), attn=('auto', 'flex', 'sdpa')))
     check_device('sample', device)
     methods = [m for m in baselines.split(',') if m]
     if set(methods) - set(classical.METHODS):
@@ -529,7 +531,7 @@ def main():
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     ck = load_checkpoint(os.path.join(out_dir, ckpt))
     cfg = ck['config']
-    raw_model = M.IceModel(**ck['model_args'])
+    raw_model = M.IceModel(**{**ck['model_args'], 'attn': attn})
     M.load_weights(raw_model, ck['model'], os.path.join(out_dir, ckpt), 'sample')
     raw_model.to(device).eval()
     model = torch.compile(raw_model) if compile else raw_model
@@ -541,7 +543,7 @@ def main():
         raise SystemExit(f"sample: error: {e}")
     n = min(max_events, len(s)) if max_events else len(s)
     print(f"sample: {os.path.join(out_dir, ckpt)} (iter {ck['iter_num']}, {raw_model.num_params() / 1e6:.3f}M parameters) "
-          f"on {n} of {len(s)} events of {s.path}, device {device}")
+          f"on {n} of {len(s)} events of {s.path}, device {device}, attention {raw_model.path(device)}")
 
     # model predictions, in split order
     t0 = time.time()

@@ -442,3 +442,9 @@ def test_resume_takes_this_runs_attention_layout(data_dir, tmp_path):
              '--init_from=resume', '--attn=sdpa'] + TINY)
     assert 'attention sdpa' in p.stdout and "keeps its checkpoint's model" not in p.stdout
     assert torch.load(path, weights_only=False)['model_args']['attn'] == 'sdpa'
+    # sample.py too evaluates a checkpoint trained with attn='flex' by its own attn (auto: sdpa on the CPU), not by
+    # FlexAttention on the CPU, compiled for each shape
+    ck['model_args']['attn'] = 'flex'
+    torch.save(ck, path)
+    p = run(['sample.py', f'--out_dir={out}', '--ckpt=ckpt.pt', '--max_events=20', '--plots=False', '--baselines='])
+    assert 'device cpu, attention sdpa' in p.stdout
