@@ -638,23 +638,24 @@ def _best_fit(ll, params, centre_g, seeds, centre, t_ref, f64):
 # -----------------------------------------------------------------------------
 # one entry point for sample.py
 
-def reconstruct(method, ev, geometry, device='cpu'):
+def reconstruct(method, ev, geometry, device='cpu', ice=None):
     """Directions of the events in ev = split.events(idx) by method 'linefit', 'linefit_improved', 'time_fit' or 'mpe'.
     geometry (n_sensors, 3) m. Returns (n_events, 3) float64 unit vectors, finite for every event.
     The LineFits use the non-auxiliary (locally coincident) pulses, or all pulses of an event with fewer than two;
     the MPE fit's times come from the DOMs with a non-auxiliary pulse (all hit DOMs where there are fewer than
     three): the time of each one's first pulse and its total charge; its charge likelihood takes the total charge
-    of every hit DOM (MPE_DEEPCORE_EFF for sensor_id >= 4680, the DeepCore strings of IceCube's numbering)."""
+    of every hit DOM (MPE_DEEPCORE_EFF for sensor_id >= 4680, the DeepCore strings of IceCube's numbering).
+    ice: the likelihood fits' ice (ice_table; None = MPE_ICE)."""
     if method not in METHODS:
         raise ValueError(f"reconstruct: method {method!r} is not one of {METHODS}")
     if method == 'time_fit':
-        return time_fit(ev, geometry)[0]
+        return time_fit(ev, geometry, ice=ice)[0]
     fit = _fit_inputs(ev, geometry, linefits_only=method != 'mpe')
     if method != 'mpe':
         return fit[method]
     seeds = [fit['linefit_improved'], fit['linefit']] + [_tilted(fit['linefit_improved'], MPE_SEED_TILT, 2 * math.pi * k / MPE_EXTRA_SEEDS)
                                                          for k in range(MPE_EXTRA_SEEDS)]
-    direction, _ = mpe_fit(*fit['doms'], np.stack(seeds, 1), device=device, near=fit['near'] if MPE_AMPLITUDE else None)
+    direction, _ = mpe_fit(*fit['doms'], np.stack(seeds, 1), device=device, near=fit['near'] if MPE_AMPLITUDE else None, ice=ice)
     return direction
 
 

@@ -503,6 +503,13 @@ def stored_calibration(path, weights, n):
         return None
 
 
+def fit_ice(s):
+    """The ice of the likelihood baselines on split s: the one prepare.py fit its events' quick fit in (its fit_ice,
+    'auto': the toy's ice for a simulated set, homogeneous ice for real data), else by the same rule."""
+    fit = (s.manifest.get('made_by') or {}).get('fit') or {}
+    return fit.get('ice') or ('toy' if s.truth is not None else 'bulk')
+
+
 def load_checkpoint(path):
     """train.py's checkpoint, or one line naming the file and what to do when it is missing or damaged."""
     if not os.path.exists(path):
@@ -589,7 +596,7 @@ def main():
         chunk = 2000 if name == 'mpe' else 20000
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
-            dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device)
+            dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device, ice=fit_ice(s))
         base_dirs[name], speed[name] = dirs, n / (time.time() - t0)
         print(f"sample: {name} on {n} events in {time.time() - t0:.1f}s ({speed[name]:.0f} events/s)")
 

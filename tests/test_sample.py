@@ -270,3 +270,21 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     assert 'track_probability' not in p0 and 'log10_energy' not in p0
     assert json.load(open(os.path.join(out0, 'calibration.json')))['columns'] == ['hit_doms']
     assert 'truth_heads' not in json.load(open(os.path.join(out0, 'eval_val.json')))
+
+
+def test_likelihood_baselines_fit_in_the_data_s_ice(monkeypatch):
+    """sample.py's mpe baseline fits in the ice prepare.py chose for the data (the toy's for simulation, homogeneous
+    ice for real data: its fit_ice='auto'), not classical.MPE_ICE's 'toy' for every data set."""
+    import types
+
+    import classical
+    real = types.SimpleNamespace(manifest={'made_by': {'fit': {'steps': 80, 'ice': 'bulk'}}}, truth=None)
+    old = types.SimpleNamespace(manifest={'made_by': {'fit': {'steps': 0, 'ice': None}}}, truth=None)
+    toy = types.SimpleNamespace(manifest={'made_by': {'fit': {'steps': 80, 'ice': 'toy'}}}, truth={'kind': None})
+    assert [sample.fit_ice(s) for s in (real, old, toy)] == ['bulk', 'bulk', 'toy']
+    seen = []
+    monkeypatch.setattr(classical, 'mpe_fit', lambda *a, ice=None, **k: seen.append(ice) or (np.zeros((1, 3)), None))
+    monkeypatch.setattr(classical, '_fit_inputs', lambda ev, geometry, linefits_only: {
+        'linefit': np.array([[0.0, 0.0, 1.0]]), 'linefit_improved': np.array([[0.0, 0.0, 1.0]]), 'doms': (), 'near': None})
+    classical.reconstruct('mpe', None, None, ice='bulk')
+    assert seen == ['bulk']
