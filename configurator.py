@@ -33,6 +33,8 @@ def _fail(msg):
 def _unknown(key, names, source):
     close = difflib.get_close_matches(key, names, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    if source.startswith('config file'):  # width = 64; t2_dim = 2 * width: a helper is private, or an unknown setting
+        hint += f" (a helper variable of the file: name it _{key})"
     _fail(f"unknown setting '{key}' in {source}{hint}; settings are: {', '.join(sorted(names))}")
 
 
@@ -47,8 +49,8 @@ def _checked(key, value, default, source):
 
 
 def read_config(path, names=()):
-    """The settings a config file assigns: its public globals of a plain type (imports and helpers inside a
-    config file are fine and left out), and any global named in names whatever its type (a setting assigned a
+    """The settings a config file assigns: its public globals of a plain type (imports, functions and private
+    helper variables, _width = 64, inside a config file are fine and left out), and any global named in names whatever its type (a setting assigned a
     pathlib.Path, None or a list is then named as the wrong type, not silently left out)."""
     try:
         with open(path) as f:

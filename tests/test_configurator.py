@@ -90,3 +90,15 @@ def test_a_setting_of_another_type_in_a_config_file_is_an_error(tmp_path, line, 
     cfg.write_text("helpers = [1, 2]\n" + line)
     with pytest.raises(SystemExit, match=message):
         configure(settings(), [str(cfg)])
+
+
+def test_a_helper_variable_in_a_config_file_is_told_to_be_private(tmp_path):
+    """width = 64; batch_size = 2 * width: width is no setting, and the error says how to keep such a helper."""
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("width = 64\nbatch_size = width // 4\n")
+    with pytest.raises(SystemExit, match=r"unknown setting 'width' in config file .*\(a helper variable of the file: name it _width\)"):
+        configure(settings(), [str(cfg)])
+    cfg.write_text("_width = 64\nbatch_size = _width // 4\n")
+    g = settings()
+    configure(g, [str(cfg)])
+    assert g['batch_size'] == 16
