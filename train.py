@@ -106,7 +106,8 @@ check_ranges('train', globals(), at_least=dict(
     # the heads split the width (a resumed run takes its checkpoint's model, whatever these say)
     more=[f"{t}_dim={dim} (a multiple of {t}_heads={heads})"
           for t, dim, heads in (('t1', t1_dim, t1_heads), ('t2', t2_dim, t2_heads))
-          if init_from == 'scratch' and heads >= 1 and dim % heads],
+          if init_from == 'scratch' and heads >= 1 and dim % heads]
+    + ([f"min_lr={min_lr!r} (at most learning_rate={learning_rate!r}: the decay would raise it)"] if min_lr > learning_rate else []),
     choices=dict(init_from=('scratch', 'resume'), features=('model', 'loader'),
     attn=('auto', 'flex', 'sdpa'), dtype=('float32', 'bfloat16'), wandb_mode=('offline', 'online', 'disabled')))
 if not out_dir:

@@ -171,10 +171,11 @@ def test_settings_out_of_range_are_named(tmp_path):
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         "train: error: setting out of range: eval_interval=0 (at least 1); train_events=-1 (at least 0); attn='foo' "
         "(one of 'auto', 'flex', 'sdpa'); dtype='float16' (one of 'float32', 'bfloat16')"]
-    p = run(['train.py', f'--out_dir={tmp_path}', '--t2_heads=3', '--t1_layers=-1', '--t2_layers=0', '--beta1=1.5'], check=False)
+    p = run(['train.py', f'--out_dir={tmp_path}', '--t2_heads=3', '--t1_layers=-1', '--t2_layers=0', '--beta1=1.5',
+             '--min_lr=0.1'], check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         "train: error: setting out of range: t1_layers=-1 (at least 0); t2_layers=0 (at least 1); beta1=1.5 (below 1); "
-        "t2_dim=128 (a multiple of t2_heads=3)"]
+        "t2_dim=128 (a multiple of t2_heads=3); min_lr=0.1 (at most learning_rate=0.001: the decay would raise it)"]
     p = run(['sample.py', f'--out_dir={tmp_path}', '--max_events=-1', '--device=gpu'], check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == ["sample: error: setting out of range: max_events=-1 (at least 0)"]
     p = run(['sample.py', f'--out_dir={tmp_path}', '--device=gpu'], check=False)
