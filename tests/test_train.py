@@ -406,9 +406,16 @@ def test_time_budget_holds_after_a_slow_first_iteration(data_dir, tmp_path, monk
     monkeypatch.setattr(torch, 'compile', compile_slowly)
     out = tmp_path / 'out'
     monkeypatch.setattr('builtins.print', lambda *a, **k: None)
-    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--max_minutes=0.25',
-                             '--eval_interval=100000', '--eval_events=20']
-               + [a for a in TINY if not a.startswith(('--log_interval', '--compile'))] + ['--log_interval=20', '--compile=True'])
+    # one torch thread: the budget is read at log points, and on a busy machine two threads that lose their cores
+    # made the first 20 iterations take 45 s (each parallel op waits for both), past any budget
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--max_minutes=0.25',
+                                 '--eval_interval=100000', '--eval_events=20']
+                   + [a for a in TINY if not a.startswith(('--log_interval', '--compile'))] + ['--log_interval=20', '--compile=True'])
+    finally:
+        torch.set_num_threads(threads)
     rows = [json.loads(line) for line in open(out / 'log.jsonl')]
     trained = [r for r in rows if 'val_error' in r][-1]['seconds']
     assert 0.9 * 15 <= trained < 15 + 5, rows[-3:]
