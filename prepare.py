@@ -290,17 +290,19 @@ def linefit_seeds(ev, geometry, chunk_doms=8192):
     in the CPU's cache (chunks of 2,000 toy events, ~140,000 DOMs, ran 3x slower)."""
     offsets, dom_offsets, event_doms = ev['pulse_offsets'], ev['dom_offsets'], ev['event_dom_offsets']
     n = len(offsets) - 1
-    event = np.repeat(np.arange(n), np.diff(offsets))
-    dom = np.repeat(np.arange(len(dom_offsets) - 1), np.diff(dom_offsets))
-    pos = geometry[ev['sensor_id']].astype(np.float64)
-    t, aux = ev['time'].astype(np.float64), ev['auxiliary'].astype(np.float64)
-    lf_v, ilf_dir, direct = np.zeros((n, 3)), np.zeros((n, 3)), np.zeros(len(t), bool)
+    sensor = ev['sensor_id']
+    lf_v, ilf_dir, direct = np.zeros((n, 3)), np.zeros((n, 3)), np.zeros(len(sensor), bool)
     bounds = classical.chunk_bounds(event_doms, chunk_doms)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        p, d = slice(offsets[lo], offsets[hi]), slice(event_doms[lo], event_doms[hi])
-        dom_pos = pos[dom_offsets[:-1][d]]
-        v, u, kept = M.linefit_seeds(*map(torch.from_numpy, (pos[p], t[p], aux[p], event[p] - lo, dom[p] - event_doms[lo],
-                                                            dom_pos)), hi - lo)
+        # the float64 inputs of one chunk at a time: made for the whole file at once they took 56 bytes a pulse,
+        # 1.9 GB of a real 33M-pulse batch file, on top of everything else the worker holds (its peak grew 5.5 -> 3.6 GB)
+        p, d = slice(offsets[lo], offsets[hi]), slice(event_doms[lo], event_doms[hi] + 1)
+        pos = geometry[sensor[p]].astype(np.float64)
+        t, aux = ev['time'][p].astype(np.float64), ev['auxiliary'][p].astype(np.float64)
+        event = np.repeat(np.arange(hi - lo), np.diff(offsets[lo:hi + 1]))
+        dom = np.repeat(np.arange(event_doms[hi] - event_doms[lo]), np.diff(dom_offsets[d]))
+        dom_pos = geometry[sensor[dom_offsets[d][:-1]]].astype(np.float64)
+        v, u, kept = M.linefit_seeds(*map(torch.from_numpy, (pos, t, aux, event, dom, dom_pos)), hi - lo)
         lf_v[lo:hi], ilf_dir[lo:hi], direct[p] = v.numpy(), u.numpy(), kept.numpy() > 0.5
     columns = {f'lf_v{c}': lf_v[:, i] for i, c in enumerate('xyz')}
     return {**columns, **{f'ilf_{c}': ilf_dir[:, i] for i, c in enumerate('xyz')}}, direct
@@ -416,6 +418,10 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     ev = {'sensor_id': sensor_sorted, 'time': pulses['dt'].astype(np.int64), 'charge': pulses['charge'].astype(np.float32),
           'auxiliary': pulses['sensor_aux'] >= AUX_BIT, 'pulse_offsets': np.r_[expected_first, n_rows],
           'event_dom_offsets': np.r_[0, np.cumsum(n_doms)], 'dom_offsets': doms.astype(np.int64)}
+    # what the stats need of the file's own arrays, then those arrays go: a worker would otherwise hold them (1.9 GB
+    # of a real 33M-pulse batch file) through the fits below, which only read ev
+    n_aux, max_time_span = int(aux.sum()), int(dt.max())
+    del row_event, sensor, t, charge, aux, event_of_row, charge_ok, in_range, in_geometry, dt, order, new_dom
     t_fit = time.time()
     columns, direct = linefit_seeds(ev, geometry)
     for k, v in columns.items():
@@ -432,9 +438,9 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     log_q = np.log10(np.maximum(pulses['charge'], np.float16(1e-3)), dtype=np.float32)
     dom_size = np.diff(doms)
     stats = {'n_events': n_events, 'n_pulses': n_rows, 'n_doms': int(len(dom_first)),
-             'n_aux': int(aux.sum()), 'n_single_pulse_doms': int((dom_size == 1).sum()),
+             'n_aux': n_aux, 'n_single_pulse_doms': int((dom_size == 1).sum()),
              'max_pulses_per_event': int(counts.max()), 'max_doms_per_event': int(n_doms.max()),
-             'max_pulses_per_dom': int(dom_size.max()), 'max_time_span': int(dt.max()),
+             'max_pulses_per_dom': int(dom_size.max()), 'max_time_span': max_time_span,
              'sum_log10_charge': float(log_q.sum(dtype=np.float64)), 'sum_log10_charge_sq': float(np.dot(log_q, log_q)),
              'event_id_min': int(event_id.min()), 'event_id_max': int(event_id.max()),
              'fit': fit, 'fit_seconds': time.time() - t_fit}
