@@ -597,6 +597,8 @@ def main():
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device, ice=fit_ice(s))
+            if hi < n and time.time() - t0 > 30:  # the MPE fit runs at a few events/s on real events: say where it is
+                print(f"sample: {name}: {hi} of {n} events in {time.time() - t0:.0f}s")
         base_dirs[name], speed[name] = dirs, n / (time.time() - t0)
         print(f"sample: {name} on {n} events in {time.time() - t0:.1f}s ({speed[name]:.0f} events/s)")
 
