@@ -658,8 +658,8 @@ class IceModel(nn.Module):
         own = own.detach()
         kappa = own.norm(dim=1, keepdim=True)
         agree = (F.normalize(own, dim=1, eps=1e-6)[:, None] * seed_dirs).sum(2)  # (E, N_SEEDS): where two disagree, one is off
-        inputs = torch.cat([x.detach().float(), torch.log(kappa + 1e-3), agree, seed_feats, event_feats], 1)
-        log_w = COMBINE_GAIN * self.combine(inputs).float()
+        inputs = torch.cat([x.detach(), torch.log(kappa + 1e-3), agree, seed_feats, event_feats], 1)
+        log_w = COMBINE_GAIN * self.combine(inputs)
         w = log_w.clamp(-8.0, 9.0).exp()
         return w[:, :1] * own + (w[:, 1:, None] * seed_dirs).sum(1)
 
