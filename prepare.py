@@ -85,6 +85,7 @@ import torch
 import classical  # the quick likelihood fit stored with each event
 import model as M  # both LineFits stored with each event
 import simulate  # the default synthetic set, when there is no Kaggle data
+from configurator import setting_names
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file or --key=value, see configurator.py)
@@ -102,7 +103,7 @@ fit_ice = 'auto'          # the fit's ice (classical.ice_table): 'auto' = 'toy' 
 verify = False            # also re-read every finished shard against its recorded checksums (reads the whole output)
                           # and rebuild the damaged ones; without the raw files, only report them
 # the settings: the lower-case globals above (not the constants below, nor names imported, such as FIRST_COMPLETED)
-SETTINGS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+SETTINGS = [k for k in setting_names(globals()) if k.islower()]
 # -----------------------------------------------------------------------------
 # the least value of each count setting, checked by the command line and by run(): 0 workers or 0 val batch files would
 # end in a traceback after all the packing, and a negative train_batches would slice off the last batch files
