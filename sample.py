@@ -585,7 +585,7 @@ def main():
     print(f"sample: model on {n} events in {t_model:.1f}s ({n / t_model:.0f} events/s)")
 
     # the classical reconstructions on the same events (classical.py), timed like the model
-    base_dirs, speed = {}, {'model': n / t_model}
+    base_dirs, speed, ice = {}, {'model': n / t_model}, fit_ice(s)
     for name in methods:
         if name == 'time_fit':  # prepare.py fitted every event with it: read, as the model does (its rate is prepare's)
             rec = s.event_records(np.arange(n))[0]
@@ -596,7 +596,7 @@ def main():
         chunk = 2000 if name == 'mpe' else 20000
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
-            dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device, ice=fit_ice(s))
+            dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device, ice=ice)
             if hi < n and time.time() - t0 > 30:  # the MPE fit runs at a few events/s on real events: say where it is
                 print(f"sample: {name}: {hi} of {n} events in {time.time() - t0:.0f}s")
         base_dirs[name], speed[name] = dirs, n / (time.time() - t0)
