@@ -523,8 +523,8 @@ class Block(nn.Module):
     def forward(self, x, layout, queries=None):
         """x (N, C) -> (N, C); or with queries (slots of the stream: T2's last block, whose output is read only at the
         CLS tokens) only those tokens' outputs, which is the same function: the other tokens are keys and values
-        alone, and skip the queries' projection, the output projection and the MLP (at mlp_ratio 2 they cost a
-        quarter of the block's matmul FLOPs)."""
+        alone, and skip the queries' projection, the output projection and the MLP (at mlp_ratio 2, three quarters
+        of the block's matmul FLOPs: such a token costs a quarter, its keys and values)."""
         N, C = x.shape
         H, h = self.n_head, self.ln1(x)
         if queries is None:
@@ -547,7 +547,7 @@ COMBINE_GAIN = 10.0
 
 class IceModel(nn.Module):
     """T1 over each DOM's pulses, T2 over each event's DOMs plus a CLS token, head -> the network's vMF per event,
-    combined with one around the seed -> the prediction."""
+    combined with one around each of the N_SEEDS seeds -> the prediction."""
 
     def __init__(self, t1_dim=64, t1_layers=2, t1_heads=4, t2_dim=128, t2_layers=4, t2_heads=4,
                  mlp_ratio=4, attn='auto'):
