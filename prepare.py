@@ -52,7 +52,7 @@ The reader:
     s.events(idx)       -> the same for many events, concatenated, with pulse/DOM offsets (vectorised)
 and the batcher that turns events into the model's fixed-shape micro-batches:
     pack_batch(s, idx, max_pulses, max_doms, max_events, max_pulses_per_dom) -> (batch, n_taken)
-    BatchLoader(s, ...)  iterates such batches, filled by a background thread
+    BatchLoader(s, ...)  iterates such batches, filled by a background thread (or `workers` processes)
 """
 
 import collections
@@ -297,7 +297,7 @@ def linefit_seeds(ev, geometry, chunk_doms=8192):
     bounds = classical.chunk_bounds(event_doms, chunk_doms)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         # the float64 inputs of one chunk at a time: made for the whole file at once they took 56 bytes a pulse,
-        # 1.9 GB of a real 33M-pulse batch file, on top of everything else the worker holds (its peak grew 5.5 -> 3.6 GB)
+        # 1.9 GB of a real 33M-pulse batch file, on top of everything else the worker holds (chunked, its peak fell 5.5 -> 3.6 GB)
         p, d = slice(offsets[lo], offsets[hi]), slice(event_doms[lo], event_doms[hi] + 1)
         pos = geometry[sensor[p]].astype(np.float64)
         t, aux = ev['time'][p].astype(np.float64), ev['auxiliary'][p].astype(np.float64)
@@ -1211,7 +1211,7 @@ def angles_to_dir(azimuth, zenith):
 class BatchLoader:
     """Iterator of pack_batch micro-batches, prepared ahead of the consumer.
 
-    shuffle=True: a new permutation per epoch (seed + epoch), each rank taking every world_size-th
+    shuffle=True: a new permutation per epoch (seeded by seed and epoch), each rank taking every world_size-th
     event of it, so ranks draw different events; epochs=None runs forever.
     shuffle=False: the split in order, rank r taking the r-th contiguous chunk, each event once per epoch.
 
