@@ -16,7 +16,7 @@ eval_interval = 1000
 eval_events = 2000
 log_interval = 50
 
-max_pulses = 4096            # ~30 synthetic events per micro-batch (~100 pulses, ~70 hit DOMs each)
+max_pulses = 4096            # ~25 synthetic events per micro-batch (~130 kept pulses, ~70 hit DOMs each)
 max_doms = 2048
 max_events = 64
 max_pulses_per_dom = 32
