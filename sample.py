@@ -1,10 +1,10 @@
 """
-Evaluate a trained model on held-out events, beside plain and improved LineFit on the same events
-(the `baselines` setting: classical.py's methods), and give each event an error circle it can trust.
+Evaluate a trained model on held-out events, beside plain and improved LineFit and the quick fit on the same
+events (the `baselines` setting: classical.py's methods), and give each event an error circle it can trust.
 
     python sample.py                                  # out/best.pt on the val split of its data
     python sample.py --split=test                     # predictions + Kaggle submission.csv
-    python sample.py --out_dir=out-1m --max_events=100000 --ckpt=ckpt.pt
+    python sample.py --out_dir=out-baseline-1m --max_events=100000 --ckpt=ckpt.pt
 
 Prints the competition metric (mean angular error) in rad and degrees, the median and percentiles, and
 breakdowns by pulse count, DOM count, zenith, predicted kappa, and energy and kind where the data has a
