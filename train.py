@@ -41,7 +41,7 @@ data_dir = 'data/sim_packed'
 init_from = 'scratch'        # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 max_iters = 5000
 max_minutes = 0.0            # wall-clock budget of training, evaluations not counted (0 = none): the run stops at
-                             # max_iters or max_minutes, whichever comes first, and the cosine follows the further
+                             # max_iters or max_minutes, whichever comes first, and the cosine follows that one
 eval_interval = 500          # evaluate on val, write checkpoints (and at the last iteration)
 eval_events = 20000          # val events per evaluation (0 = the whole split)
 train_events = 0             # train on the first train_events events of the split only (0 = all)
