@@ -89,7 +89,8 @@ def _stream(doc_len, doc_src, path, n_slots, pad_src):
     """One stream: documents of doc_len (n,) tokens whose source rows are doc_src (the documents' rows concatenated),
     sorted by length (stable). Returns the source row of each slot (N,), the document of each slot (n for padding),
     the slot of each document's first token (n,), and the attention layout: for 'flex' the stream is padded to
-    n_slots (with pad_src rows) and the layout is block_mask_indices; for 'sdpa' the groups ((length, n_docs), ...)."""
+    n_slots (with pad_src rows) and the layout is block_ranges' (lo, hi, block_doc); for 'sdpa' the groups
+    ((length, n_docs), ...)."""
     order = np.argsort(doc_len, kind='stable')
     src = doc_src[_ranges((np.cumsum(doc_len) - doc_len)[order], doc_len[order])]
     doc = np.repeat(order, doc_len[order])
