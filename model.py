@@ -402,8 +402,8 @@ def seed_fits(b, s):
 def dom_features(b, s, c, ilf_dir, dom_kept):
     """T2's DOM features (D, N_DOM_FEATURES): place and first-hit time, and the same seen from the charge centre, the
     early-hit vertex and the improved LineFit track; each DOM's place and first-hit time around the charge centre as
-    (x, y, z, c_ice t) / SPACETIME_SCALE (D, 4), the Fourier features' input; and the offsets from the charge centre
-    (D, 3) and their unit vectors, which the event's charge dipoles sum."""
+    (x, y, z, c_ice t) / SPACETIME_SCALE (D, 4), the Fourier features' input; and each DOM's unit vector from the
+    charge centre and from the early-hit vertex (D, 3 each), which the event's charge dipoles sum."""
     pos = b['dom_pos'].float()
     de, dreal, t_ref, t0 = c['de'], c['dreal'], c['t_ref'][c['de']][:, None], s['t0'][:, None]
     rel = pos - c['p_ref'][de]
@@ -443,7 +443,7 @@ def dom_features(b, s, c, ilf_dir, dom_kept):
 
 
 def event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e):
-    """T2's CLS features (E, N_EVENT_FEATURES): size, both seeds' directions, charge dipoles, the LineFit speed."""
+    """T2's CLS features (E, N_EVENT_FEATURES): size, both LineFits' directions, charge dipoles, the LineFit speed."""
     E = b['event_index'].shape[0]
     de, wq, wsum = c['de'], c['wq'], c['wsum']
     return torch.cat([
