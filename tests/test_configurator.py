@@ -93,7 +93,7 @@ def test_a_setting_of_another_type_in_a_config_file_is_an_error(tmp_path, line, 
 
 
 def test_a_helper_variable_in_a_config_file_is_told_to_be_private(tmp_path):
-    """width = 64; batch_size = 2 * width: width is no setting, and the error says how to keep such a helper."""
+    """width = 64; batch_size = width // 4: width is no setting, and the error says how to keep such a helper."""
     cfg = tmp_path / 'c.py'
     cfg.write_text("width = 64\nbatch_size = width // 4\n")
     with pytest.raises(SystemExit, match=r"unknown setting 'width' in config file .*\(a helper variable of the file: name it _width\)"):

@@ -1,7 +1,7 @@
 """Tests for train.py and sample.py on a tiny simulated data set: the loss goes down, checkpoints are
 written and resumed at the same iteration, a NaN loss stops the run, DDP (gloo, 2 CPU processes) keeps
-the ranks' parameters identical, sample.py writes its figures; SIGTERM stops a run that resumes to the
-weights of an uninterrupted one, a damaged checkpoint falls back to an earlier one."""
+the ranks' parameters identical, sample.py writes its results and refuses a bad checkpoint in one line; SIGTERM
+stops a run that resumes to the weights of an uninterrupted one, a damaged checkpoint falls back to an earlier one."""
 
 import json
 import os
