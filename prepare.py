@@ -91,7 +91,8 @@ from configurator import setting_names
 # settings (override with a config file or --key=value, see configurator.py)
 raw_dir = 'data/kaggle'   # Kaggle-layout folder; if this default one holds no data, the toy set is simulated
 sim_dir = 'data/sim'      # where the embedded default synthetic set is simulated (never the same as raw_dir)
-out_dir = ''              # '' = <raw_dir>_packed, so real and synthetic outputs never share a folder
+out_dir = ''              # '' = <raw_dir>_packed (<sim_dir>_packed for the toy set), so real and synthetic outputs
+                          # never share a folder
 val_batches = 1           # the last val_batches train batch files become the val split
 train_batches = 0         # use only the first N train batch files of the meta (0 = all); for partial downloads
 num_proc = max(1, min(8, os.cpu_count() or 1))  # worker processes, one batch file each
