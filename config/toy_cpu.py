@@ -1,5 +1,5 @@
-# The main job (train.py's own defaults are other): the synthetic data set (python prepare.py -> data/sim_packed) on
-# a 2-core CPU, in 13 minutes of training (max_minutes), then python sample.py --out_dir=out-toy-cpu.
+# The README's main job (train.py's own defaults are a GPU's): the synthetic data set (python prepare.py ->
+# data/sim_packed) on a 2-core CPU, in 13 minutes of training (max_minutes), then python sample.py --out_dir=out-toy-cpu.
 #   python train.py config/toy_cpu.py
 # The CPU runs attention through scaled_dot_product_attention over groups of equal-length documents (FlexAttention
 # has no CPU backward) in eager mode (torch.compile brings no CPU speed-up there); the loader thread builds each
