@@ -11,12 +11,16 @@ plain string, so --device=cuda works without quotes. Each script calls
     config = configure(globals())
 
 after its defaults. An unknown key or a value of the wrong type is an error that names the key,
-the source and what was expected, never a silently ignored setting.
+the source and what was expected, never a silently ignored setting. --help (or -h) prints the script's docstring
+and every setting with its value at that point (after the config files before it) and its comment in the script.
 """
 
 import ast
 import difflib
+import os
 import sys
+import textwrap
+import tokenize
 
 SETTING_TYPES = (bool, int, float, str)
 
@@ -48,6 +52,46 @@ def _checked(key, value, default, source):
     return value
 
 
+def setting_comments(path, names):
+    """{setting: its comment in the script at path}: the comment on the line that assigns it at the top level and the
+    indented comment lines right under it (how the scripts continue one), and {setting: the heading comment at the
+    margin right above it} (# model, # optimizer: ...)."""
+    comments, headings, key, heading = {}, {}, None, ''
+    with open(path) as f:
+        for tok in tokenize.generate_tokens(f.readline):
+            if tok.type in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+                continue
+            text = tok.string.lstrip('#').strip() if tok.type == tokenize.COMMENT else ''
+            if tok.start[1] == 0:  # a new top-level statement or a heading ends the setting before it
+                key, line = (tok.string, tok.start[0]) if tok.type == tokenize.NAME and tok.string in names else (None, 0)
+                if key and heading:
+                    headings[key] = heading
+                heading = (heading + ' ' + text).strip() if tok.type == tokenize.COMMENT and text.strip('-') else ''
+            elif tok.type == tokenize.COMMENT and key and (tok.start[0] == line or tok.line.lstrip().startswith('#')):
+                comments[key] = (comments.get(key, '') + ' ' + text).strip()
+    return comments, headings
+
+
+def _help(g, names):
+    script = os.path.basename(sys.argv[0] or g.get('__file__', 'script'))
+    print(f"usage: python {script} [config.py ...] [--key=value ...]")
+    print((g.get('__doc__') or '').strip('\n'))
+    try:
+        comments, headings = setting_comments(g['__file__'], names)
+    except (KeyError, OSError, SyntaxError, tokenize.TokenError):
+        comments, headings = {}, {}
+    print("\nsettings (their values here include the config files before --help):")
+    width = max(len(f"--{k}={g[k]!r}") for k in names)
+    for k in names:
+        if k in headings and not headings[k].startswith('settings'):  # the scripts' own '# settings' says nothing here
+            print('\n'.join(textwrap.wrap(headings[k], 116, initial_indent='  # ', subsequent_indent='    ')))
+        lines = textwrap.wrap(comments.get(k, ''), max(40, 116 - width)) or ['']
+        print(f"  {f'--{k}={g[k]!r}':<{width}}  {lines[0]}".rstrip())
+        for more in lines[1:]:
+            print(f"  {'':<{width}}  {more}")
+    raise SystemExit(0)
+
+
 def read_config(path, names=()):
     """The settings a config file assigns: its public globals of a plain type (imports, functions and private
     helper variables, _width = 64, inside a config file are fine and left out), and any global named in names whatever its type (a setting assigned a
@@ -73,6 +117,8 @@ def configure(g, argv=None, names=None):
     argv = sys.argv[1:] if argv is None else argv
     names = setting_names(g) if names is None else list(names)
     for arg in argv:
+        if arg in ('--help', '-h'):
+            _help(g, names)
         if not arg.startswith('--'):
             for key, value in read_config(arg, names).items():
                 if key not in names:

@@ -102,3 +102,46 @@ def test_a_helper_variable_in_a_config_file_is_told_to_be_private(tmp_path):
     g = settings()
     configure(g, [str(cfg)])
     assert g['batch_size'] == 16
+
+
+def test_help_lists_each_setting_with_its_value_and_comment(tmp_path, capsys):
+    """--help prints the docstring, then every setting with its value after the config files before it, its comment
+    (the indented comment lines under it too) and the heading above it; nothing after --help is applied or checked."""
+    script = tmp_path / 'script.py'
+    script.write_text('"""Do a thing."""\n'
+                      'import os\n'
+                      '# data: budgets per micro-batch\n'
+                      "batch_size = 16    # events per batch, '#' inside a comment\n"
+                      "device = 'cpu#0'  # a '#' inside a string is no comment\n"
+                      '                  # and this line goes on the comment above\n'
+                      'learning_rate = 1e-3\n'
+                      '# a comment at the margin ends the one above\n'
+                      'def f():\n'
+                      '    batch_size = 3  # not the setting\n')
+    g = {'__file__': str(script), '__doc__': 'Do a thing.', 'batch_size': 16, 'device': 'cpu#0',
+         'learning_rate': 1e-3, 'os': os}
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("batch_size = 64\n")
+    with pytest.raises(SystemExit) as stop:
+        configure(g, [str(cfg), '--help', '--no_such=1'])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert 'Do a thing.' in out and '# data: budgets per micro-batch' in out
+    line = {x.split()[0]: x for x in out.splitlines() if x.startswith('  --')}
+    assert line['--batch_size=64'].endswith("events per batch, '#' inside a comment")
+    assert line["--device='cpu#0'"].endswith("a '#' inside a string is no comment and this line goes on the comment above")
+    assert line['--learning_rate=0.001'].strip() == '--learning_rate=0.001'
+    assert 'not the setting' not in out and 'ends the one above' not in out
+
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'prepare.py', 'simulate.py', 'bench.py'])
+def test_every_script_answers_help(script):
+    """python <script> -h exits 0 and lists the script's settings with their comments (it was read as a config file)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, script, '-h'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'settings (their values' in r.stdout and r.stdout.count('\n  --') >= 5
+    assert {'train.py': 'whichever comes first', 'sample.py': "'' = the data_dir the model was trained on",
+            'prepare.py': 'worker processes, one batch file each', 'simulate.py': 'largest pulse charge',
+            'bench.py': 'the rows to run'}[script] in ' '.join(r.stdout.split())
