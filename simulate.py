@@ -96,6 +96,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from configurator import check_ranges, configure
+
 # -----------------------------------------------------------------------------
 # settings
 out_dir = 'data/sim'
@@ -552,6 +554,23 @@ def physics_constants():
     return {k: globals()[k] for k in names}
 
 
+def check_settings(g):
+    """Settings and physics constants out of range are named in one line, before any work: a negative dark rate, say,
+    would run on and write a data set of nonsense noise (its sampling table no longer increases)."""
+    positive = ['E_MIN', 'GEN_RADIUS', 'GEN_HALF_HEIGHT', 'THROUGH_RADIUS', 'E_CRIT', 'SATURATION_PE', 'MU_MIN']
+    at_least = dict(n_train_batches=1, n_test_batches=0, events_per_batch=1, num_proc=1, MAX_GROUPS=1,
+                    TRIGGER_HLC_DOMS=1, **{k: 0.0 for k in ['FRAC_THROUGH', 'FRAC_STARTING', 'TRACK_NPE', 'CASCADE_NPE',
+                                                           'CASCADE_TURN', 'CASCADE_SHIFT', 'DEEPCORE_EFF', 'DARK_RATE_HZ',
+                                                           'DEEPCORE_DARK_RATE_HZ', 'NOISE_WINDOW_NS', 'WINDOW_START_NS',
+                                                           'MERGE_NS', 'JITTER_NS']})
+    more = [f"{k}={g[k]!r} (above 0)" for k in positive if not g[k] > 0]
+    more += [f"E_MAX={g['E_MAX']!r} (above E_MIN={g['E_MIN']!r})"] if not g['E_MAX'] > g['E_MIN'] else []
+    more += ["SPECTRAL_INDEX=1.0 (any other: the energies are drawn by E^(1 - index))"] if g['SPECTRAL_INDEX'] == 1 else []
+    more += [f"FRAC_THROUGH + FRAC_STARTING = {g['FRAC_THROUGH'] + g['FRAC_STARTING']!r} (at most 1: the rest are "
+             f"cascades)"] if g['FRAC_THROUGH'] + g['FRAC_STARTING'] > 1 else []
+    check_ranges('simulate', g, at_least=at_least, more=more)
+
+
 def detector(pos):
     n_strings = len(pos) // _DOMS_PER_STRING
     by_string = pos.reshape(n_strings, _DOMS_PER_STRING, 3)
@@ -601,8 +620,8 @@ def _simulate_batch_file(job):
 def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_test_batches,
              events_per_batch=events_per_batch, seed=seed, geometry=geometry, num_proc=num_proc):
     """Write a synthetic Kaggle-layout data set to out_dir (see the module docstring). Returns out_dir."""
-    if n_train_batches < 1 or n_test_batches < 0 or events_per_batch < 1:
-        raise SystemExit("simulate: need n_train_batches >= 1, n_test_batches >= 0, events_per_batch >= 1")
+    check_settings(dict(physics_constants(), n_train_batches=n_train_batches, n_test_batches=n_test_batches,
+                        events_per_batch=events_per_batch, num_proc=num_proc))
     settings = dict(n_train_batches=n_train_batches, n_test_batches=n_test_batches, events_per_batch=events_per_batch,
                     seed=seed, geometry=geometry)
     record = dict(generator='iceaggr simulate.py', format_version=_FORMAT_VERSION, settings=settings,
@@ -675,7 +694,6 @@ def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_
 
 
 if __name__ == '__main__':
-    from configurator import configure
     configure(globals())
     t_start = walltime.time()
     simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_test_batches,

@@ -67,6 +67,9 @@ def test_bench_rows_setting(tmp_path):
     assert p.returncode != 0 and 'not speed' in p.stderr
     p = subprocess.run(args + ['--rows=scaling'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and 'scaling and inference need step' in p.stderr
+    p = subprocess.run(args + ['--step_batches=0', '--scaling_sizes=100,x'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)  # was a traceback from deep inside the step row
+    assert p.returncode != 0 and "step_batches=0 (at least 1); scaling_sizes='100,x'" in p.stderr, p.stderr[-2000:]
 
 
 def test_padded_t1_baseline_reads_both_layouts(monkeypatch):

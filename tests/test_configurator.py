@@ -59,6 +59,9 @@ def test_ranges_are_checked_after_configure():
     g.update(batch_size=0, mode='c')
     with pytest.raises(SystemExit, match=r"^x: error: setting out of range: batch_size=0 \(at least 1\); mode='c' \(one of 'a', 'b'\)$"):
         check_ranges('x', g, at_least={'batch_size': 1}, choices={'mode': ('a', 'b')})
+    g.update(lr=float('nan'))  # a config file can set float('nan'), which no comparison finds too small
+    with pytest.raises(SystemExit, match=r"lr=nan \(at least 0.0\)"):
+        check_ranges('x', g, at_least={'lr': 0.0})
 
 
 def test_config_builds_on_the_one_beside_it(tmp_path):

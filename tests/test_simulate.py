@@ -111,6 +111,22 @@ def test_rerun_skips_and_other_settings_refused(tiny, capsys, monkeypatch):
         simulate.simulate(out_dir=tiny, **TINY)
 
 
+@pytest.mark.parametrize('constants, message', [
+    (dict(DARK_RATE_HZ=-5.0), r'DARK_RATE_HZ=-5.0 \(at least 0.0\)'),
+    (dict(E_MAX=50.0, SPECTRAL_INDEX=1.0), r'E_MAX=50.0 \(above E_MIN=100.0\); SPECTRAL_INDEX=1.0'),
+    (dict(FRAC_THROUGH=0.6, FRAC_STARTING=0.5, MU_MIN=0.0), r'MU_MIN=0.0 \(above 0\).*FRAC_THROUGH \+ FRAC_STARTING'),
+    (dict(TRIGGER_HLC_DOMS=0), r'TRIGGER_HLC_DOMS=0 \(at least 1\)'),
+])
+def test_physics_out_of_range_is_refused_before_any_work(tmp_path, monkeypatch, constants, message):
+    """A physics constant out of range (--DARK_RATE_HZ=-5 wrote a data set of nonsense noise; TRIGGER_HLC_DOMS=0 kept
+    events with no pulse) is named in one line and nothing is written."""
+    for k, v in constants.items():
+        monkeypatch.setattr(simulate, k, v)
+    with pytest.raises(SystemExit, match=r'simulate: error: setting out of range: .*' + message):
+        simulate.simulate(out_dir=str(tmp_path / 'sim'), **TINY)
+    assert not (tmp_path / 'sim').exists()
+
+
 def test_refuses_foreign_folder(tmp_path):
     (tmp_path / 'train_meta.parquet').write_text('not ours')
     with pytest.raises(SystemExit, match='no simulation.json'):
