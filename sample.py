@@ -510,6 +510,28 @@ def fit_ice(s):
     return fit.get('ice') or ('toy' if s.truth is not None else 'bulk')
 
 
+def classical_baselines(s, n, methods, device):
+    """The classical reconstructions (classical.py) of split s's first n events, timed like the model: {method: (n, 3)
+    directions}, {method: events/s}. The likelihood fits run in the ice of the data (fit_ice)."""
+    base_dirs, speed, ice = {}, {}, fit_ice(s)
+    for name in methods:
+        if name == 'time_fit':  # prepare.py fitted every event with it: read, as the model does (its rate is prepare's)
+            rec = s.event_records(np.arange(n))[0]
+            base_dirs[name], speed[name] = prepare.angles_to_dir(rec['fit_azimuth'], rec['fit_zenith']).astype(np.float64), s.fit_events_per_s
+            continue
+        t0 = time.time()
+        dirs = np.zeros((n, 3))
+        chunk = 2000 if name == 'mpe' else 20000
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device, ice=ice)
+            if hi < n and time.time() - t0 > 30:  # the MPE fit runs at a few events/s on real events: say where it is
+                print(f"sample: {name}: {hi} of {n} events in {time.time() - t0:.0f}s")
+        base_dirs[name], speed[name] = dirs, n / (time.time() - t0)
+        print(f"sample: {name} on {n} events in {time.time() - t0:.1f}s ({speed[name]:.0f} events/s)")
+    return base_dirs, speed
+
+
 def load_checkpoint(path):
     """train.py's checkpoint, or one line naming the file and what to do when it is missing or damaged."""
     if not os.path.exists(path):
@@ -584,23 +606,8 @@ def main():
     az, zen = M.vector_to_angles(pred)
     print(f"sample: model on {n} events in {t_model:.1f}s ({n / t_model:.0f} events/s)")
 
-    # the classical reconstructions on the same events (classical.py), timed like the model
-    base_dirs, speed, ice = {}, {'model': n / t_model}, fit_ice(s)
-    for name in methods:
-        if name == 'time_fit':  # prepare.py fitted every event with it: read, as the model does (its rate is prepare's)
-            rec = s.event_records(np.arange(n))[0]
-            base_dirs[name], speed[name] = prepare.angles_to_dir(rec['fit_azimuth'], rec['fit_zenith']).astype(np.float64), s.fit_events_per_s
-            continue
-        t0 = time.time()
-        dirs = np.zeros((n, 3))
-        chunk = 2000 if name == 'mpe' else 20000
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
-            dirs[lo:hi] = classical.reconstruct(name, s.events(np.arange(lo, hi)), s.geometry, device=device, ice=ice)
-            if hi < n and time.time() - t0 > 30:  # the MPE fit runs at a few events/s on real events: say where it is
-                print(f"sample: {name}: {hi} of {n} events in {time.time() - t0:.0f}s")
-        base_dirs[name], speed[name] = dirs, n / (time.time() - t0)
-        print(f"sample: {name} on {n} events in {time.time() - t0:.1f}s ({speed[name]:.0f} events/s)")
+    base_dirs, speed = classical_baselines(s, n, methods, device)
+    speed = {'model': n / t_model, **speed}
 
     result = {'split': split, 'n_events': int(n), 'checkpoint': os.path.join(out_dir, ckpt), 'iter': int(ck['iter_num']),
               'budgets': {'max_pulses': loader.args[0], 'max_doms': loader.args[1], 'max_events': loader.args[2],

@@ -288,3 +288,11 @@ def test_likelihood_baselines_fit_in_the_data_s_ice(monkeypatch):
         'linefit': np.array([[0.0, 0.0, 1.0]]), 'linefit_improved': np.array([[0.0, 0.0, 1.0]]), 'doms': (), 'near': None})
     classical.reconstruct('mpe', None, None, ice='bulk')
     assert seen == ['bulk']
+    # and sample.py hands the data's ice to the fits (a fake split of 2,500 real events: two chunks of the mpe fit)
+    seen.clear()
+    monkeypatch.setattr(classical, 'reconstruct', lambda name, ev, geometry, device, ice: seen.append((name, ice))
+                        or np.tile([0.0, 0.0, 1.0], (len(ev), 1)))
+    real.events, real.geometry = (lambda idx: idx), None
+    dirs, speed = sample.classical_baselines(real, 2500, ['linefit', 'mpe'], 'cpu')
+    assert seen == [('linefit', 'bulk'), ('mpe', 'bulk'), ('mpe', 'bulk')] and dirs['mpe'].shape == (2500, 3)
+    assert list(speed) == ['linefit', 'mpe']
