@@ -516,6 +516,9 @@ def classical_baselines(s, n, methods, device):
     base_dirs, speed, ice = {}, {}, fit_ice(s)
     for name in methods:
         if name == 'time_fit':  # prepare.py fitted every event with it: read, as the model does (its rate is prepare's)
+            if ((s.manifest.get('made_by') or {}).get('fit') or {}).get('steps') == 0:
+                print("sample: time_fit: this data was prepared with fit_steps=0, which stores the improved LineFit in "
+                      "the quick fit's place: its row is that LineFit (as the model's second seed is)")
             rec = s.event_records(np.arange(n))[0]
             base_dirs[name], speed[name] = prepare.angles_to_dir(rec['fit_azimuth'], rec['fit_zenith']).astype(np.float64), s.fit_events_per_s
             continue

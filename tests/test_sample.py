@@ -272,7 +272,7 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     assert 'truth_heads' not in json.load(open(os.path.join(out0, 'eval_val.json')))
 
 
-def test_likelihood_baselines_fit_in_the_data_s_ice(monkeypatch):
+def test_likelihood_baselines_fit_in_the_data_s_ice(monkeypatch, capsys):
     """sample.py's mpe baseline fits in the ice prepare.py chose for the data (the toy's for simulation, homogeneous
     ice for real data: its fit_ice='auto'), not classical.MPE_ICE's 'toy' for every data set."""
     import types
@@ -296,3 +296,10 @@ def test_likelihood_baselines_fit_in_the_data_s_ice(monkeypatch):
     dirs, speed = sample.classical_baselines(real, 2500, ['linefit', 'mpe'], 'cpu')
     assert seen == [('linefit', 'bulk'), ('mpe', 'bulk'), ('mpe', 'bulk')] and dirs['mpe'].shape == (2500, 3)
     assert list(speed) == ['linefit', 'mpe']
+    # the quick fit's row of a set prepared with fit_steps=0 says that it is the improved LineFit
+    rec = {'fit_azimuth': np.zeros(2, np.float32), 'fit_zenith': np.zeros(2, np.float32)}
+    for s, said in ((old, True), (real, False)):
+        s.event_records, s.fit_events_per_s = (lambda idx: (rec,)), 1.0
+        dirs, _ = sample.classical_baselines(s, 2, ['time_fit'], 'cpu')
+        assert np.allclose(dirs['time_fit'], [[0, 0, 1]] * 2)
+        assert ('fit_steps=0' in capsys.readouterr().out) == said
