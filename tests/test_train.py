@@ -1,7 +1,8 @@
 """Tests for train.py and sample.py on a tiny simulated data set: the loss goes down, checkpoints are
 written and resumed at the same iteration, a NaN loss stops the run, DDP (gloo, 2 CPU processes) keeps
-the ranks' parameters identical, sample.py writes its results and refuses a bad checkpoint in one line; SIGTERM
-stops a run that resumes to the weights of an uninterrupted one, a damaged checkpoint falls back to an earlier one."""
+the ranks' parameters identical and evaluates as one process does, sample.py writes its results and refuses a bad
+checkpoint in one line; SIGTERM stops a run that resumes to the weights of an uninterrupted one, a damaged checkpoint
+falls back to an earlier one."""
 
 import json
 import os
@@ -191,15 +192,23 @@ def test_ddp_gloo_two_ranks_identical(data_dir, tmp_path):
         "sys.argv = ['train.py'] + sys.argv[1:]\n"
         "g = runpy.run_path('train.py', run_name='__main__')\n"
         "torch.save(g['raw_model'].state_dict(), os.path.join(g['out_dir'], f\"rank{os.environ['RANK']}.pt\"))\n")
-    p = run([str(wrapper), f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4', '--eval_interval=4',
-             '--gradient_accumulation_steps=2', '--device=cpu'] + TINY, torchrun=True)
-    assert 'x2' in p.stdout
+    first = run([str(wrapper), f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4', '--eval_interval=4',
+                 '--gradient_accumulation_steps=2', '--device=cpu'] + TINY, torchrun=True)
+    assert 'x2' in first.stdout
     r0 = torch.load(os.path.join(out, 'rank0.pt'))
     r1 = torch.load(os.path.join(out, 'rank1.pt'))
     init = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert init['iter_num'] == 4
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
+    # resumed alone, with nothing left to train: the evaluation that each rank did on half of val and summed over the
+    # ranks gives what one process gives on all of it, same weights; the two ranks' data order no longer applies
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4', '--init_from=resume'] + TINY)
+    assert "resuming at iter 4" in p.stdout and "the data are shuffled afresh" in p.stdout
+    assert all(', 40 events, ' in q.stdout for q in (first, p)), 'each of the 40 val events once'
+    (two, one), = [[r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'val_error' in r]]
+    assert abs(two['val_error'] - one['val_error']) < 1e-6 and abs(two['val_loss'] - one['val_loss']) < 1e-5, (two, one)
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['data_order']['world_size'] == 1
 
 
 # -- preemption and damaged checkpoints ----------------------------------------------------------------
