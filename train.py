@@ -207,6 +207,12 @@ def load_resume_checkpoint():
     return ck
 
 
+restarts = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+if init_from == 'scratch' and restarts and any(os.path.exists(p) for p in (ckpt_path, prev_path, best_path)):
+    # torchrun --max-restarts starts the ranks again with the same arguments after one fails: from scratch, that moved
+    # the checkpoints of the attempt before into previous/ (replaced at the next restart) and trained from iteration 0
+    log(f"train: torchrun restart {restarts}: resuming from the checkpoints in {out_dir} rather than starting over")
+    init_from = 'resume'
 if init_from == 'resume':
     checkpoint = load_resume_checkpoint()
     data_order = checkpoint.get('data_order')
