@@ -8,9 +8,9 @@ Train the hierarchical transformer (model.py) on prepared data (prepare.py).
 Settings are the module globals below, overridden by config files and --key=value (configurator.py).
 A micro-batch is a token budget (max_pulses pulses, max_doms DOMs, at most max_events events), not a
 fixed event count, so shapes stay fixed (no recompiles) and a huge event cannot blow the memory.
-One iteration = gradient_accumulation_steps micro-batches on each rank; the loss is the mean over the events of
-the rank's micro-batches, and DDP averages the ranks' gradients. Checkpoints (out_dir/ckpt.pt the latest, out_dir/best.pt the best val
-error) are written atomically at every evaluation and at the end; the one before ckpt.pt stays as
+One iteration = gradient_accumulation_steps micro-batches on each rank; the loss is the mean over the events of all
+ranks' micro-batches, so W ranks train as one process with W times the micro-batches would. Checkpoints
+(out_dir/ckpt.pt the latest, out_dir/best.pt the best val error) are written atomically at every evaluation and at the end; the one before ckpt.pt stays as
 ckpt.prev.pt. SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) finishes the current iteration, writes
 ckpt.pt and exits 143 (130 for SIGINT); --init_from=resume goes on with the same data order.
 """
@@ -553,10 +553,10 @@ def flush_window():
     window.update(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=time.time(), stop=stops > 0)
 
 
-def micro_step(batch, n_events):
-    """Forward and backward of one micro-batch, its loss scaled to the iteration's mean per event; returns the sum
-    of its events' losses (a device scalar, not read here)."""
-    b = M.to_device(batch, device)
+def micro_step(b, n_events):
+    """Forward and backward of one micro-batch (on the device), its loss scaled to the iteration's mean per event
+    (n_events: the iteration's events on this rank, or under DDP the job's mean per rank); returns the sum of its
+    events' losses (a device scalar, not read here)."""
     with autocast:
         pred = model(b)
     per = event_losses(pred, b).sum()
@@ -602,15 +602,22 @@ while True:
     lr = get_lr(iter_num, seconds)
     for g in optimizer.param_groups:
         g['lr'] = lr
-    micro = [next(loader) for _ in range(gradient_accumulation_steps)]
-    n_events = sum(b['n_events'] for b in micro)  # this rank's; DDP averages the ranks' mean gradients
+    micro = [M.to_device(next(loader), device) for _ in range(gradient_accumulation_steps)]  # copies queued at once
+    n_events = sum(b['n_events'] for b in micro)  # this rank's
+    share = n_events
+    if ddp:  # DDP averages the ranks' gradients: each divides its loss sum by the job's mean events per rank, so every
+        # event weighs the same (a rank of a few large events weighed each of them more); an all-reduce of the counts
+        # on the device, from the batches already there (a count copied from the host would wait for the device)
+        share = sum((b['event_index'] >= 0).sum() for b in micro).float()
+        dist.all_reduce(share)
+        share = share / world_size
     if threads is None:
         for k, batch in enumerate(micro):
             if ddp:
                 model.require_backward_grad_sync = k == len(micro) - 1
-            window['loss'] += micro_step(batch, n_events)
+            window['loss'] += micro_step(batch, share)
     else:  # the gradients of the threads' micro-batches add up in the weights' .grad (autograd locks each sum)
-        for per in threads.map(micro_step, micro, [n_events] * len(micro)):
+        for per in threads.map(micro_step, micro, [share] * len(micro)):
             window['loss'] += per
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(network_weights, grad_clip)

@@ -211,6 +211,52 @@ def test_ddp_gloo_two_ranks_identical(data_dir, tmp_path):
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['data_order']['world_size'] == 1
 
 
+def test_ddp_ranks_train_as_one_process_with_their_micro_batches(data_dir, tmp_path):
+    """Two ranks of one micro-batch each (12 and 5 events) give the gradient of one process that takes both
+    micro-batches: the mean over all 17 events. DDP averages the ranks' gradients, so a rank's mean over its own
+    events weighed each of the 5 events 2.4 times each of the 12."""
+    wrapper = tmp_path / 'fixed_batches.py'
+    wrapper.write_text(
+        "import os, runpy, sys, numpy as np, torch\n"
+        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
+        "import prepare\n"
+        "rank, ws, Real = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), prepare.BatchLoader\n"
+        "GROUPS = [np.arange(12), np.arange(12, 17)]  # the iteration's micro-batches: one process takes both\n"
+        "GRADS = sys.argv[sys.argv.index('--grads') + 1]\n"
+        "class Fixed:\n"
+        "    position = (0, 0)\n"
+        "    def __init__(self, split, budgets, transform):\n"
+        "        groups = GROUPS if ws == 1 else GROUPS[rank:rank + 1]\n"
+        "        self.batches = [transform(prepare.pack_batch(split, g, *budgets)[0]) for g in groups]\n"
+        "        assert [b['n_events'] for b in self.batches] == [len(g) for g in groups]\n"
+        "        self.i = -1\n"
+        "    def __next__(self):\n"
+        "        self.i += 1\n"
+        "        return self.batches[self.i % len(self.batches)]\n"
+        "    def close(self): pass\n"
+        "def loader(split, *budgets, shuffle=True, transform=None, **k):\n"
+        "    return Fixed(split, budgets, transform) if shuffle else Real(split, *budgets, shuffle=shuffle, transform=transform, **k)\n"
+        "prepare.BatchLoader = loader\n"
+        "def save_grads(opt, args, kwargs):  # the first step's gradients, as the optimizer sees them\n"
+        "    path = os.path.join(GRADS, f'rank{rank}.pt')\n"
+        "    if not os.path.exists(path):\n"
+        "        torch.save([p.grad.clone() for g in opt.param_groups for p in g['params']], path)\n"
+        "from torch.optim.optimizer import register_optimizer_step_pre_hook\n"
+        "register_optimizer_step_pre_hook(save_grads)\n"
+        "argv = sys.argv[1:sys.argv.index('--grads')]\n"
+        "sys.argv = ['train.py'] + argv\n"
+        "runpy.run_path('train.py', run_name='__main__')\n")
+    args = [f'--data_dir={data_dir}', '--max_iters=1', '--eval_interval=1', '--eval_events=10', '--grad_clip=0.0',
+            '--device=cpu'] + TINY
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    run([str(wrapper), f'--out_dir={one}', '--gradient_accumulation_steps=2'] + args + ['--grads', str(one)])
+    run([str(wrapper), f'--out_dir={two}'] + args + ['--grads', str(two)], torchrun=True)
+    g1, g2 = torch.load(one / 'rank0.pt'), torch.load(two / 'rank0.pt')
+    assert len(g1) == len(g2) > 10
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * a.abs().max()), f"{((a - b).abs().max() / a.abs().max()):.2e}"
+
+
 # -- preemption and damaged checkpoints ----------------------------------------------------------------
 
 def _truncate(path):
