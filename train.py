@@ -257,6 +257,15 @@ elif master:
         for f in previous:
             os.replace(os.path.join(out_dir, f), os.path.join(out_dir, 'previous', f))
         log(f"train: from scratch in {out_dir}: the previous run's {', '.join(previous)} moved to {out_dir}/previous/")
+if ddp:  # every rank goes on from one state: on several nodes, an out_dir that is not one shared folder gave a rank
+    # another run's checkpoint, or none, and its iteration count parted from the others' (a hang at the end)
+    state = torch.tensor([iter_num, seconds_before], dtype=torch.float64, device=device)
+    span = torch.cat([state, -state])
+    dist.all_reduce(span, op=dist.ReduceOp.MAX)
+    if (span[:2] != -span[2:]).any():
+        fail(f"the ranks start from different states (iterations {-span[2].item():.0f} to {span[0].item():.0f}); this "
+             f"rank, {rank}, from {'iteration ' + str(iter_num) if checkpoint else 'scratch'} in {out_dir}: every rank "
+             f"must see the same out_dir (on several nodes, one shared folder)")
 raw_model = M.IceModel(**model_args)
 if checkpoint is not None:
     M.load_weights(raw_model, checkpoint.get('train_model', checkpoint['model']), f"the checkpoint in {out_dir}", 'train')

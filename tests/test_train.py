@@ -428,6 +428,25 @@ def test_torchrun_restart_resumes(data_dir, tmp_path, monkeypatch):
     assert 'from scratch' in p.stdout
 
 
+def test_ddp_ranks_that_would_resume_from_different_states_stop(data_dir, tmp_path):
+    """On several nodes whose out_dir is not one shared folder, a rank resumed another run's checkpoint (or none) and
+    its iteration count parted from the others'. Every rank must start from the same iteration, or all stop, named."""
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    for out, iters in ((a, 2), (b, 4)):
+        run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', f'--max_iters={iters}', '--eval_interval=2'] + TINY)
+    wrapper = tmp_path / 'own_out_dir.py'  # rank 1 sees another out_dir, as a node of its own would
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
+        f"sys.argv = ['train.py'] + [x.replace({a!r}, {b!r}) if os.environ['RANK'] == '1' else x for x in sys.argv[1:]]\n"
+        "runpy.run_path('train.py', run_name='__main__')\n")
+    p = run([str(wrapper), f'--data_dir={data_dir}', f'--out_dir={a}', '--max_iters=6', '--init_from=resume',
+             '--device=cpu'] + TINY, torchrun=True, check=False)
+    assert p.returncode != 0
+    assert 'the ranks start from different states (iterations 2 to 4); this rank, 1, from iteration 4 in ' + b in p.stderr
+    assert torch.load(os.path.join(a, 'ckpt.pt'), weights_only=False)['iter_num'] == 2  # nothing trained on
+
+
 def train_here(monkeypatch, args):
     """train.py in this process (so that a test can patch torch), its signal handlers put back afterwards."""
     import runpy
