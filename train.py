@@ -327,6 +327,10 @@ wandb = None
 if wandb_log and master:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, mode=wandb_mode, dir=out_dir)
+    # every chart against the iteration: by default wandb counts log calls, and the train and val lines (logged at
+    # log_interval and eval_interval) would part from each other and from another run's with other intervals
+    wandb.define_metric('iter')
+    wandb.define_metric('*', step_metric='iter')
 
 
 def get_lr(it, seconds):

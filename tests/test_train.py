@@ -480,6 +480,26 @@ def test_no_host_sync_between_log_points(data_dir, tmp_path, monkeypatch):
     assert [b - a for a, b in zip(at, at[1:])] == [1, 1], printed  # 10 iterations, one read: the log point's reduce
 
 
+def test_wandb_logs_against_the_iteration(data_dir, tmp_path, monkeypatch):
+    """With wandb_log, the run's settings go to wandb.init, every chart's x axis is the iteration (wandb counts log
+    calls otherwise, and the train and val lines part), the train loss at each log point and the val error at each
+    evaluation, then finish. A stand-in module records the calls: no network, no wandb process."""
+    import types
+    calls = []
+    fake = types.SimpleNamespace(**{f: (lambda f: lambda *a, **k: calls.append((f, a, k)))(f)
+                                    for f in ('init', 'define_metric', 'log', 'finish')})
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    out = tmp_path / 'out'
+    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6', '--eval_interval=3',
+                             '--wandb_log=True', '--wandb_mode=disabled'] + TINY + ['--log_interval=2'])
+    assert calls[0][0] == 'init' and calls[0][2]['dir'] == str(out) and calls[0][2]['config']['max_iters'] == 6
+    assert ('define_metric', ('*',), {'step_metric': 'iter'}) in calls
+    logged = [a[0] for f, a, k in calls if f == 'log']
+    assert [r['iter'] for r in logged if 'train/loss' in r] == [2, 3, 4, 6]  # 3: the evaluation flushes the window
+    assert [r['iter'] for r in logged if 'val/angular_error' in r] == [3, 6]
+    assert calls[-1][0] == 'finish'
+
+
 def test_time_budget_holds_after_a_slow_first_iteration(data_dir, tmp_path, monkeypatch):
     """max_minutes is real training time even when the first iteration takes long (torch.compile: tens of seconds on
     a GPU). The clock extrapolates between log points at the last window's rate; with the compile counted in that
