@@ -327,7 +327,7 @@ def track_light(det, c, idx):
     d = np.sqrt(np.maximum(x * x + y * y + z * z - s * s, 0.0))  # perpendicular distance
     r = np.maximum(d / _SIN_CHERENKOV, 1.0)  # photon path from the emission point
     s_emit = s - d * _COT_CHERENKOV  # where the Cherenkov photon that reaches the DOM was emitted
-    # starting muons exist only for 0 <= s_emit <= range (R = (a/b) ln(1 + E/700 GeV), a/b ~ 3 km for ice);
+    # starting muons exist only for 0 <= s_emit <= range (R = (1/b) ln(1 + E b/a), with a/b ~ 700 GeV and 1/b ~ 3 km for ice);
     # through-going ones from their entry point on
     muon_range = np.where(c['kind'][idx] == 0, np.inf, 3000.0 * np.log1p(c['muon_energy'][idx] / 700.0))
     keep = (r < r_max[src, None]) & (s_emit >= 0) & (s_emit <= muon_range[src, None])
