@@ -436,7 +436,9 @@ def dom_features(b, s, c, ilf_dir, dom_kept):
         torch.log1p(s['kept'])[:, None] / 2.0,
         s['aux_frac'][:, None],
         dom_kept[:, None],                        # share of its pulses the delay cleaning keeps
-        (pos[:, 2:3] > -160).float() * (torch.linalg.vector_norm(pos[:, :2], dim=1, keepdim=True) < 80).float(),  # DeepCore-ish
+        # meant as DeepCore, it marks the central strings' DOMs above z = -160 m (on the real geometry 111 DOMs, 33 on
+        # DeepCore strings, 3 of its 400 deep ones): left as trained, positions tell the rest (notes, section 18)
+        (pos[:, 2:3] > -160).float() * (torch.linalg.vector_norm(pos[:, :2], dim=1, keepdim=True) < 80).float(),
     ], dim=1) * dreal.float()[:, None]
     spacetime = (torch.cat([rel, C_ICE * (t0 - t_ref)], dim=1) / SPACETIME_SCALE).clamp(-20.0, 20.0)
     return feats, spacetime, unit, unit_e
