@@ -349,8 +349,9 @@ def pulse_features(b):
 
 def event_centres(b, s):
     """Per event (E + 1 slots, the last for padding DOMs): the charge centre p_ref and time t_ref, weighted by each
-    DOM's non-auxiliary charge (noise is mostly auxiliary), and a vertex p_e, t_e from the earliest bright hits
-    (weights fall off over 200 ns after the event's first non-auxiliary hit)."""
+    DOM's charge times its share of non-auxiliary pulses, plus 0.001 of its charge (noise is mostly auxiliary; the
+    non-auxiliary charge itself differs only on DOMs with pulses of both kinds), and a vertex p_e, t_e from the
+    earliest bright hits (weights fall off over 200 ns after the event's first non-auxiliary hit)."""
     pos = b['dom_pos'].float()
     E = b['event_index'].shape[0]
     dom_ev = b['dom_event'].long()
