@@ -10,9 +10,10 @@ A micro-batch is a token budget (max_pulses pulses, max_doms DOMs, at most max_e
 fixed event count, so shapes stay fixed (no recompiles) and a huge event cannot blow the memory.
 One iteration = gradient_accumulation_steps micro-batches on each rank; the loss is the mean over the events of all
 ranks' micro-batches, so W ranks train as one process with W times the micro-batches would. Checkpoints
-(out_dir/ckpt.pt the latest, out_dir/best.pt the best val error) are written atomically at every evaluation and at the end; the one before ckpt.pt stays as
-ckpt.prev.pt. SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) finishes the current iteration, writes
-ckpt.pt and exits 143 (130 for SIGINT); --init_from=resume goes on with the same data order.
+(out_dir/ckpt.pt the latest, out_dir/best.pt the best val error) are written atomically at every evaluation and at
+the end; the one before ckpt.pt stays as ckpt.prev.pt. SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C)
+finishes the current iteration, writes ckpt.pt and exits 143 (130 for SIGINT); --init_from=resume goes on with the
+same data order.
 """
 
 import concurrent.futures
