@@ -632,7 +632,7 @@ def main():
     config = configure(globals())
     check_ranges('bench', globals(), at_least=dict(
         events_per_batch=1, read_events=1, max_pulses=1, max_doms=1, max_events=1, max_pulses_per_dom=1, threads=0,
-        t1_dim=1, t1_layers=1, t1_heads=1, t2_dim=1, t2_layers=1, t2_heads=1, mlp_ratio=1, step_batches=1,
+        t1_dim=1, t1_layers=0, t1_heads=1, t2_dim=1, t2_layers=1, t2_heads=1, mlp_ratio=1, step_batches=1,
         step_max_pulses=1, step_max_doms=1, step_max_events=1, step_max_pulses_per_dom=1, step_repeat=1,
         flat_max_s=0.0, flat_max_gb=0.0, likelihood_events=1, cpu_budget_divisor=1, loader_batches=1),
         choices=dict(dtype=('float32', 'bfloat16')),
