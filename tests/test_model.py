@@ -449,6 +449,34 @@ def test_metric_matches_reference():
     assert torch.allclose(vt, torch.tensor(v))
 
 
+
+def test_direction_error_is_the_metric_for_any_length():
+    """train.py's val error (direction_error, torch) is the metric's angle whatever the length (kappa) of the
+    prediction, and reads only its first 3-vector: a kappa of 20 or of 0.05 changes nothing."""
+    rng = np.random.default_rng(2)
+    n = 200
+    az1, az2 = rng.uniform(0, 2 * np.pi, n), rng.uniform(0, 2 * np.pi, n)
+    z1, z2 = np.arccos(rng.uniform(-1, 1, n)), np.arccos(rng.uniform(-1, 1, n))
+    want = M.angular_errors(az1, z1, az2, z2)
+    kappa = np.exp(rng.uniform(np.log(0.05), np.log(20), n))[:, None]
+    pred = np.concatenate([kappa * M.angles_to_vector(az2, z2), rng.normal(size=(n, 5))], 1)
+    got = M.direction_error(torch.tensor(pred, dtype=torch.float32), torch.tensor(M.angles_to_vector(az1, z1), dtype=torch.float32))
+    assert got.shape == (n,)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-3)
+
+
+def test_vector_to_angles_ranges():
+    """The submission's angles: azimuth in [0, 2 pi) and zenith in [0, pi], for directions all round the sphere
+    (numpy and torch), whatever the vector's length."""
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(2000, 3)) * rng.uniform(0.01, 50, (2000, 1))
+    v[:4] = [[1.0, -1e-18, 0.3], [-1.0, -0.0, 0.0], [0.0, -2.0, -1.0], [0.0, 0.0, -3.0]]
+    for x in (v, torch.tensor(v)):
+        az, zen = (np.asarray(a) for a in M.vector_to_angles(x))
+        assert (az >= 0).all() and (az < 2 * np.pi).all() and (zen >= 0).all() and (zen <= np.pi).all()
+        assert (az[v[:, 1] < -1e-9] > np.pi).all()  # the lower half-plane is pi..2 pi, not negative
+        np.testing.assert_allclose(M.angles_to_vector(az, zen), v / np.linalg.norm(v, axis=1, keepdims=True), atol=1e-9)
+
 def ieee_float32():
     """float32 matmuls in full precision on CUDA, cuBLAS and FlexAttention's kernel alike. The kernel reads its own
     setting when it is compiled: torch 2.13 follows set_float32_matmul_precision, but an earlier published version of
