@@ -242,6 +242,21 @@ def test_loader_covers_split_once_and_ranks_differ(prepared):
     assert not set(draws[0][draws[0] >= 0]) & set(draws[1][draws[1] >= 0])
 
 
+
+def test_shuffled_epochs_cover_the_split_once_in_a_new_order(prepared):
+    """shuffle=True: in each epoch the ranks together draw every event once, and each epoch draws them in another
+    order (the same permutation every epoch would show the model the same batches again and again)."""
+    s = open_split(f"{prepared}/out/train")
+    orders = {}
+    for rank in range(2):
+        loader = BatchLoader(s, 3000, 3000, 16, 64, shuffle=True, seed=5, rank=rank, world_size=2, epochs=2)
+        for b in loader:
+            orders.setdefault(b['epoch'], []).extend(b['event_index'][:b['n_events']])
+    assert sorted(orders) == [0, 1]
+    for epoch in orders:
+        assert sorted(orders[epoch]) == list(range(len(s))), epoch
+    assert orders[0] != orders[1]
+
 def test_interrupted_prepare_resumes_to_identical_result(tmp_path, prepared):
     ref = f"{prepared}/out"
     shutil.copytree(f"{prepared}/raw", tmp_path / 'raw')
