@@ -155,6 +155,24 @@ def read_csv(path):
     return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
 
 
+
+def test_val_coverage_is_checked_on_events_the_map_was_not_fit_on():
+    """On val the coverage report's check is held out: a map fit on the even-indexed events, measured on the
+    odd-indexed ones; a map fit on the events it is checked on would report its own fit, not a check."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    kappa = np.exp(rng.uniform(np.log(2), np.log(200), n))
+    err = vmf_errors(rng, kappa / 3)  # too sure by 3x: the map matters
+    events = {'hit_doms': rng.integers(10, 200, n)}
+    cal = sample.fit_calibration(kappa, err, events)
+    cov = sample.check_coverage('val', err, kappa, events, cal, {}, None)
+    even, odd = slice(0, None, 2), slice(1, None, 2)
+    fit = sample.fit_calibration(kappa[even], err[even], sample.subset(events, even))
+    assert cov['held_out']['all']['n'] == n // 2
+    np.testing.assert_allclose(cov['held_out']['all']['calibrated'],
+                               sample.coverage(err[odd], sample.calibrated_radii(fit, kappa[odd], sample.subset(events, odd))))
+    np.testing.assert_allclose(cov['held_out']['all']['predicted'], sample.coverage(err[odd], sample.vmf_radii(kappa[odd])))
+
 def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F811
     out = str(tmp_path / 'out')
     run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--eval_interval=10'] + TINY
@@ -270,6 +288,11 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     assert 'track_probability' not in p0 and 'log10_energy' not in p0
     assert json.load(open(os.path.join(out0, 'calibration.json')))['columns'] == ['hit_doms']
     assert 'truth_heads' not in json.load(open(os.path.join(out0, 'eval_val.json')))
+
+    # train.py's val error at the checkpoint's iteration is the metric of the weights it saved, over all of val (its
+    # eval_events hold all 40): sample.py's error on val with them, to float32 rounding
+    logged = [r['val_error'] for r in history if 'val_error' in r and r['iter'] == ev['iter']][-1]
+    assert ev['n_events'] == 40 and abs(ev['mean_angular_error'] - logged) < 2e-4, (ev['mean_angular_error'], logged)
 
 
 def test_likelihood_baselines_fit_in_the_data_s_ice(monkeypatch, capsys):
