@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,13 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
     run(['sample.py', f'--out_dir={out}', '--split=test'])
     sub = open(os.path.join(out, 'submission.csv')).read().splitlines()
     assert sub[0] == 'event_id,azimuth,zenith' and len(sub) == 41
+    # each test event once, in the split's order, with the direction predictions_test.csv gives it; azimuth in
+    # [0, 2 pi), zenith in [0, pi] (the csv rounds to 6 decimals)
+    sub = np.loadtxt(os.path.join(out, 'submission.csv'), delimiter=',', skiprows=1)
+    assert sub[:, 0].astype(np.int64).tolist() == prepare.open_split(os.path.join(data_dir, 'test')).event_id.tolist()
+    pt = np.genfromtxt(os.path.join(out, 'predictions_test.csv'), delimiter=',', names=True)
+    assert (pt['event_id'] == sub[:, 0]).all() and (pt['azimuth'] == sub[:, 1]).all() and (pt['zenith'] == sub[:, 2]).all()
+    assert (sub[:, 1] >= 0).all() and (sub[:, 1] < 2 * np.pi).all() and (sub[:, 2] >= 0).all() and (sub[:, 2] <= np.pi + 1e-6).all()
 
     # resumed on other data (fine-tuning): named, and best.pt starts over, since val errors of two sets do not compare
     other = str(tmp_path / 'other_packed')
