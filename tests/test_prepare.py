@@ -226,6 +226,24 @@ def test_pack_batch_budgets_and_truncation(prepared):
     assert np.isnan(b['event_track'][n:]).all() and np.isnan(b['event_log_energy'][n:]).all()
 
 
+
+def test_per_dom_cap_keeps_exactly_the_earliest_pulses(prepared):
+    """Within the budgets, max_pulses_per_dom keeps each DOM's first M pulses in time: not M + 1, not the last M
+    (both passed the checks of a batch that its budget truncates first), and every pulse of a DOM with fewer."""
+    s = open_split(f"{prepared}/out/train")
+    for M in (1, 2, 3):
+        b, n = pack_batch(s, np.arange(len(s)), 100000, 100000, 16, M)  # event 0 has DOMs of many pulses
+        ev = s.events(np.arange(n))
+        size = np.diff(ev['dom_offsets'])
+        assert (size > M).any(), "the test needs DOMs over the cap"
+        kept = np.bincount(b['pulse_dom'][:b['n_pulses']], minlength=b['n_doms'])
+        np.testing.assert_array_equal(kept, np.minimum(size, M))
+        first = np.minimum.reduceat(ev['time'], ev['pulse_offsets'][:-1])
+        want = np.concatenate([ev['time'][o:o + k] for o, k in zip(ev['dom_offsets'][:-1], kept)])
+        pulse_event = b['dom_event'][b['pulse_dom'][:b['n_pulses']]]
+        np.testing.assert_array_equal(b['pulse_time'][:b['n_pulses']], want - first[pulse_event])
+
+
 def test_loader_covers_split_once_and_ranks_differ(prepared):
     s = open_split(f"{prepared}/out/train")
     seen = []
