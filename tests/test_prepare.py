@@ -244,6 +244,20 @@ def test_per_dom_cap_keeps_exactly_the_earliest_pulses(prepared):
         np.testing.assert_array_equal(b['pulse_time'][:b['n_pulses']], want - first[pulse_event])
 
 
+
+def test_dom_budget_keeps_the_doms_hit_first(prepared):
+    """An event over the DOM budget keeps the DOMs of its first pulses in (non-auxiliary first, then time) order,
+    not any max_doms of them."""
+    s = open_split(f"{prepared}/out/train")
+    b, n = pack_batch(s, np.arange(len(s)), 1000, 5, 8, 1000)
+    assert n == 1 and b['n_doms'] == 5
+    e = s.event(0)
+    dom = np.cumsum(np.r_[True, np.diff(e['sensor_id']) != 0]) - 1  # pulses in (sensor, time) order
+    by_pulse = dom[np.lexsort((e['time'], e['auxiliary']))]
+    first = by_pulse[np.sort(np.unique(by_pulse, return_index=True)[1])[:5]]
+    dom_sensor = e['sensor_id'][np.r_[0, np.flatnonzero(np.diff(e['sensor_id'])) + 1]]
+    np.testing.assert_array_equal(b['dom_sensor'][:5], np.sort(dom_sensor[first]))
+
 def test_loader_covers_split_once_and_ranks_differ(prepared):
     s = open_split(f"{prepared}/out/train")
     seen = []
