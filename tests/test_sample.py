@@ -155,7 +155,6 @@ def read_csv(path):
     return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
 
 
-
 def test_val_coverage_is_checked_on_events_the_map_was_not_fit_on():
     """On val the coverage report's check is held out: a map fit on the even-indexed events, measured on the
     odd-indexed ones; a map fit on the events it is checked on would report its own fit, not a check."""
@@ -172,6 +171,7 @@ def test_val_coverage_is_checked_on_events_the_map_was_not_fit_on():
     np.testing.assert_allclose(cov['held_out']['all']['calibrated'],
                                sample.coverage(err[odd], sample.calibrated_radii(fit, kappa[odd], sample.subset(events, odd))))
     np.testing.assert_allclose(cov['held_out']['all']['predicted'], sample.coverage(err[odd], sample.vmf_radii(kappa[odd])))
+
 
 def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F811
     out = str(tmp_path / 'out')
