@@ -503,11 +503,15 @@ def stored_calibration(path, weights, n):
         return None
 
 
+def stored_fit(s):
+    """How prepare.py made split s's quick fit ({'steps', 'ice'}; {} for data from before it recorded them)."""
+    return (s.manifest.get('made_by') or {}).get('fit') or {}
+
+
 def fit_ice(s):
     """The ice of the likelihood baselines on split s: the one prepare.py fit its events' quick fit in (its fit_ice,
     'auto': the toy's ice for a simulated set, homogeneous ice for real data), else by the same rule."""
-    fit = (s.manifest.get('made_by') or {}).get('fit') or {}
-    return fit.get('ice') or ('toy' if s.truth is not None else 'bulk')
+    return stored_fit(s).get('ice') or ('toy' if s.truth is not None else 'bulk')
 
 
 def classical_baselines(s, n, methods, device):
@@ -516,7 +520,7 @@ def classical_baselines(s, n, methods, device):
     base_dirs, speed, ice = {}, {}, fit_ice(s)
     for name in methods:
         if name == 'time_fit':  # prepare.py fitted every event with it: read, as the model does (its rate is prepare's)
-            if ((s.manifest.get('made_by') or {}).get('fit') or {}).get('steps') == 0:
+            if stored_fit(s).get('steps') == 0:
                 print("sample: time_fit: this data was prepared with fit_steps=0, which stores the improved LineFit in "
                       "the quick fit's place: its row is that LineFit (as the model's second seed is)")
             rec = s.event_records(np.arange(n))[0]
