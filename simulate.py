@@ -557,18 +557,17 @@ def physics_constants():
 def check_settings(g):
     """Settings and physics constants out of range are named in one line, before any work: a negative dark rate, say,
     would run on and write a data set of nonsense noise (its sampling table no longer increases)."""
-    positive = ['E_MIN', 'GEN_RADIUS', 'GEN_HALF_HEIGHT', 'THROUGH_RADIUS', 'E_CRIT', 'SATURATION_PE', 'MU_MIN']
     at_least = dict(n_train_batches=1, n_test_batches=0, events_per_batch=1, num_proc=1, MAX_GROUPS=1,
                     TRIGGER_HLC_DOMS=1, **{k: 0.0 for k in ['FRAC_THROUGH', 'FRAC_STARTING', 'TRACK_NPE', 'CASCADE_NPE',
                                                            'CASCADE_TURN', 'CASCADE_SHIFT', 'DEEPCORE_EFF', 'DARK_RATE_HZ',
                                                            'DEEPCORE_DARK_RATE_HZ', 'NOISE_WINDOW_NS', 'WINDOW_START_NS',
                                                            'MERGE_NS', 'JITTER_NS']})
-    more = [f"{k}={g[k]!r} (above 0)" for k in positive if not g[k] > 0]
-    more += [f"E_MAX={g['E_MAX']!r} (above E_MIN={g['E_MIN']!r})"] if not g['E_MAX'] > g['E_MIN'] else []
+    more = [f"E_MAX={g['E_MAX']!r} (above E_MIN={g['E_MIN']!r})"] if not g['E_MAX'] > g['E_MIN'] else []
     more += ["SPECTRAL_INDEX=1.0 (any other: the energies are drawn by E^(1 - index))"] if g['SPECTRAL_INDEX'] == 1 else []
     more += [f"FRAC_THROUGH + FRAC_STARTING = {g['FRAC_THROUGH'] + g['FRAC_STARTING']!r} (at most 1: the rest are "
              f"cascades)"] if g['FRAC_THROUGH'] + g['FRAC_STARTING'] > 1 else []
-    check_ranges('simulate', g, at_least=at_least, more=more)
+    check_ranges('simulate', g, at_least=at_least, more=more, above=dict.fromkeys(
+        ['E_MIN', 'GEN_RADIUS', 'GEN_HALF_HEIGHT', 'THROUGH_RADIUS', 'E_CRIT', 'SATURATION_PE', 'MU_MIN'], 0))
 
 
 def detector(pos):
