@@ -36,6 +36,7 @@ vectors, the metric.
 """
 
 import math
+import pickle
 
 import numpy as np
 import torch
@@ -666,6 +667,28 @@ class IceModel(nn.Module):
         log_w = COMBINE_GAIN * self.combine(inputs)
         w = log_w.clamp(-8.0, 9.0).exp()
         return w[:, :1] * own + (w[:, 1:, None] * seed_dirs).sum(1)
+
+
+def read_checkpoint(path, keys):
+    """A checkpoint of train.py (a dict of tensors and plain values) read without running code: torch.load's
+    weights_only unpickler refuses any other object, where a full unpickle of a file from elsewhere runs whatever
+    it names. ValueError saying why it cannot be read: damaged, other objects in it, or without one of keys."""
+    try:
+        ck = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text starts with advice to unpickle fully: the reason is inside
+        lines = [line.strip() for line in str(e).splitlines()]
+        foreign = next((line for line in lines if 'GLOBAL' in line), None)
+        if foreign:
+            raise ValueError(f"it holds objects other than tensors and plain values, which train.py never writes, and "
+                             f"reading them could run code ({foreign.rstrip('.')}); not read") from None
+        reason = next((line for line in lines if line.startswith('Unsupported') or 'truncated' in line), lines[0])
+        raise ValueError(f"damaged (UnpicklingError: {reason})") from None
+    if not isinstance(ck, dict):
+        raise ValueError(f"a {type(ck).__name__}, not a checkpoint of train.py")
+    missing = [k for k in keys if k not in ck]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}: not a checkpoint of train.py")
+    return ck
 
 
 def load_weights(model, state, path, who):

@@ -545,13 +545,11 @@ def load_checkpoint(path):
         raise SystemExit(f"sample: error: {path}: no checkpoint there; train.py writes best.pt and ckpt.pt into "
                          f"its out_dir: choose them with --out_dir and --ckpt")
     try:
-        ck = torch.load(path, map_location='cpu', weights_only=False)
-        missing = [k for k in ('config', 'model', 'model_args', 'iter_num', 'max_pulses_per_dom', 'data_dir') if k not in ck]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
-    except Exception as e:  # truncated zip, garbage, no permission, not a train.py checkpoint
-        raise SystemExit(f"sample: error: {path}: unreadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
-                         f"the file is damaged: try --ckpt=ckpt.pt or --ckpt=ckpt.prev.pt (train.py keeps the one before ckpt.pt)") from None
+        ck = M.read_checkpoint(path, ('config', 'model', 'model_args', 'iter_num', 'max_pulses_per_dom', 'data_dir'))
+    except Exception as e:  # truncated zip, garbage, no permission, not a train.py checkpoint, foreign objects
+        reason = e if isinstance(e, ValueError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise SystemExit(f"sample: error: {path}: unreadable checkpoint ({reason}); "
+                         f"try --ckpt=ckpt.pt or --ckpt=ckpt.prev.pt (train.py keeps the one before ckpt.pt)") from None
     return ck
 
 

@@ -189,11 +189,11 @@ def load_resume_checkpoint():
             problems.append(f"{path} is missing")
             continue
         try:
-            ck = torch.load(path, map_location='cpu', weights_only=False)
-            missing = [k for k in ('model', 'optimizer', 'model_args', 'iter_num') if k not in ck]
-            if missing:
-                raise ValueError(f"no {', '.join(missing)}")
-        except Exception as e:  # truncated zip, garbage, no permission: all mean the same here
+            ck = M.read_checkpoint(path, ('model', 'optimizer', 'model_args', 'iter_num'))
+        except ValueError as e:
+            problems.append(f"{path} is unreadable ({e})")
+            continue
+        except Exception as e:  # truncated zip, no permission: all mean the same here
             problems.append(f"{path} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
             continue
         if path == ckpt_path:

@@ -272,6 +272,22 @@ def _truncate(path):
     open(path, 'wb').write(data[:len(data) // 3])
 
 
+class _RunsCode:
+    """An object whose unpickling makes a folder: what a checkpoint from elsewhere could carry in place of it."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.mkdir, (self.folder,)
+
+
+def _poison(src, dst, folder):
+    ck = torch.load(src, weights_only=False)
+    ck['config']['note'] = _RunsCode(str(folder))
+    torch.save(ck, dst)
+
+
 def _same_state(a, b):
     for w in ('model', 'train_model'):
         assert a[w].keys() == b[w].keys() and all(torch.equal(a[w][k], b[w][k]) for k in a[w]), w
@@ -366,6 +382,14 @@ def test_damaged_checkpoint_falls_back_to_the_newest_readable(preempted, tmp_pat
     p = run(args + [f'--out_dir={out}', '--init_from=resume'], check=False)
     assert p.returncode == 1 and 'Traceback' not in p.stderr
     assert p.stderr.startswith(f"train: error: init_from='resume' but there is no readable checkpoint in {out}: ")
+    # a ckpt.pt carrying an object whose unpickling runs code is not unpickled: named, and the next one taken
+    shutil.rmtree(out)
+    shutil.copytree(f'{root}/stopped', out)
+    _poison(f'{out}/ckpt.pt', f'{out}/ckpt.pt', tmp_path / 'ran')
+    p = run(args + [f'--out_dir={out}', '--init_from=resume'])
+    assert re.search(rf"{out}/ckpt.pt is unreadable \(it holds objects other than tensors and plain values, .* "
+                     rf"\(.*GLOBAL posix.mkdir.*\); not read\); resuming from {out}/best.pt", p.stdout), p.stdout
+    assert not os.path.exists(tmp_path / 'ran')
 
 
 def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
@@ -380,6 +404,14 @@ def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"sample: error: {tmp_path}/best.pt: unreadable checkpoint (")
     assert 'ckpt.prev.pt' in lines[0]
+    # a checkpoint from elsewhere carrying an object whose unpickling runs code: refused, and nothing run
+    _poison(f'{root}/whole/best.pt', tmp_path / 'best.pt', tmp_path / 'ran')
+    p = run(['sample.py', f'--out_dir={tmp_path}'], check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"sample: error: {tmp_path}/best.pt: unreadable checkpoint (it holds objects other than "
+                               "tensors and plain values, which train.py never writes, and reading them could run code ("), lines[0]
+    assert not os.path.exists(tmp_path / 'ran')
     # written by another version of model.py (here: a head of another width): named, not a load_state_dict traceback
     ck = torch.load(f'{root}/whole/best.pt', weights_only=False)
     ck['model']['head.bias'] = torch.zeros(7)
