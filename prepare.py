@@ -63,7 +63,6 @@ import io
 import json
 import os
 import queue
-import re
 import shutil
 import signal
 import sys

@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
