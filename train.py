@@ -283,8 +283,6 @@ elif ema_decay:
 # the main job slower, not faster: its work took the core that the step's second thread needed, and its Python held
 # the interpreter lock the step's own dispatch waits for (notes/experiments.md)
 path = raw_model.path(device)
-if features not in ('model', 'loader'):
-    fail(f"features must be 'model' or 'loader', not {features!r}")
 to_model = functools.partial(M.model_inputs, path=path, with_features=features == 'loader')
 pin = device_type == 'cuda'
 
