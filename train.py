@@ -311,7 +311,7 @@ n_t1 = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith(('
 n_train = min(train_events, len(train_split)) if train_events else len(train_split)
 log(f"train: {raw_model.num_params() / 1e6:.3f}M parameters (T1 {n_t1 / 1e6:.3f}M, T2+head "
     f"{(raw_model.num_params() - n_t1) / 1e6:.3f}M); {n_train} train / {len(val_split)} val events "
-    f"in {data_dir}; device {device} x{world_size}, attention {raw_model.path(torch.device(device))}, "
+    f"in {data_dir}; device {device} x{world_size}, attention {path}, "
     f"compile={compile}, amp={dtype if use_amp else 'off'}, weight average {ema_decay:g}; {max_iters} iterations"
     f"{f' or {max_minutes:g} min' if max_minutes else ''}; micro-batch {max_pulses} pulses / {max_doms} DOMs / "
     f"{max_events} events, {gradient_accumulation_steps} per rank per iteration"
