@@ -945,7 +945,6 @@ class Split:
             self.geometry = np.load(os.path.join(path, 'geometry.npy'))
         except (OSError, ValueError) as e:
             raise SplitError(f"{path}/geometry.npy: unreadable ({e}); rebuild it with: {mend_command(path, self.manifest)}") from None
-        self.has_labels = self.manifest['has_labels']
 
     def __len__(self):
         return int(self.shard_start[-1])
