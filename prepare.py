@@ -1114,10 +1114,9 @@ def pack_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
     return pack_taken(split, idx[:n_taken], max_pulses, max_doms, max_events, max_pulses_per_dom, read), n_taken
 
 
-def pack_taken(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom, read=None):
+def pack_taken(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom, read):
     """The micro-batch of exactly the events idx (as plan_batch took them; read: what it read of them)."""
     idx = np.asarray(idx, np.int64)
-    read = (*split.event_records(idx), None) if read is None else read
     return pack_events(split.events(idx, read), read[0], idx, split.geometry, max_pulses, max_doms, max_events,
                        max_pulses_per_dom)
 
