@@ -277,13 +277,6 @@ def _offsets(counts):
     return out
 
 
-def _ranges(starts, lengths):
-    """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
-    lengths = np.asarray(lengths, np.int64)
-    ends = np.cumsum(lengths)
-    return np.repeat(np.asarray(starts, np.int64) - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
-
-
 def linefit_seeds(ev, geometry, chunk_doms=8192):
     """Both LineFits of every event of a shard, as the model reads them (model.linefit_seeds, float64), from ev as
     Split.events returns it: the plain fit's velocity (n, 3) in m/ns and the improved fit's direction (n, 3), as
@@ -996,7 +989,7 @@ class Split:
             return np.zeros(0)
         raw, dtype = self._raw[name], self.shards[0][name].dtype
         if len(shard) == 0 or shard.min() == shard.max():  # one shard: no sorting
-            src = starts if lengths is None else _ranges(starts, lengths)
+            src = starts if lengths is None else M._ranges(starts, lengths)
             return raw[int(shard[0]) if len(shard) else 0][src].view(dtype)
         order = np.argsort(shard, kind='stable')
         runs = np.flatnonzero(np.diff(shard[order])) + 1  # where each shard's events start in that order
@@ -1005,8 +998,8 @@ class Split:
             dst, src, cuts = order, starts, runs
         else:
             n = np.asarray(lengths, np.int64)
-            dst = _ranges((np.cumsum(n) - n)[order], n[order])  # each row's place in the output
-            src, cuts = _ranges(starts, n[order]), np.cumsum(n[order])[runs - 1]
+            dst = M._ranges((np.cumsum(n) - n)[order], n[order])  # each row's place in the output
+            src, cuts = M._ranges(starts, n[order]), np.cumsum(n[order])[runs - 1]
         out = np.empty(len(dst), raw[0].dtype)
         for s, d, r in zip(shard[order[np.r_[0, runs]]].tolist(), np.split(dst, cuts), np.split(src, cuts)):
             out[d] = raw[s][r]
