@@ -1194,9 +1194,8 @@ def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, 
 
 
 def angles_to_dir(azimuth, zenith):
-    """Unit vector of the direction the neutrino comes from (NaN in, NaN out)."""
-    s = np.sin(zenith)
-    return np.stack([np.cos(azimuth) * s, np.sin(azimuth) * s, np.cos(zenith)], -1).astype(np.float32)
+    """Unit vector of the direction the neutrino comes from, float32 (NaN in, NaN out): model.angles_to_vector's."""
+    return M.angles_to_vector(azimuth, zenith).astype(np.float32)
 
 
 class BatchLoader:
