@@ -3,6 +3,7 @@ The model: a hierarchical transformer over the pulses of IceCube events.
 
     pulses --T1 (attention within each DOM)--> one embedding per DOM
            --T2 (attention within each event: DOM tokens + one CLS token per event)--> 3-vector per event
+           --with the seeds (IceModel.with_seed)--> the prediction
 
 A micro-batch reaches the model in three steps, each a named function:
   prepare.pack_batch  numpy: the events' pulses, DOMs and events in fixed-shape arrays, in (event, sensor, time)
@@ -29,10 +30,11 @@ documents are contiguous and sorted by length. Two attention layouts compute the
 tests/test_model.py checks that both give the same output, and that the step equals the one before this layout
 (commit bfe73ee) on a fixed batch.
 
-The output is a 3-vector per event slot: its direction is the predicted direction the neutrino comes from, its norm
-kappa the von Mises-Fisher concentration (a per-event confidence). Also here: the improved LineFit (the model's seed,
-which prepare.py stores and classical.py runs too), the vMF loss, the angular loss, helpers between angles and unit
-vectors, the metric.
+The prediction is a 3-vector per event slot: its direction is the predicted direction the neutrino comes from, its
+norm kappa the von Mises-Fisher concentration (a per-event confidence). IceModel.forward returns it beside the
+network's own 3-vector and the kind and energy heads' two outputs, (E, 8). Also here: the improved LineFit (the
+model's seed, which prepare.py stores and classical.py runs too), the vMF loss, the angular loss, helpers between
+angles and unit vectors, the metric.
 """
 
 import math
