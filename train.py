@@ -371,7 +371,7 @@ def event_losses(pred, b):
 @torch.no_grad()
 def evaluate():
     """Mean angular error (rad) and mean loss of the averaged weights over the first eval_events val events,
-    split across ranks."""
+    split across ranks, and how many events that was."""
     swap_ema()
     eval_model.eval()
     loader = BatchLoader(val_split, max_pulses, max_doms, max_events, max_pulses_per_dom, shuffle=False,
