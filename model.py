@@ -416,8 +416,9 @@ def dom_features(b, s, c, ilf_dir, dom_kept):
     dist = torch.linalg.vector_norm(rel, dim=1, keepdim=True)
     unit = rel / dist.clamp(min=1.0)
     resid = ((t0 - t_ref - dist / C_ICE) / 1000.0).clamp(-10.0, 10.0)  # light spreading from the charge centre at t_ref
-    dist_e = torch.linalg.vector_norm(pos - c['p_e'][de], dim=1, keepdim=True)
-    unit_e = (pos - c['p_e'][de]) / dist_e.clamp(min=1.0)
+    rel_e = pos - c['p_e'][de]
+    dist_e = torch.linalg.vector_norm(rel_e, dim=1, keepdim=True)
+    unit_e = rel_e / dist_e.clamp(min=1.0)
     resid_e = ((t0 - c['t_e'][de][:, None] - dist_e / C_ICE) / 1000.0).clamp(-10.0, 10.0)
     # in the frame of the improved LineFit track through the charge centre: distance along it and from it, and the
     # first-hit residual against direct Cherenkov light, t_ref + (along + TRACK_DELAY_FACTOR d) / c
