@@ -127,3 +127,15 @@ def test_efficiency_config_falls_back_on_train_defaults(tmp_path):
     for key in ('max_pulses', 'max_doms', 'max_events', 'max_pulses_per_dom', 't1_dim', 'mlp_ratio'):
         assert f"\n{key} = {cfg[key]!r}" in train, key  # train.py's own default
     assert bench.train_config('toy_cpu')['mlp_ratio'] == 2
+
+
+def test_measured_times_the_call_alone(monkeypatch):
+    """measured's seconds are fn's own: peak_memory's gc.collect (~0.17 s in a bench run, more than a small step)
+    was on the clock, so every time of the step and scaling rows carried it (the 100-pulse step took 184 ms)."""
+    import time
+    sys.path.insert(0, ROOT)
+    import bench
+    collect = bench.gc.collect
+    monkeypatch.setattr(bench.gc, 'collect', lambda *a: (time.sleep(0.3), collect(*a))[1])
+    t, peak, result = bench.measured(lambda: time.sleep(0.01) or 7, 2)
+    assert result == 7 and 0.01 <= t < 0.2, t
