@@ -469,7 +469,9 @@ def bench_efficiency(name, split):
         batch, n = prepare.pack_batch(split, idx[pos:], *budgets)
         raw.append(batch)
         pos += n
-    flops = np.mean([step_flops(model, M.model_inputs(r, 'sdpa')) / r['n_events'] for r in raw[:2]])
+    # counted on every batch that is timed: FLOP/event varies from batch to batch (toy_cpu's first two came to 61M, all
+    # eight to 50M)
+    flops = sum(step_flops(model, M.model_inputs(r, 'sdpa')) for r in raw) / sum(int(r['n_events']) for r in raw)
     path = model.path(device)
     batches = [M.model_inputs(r, path, device) for r in raw]  # as train.py runs it: the features in the forward
     network = [M.model_inputs(r, path, device, with_features=True) for r in raw]  # the features already done

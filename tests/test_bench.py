@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_BFE73EE = subprocess.run(['git', 'cat-file', '-e', 'bfe73ee'], cwd=ROOT, capture_output=True).returncode == 0
 TINY = ['--events_per_batch=100', '--read_events=32', '--max_pulses=4096', '--max_doms=2048', '--max_events=32',
@@ -139,3 +141,41 @@ def test_measured_times_the_call_alone(monkeypatch):
     monkeypatch.setattr(bench.gc, 'collect', lambda *a: (time.sleep(0.3), collect(*a))[1])
     t, peak, result = bench.measured(lambda: time.sleep(0.01) or 7, 2)
     assert result == 7 and 0.01 <= t < 0.2, t
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    """bench's synthetic files at 200 events a batch file: (raw folder, the packed train split)."""
+    sys.path.insert(0, ROOT)
+    import bench
+    import prepare
+    saved = bench.work_dir, bench.events_per_batch
+    bench.work_dir, bench.events_per_batch = str(tmp_path_factory.mktemp('bench')), 200
+    try:
+        raw, packed = bench.make_data()
+    finally:
+        bench.work_dir, bench.events_per_batch = saved
+    return raw, prepare.open_split(f"{packed}/train")
+
+
+def test_efficiency_flops_are_those_of_the_timed_batches(tiny_data, tmp_path, monkeypatch):
+    """The efficiency row's FLOP/event is counted on the very batches whose events/s it multiplies, all of them: it
+    was the mean of the first two batches' FLOP/event (toy_cpu: 61M, against 50M over the eight timed)."""
+    import bench
+    cfg = tmp_path / 'tiny.py'
+    cfg.write_text("device = 'cpu'\nt1_dim = 16\nt1_heads = 2\nt1_layers = 1\nt2_dim = 32\nt2_heads = 2\nt2_layers = 1\n"
+                   "max_pulses = 512\nmax_doms = 64\nmax_events = 16\nmax_pulses_per_dom = 8\n")
+    monkeypatch.setattr(bench, 'step_batches', 4)
+    monkeypatch.setattr(bench, 'step_repeat', 1)
+    monkeypatch.setattr(bench, 'loader_batches', 1)
+    monkeypatch.setattr(bench, 'step_flops', lambda model, b: float(b['n_pulses']))  # a FLOP count that varies by batch
+    timed = []
+    steps_per_s = bench.steps_per_s
+
+    def recording(model, batches):
+        timed.append([(int(b['n_pulses']), int(b['n_events'])) for b in batches])
+        return steps_per_s(model, batches)
+    monkeypatch.setattr(bench, 'steps_per_s', recording)
+    e = bench.bench_efficiency(str(cfg), tiny_data[1])
+    pulses, events = zip(*timed[0])
+    assert len(pulses) == 4 and e['flops_per_event'] == pytest.approx(sum(pulses) / sum(events))
