@@ -619,6 +619,9 @@ def bench_inference(split, batches, idx, hier):
         if not hasattr(classical, 'reconstruct') or method not in getattr(classical, 'METHODS', ()):
             out[method] = {'skipped': 'not in classical.py'}
             continue
+        # warm-up on two events: linefit_improved's first call on the 64 took 14 ms, the next ones 4 ms (the scaling
+        # row's LineFits had warmed it, a run without that row not)
+        classical.reconstruct(method, split.events(small[:2]), geometry)
         t, _ = timed(lambda: classical.reconstruct(method, es, geometry), repeat=1)
         out[method] = {'events': len(small), 'events_per_s': len(small) / t}
     return out
