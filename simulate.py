@@ -197,7 +197,7 @@ def read_geometry(path):
 
 
 # our own smooth fit to the shape of IceCube's depth profile: ~110 m absorption in the upper detector,
-# ~210 m in the clear deep ice, and the dust layer (absorption down to ~25 m) centred at z = -90 m
+# ~210 m in the clear deep ice, and the dust layer (absorption down to ~20 m) centred at z = -90 m
 def absorption_length(z):
     clear = 110.0 + 100.0 / (1.0 + np.exp((z + 180.0) / 60.0))
     dust = 1.0 - 0.84 * np.exp(-0.5 * ((z + 90.0) / 28.0) ** 2)
