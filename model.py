@@ -684,7 +684,7 @@ def read_checkpoint(path, keys):
         if foreign:
             raise ValueError(f"it holds objects other than tensors and plain values, which train.py never writes, and "
                              f"reading them could run code ({foreign.rstrip('.')}); not read") from None
-        reason = next((line for line in lines if line.startswith('Unsupported') or 'truncated' in line), lines[0])
+        reason = next((line for line in lines if line.startswith('Unsupported') or 'truncated' in line), lines[0] if lines else '')
         raise ValueError(f"damaged (UnpicklingError: {reason})") from None
     if not isinstance(ck, dict):
         raise ValueError(f"a {type(ck).__name__}, not a checkpoint of train.py")
