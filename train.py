@@ -649,7 +649,9 @@ while True:
 loader.close()
 if threads is not None:
     threads.shutdown()
-log(f"train: done, {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min of training "
+# this run's iterations, as the minutes are this run's (a resumed run's iter_num counts those before it too)
+log(f"train: done, {iter_num - first_iter} iterations{f' (from iteration {first_iter} to {iter_num})' if first_iter else ''} "
+    f"in {(time.time() - t_start) / 60:.1f} min of training "
     f"({(time.time() - t_begin) / 60:.1f} with the evaluations), best val {best_val:.4f} rad "
     f"({math.degrees(best_val):.2f} deg); checkpoints in {out_dir}")
 if wandb is not None:

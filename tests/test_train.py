@@ -590,6 +590,17 @@ def test_resume_applies_the_optimizer_settings_given(data_dir, tmp_path):
             "beta1=0.8 (was 0.9), beta2=0.99 (was 0.95)") in p.stdout
 
 
+def test_done_line_counts_this_runs_iterations(data_dir, tmp_path):
+    """The final line's iterations are those its minutes timed: a resumed run's, not its checkpoint's ones too (a run
+    resumed at 60 to 90 said '90 iterations in' the minutes of its 30)."""
+    out = str(tmp_path / 'out')
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY)
+    assert 'train: done, 2 iterations in ' in p.stdout
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=5', '--eval_interval=5',
+             '--init_from=resume'] + TINY)
+    assert 'train: done, 3 iterations (from iteration 2 to 5) in ' in p.stdout, p.stdout
+
+
 def test_resume_takes_this_runs_attention_layout(data_dir, tmp_path):
     """attn is how attention is computed, not what the weights are: a run trained with attn='flex' (a GPU) resumes on
     the CPU with this run's attn instead of ending in FlexAttention's 'no backward on CPU'."""
