@@ -287,7 +287,9 @@ def check_coverage(split, err, kappa, events, cal, groups, kind):
                                 for g, m in curve_groups.items() if m[check].any()}}
     if split == 'val' and cal is not None:
         cov['stored_map_in_sample'] = coverage_report(err, circles(kappa, events, cal), {})['all']
-        print(f"  the stored map, fit on all {n} events, on those same events (in sample, not a check): "
+        fit_n = cal.get('n_events', n)  # more than n where a run on part of val kept the maps fit on more of it
+        print(f"  the stored map, fit on {'all ' if fit_n == n else ''}{fit_n} events, on "
+              f"{'those same events' if fit_n == n else f'the first {n} of them'} (in sample, not a check): "
               + " ".join(f"{100 * c:5.1f}" for c in cov['stored_map_in_sample']['calibrated']))
     return cov
 

@@ -173,6 +173,22 @@ def test_val_coverage_is_checked_on_events_the_map_was_not_fit_on():
     np.testing.assert_allclose(cov['held_out']['all']['predicted'], sample.coverage(err[odd], sample.vmf_radii(kappa[odd])))
 
 
+def test_in_sample_line_names_the_events_the_stored_map_was_fit_on(capsys):
+    """The stored map's in-sample coverage line says how many val events the map was fit on: a run on part of val
+    keeps maps fit on more of it (sample.py's stored_calibration), and the line said 'fit on all 2000 events' of a
+    map fit on 20,000."""
+    rng = np.random.default_rng(6)
+    kappa = np.exp(rng.uniform(np.log(2), np.log(200), 2000))
+    err = vmf_errors(rng, kappa / 3)
+    events = {'hit_doms': rng.integers(10, 200, len(kappa))}
+    cal = {**sample.fit_calibration(kappa, err, events), 'n_events': 2000}
+    sample.check_coverage('val', err, kappa, events, cal, {}, None)
+    assert 'the stored map, fit on all 2000 events, on those same events (in sample' in capsys.readouterr().out
+    part = slice(0, 500)
+    sample.check_coverage('val', err[part], kappa[part], sample.subset(events, part), cal, {}, None)
+    assert 'the stored map, fit on 2000 events, on the first 500 of them (in sample' in capsys.readouterr().out
+
+
 def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F811
     out = str(tmp_path / 'out')
     run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--eval_interval=10'] + TINY
