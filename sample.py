@@ -425,7 +425,7 @@ def plot_training(history, path, ckpt_iter=None):
              'val_error_deg': (np.array(history['val_iter']), np.array(history['val_error_deg']))}
     a1.plot(*drawn['train_loss'], lw=0.8, label='train')
     a1.plot(*drawn['val_loss'], 'o-', label='val')
-    a1.set_ylabel('loss (vMF NLL + angular term)')
+    a1.set_ylabel("loss per event (train.py's)")  # its event_losses: the kind and energy heads' terms too, where trained
     a1.legend()
     a2.plot(*drawn['val_error_deg'], 'o-')
     a2.set_ylabel('val mean angular error [deg]')

@@ -189,6 +189,18 @@ def test_in_sample_line_names_the_events_the_stored_map_was_fit_on(capsys):
     assert 'the stored map, fit on 2000 events, on the first 500 of them (in sample' in capsys.readouterr().out
 
 
+def test_training_figure_names_the_loss_train_py_logs(monkeypatch, tmp_path):
+    """The training figure's loss is train.py's per-event loss, which holds the kind and energy heads' terms where
+    the data has a truth file (every toy run) beside the vMF NLLs and the angular term: its axis said 'vMF NLL +
+    angular term' alone."""
+    import matplotlib.axes
+    labels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, 'set_ylabel', lambda self, label, *a, **k: labels.append(label))
+    history = {'iter': [10, 20], 'train_loss': [3.0, 2.5], 'val_iter': [20], 'val_loss': [2.6], 'val_error_deg': [50.0]}
+    sample.plot_training(history, str(tmp_path / 'training.png'))
+    assert labels == ["loss per event (train.py's)", 'val mean angular error [deg]']
+
+
 def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F811
     out = str(tmp_path / 'out')
     run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--eval_interval=10'] + TINY
