@@ -675,7 +675,8 @@ class IceModel(nn.Module):
 def read_checkpoint(path, keys):
     """A checkpoint of train.py (a dict of tensors and plain values) read without running code: torch.load's
     weights_only unpickler refuses any other object, where a full unpickle of a file from elsewhere runs whatever
-    it names. ValueError saying why it cannot be read: damaged, other objects in it, or without one of keys."""
+    it names. ValueError saying why it cannot be read: damaged (a truncated zip, garbage), unreadable (no permission),
+    other objects in it, or without one of keys."""
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # torch's text starts with advice to unpickle fully: the reason is inside
@@ -686,6 +687,8 @@ def read_checkpoint(path, keys):
                              f"reading them could run code ({foreign.rstrip('.')}); not read") from None
         reason = next((line for line in lines if line.startswith('Unsupported') or 'truncated' in line), lines[0] if lines else '')
         raise ValueError(f"damaged (UnpicklingError: {reason})") from None
+    except Exception as e:  # truncated zip, no permission: the error's first line
+        raise ValueError(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
     if not isinstance(ck, dict):
         raise ValueError(f"a {type(ck).__name__}, not a checkpoint of train.py")
     missing = [k for k in keys if k not in ck]

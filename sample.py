@@ -548,9 +548,8 @@ def load_checkpoint(path):
                          f"its out_dir: choose them with --out_dir and --ckpt")
     try:
         ck = M.read_checkpoint(path, ('config', 'model', 'model_args', 'iter_num', 'max_pulses_per_dom', 'data_dir'))
-    except Exception as e:  # truncated zip, garbage, no permission, not a train.py checkpoint, foreign objects
-        reason = e if isinstance(e, ValueError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        raise SystemExit(f"sample: error: {path}: unreadable checkpoint ({reason}); "
+    except ValueError as e:  # truncated zip, garbage, no permission, not a train.py checkpoint, foreign objects
+        raise SystemExit(f"sample: error: {path}: unreadable checkpoint ({e}); "
                          f"try --ckpt=ckpt.pt or --ckpt=ckpt.prev.pt (train.py keeps the one before ckpt.pt)") from None
     return ck
 

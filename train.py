@@ -189,11 +189,8 @@ def load_resume_checkpoint():
             continue
         try:
             ck = M.read_checkpoint(path, ('model', 'optimizer', 'model_args', 'iter_num'))
-        except ValueError as e:
+        except ValueError as e:  # damaged, unreadable or foreign: all mean the same here
             problems.append(f"{path} is unreadable ({e})")
-            continue
-        except Exception as e:  # truncated zip, no permission: all mean the same here
-            problems.append(f"{path} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
             continue
         if path == ckpt_path:
             return ck
