@@ -521,6 +521,8 @@ signal.signal(signal.SIGINT, on_signal)
 model.train()
 t_start = t_begin = time.time()  # t_start moves past each evaluation: evaluation time is not training time
 clock = dict(iter=iter_num, seconds=seconds_before, per_iter=0.0)  # the agreed clock at the last log point
+# the iterations since the last log point: t when the window began, t1 when its first iteration ended (the clock's
+# rate leaves that one out, flush_window), stop whether any rank had a signal at the last log point
 window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start, t1=t_start, stop=False)
 
 
@@ -552,23 +554,23 @@ def flush_window():
     left = per_iter * (max_iters - iter_num)
     if max_minutes:
         left = max(min(left, 60 * max_minutes - seconds), 0.0)  # the last iteration may pass the budget
-    rate = max(now - window['t'], 1e-9)
-    log(f"iter {iter_num}: loss {loss_mean:.4f}, lr {lr:.2e}, {events / rate:.0f} events/s, "
-        f"{pulses / rate:.0f} pulses/s, {dt * 1000:.0f} ms/iter, {left / 60:.1f} min left")
+    window_s = max(now - window['t'], 1e-9)
+    log(f"iter {iter_num}: loss {loss_mean:.4f}, lr {lr:.2e}, {events / window_s:.0f} events/s, "
+        f"{pulses / window_s:.0f} pulses/s, {dt * 1000:.0f} ms/iter, {left / 60:.1f} min left")
     record({'iter': iter_num, 'train_loss': loss_mean, 'lr': lr})
     if wandb is not None:
-        wandb.log({'iter': iter_num, 'train/loss': loss_mean, 'lr': lr, 'events_per_s': events / rate})
+        wandb.log({'iter': iter_num, 'train/loss': loss_mean, 'lr': lr, 'events_per_s': events / window_s})
     window.update(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=time.time(), stop=stops > 0)
 
 
-def micro_step(b, n_events):
+def micro_step(b, share):
     """Forward and backward of one micro-batch (on the device), its loss scaled to the iteration's mean per event
-    (n_events: the iteration's events on this rank, or under DDP the job's mean per rank); returns the sum of its
+    (share: the iteration's events on this rank, or under DDP the job's mean per rank); returns the sum of its
     events' losses (a device scalar, not read here)."""
     with autocast:
         pred = model(b)
     per = event_losses(pred, b).sum()
-    (per / n_events).backward()
+    (per / share).backward()
     return per.detach()
 
 
