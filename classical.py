@@ -340,18 +340,18 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, ice, amp=None, sta
     seeds, to start from. Returns the best direction and log-likelihood per event, its track as (point, neutrino
     direction, t0), and every seed's fit as start takes it."""
     n_events, n_dirs = seeds.shape[:2]
-    f64 = dict(dtype=getattr(torch, MPE_DTYPE), device=device)
+    fit_kw = dict(dtype=getattr(torch, MPE_DTYPE), device=device)  # every tensor of the fit: MPE_DTYPE, on device
     # one group per (event, hypothesis, seed): with the charge likelihood and MPE_STARTING every seed is fitted as
     # an infinite and as a starting track; every DOM appears once per group
     starting_too = amp is not None and MPE_STARTING
     n_seeds = n_dirs * (2 if starting_too else 1)
-    hits, centre, t_ref = _time_rows(pos, time, npe, offsets, n_seeds, f64)
-    centre_g = torch.as_tensor(np.repeat(centre, n_seeds, 0), **f64)
+    hits, centre, t_ref = _time_rows(pos, time, npe, offsets, n_seeds, fit_kw)
+    centre_g = torch.as_tensor(np.repeat(centre, n_seeds, 0), **fit_kw)
     starting = torch.as_tensor(np.tile(np.arange(n_seeds) >= n_dirs, n_events), device=device)
-    near = None if amp is None else _charge_rows(amp, n_seeds, f64)
-    path_mean = _ice_path_mean(f64, ice)
-    params = _seed_tracks(seeds, start, hits, centre_g, t_ref, n_seeds, path_mean, f64)
-    params['s_vertex'], params['log_ratio'] = _starting_vertex(params, starting, hits, centre_g, starting_too, f64)
+    near = None if amp is None else _charge_rows(amp, n_seeds, fit_kw)
+    path_mean = _ice_path_mean(fit_kw, ice)
+    params = _seed_tracks(seeds, start, hits, centre_g, t_ref, n_seeds, path_mean, fit_kw)
+    params['s_vertex'], params['log_ratio'] = _starting_vertex(params, starting, hits, centre_g, starting_too, fit_kw)
 
     def log_likelihood():
         unit, ref = _track(params['u'], params['shift'], centre_g)
@@ -362,7 +362,7 @@ def _mpe_chunk(pos, time, npe, offsets, seeds, device, steps, ice, amp=None, sta
     _fit_loop(params, starting, steps, log_likelihood)
     with torch.no_grad():
         ll = log_likelihood()
-    return _best_fit(ll, params, centre_g, seeds, centre, t_ref, f64)
+    return _best_fit(ll, params, centre_g, seeds, centre, t_ref, fit_kw)
 
 
 def _group_rows(ev_of_row, n_seeds, device):
@@ -373,7 +373,7 @@ def _group_rows(ev_of_row, n_seeds, device):
     return torch.as_tensor(g[o], device=device), torch.as_tensor(r[o], device=device)
 
 
-def _time_rows(pos, time, npe, offsets, n_seeds, f64):
+def _time_rows(pos, time, npe, offsets, n_seeds, fit_kw):
     """The time likelihood's data, each hit DOM once per group: position x, first-pulse time t relative to its event's
     mean time t_ref, photon count n (charge rounded, 1..MPE_MAX_NPE); and per event the charge centre and t_ref."""
     n_events = len(offsets) - 1
@@ -387,24 +387,24 @@ def _time_rows(pos, time, npe, offsets, n_seeds, f64):
     w = np.bincount(event, wq, n_events)
     centre = np.stack([np.bincount(event, wq * pos[:, k], n_events) for k in range(3)], 1) / w[:, None]
     t_ref = np.bincount(event, time, n_events) / n_doms  # times relative to the event mean, for precision
-    group, dom = _group_rows(event, n_seeds, f64['device'])
-    hits = dict(group=group, x=torch.as_tensor(pos, **f64)[dom], t=torch.as_tensor(time - t_ref[event], **f64)[dom],
-                n=torch.as_tensor(np.clip(np.round(npe), 1, MPE_MAX_NPE), **f64)[dom])
+    group, dom = _group_rows(event, n_seeds, fit_kw['device'])
+    hits = dict(group=group, x=torch.as_tensor(pos, **fit_kw)[dom], t=torch.as_tensor(time - t_ref[event], **fit_kw)[dom],
+                n=torch.as_tensor(np.clip(np.round(npe), 1, MPE_MAX_NPE), **fit_kw)[dom])
     return hits, centre, t_ref
 
 
-def _charge_rows(amp, n_seeds, f64):
+def _charge_rows(amp, n_seeds, fit_kw):
     """The charge likelihood's data, each DOM near the track (_near_doms) once per group: position x, efficiency eff,
     charge; and the total charge per group."""
     amp_pos, amp_eff, amp_charge, amp_offsets = amp
     n_events = len(amp_offsets) - 1
-    group, row = _group_rows(np.repeat(np.arange(n_events), np.diff(amp_offsets)), n_seeds, f64['device'])
-    charge = torch.as_tensor(amp_charge, **f64)[row]
-    return dict(group=group, x=torch.as_tensor(amp_pos, **f64)[row], eff=torch.as_tensor(amp_eff, **f64)[row],
-                charge=charge, q_total=torch.zeros(n_events * n_seeds, **f64).index_add_(0, group, charge))
+    group, row = _group_rows(np.repeat(np.arange(n_events), np.diff(amp_offsets)), n_seeds, fit_kw['device'])
+    charge = torch.as_tensor(amp_charge, **fit_kw)[row]
+    return dict(group=group, x=torch.as_tensor(amp_pos, **fit_kw)[row], eff=torch.as_tensor(amp_eff, **fit_kw)[row],
+                charge=charge, q_total=torch.zeros(n_events * n_seeds, **fit_kw).index_add_(0, group, charge))
 
 
-def _ice_path_mean(f64, ice=None):
+def _ice_path_mean(fit_kw, ice=None):
     """path_mean(which, z_from, z_to): the mean of 1 / l_scat (which 0) or of 1 / l_att (which 1) along the path
     from depth z_from to a DOM at depth z_to, in the ice ice_table(ice) (None: MPE_ICE)."""
     ice = ice_table(ice)
@@ -413,7 +413,7 @@ def _ice_path_mean(f64, ice=None):
     # path averages of 1/l_scat and 1/l_att from a point to a DOM: (G(z_dom) - G(z_from)) / (z_dom - z_from),
     # G the integral over depth, linear between grid points (so differentiable in z_from)
     z_grid, z0, dz = ice[0], float(ice[0][0]), float(ice[0][1] - ice[0][0])
-    tables = [(torch.as_tensor(np.r_[0.0, np.cumsum(0.5 * (inv[1:] + inv[:-1]) * dz)], **f64), torch.as_tensor(inv, **f64))
+    tables = [(torch.as_tensor(np.r_[0.0, np.cumsum(0.5 * (inv[1:] + inv[:-1]) * dz)], **fit_kw), torch.as_tensor(inv, **fit_kw))
               for inv in ice[1:]]
 
     def interp(table, z):
@@ -538,19 +538,19 @@ def _order_within_groups(values, group, n_groups):
     return order, torch.cumsum(counts, 0) - counts, counts
 
 
-def _seed_tracks(seeds, start, hits, centre_g, t_ref, n_seeds, path_mean, f64):
+def _seed_tracks(seeds, start, hits, centre_g, t_ref, n_seeds, path_mean, fit_kw):
     """Every group's infinite track to start from: the muon along minus its seed; its reference point and t0 those of
     the previous stage's fit (start), or at the charge centre with t0 a low quantile of the direct-light offsets."""
     n_events, n_dirs = seeds.shape[:2]
     n_groups = n_events * n_seeds
-    u = torch.as_tensor(-np.tile(seeds, (1, n_seeds // n_dirs, 1)).reshape(-1, 3), **f64).clone()  # muon along -seed
-    shift = torch.zeros(n_groups, 3, **f64)
+    u = torch.as_tensor(-np.tile(seeds, (1, n_seeds // n_dirs, 1)).reshape(-1, 3), **fit_kw).clone()  # muon along -seed
+    shift = torch.zeros(n_groups, 3, **fit_kw)
     with torch.no_grad():
         if start is not None:  # the previous stage's tracks: their points as the shift, their times
-            point, _, t0 = (torch.as_tensor(np.tile(a, (1, n_seeds // n_dirs) + (1,) * (a.ndim - 2)).reshape((n_groups,) + a.shape[2:]), **f64)
+            point, _, t0 = (torch.as_tensor(np.tile(a, (1, n_seeds // n_dirs) + (1,) * (a.ndim - 2)).reshape((n_groups,) + a.shape[2:]), **fit_kw)
                             for a in start)
             shift = point - centre_g
-            t0 = t0 - torch.as_tensor(np.repeat(t_ref, n_seeds), **f64)
+            t0 = t0 - torch.as_tensor(np.repeat(t_ref, n_seeds), **fit_kw)
         else:
             # t0 starts at a low quantile of the direct-light offsets t - t_geo(t0 = 0): most first pulses come late
             unit, ref = _track(u, shift, centre_g)
@@ -560,14 +560,14 @@ def _seed_tracks(seeds, start, hits, centre_g, t_ref, n_seeds, path_mean, f64):
     return dict(u=u, shift=shift, t0=t0)
 
 
-def _starting_vertex(params, starting, hits, centre_g, starting_too, f64):
+def _starting_vertex(params, starting, hits, centre_g, starting_too, fit_kw):
     """The starting-track hypothesis's own parameters, per group: the vertex sits s_vertex metres along the track from
     the reference point, and its cascade shines exp(log_ratio) times as bright as the muon (light at 1 m). A starting
     track's vertex starts where its three earliest DOMs project onto the track (light leaves the vertex region first),
     its cascade e times as bright as the muon; an infinite track has its vertex far upstream and no cascade, and keeps
     these values."""
-    s_vertex = torch.full((len(centre_g),), -1e5, **f64)
-    log_ratio = torch.full((len(centre_g),), -50.0, **f64)
+    s_vertex = torch.full((len(centre_g),), -1e5, **fit_kw)
+    log_ratio = torch.full((len(centre_g),), -50.0, **fit_kw)
     if starting_too:
         with torch.no_grad():
             unit, ref = _track(params['u'], params['shift'], centre_g)
@@ -613,7 +613,7 @@ def _fit_loop(params, starting, steps, log_likelihood):
                 p.addcdiv_(m, denom, value=-lr * decay / (1 - beta1 ** (step + 1)))
 
 
-def _best_fit(ll, params, centre_g, seeds, centre, t_ref, f64):
+def _best_fit(ll, params, centre_g, seeds, centre, t_ref, fit_kw):
     """Per event the most likely of its groups' fits (the first seed where none is finite): direction, log-likelihood,
     track (point, direction, t0); and every group's fit, (n_events, n_seeds, ...) arrays, as the next stage starts."""
     n_events = len(seeds)
@@ -623,7 +623,7 @@ def _best_fit(ll, params, centre_g, seeds, centre, t_ref, f64):
         unit, ref = _track(params['u'], params['shift'], centre_g)
         direction = -unit.reshape(n_events, n_seeds, 3).cpu().numpy()
         ref = ref.reshape(n_events, n_seeds, 3).cpu().numpy()
-        t0 = (params['t0'].reshape(n_events, n_seeds) + torch.as_tensor(t_ref[:, None], **f64)).cpu().numpy()
+        t0 = (params['t0'].reshape(n_events, n_seeds) + torch.as_tensor(t_ref[:, None], **fit_kw)).cpu().numpy()
     ll = np.where(np.isfinite(ll) & np.isfinite(direction).all(2), ll, -np.inf)
     best = np.argmax(ll, 1)
     pick = np.arange(n_events), best
