@@ -554,6 +554,45 @@ def load_checkpoint(path):
     return ck
 
 
+def calibration_maps(cal_path, s, n, ck, kappa, err, events, has_labels):
+    """The maps that calibrate this run's error circles (None: each event's own vMF), and whether they were written:
+    on val fit on its events and written to cal_path, unless the maps there were fit for these weights on more val
+    events (kept) or there are fewer than calibration_min_events; on other splits read from cal_path, where they were
+    fit for these weights."""
+    cal, cal_written = None, False
+    weights = weights_digest(ck['model'])
+    if split == 'val' and has_labels and (kept := stored_calibration(cal_path, weights, n)):
+        cal = kept  # a run on part of val (a slow baseline's --max_events) keeps the maps fit on more of it
+        print(f"sample: {cal_path} kept: fit on {cal['n_events']} val events for these weights, more than this run's {n}")
+    elif split == 'val' and has_labels and n < calibration_min_events:
+        print(f"sample: {n} val events are too few to fit the error circles' maps (calibration_min_events="
+              f"{calibration_min_events}): {cal_path} is not written, the circles use the predicted kappa")
+    elif split == 'val' and has_labels:
+        cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'weights_sha1': weights, 'n_events': int(n),
+               'fit_on': f"{s.path}, {n} events", **fit_calibration(kappa, err, events)}
+        write_json(cal_path, cal)
+        cal_written = True
+    elif os.path.exists(cal_path):
+        try:
+            with open(cal_path) as f:
+                cal = json.load(f)
+            fit_on, stale = cal['fit_on'], cal.get('weights_sha1') != weights
+            if not stale:  # a map of another checkpoint may group by outputs this one lacks
+                calibrated_radii(cal, kappa[:1], subset(events, slice(0, 1)))
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
+                             f"run sample.py --split=val to write it again")
+        if stale:
+            print(f"sample: {cal_path} was fit for other weights ({cal['checkpoint']} at iter {cal['iter']}), not this "
+                  f"checkpoint's: not applied; run sample.py --split=val to refit it")
+            cal = None
+        else:
+            print(f"sample: error circles calibrated by {cal_path}, fit on {fit_on}")
+    else:
+        print(f"sample: no {cal_path} (sample.py --split=val writes it): the error circles use the predicted kappa")
+    return cal, cal_written
+
+
 def main():
     from configurator import check_device, check_ranges, configure
     configure(globals())
@@ -630,38 +669,10 @@ def main():
 
     # the kappa map: fit here on val, read from out_dir/calibration.json elsewhere
     cal_path = os.path.join(out_dir, 'calibration.json')
-    cal = None
     err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen) if has_labels else None
-    weights = weights_digest(ck['model'])
-    if split == 'val' and has_labels and (kept := stored_calibration(cal_path, weights, n)):
-        cal = kept  # a run on part of val (a slow baseline's --max_events) keeps the maps fit on more of it
-        print(f"sample: {cal_path} kept: fit on {cal['n_events']} val events for these weights, more than this run's {n}")
-    elif split == 'val' and has_labels and n < calibration_min_events:
-        print(f"sample: {n} val events are too few to fit the error circles' maps (calibration_min_events="
-              f"{calibration_min_events}): {cal_path} is not written, the circles use the predicted kappa")
-    elif split == 'val' and has_labels:
-        cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'weights_sha1': weights, 'n_events': int(n),
-               'fit_on': f"{s.path}, {n} events", **fit_calibration(kappa, err, events)}
-        write_json(cal_path, cal)
+    cal, cal_written = calibration_maps(cal_path, s, n, ck, kappa, err, events, has_labels)
+    if cal_written:
         written.append('calibration.json')
-    elif os.path.exists(cal_path):
-        try:
-            with open(cal_path) as f:
-                cal = json.load(f)
-            fit_on, stale = cal['fit_on'], cal.get('weights_sha1') != weights
-            if not stale:  # a map of another checkpoint may group by outputs this one lacks
-                calibrated_radii(cal, kappa[:1], subset(events, slice(0, 1)))
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
-                             f"run sample.py --split=val to write it again")
-        if stale:
-            print(f"sample: {cal_path} was fit for other weights ({cal['checkpoint']} at iter {cal['iter']}), not this "
-                  f"checkpoint's: not applied; run sample.py --split=val to refit it")
-            cal = None
-        else:
-            print(f"sample: error circles calibrated by {cal_path}, fit on {fit_on}")
-    else:
-        print(f"sample: no {cal_path} (sample.py --split=val writes it): the error circles use the predicted kappa")
     radii = circles(kappa, events, cal, (0.5, 0.9))
     if cal:
         cols['kappa_calibrated'] = calibrated_kappa(cal, kappa, events)
