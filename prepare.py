@@ -423,6 +423,8 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     if truth is not None:
         for name, _ in TRUTH_FIELDS:
             events[name] = truth[name]
+    # the pulses in Split.events' layout, but each time from its event's t0 (dt): the fits below use only the
+    # differences of times within an event
     ev = {'sensor_id': sensor_sorted, 'time': pulses['dt'].astype(np.int64), 'charge': pulses['charge'].astype(np.float32),
           'auxiliary': pulses['sensor_aux'] >= AUX_BIT, 'pulse_offsets': np.r_[expected_first, n_rows],
           'event_dom_offsets': np.r_[0, np.cumsum(n_doms)], 'dom_offsets': doms.astype(np.int64)}
@@ -430,7 +432,7 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     # of a real 33M-pulse batch file) through the fits below, which only read ev
     n_aux, max_time_span = int(aux.sum()), int(dt.max())
     del row_event, sensor, t, charge, aux, event_of_row, charge_ok, in_range, in_geometry, dt, order, new_dom
-    t_fit = time.time()
+    t_fit = time.time()  # fit_seconds: both LineFits and the quick fit
     columns, direct = linefit_seeds(ev, geometry)
     for k, v in columns.items():
         events[k] = v
@@ -927,7 +929,8 @@ class Split:
             # plain ndarray views of the memory maps: same pages, without np.memmap's per-index overhead
             self.shards.append({k: np.asarray(np.load(f"{d}/{k}.npy", mmap_mode='r')) for k in ['pulses', 'doms', 'events']})
             fitted, fit_seconds = fitted + info['n_events'], fit_seconds + info['fit_seconds']
-        self.fit_events_per_s = fitted / max(fit_seconds, 1e-9)  # the quick fit's rate when prepare.py ran it, per process
+        # the quick fit's rate when prepare.py ran it, per process, its two LineFit seeds included (fit_seconds)
+        self.fit_events_per_s = fitted / max(fit_seconds, 1e-9)
         # what rows() gathers from: the records as raw bytes, since numpy copies a structured dtype field by field (a
         # gather of events.npy records took 30x as long)
         self._raw = {k: [s[k].view((np.void, s[k].dtype.itemsize)) if s[k].dtype.names else s[k] for s in self.shards]
