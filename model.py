@@ -399,11 +399,11 @@ def seed_fits(b, s):
     v = F.pad(b['event_lf_v'].float(), pad)  # m/ns
     speed = torch.linalg.vector_norm(v, dim=1)
     lf_dir = -v / speed.clamp(min=1e-6)[:, None]
-    dom_kept = sum_by(torch.where(pdom >= 0, pdom, D), b['pulse_direct'].float(), D + 1)[:D] / s['kept'].clamp(min=1)
-    return lf_dir, F.pad(b['event_ilf_dir'].float(), pad), speed, dom_kept
+    dom_direct = sum_by(torch.where(pdom >= 0, pdom, D), b['pulse_direct'].float(), D + 1)[:D] / s['kept'].clamp(min=1)
+    return lf_dir, F.pad(b['event_ilf_dir'].float(), pad), speed, dom_direct
 
 
-def dom_features(b, s, c, ilf_dir, dom_kept):
+def dom_features(b, s, c, ilf_dir, dom_direct):
     """T2's DOM features (D, N_DOM_FEATURES): place and first-hit time, and the same seen from the charge centre, the
     early-hit vertex and the improved LineFit track; each DOM's place and first-hit time around the charge centre as
     (x, y, z, c_ice t) / SPACETIME_SCALE (D, 4), the Fourier features' input; and each DOM's unit vector from the
@@ -440,7 +440,7 @@ def dom_features(b, s, c, ilf_dir, dom_kept):
         torch.log1p(b['dom_n_pulses'].float())[:, None] / 2.0,
         torch.log1p(s['kept'])[:, None] / 2.0,
         s['aux_frac'][:, None],
-        dom_kept[:, None],                        # share of its pulses the delay cleaning keeps
+        dom_direct[:, None],                      # share of its pulses the improved LineFit keeps (direct)
         # meant as DeepCore, it marks the central strings' DOMs above z = -160 m (on the real geometry 111 DOMs, 33 on
         # DeepCore strings, 3 of its 400 deep ones): left as trained, positions tell the rest (notes, section 18)
         (pos[:, 2:3] > -160).float() * (torch.linalg.vector_norm(pos[:, :2], dim=1, keepdim=True) < 80).float(),
@@ -474,8 +474,8 @@ def features(b):
     with torch.autocast(b['dom_pos'].device.type, enabled=False):
         pulse, s = pulse_features(b)
         c = event_centres(b, s)
-        lf_dir, ilf_dir, speed, dom_kept = seed_fits(b, s)
-        dom_feats, spacetime, unit, unit_e = dom_features(b, s, c, ilf_dir, dom_kept)
+        lf_dir, ilf_dir, speed, dom_direct = seed_fits(b, s)
+        dom_feats, spacetime, unit, unit_e = dom_features(b, s, c, ilf_dir, dom_direct)
         t1_x = take(F.pad(pulse, (0, 0, 0, 1)), b['t1_src'])  # row P is zero: T1's padding tokens
         out = dict(t1_x=t1_x, dom_feats=dom_feats, dom_spacetime=spacetime,
                    event_feats=event_features(b, s, c, lf_dir, ilf_dir, speed, unit, unit_e), **seeds(b, ilf_dir))
