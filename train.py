@@ -279,8 +279,8 @@ elif ema_decay:
 # pinned memory for a GPU; the step then copies it without waiting. On a 2-core CPU the features in the loader made
 # the main job slower, not faster: its work took the core that the step's second thread needed, and its Python held
 # the interpreter lock the step's own dispatch waits for (notes/experiments.md)
-path = raw_model.path(device)
-to_model = functools.partial(M.model_inputs, path=path, with_features=features == 'loader')
+attn_path = raw_model.path(device)  # 'flex' or 'sdpa', the attention layout the loader builds
+to_model = functools.partial(M.model_inputs, path=attn_path, with_features=features == 'loader')
 pin = device_type == 'cuda'
 
 # the seed's weights in the prediction (IceModel.with_seed) learn from a loss that reaches nothing else; clipped on
@@ -308,7 +308,7 @@ n_t1 = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith(('
 n_train = min(train_events, len(train_split)) if train_events else len(train_split)
 log(f"train: {raw_model.num_params() / 1e6:.3f}M parameters (T1 {n_t1 / 1e6:.3f}M, T2+head "
     f"{(raw_model.num_params() - n_t1) / 1e6:.3f}M); {n_train} train / {len(val_split)} val events "
-    f"in {data_dir}; device {device} x{world_size}, attention {path}, "
+    f"in {data_dir}; device {device} x{world_size}, attention {attn_path}, "
     f"compile={compile}, amp={dtype if use_amp else 'off'}, weight average {ema_decay:g}; {max_iters} iterations"
     f"{f' or {max_minutes:g} min' if max_minutes else ''}; micro-batch {max_pulses} pulses / {max_doms} DOMs / "
     f"{max_events} events, {gradient_accumulation_steps} per rank per iteration"
