@@ -299,7 +299,7 @@ if checkpoint is not None:
     # learning rate is set every iteration), as the config that the next checkpoint records says
     for group, wd in zip(optimizer.param_groups, (weight_decay, 0.0)):
         group.update(betas=(beta1, beta2), weight_decay=wd)
-    checkpoint = None
+    checkpoint = None  # its weights and moments are in the model and the optimizer now: not held twice
 
 eval_model = torch.compile(raw_model, mode=compile_mode) if compile else raw_model  # evaluation runs without DDP
 model = DDP(eval_model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else eval_model
