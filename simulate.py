@@ -96,7 +96,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from configurator import check_ranges, configure
+from configurator import check_ranges, configure, setting_names
 
 # -----------------------------------------------------------------------------
 # settings
@@ -398,8 +398,8 @@ def photons(rng, event, dom, mu, t_geo, d_eff):
 
 
 def simulate_chunk(rng, det, n):
-    """Simulate n candidate events. Returns the candidates and per-pulse arrays (local event index, sensor,
-    time, charge, auxiliary) sorted by (event, time), plus the trigger mask per candidate."""
+    """Simulate n candidate events. Returns the candidates, the trigger mask per candidate, and the triggered
+    events' pulses (local event index, sensor, time, charge, auxiliary) sorted by (event, time)."""
     c = sample_candidates(rng, n)
     tracks = np.nonzero(c['kind'] < 2)[0]
     vertex_cascades = np.nonzero(c['kind'] > 0)[0]  # starting tracks and cascades light up at the vertex
@@ -547,11 +547,9 @@ def truth_table(batch_ids, labels):
 
 
 def physics_constants():
-    names = ['E_MIN', 'E_MAX', 'SPECTRAL_INDEX', 'FRAC_THROUGH', 'FRAC_STARTING', 'GEN_RADIUS', 'GEN_HALF_HEIGHT',
-             'THROUGH_RADIUS', 'TRACK_NPE', 'CASCADE_NPE', 'CASCADE_TURN', 'CASCADE_SHIFT', 'E_CRIT', 'DEEPCORE_EFF', 'DARK_RATE_HZ',
-             'DEEPCORE_DARK_RATE_HZ', 'NOISE_WINDOW_NS', 'WINDOW_START_NS', 'MERGE_NS', 'JITTER_NS', 'MAX_GROUPS', 'SATURATION_PE',
-             'MU_MIN', 'TRIGGER_HLC_DOMS']
-    return {k: globals()[k] for k in names}
+    # every upper-case setting, in the order defined: a constant added above is recorded in simulation.json too, so a
+    # set made with another value of it is refused rather than mixed
+    return {k: globals()[k] for k in setting_names(globals()) if k.isupper()}
 
 
 def check_settings(g):
