@@ -141,10 +141,10 @@ def configure(g, argv=None, names=None):
 
 
 def check_ranges(script, g, at_least=None, choices=None, below=None, more=(), above=None):
-    """After configure: each setting in at_least below its least value, in below not under its bound, in above not over
-    its bound, or in choices outside its allowed values, and each problem in more (the script's own checks), is named
-    in one line and the script exits (a negative count or an unknown mode would otherwise end deep inside the run, or worse, run on and
-    mean nothing)."""
+    """After configure: the script exits with one line naming each setting out of range (under its least value in
+    at_least, not under its bound in below, not over its bound in above, not among its values in choices) and each
+    problem in more (the script's own checks). A negative count or an unknown mode would otherwise end deep inside
+    the run, or worse, run on and mean nothing."""
     problems = [f"{k}={g[k]!r} (at least {lo})" for k, lo in (at_least or {}).items() if not g[k] >= lo]  # NaN too
     problems += [f"{k}={g[k]!r} (below {hi})" for k, hi in (below or {}).items() if not g[k] < hi]
     problems += [f"{k}={g[k]!r} (above {lo})" for k, lo in (above or {}).items() if not g[k] > lo]
