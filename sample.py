@@ -726,6 +726,7 @@ def main():
                       + "".join(f"   {k} {np.median(e[bright]):.4f}" for k, e in errs.items() if k != 'model'))
             if 'track_probability' in events:  # how well the heads tell the kind and the energy
                 p_track, is_track = events['track_probability'], kind == KIND_NAMES.index('track')
+                # the AUC as the Mann-Whitney statistic of the ranks (ties in order): the chance a track scores above a cascade
                 rank = np.argsort(np.argsort(p_track)) + 1
                 auc = (rank[is_track].sum() - is_track.sum() * (is_track.sum() + 1) / 2) / max(is_track.sum() * (~is_track).sum(), 1)
                 result['truth_heads'] = {'track_auc': float(auc), 'kind_accuracy': float(((p_track >= 0.5) == is_track).mean()),
