@@ -1320,7 +1320,7 @@ def _pack(split, args, transform, epoch, idx, position, read):
     return transform(batch) if transform is not None else batch
 
 
-_worker = {}
+_worker = {}  # in each of BatchLoader's worker processes: its own open split, the budgets and transform (_worker_init)
 
 
 def _worker_init(path, args, transform, parent):
