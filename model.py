@@ -263,8 +263,9 @@ def weighted_line(pos, t, w, event, n_events):
 
 def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
     """The improved LineFit in torch, over pulses concatenated from many events (the form model.py has them in):
-    pulse positions pos (P, 3), times t (P,), weights w (P,) (those above 0.5 count as hits; the rest only weigh
-    in with w), event (P,) and DOM slot dom (P,) indices, DOM positions dom_pos (n_doms, 3). Delay cleaning
+    pulse positions pos (P, 3), times t (P,), weights w (P,) (those above 0.5 count as hits; the cleaning keeps hits
+    only, so the rest weigh in, with w, in the plain LineFit alone and in an event left with fewer than 3 pulses),
+    event (P,) and DOM slot dom (P,) indices, DOM positions dom_pos (n_doms, 3). Delay cleaning
     compares each DOM with its event's DELAY_MAX_REFS least-late DOMs against the plain LineFit (the least delayed
     hits, spread along the track; this bounds the pairs to n_doms x DELAY_MAX_REFS) and with itself: a pulse goes
     when it comes more than DELAY_NS after direct light from one of their first hits could. An event left with
