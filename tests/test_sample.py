@@ -98,6 +98,8 @@ def test_calibration_per_hit_dom_group():
     fit, check = slice(0, 20000), slice(20000, None)
     cal = sample.fit_calibration(predicted[fit], err[fit], {'hit_doms': doms[fit]})
     assert 80 in [g['box']['hit_doms'][0] for g in cal['groups']], cal['groups']
+    # the groups part the events: one with 80 hit DOMs is in [80, ...) alone, not in the group below too
+    assert (sum(sample.in_box(g['box'], {'hit_doms': doms}) for g in cal['groups']) == 1).all() and (doms == 80).any()
     one = sample.fit_calibration(predicted[fit], err[fit], {'hit_doms': doms[fit]}, min_events=len(doms))
     assert len(one['groups']) == 1
     for bright in (True, False):
@@ -147,6 +149,26 @@ def test_calibration_covers_heavy_tails_level_by_level():
     # the one vMF matched at 50% leaves its 90% circles far too small: why each level has its own map
     vmf = sample.coverage(err[check], c['calibrated_vmf'])
     assert abs(vmf[0] - 0.5) < 0.02 and vmf[2] < 0.86, vmf
+
+
+def test_a_higher_level_never_gets_a_smaller_circle():
+    """Each level's map is fit on its own, and noise can cross them: where the 90% map would draw a circle smaller
+    than the 50% one, the 90% circle is widened to it."""
+    cal = {'levels': [0.5, 0.9], 'groups': [{'box': {'hit_doms': [None, None]}, 'log_kappa_knots': [0.0],
+                                            'log_scale': [[0.0], [3.0]]}]}  # the 90% map 20x surer than the 50% one
+    kappa, events = np.array([5.0, 50.0]), {'hit_doms': np.array([30, 30])}
+    radii = sample.calibrated_radii(cal, kappa, events, (0.5, 0.9))
+    assert (sample.containment_radius(20 * kappa, 0.9) < radii[0]).all()  # the case that matters
+    np.testing.assert_array_equal(radii[1], radii[0])
+
+
+def test_breakdown_rows_hold_the_events_of_their_bins(capsys):
+    """The report's tables: each event in the bin [lo, hi) its row names, with each method's mean error there."""
+    values = np.array([0, 9, 10, 25, 400])
+    errs = {'model': np.array([0.1, 0.2, 0.3, 0.4, 0.5]), 'linefit': np.array([1.0, 2.0, 3.0, 4.0, 5.0])}
+    rows = sample.breakdown('DOM count', values, sample.DOM_EDGES, lambda a, b: f"{a}-{b}", errs)
+    assert [(r['bin'], r['n']) for r in rows] == [('0-10', 2), ('10-20', 1), ('20-40', 1), ('320-inf', 1)]
+    assert rows[0]['mean_angular_error'] == pytest.approx(0.15) and rows[0]['linefit_mean_angular_error'] == pytest.approx(1.5)
 
 
 def read_csv(path):
