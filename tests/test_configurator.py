@@ -27,6 +27,7 @@ def test_overrides_parse_literals_and_bare_words(tmp_path):
     (['--batch_sise=3'], r"unknown setting 'batch_sise' in override --batch_sise=3 \(did you mean batch_size\?\)"),
     (['--batch_size=0.5'], r"setting 'batch_size' from override --batch_size=0.5 is float 0.5, expected int"),
     (['--compile=1'], r"setting 'compile' .* is int 1, expected bool"),
+    (['--learning_rate=True'], r"setting 'learning_rate' .* is bool True, expected float"),  # int -> float only
     (['--batch_size'], r"must look like --key=value"),
     (['no_such_config.py'], r"cannot read config file no_such_config.py"),
 ])
@@ -62,6 +63,8 @@ def test_ranges_are_checked_after_configure():
     g.update(lr=float('nan'))  # a config file can set float('nan'), which no comparison finds too small
     with pytest.raises(SystemExit, match=r"lr=nan \(at least 0.0\)"):
         check_ranges('x', g, at_least={'lr': 0.0})
+    with pytest.raises(SystemExit, match=r"beta1=1.0 \(below 1\)$"):  # the bound itself is out: Adam's beta1 = 1 never moves
+        check_ranges('x', {'beta1': 1.0}, below={'beta1': 1})
 
 
 def test_config_builds_on_the_one_beside_it(tmp_path):
