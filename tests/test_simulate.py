@@ -86,6 +86,21 @@ def test_kaggle_layout(tiny):
     assert info['complete'] and info['settings']['seed'] == 1
 
 
+
+def test_truth_vertex_is_where_a_cascade_shines(tiny):
+    """The truth file's vertex_x, vertex_y, vertex_z: a cascade's brightest DOM lies near its vertex (the median
+    56 m here; the vertex with x and y swapped, 400 m)."""
+    geo = np.loadtxt(f'{tiny}/sensor_geometry.csv', delimiter=',', skiprows=1)[:, 1:]
+    truth = pq.read_table(f'{tiny}/train_truth.parquet').to_pydict()
+    pulses, _ = read_batch(f'{tiny}/train/batch_1.parquet')
+    dist = []
+    for e, kind, *vertex in zip(*(truth[c] for c in ('event_id', 'kind', 'vertex_x', 'vertex_y', 'vertex_z'))):
+        m = pulses['event_id'] == e
+        if kind == 'cascade' and m.any():
+            brightest = np.bincount(pulses['sensor_id'][m], pulses['charge'][m]).argmax()
+            dist.append(np.linalg.norm(geo[brightest] - vertex))
+    assert len(dist) > 50 and np.median(dist) < 100, np.median(dist)
+
 def test_same_seed_same_files(tiny, tmp_path):
     # the fixture ran with the default worker count; one process must write the same bytes
     again = str(tmp_path / 'again')
