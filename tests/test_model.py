@@ -314,6 +314,41 @@ def test_cls_query_block_mask(data):
             assert getattr(mask, name).is_contiguous(), name
 
 
+def test_event_features_and_seeds_read_each_fit_in_its_place(data):
+    """The CLS features hold the plain LineFit's direction, then the improved one's, and the prediction's seeds are
+    the improved LineFit, then the quick fit, beside the fit's rlogl and the two seeds' cosine: the order a checkpoint's
+    weights read them in. On the batch of test_step_equals_bfe73ee both LineFits agree, so only this batch, where they
+    differ, tells them apart."""
+    _, b = data
+    n = b['n_events']
+    f = M.features(tensors(b))
+    lf = -torch.nn.functional.normalize(torch.from_numpy(b['event_lf_v'][:n]), dim=1)
+    ilf, fit = torch.from_numpy(b['event_ilf_dir'][:n]), torch.from_numpy(b['event_fit_dir'][:n])
+    assert M.direction_error(lf, ilf).max() > 0.5 and M.direction_error(ilf, fit).min() > 0.1  # the case that matters
+    torch.testing.assert_close(f['event_feats'][:n, 3:9], torch.cat([lf, ilf], 1))
+    torch.testing.assert_close(f['seed_dirs'][:n], torch.stack([ilf, fit], 1))
+    torch.testing.assert_close(f['seed_feats'][:n], torch.stack([torch.from_numpy(b['event_fit_rlogl'][:n]) / 10, (ilf * fit).sum(1)], 1))
+
+
+def test_prediction_is_the_product_of_the_network_and_seed_vmfs(data):
+    """IceModel.with_seed: the prediction is the sum of the mean vectors of the network's vMF and of one vMF around
+    each seed (their product), in that order, each scaled by its weight exp(COMBINE_GAIN * combine(...)); the weights
+    see the cosine between the network's direction and each seed, whatever the network's kappa."""
+    _, b = data
+    m, t = small_model(), tensors(b)
+    inputs = []
+    m.combine.register_forward_hook(lambda mod, inp, out: inputs.append(inp[0]))
+    with torch.no_grad():
+        m.combine[2].weight.zero_()
+        m.combine[2].bias.copy_(torch.tensor([1.0, -2.0, 0.5]) / M.COMBINE_GAIN)
+        out, f = m(t), M.features(t)
+    own, seeds = out[:, 3:6], f['seed_dirs']
+    torch.testing.assert_close(out[:, :3], math.e * own + math.exp(-2.0) * seeds[:, 0] + math.exp(0.5) * seeds[:, 1])
+    d = m.head.in_features  # the inputs: the embedding, the network's log kappa, then the cosines
+    assert own.norm(dim=1).max() > 1.5 * own.norm(dim=1).min()  # kappas that differ: the case that matters
+    torch.testing.assert_close(inputs[0][:, d + 1:d + 1 + M.N_SEEDS], (torch.nn.functional.normalize(own, dim=1)[:, None] * seeds).sum(2))
+
+
 def test_gradients_reach_every_parameter(data):
     _, b = data
     m = small_model().train()
