@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import classical as C
+import model as M
 from simulate import make_geometry, path_ice
 
 
@@ -120,6 +121,10 @@ def test_time_fit_beats_its_seed_on_many_hit_tracks():
     assert np.degrees(err).max() < 3.0, np.degrees(err)
     assert np.median(err) < 0.7 * np.median(improved)
     assert np.isfinite(rlogl).all() and (rlogl < 10).all(), rlogl
+    # rlogl is small where the times fit a track: the same hits with their times shuffled among the DOMs fit worse
+    shuffled = {**ev, 'time': np.concatenate([np.random.default_rng(3).permutation(ev['time'][a:b])
+                                              for a, b in zip(ev['pulse_offsets'][:-1], ev['pulse_offsets'][1:])])}
+    assert (C.time_fit(shuffled, make_geometry())[1] > rlogl + 1).all()
 
 
 def test_quick_fit_never_asks_for_a_gpu(monkeypatch):
@@ -182,6 +187,54 @@ def events(pulses):
             'charge': np.array(charge, np.float32), 'auxiliary': np.array(aux, bool),
             'pulse_offsets': np.array(pulse_offsets), 'event_dom_offsets': np.array(event_dom_offsets),
             'dom_offsets': np.array(dom_starts + [len(sensor)])}
+
+
+def test_linefits_of_an_event_with_one_clean_pulse_use_all_its_pulses():
+    """reconstruct's LineFits read the non-auxiliary pulses, or every pulse of an event with fewer than two: one clean
+    pulse alone has no velocity, and the direction would be the fallback (0, 0, 1)."""
+    geo = make_geometry()
+    hits = [(s, 10000 + 50 * k, 1.0, k != 3) for k, s in enumerate(range(1000, 2200, 61))]  # across strings and depths
+    one_clean, all_clean = events([hits]), events([[(s, t, q, False) for s, t, q, _ in hits]])
+    for method in ('linefit', 'linefit_improved'):
+        want = C.reconstruct(method, all_clean, geo)
+        assert abs(want[0, 2]) < 0.99 and C.angular_error(C.reconstruct(method, one_clean, geo), want).max() < 1e-9, method
+
+
+def test_improved_linefit_without_a_velocity_takes_the_plain_one():
+    """Where the delay cleaning leaves only simultaneous hits (no velocity), the improved LineFit's direction is the
+    plain LineFit's, not the (0, 0, 1) of an event without any: here the DOMs above, hit 1-1.5 us late, are dropped."""
+    geo = make_geometry()
+    sensor, time = np.array([1003, 1004, 1005, 1000, 1001, 1002]), np.array([1e4, 1e4, 1e4, 1.1e4, 1.12e4, 1.15e4])
+    plain = C.linefit(geo[sensor], time, np.array([0, 6]))
+    assert plain[0, 2] < -0.99  # the late hits above: a muon going up
+    assert C.angular_error(C.linefit_improved(geo[sensor], time, np.array([0, 6])), plain).max() < 1e-9
+
+
+def test_the_likelihood_fits_take_an_events_brightest_doms(monkeypatch):
+    """Above MPE_MAX_DOMS hit DOMs an event's likelihood fits use its brightest DOMs, whose first times are the
+    sharpest."""
+    monkeypatch.setattr(C, 'MPE_MAX_DOMS', 3)
+    ev = events([[(s, 10000 + 50 * k, q, False) for k, (s, q) in enumerate(zip((100, 200, 300, 400, 500), (1.0, 5.0, 2.0, 4.0, 3.0)))]])
+    assert sorted(C._fit_inputs(ev, make_geometry())['doms'][2]) == [3.0, 4.0, 5.0]
+
+
+def test_delay_cleaning_of_an_event_with_more_doms_than_references(monkeypatch):
+    """An event with more hit DOMs than DELAY_MAX_REFS (most real ones; 2 here, so that six DOMs make one): a pulse
+    goes as scattered light when it comes DELAY_NS after direct light from the first hit of one of the event's
+    least-late DOMs could, wherever along the track it lies, or after its own DOM's first hit, no reference."""
+    monkeypatch.setattr(M, 'DELAY_MAX_REFS', 2)
+    x = np.array([-400.0, -300, 300, 400, 500])  # a muon along +x: the neutrino comes from -x
+    pos, time = np.stack([x, 0 * x, 0 * x], 1), 10000 + x / C.C_VACUUM
+    # light scattered to a DOM 60 m off the track's late end, 300 ns after the muon passed
+    late = (np.r_[pos, [[450.0, 60, 0]]], np.r_[time, 10000 + 450 / C.C_VACUUM + 300], np.array([0, 6]))
+    assert C.angular_error(C.linefit(*late), [[-1.0, 0, 0]]) > 0.01  # the case that matters
+    assert C.angular_error(C.linefit_improved(*late), [[-1.0, 0, 0]]) < 1e-9
+    # a DOM 100 m off the track, 300 m from any other, hit again 250 ns after its first pulse: the fit is the one
+    # without that pulse
+    alone = (np.r_[pos, [[0.0, 100, 0]]], np.r_[time, 10100], np.array([0, 6]))
+    again = (np.r_[alone[0], [[0.0, 100, 0]]], np.r_[alone[1], 10350], np.array([0, 7]))
+    assert C.angular_error(C.linefit(*again), C.linefit(*alone)) > 1e-3
+    assert C.angular_error(C.linefit_improved(*again), C.linefit_improved(*alone)) < 1e-9
 
 
 def test_degenerate_events_give_finite_angles():
