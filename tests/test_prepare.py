@@ -238,6 +238,7 @@ def test_per_dom_cap_keeps_exactly_the_earliest_pulses(prepared):
         assert (size > M).any(), "the test needs DOMs over the cap"
         kept = np.bincount(b['pulse_dom'][:b['n_pulses']], minlength=b['n_doms'])
         np.testing.assert_array_equal(kept, np.minimum(size, M))
+        np.testing.assert_array_equal(b['dom_n_pulses'][:b['n_doms']], size)  # a DOM feature: its pulses before the cap
         first = np.minimum.reduceat(ev['time'], ev['pulse_offsets'][:-1])
         want = np.concatenate([ev['time'][o:o + k] for o, k in zip(ev['dom_offsets'][:-1], kept)])
         pulse_event = b['dom_event'][b['pulse_dom'][:b['n_pulses']]]
@@ -618,6 +619,14 @@ def test_shard_json_records_sizes_and_checksums(prepared):
     assert (np.load(f"{d}/pulses.npy") == open_split(f"{prepared}/out/train").shards[0]['pulses']).all()
 
 
+
+def test_checksum_of_a_file_larger_than_one_read(tmp_path):
+    """--verify reads a file 16 MiB at a time: a real shard's pulses.npy (23 MB for 2.9M pulses) checks out across
+    its reads, as one of the test's small shards does in one."""
+    path = str(tmp_path / 'pulses.npy')
+    record = prepare._save(path, np.random.default_rng(0).integers(0, 256, (1 << 24) + 1000, dtype=np.uint8))
+    assert prepare._file_crc32(path) == record['crc32'] == zlib.crc32(open(path, 'rb').read())
+
 def test_cut_short_shard_is_named_and_rebuilt(tmp_path, prepared):
     shutil.copytree(f"{prepared}/out", tmp_path / 'out')
     out = tmp_path / 'out'
@@ -696,6 +705,11 @@ def test_changed_meta_truth_or_geometry_rebuilds_the_shards_made_of_them(tmp_pat
     logs = []
     run(logs.append)
     assert sum('truth rows or the geometry changed' in line for line in logs) == 4
+    _corrupt_batch(raw, lambda t: _set(t, 'time', t['time'].to_numpy() + 7), b=2)  # the batch file itself, made anew
+    logs = []
+    run(logs.append)
+    assert [line for line in logs if 'rebuilding' in line] == \
+        [f"prepare: {out}/train/batch_2: its source {raw}/train/batch_2.parquet changed since it was made: rebuilding it"]
     _corrupt_meta(raw, lambda t: _set(t, 'last_pulse_index', t['last_pulse_index'].to_numpy() + (np.arange(len(t)) == 3)))
     with pytest.raises(PrepareError, match=r"batch_1\.parquet: meta pulse ranges do not match the batch file"):
         run(lambda *a: None)
