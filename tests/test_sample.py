@@ -162,6 +162,13 @@ def test_a_higher_level_never_gets_a_smaller_circle():
     np.testing.assert_array_equal(radii[1], radii[0])
 
 
+
+def test_a_small_group_is_merged_into_its_smaller_neighbour():
+    """The calibration's groups: a bin of too few events joins the smaller of its neighbours, so the groups stay as
+    even as the bins allow (here 10-20's 100 events join 20-40's 500, not the 2,000 below 10)."""
+    values = np.repeat([5, 15, 30, 50], [2000, 100, 500, 2000])
+    assert sample.merged_edges(values, [10, 20, 40], 500) == [-np.inf, 10.0, 40.0, np.inf]
+
 def test_breakdown_rows_hold_the_events_of_their_bins(capsys):
     """The report's tables: each event in the bin [lo, hi) its row names, with each method's mean error there."""
     values = np.array([0, 9, 10, 25, 400])
