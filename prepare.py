@@ -96,7 +96,7 @@ val_batches = 1           # the last val_batches train batch files become the va
 train_batches = 0         # use only the first N train batch files of the meta (0 = all); for partial downloads
 num_proc = max(1, min(8, os.cpu_count() or 1))  # worker processes, one batch file each
 fit_steps = 80            # steps of the quick likelihood fit stored with each event, the model's second seed
-                          # (classical.time_fit, ~550 events/s per process); 0 stores the improved LineFit instead:
+                          # (classical.time_fit, most of prepare's time); 0 stores the improved LineFit instead:
                           # a prepare of the whole Kaggle set many times faster, a model less precise on bright tracks
 fit_ice = 'auto'          # the fit's ice (classical.ice_table): 'auto' = 'toy' for a simulate.py set (it has a
                           # simulation.json), 'bulk' for real data; or a depth table file (classical.ice_table)
