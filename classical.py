@@ -681,10 +681,10 @@ def time_fit(ev, geometry, steps=None, ice=None):
     first stage alone (an infinite track fitted to the hit DOMs' first-pulse times), from the two LineFits,
     TIME_FIT_STEPS steps (or steps), in ice (as mpe_fit), no charge likelihood, no tilted seeds. On the toy's
     tracks with 50+ hit DOMs its median error is 0.036-0.038 rad against the improved LineFit's 0.057 and the full
-    fit's 0.025 (notes, section 11), at about 1,200 toy events/s on one core (notes, section 20). Returns (n_events, 3) float64 unit vectors
-    and each event's reduced log-likelihood, minus the best log-likelihood per degree of freedom (used DOMs - 5;
-    IceCube's rlogl: small where the times fit a track well; TIME_FIT_FAILED where the fit failed and the
-    direction is the seed's)."""
+    fit's 0.025 (notes, section 11), at about 1,200 toy events/s on one core (notes, section 20). Returns
+    (n_events, 3) float64 unit vectors and each event's reduced log-likelihood, minus the best log-likelihood per
+    degree of freedom (used DOMs - 5; IceCube's rlogl: small where the times fit a track well; TIME_FIT_FAILED where
+    the fit failed and the direction is the seed's)."""
     fit = _fit_inputs(ev, geometry)
     direction, ll = mpe_fit(*fit['doms'], np.stack([fit['linefit_improved'], fit['linefit']], 1),
                             steps=TIME_FIT_STEPS if steps is None else steps, ice=ice)
