@@ -140,6 +140,32 @@ def test_quick_fit_never_asks_for_a_gpu(monkeypatch):
     assert np.isfinite(direction).all() and np.isfinite(rlogl).all()
 
 
+@pytest.mark.parametrize("starting_too", [False, True])
+def test_time_likelihood_takes_the_survival_term_where_more_than_one_photon(starting_too):
+    # log n + log f + (n - 1) log Q per DOM: computing Q only where n > 1 (hits['many']) must give the sum over every
+    # DOM, for an infinite track and for a starting one (its muon and cascade share each photon). DOMs within ~70 m
+    # of each track, hit 5-80 ns after its direct light: none on the noise floor
+    rng = np.random.default_rng(3)
+    offsets = np.array([0, 7, 15, 30])
+    pos = rng.uniform(-40, 40, (30, 3))
+    npe = np.r_[np.ones(10), np.tile([0.4, 2.0, 3.0, 7.0, 40.0], 4)]  # photon counts 1 (charge rounded up) to 40
+    fit_kw = dict(dtype=torch.float64, device='cpu')
+    path_mean = C._ice_path_mean(fit_kw, 'toy')
+    hits, centre, _ = C._time_rows(pos, np.zeros(30), npe, offsets, 1, fit_kw)
+    unit, ref = C._track(torch.as_tensor(rng.normal(size=(3, 3)), **fit_kw), torch.zeros(3, 3, **fit_kw),
+                         torch.as_tensor(centre, **fit_kw))
+    delay = C._light(hits['x'], hits['group'], unit, ref, None, path_mean, False, False)['delay'].numpy()
+    hits, _, t_ref = C._time_rows(pos, 1000 + delay + rng.uniform(5, 80, 30), npe, offsets, 1, fit_kw)
+    assert (hits['n'][hits['many']] > 1).all() and len(hits['many']) == 16
+    params = dict(t0=torch.as_tensor(1000 - t_ref, **fit_kw), s_vertex=torch.as_tensor([-50.0, 0.0, 30.0], **fit_kw),
+                  log_ratio=torch.ones(3, **fit_kw))
+    ll = C._time_log_likelihood(hits, unit, ref, params, path_mean, starting_too, 3)
+    every = C._time_log_likelihood({**hits, 'many': torch.arange(30)}, unit, ref, params, path_mean, starting_too, 3)
+    one = C._time_log_likelihood({**hits, 'n': torch.ones(30, **fit_kw)}, unit, ref, params, path_mean, starting_too, 3)
+    assert ((ll - one).abs()[1:] > 0.1).all()  # events 1 and 2 have DOMs with n > 1, whose terms count
+    torch.testing.assert_close(ll, every, rtol=1e-12, atol=1e-9)
+
+
 def test_charge_likelihood_takes_every_dom_near_the_track_hit_or_not():
     # DOMs on the x axis at 0, 50, 100, 119 and 200 m; tracks along z through the origin; radius 120 m
     geometry = np.array([[0.0, 0, 0], [50, 0, 0], [100, 0, 0], [119, 0, 0], [200, 0, 0]])
