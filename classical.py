@@ -69,6 +69,7 @@ import torch
 
 from model import angles_to_vector, vector_to_angles  # noqa: F401  (one copy of the angle convention)
 from model import C_VACUUM, TRACK_DELAY_FACTOR, linefit_improved_packed  # the model computes it too, as a seed (its settings live there)
+from model import take  # x[index] by index_select: it and its backward several times faster on the CPU
 
 # -----------------------------------------------------------------------------
 # settings
@@ -261,7 +262,7 @@ def log_photon(t_res, xi, rows=None):
     x = PANDEL_RATE * t
     log_p1 = xi * math.log(PANDEL_RATE) + (xi - 1) * torch.log(t) - x - torch.lgamma(xi)
     if rows is not None:
-        xi, x = xi.index_select(0, rows), x.index_select(0, rows)
+        xi, x = take(xi, rows), take(x, rows)
     return log_p1 - 0.5 * (t_res.clamp_max(0) / sigma) ** 2, _LogQ.apply(xi, x)
 
 
@@ -376,11 +377,12 @@ def _group_rows(ev_of_row, n_seeds, device):
     return torch.as_tensor(g[o], device=device), torch.as_tensor(r[o], device=device)
 
 
-def _columns(pos, fit_kw, rows):
-    # positions (n, 3) -> (3, len(rows)), a coordinate per contiguous row: the fit's dot products and distances are
-    # then sums of three rows, where on (rows, 3) each sum over the last axis of 3 (forward and backward) took ~3x as
-    # long, and the time fit 1.2x as long in all
-    return torch.as_tensor(np.ascontiguousarray(pos.T), **fit_kw).index_select(1, rows)
+def _columns(v, rows):
+    # vectors v (n, 3) -> those of rows as (3, len(rows)), a coordinate per contiguous row: the fit's dot products and
+    # distances are then sums of three rows, where on (rows, 3) each sum over the last axis of 3 (forward and
+    # backward) took ~3x as long, and the time fit 1.2x as long in all. index_select along the coordinates' axis,
+    # as model.take along the first
+    return v.t().contiguous().index_select(1, rows)
 
 
 def _time_rows(pos, time, npe, offsets, n_seeds, fit_kw):
@@ -400,7 +402,7 @@ def _time_rows(pos, time, npe, offsets, n_seeds, fit_kw):
     t_ref = np.bincount(event, time, n_events) / n_doms  # times relative to the event mean, for precision
     group, dom = _group_rows(event, n_seeds, fit_kw['device'])
     n = torch.as_tensor(np.clip(np.round(npe), 1, MPE_MAX_NPE), **fit_kw)[dom]
-    hits = dict(group=group, x=_columns(pos, fit_kw, dom), t=torch.as_tensor(time - t_ref[event], **fit_kw)[dom], n=n,
+    hits = dict(group=group, x=_columns(torch.as_tensor(pos, **fit_kw), dom), t=torch.as_tensor(time - t_ref[event], **fit_kw)[dom], n=n,
                 many=torch.nonzero(n > 1)[:, 0])
     return hits, centre, t_ref
 
@@ -412,7 +414,7 @@ def _charge_rows(amp, n_seeds, fit_kw):
     n_events = len(amp_offsets) - 1
     group, row = _group_rows(np.repeat(np.arange(n_events), np.diff(amp_offsets)), n_seeds, fit_kw['device'])
     charge = torch.as_tensor(amp_charge, **fit_kw)[row]
-    return dict(group=group, x=_columns(amp_pos, fit_kw, row), eff=torch.as_tensor(amp_eff, **fit_kw)[row],
+    return dict(group=group, x=_columns(torch.as_tensor(amp_pos, **fit_kw), row), eff=torch.as_tensor(amp_eff, **fit_kw)[row],
                 charge=charge, q_total=torch.zeros(n_events * n_seeds, **fit_kw).index_add_(0, group, charge))
 
 
@@ -432,7 +434,7 @@ def _ice_path_mean(fit_kw, ice=None):
         s = ((z - z0) / dz).clamp(0, len(z_grid) - 1)
         k = s.detach().floor().long().clamp_max(len(z_grid) - 2)  # in float32, len - 1.000001 rounds up to len - 1
         f = s - k
-        return table.index_select(0, k) * (1 - f) + table.index_select(0, k + 1) * f
+        return take(table, k) * (1 - f) + take(table, k + 1) * f
 
     def path_mean(which, z_from, z_to):
         cum, inv = tables[which]
@@ -494,19 +496,17 @@ def _vertex_cascade_light(xr, gr, rel, ug, refg, sv, log_ratio, path_mean):
     diffuse = r_soft / r_ahead * torch.exp(-(r_ahead - r_soft) * path_mean(1, z_vertex, xr[2]))
     turn = 1 - cos_eta * COS_CHERENKOV - torch.sqrt((1 - cos_eta ** 2).clamp_min(0)) * SIN_CHERENKOV
     return dict(delay_c=(sv + N_GROUP * r_c) / C_VACUUM, xi_c=r_c * inv_scat_c + MPE_CASCADE_TURN * turn,
-                log_cascade=log_ratio.index_select(0, gr) + log_c + torch.log(direct * profile + (1 - direct) * diffuse))
+                log_cascade=take(log_ratio, gr) + log_c + torch.log(direct * profile + (1 - direct) * diffuse))
 
 
 def _light(xr, gr, unit, ref, params, path_mean, with_amplitude, starting_too):
     """Per (row, group): the muon's direct-light delay (ns after t0) and Pandel shape; with_amplitude also the
     log of the light it brings (relative), and for starting tracks the same three for the vertex cascade."""
-    # index_select rather than unit[gr]: its backward is an index_add, where indexing's is an accumulating index_put,
-    # several times slower on the CPU (the time fit ran 1.13x faster for this alone, here and in path_mean)
-    ug, refg = unit.t().contiguous().index_select(1, gr), ref.t().contiguous().index_select(1, gr)
+    ug, refg = _columns(unit, gr), _columns(ref, gr)
     out, rel, s_emit, r, z_emit, inv_scat = _muon_light(xr, ug, refg, path_mean)
     if not with_amplitude:
         return out
-    sv = params['s_vertex'].index_select(0, gr)
+    sv = take(params['s_vertex'], gr)
     # no muon light from before the vertex (far upstream for an infinite track)
     out['log_track'] = (torch.nn.functional.logsigmoid((s_emit - sv) / MPE_EDGE_M)
                         + _log_light(xr, r, inv_scat, z_emit, 0.5, path_mean)[0])
@@ -521,16 +521,16 @@ def _time_log_likelihood(hits, unit, ref, params, path_mean, starting_too, n_gro
     x, group, t, n, many = hits['x'], hits['group'], hits['t'], hits['n'], hits['many']
     # amplitudes (starting tracks only) to share the photons out between the muon and the cascade
     hit = _light(x, group, unit, ref, params, path_mean, starting_too, starting_too)
-    t0 = params['t0'].index_select(0, group)
+    t0 = take(params['t0'], group)
     log_f, log_s = log_photon(t - t0 - hit['delay'], hit['xi'], many)  # the survival only where n > 1
     if starting_too:  # each photon comes from the muon or the cascade, in the ratio of their light at the DOM
         log_f_c, log_s_c = log_photon(t - t0 - hit['delay_c'], hit['xi_c'], many)
         log_mu = torch.logaddexp(hit['log_track'], hit['log_cascade'])
         p_track, p_cascade = hit['log_track'] - log_mu, hit['log_cascade'] - log_mu
         log_f = torch.logaddexp(p_track + log_f, p_cascade + log_f_c)
-        log_s = torch.logaddexp(p_track.index_select(0, many) + log_s, p_cascade.index_select(0, many) + log_s_c)
+        log_s = torch.logaddexp(take(p_track, many) + log_s, take(p_cascade, many) + log_s_c)
     # the first of n photons: log n + log density, plus (n - 1) log survival where n > 1 (the same sum)
-    ll = (torch.log(n) + log_f).index_add(0, many, (n.index_select(0, many) - 1) * log_s)
+    ll = (torch.log(n) + log_f).index_add(0, many, (take(n, many) - 1) * log_s)
     ll = torch.logaddexp(ll, torch.full_like(ll, math.log(MPE_NOISE_DENSITY)))
     return ll.new_zeros(n_groups).index_add_(0, group, ll)
 
@@ -543,7 +543,7 @@ def _charge_log_likelihood(near, unit, ref, params, path_mean, starting_too, n_g
     log_mu = light['log_track'] if not starting_too else torch.logaddexp(light['log_track'], light['log_cascade'])
     mu = torch.exp(log_mu) * near['eff']
     scale = near['q_total'] / mu.new_zeros(n_groups).index_add_(0, agroup, mu).clamp_min(1e-30)
-    mu = scale.index_select(0, agroup) * mu + MPE_AMP_NOISE
+    mu = take(scale, agroup) * mu + MPE_AMP_NOISE
     return mu.new_zeros(n_groups).index_add_(0, agroup, qa * torch.log(mu) - mu)
 
 
@@ -589,7 +589,7 @@ def _starting_vertex(params, starting, hits, centre_g, starting_too, fit_kw):
         with torch.no_grad():
             unit, ref = _track(params['u'], params['shift'], centre_g)
             x, group = hits['x'], hits['group']
-            along = ((x - ref.t()[:, group]) * unit.t()[:, group]).sum(0)
+            along = ((x - _columns(ref, group)) * _columns(unit, group)).sum(0)
             by_time, first, counts = _order_within_groups(hits['t'], group, len(centre_g))
             k = torch.minimum(first[:, None] + torch.arange(3, device=x.device), (first + counts - 1)[:, None])
             s_vertex = torch.where(starting, along[by_time][k].mean(1), s_vertex)
