@@ -143,27 +143,24 @@ def test_quick_fit_never_asks_for_a_gpu(monkeypatch):
 @pytest.mark.parametrize("starting_too", [False, True])
 def test_time_likelihood_takes_the_survival_term_where_more_than_one_photon(starting_too):
     # log n + log f + (n - 1) log Q per DOM: computing Q only where n > 1 (hits['many']) must give the sum over every
-    # DOM, for an infinite track and for a starting one (its muon and cascade share each photon). DOMs within ~70 m
-    # of each track, hit 5-80 ns after its direct light: none on the noise floor
-    rng = np.random.default_rng(3)
-    offsets = np.array([0, 7, 15, 30])
-    pos = rng.uniform(-40, 40, (30, 3))
-    npe = np.r_[np.ones(10), np.tile([0.4, 2.0, 3.0, 7.0, 40.0], 4)]  # photon counts 1 (charge rounded up) to 40
+    # DOM, for infinite tracks and for starting ones (their muon and cascade share each photon), at the fit's start
+    # from the true directions of simulated tracks
+    pos, time, npe, offsets, truth, _ = simulated_tracks(3, np.random.default_rng(4))
     fit_kw = dict(dtype=torch.float64, device='cpu')
     path_mean = C._ice_path_mean(fit_kw, 'toy')
-    hits, centre, _ = C._time_rows(pos, np.zeros(30), npe, offsets, 1, fit_kw)
-    unit, ref = C._track(torch.as_tensor(rng.normal(size=(3, 3)), **fit_kw), torch.zeros(3, 3, **fit_kw),
-                         torch.as_tensor(centre, **fit_kw))
-    delay = C._light(hits['x'], hits['group'], unit, ref, None, path_mean, False, False)['delay'].numpy()
-    hits, _, t_ref = C._time_rows(pos, 1000 + delay + rng.uniform(5, 80, 30), npe, offsets, 1, fit_kw)
-    assert (hits['n'][hits['many']] > 1).all() and len(hits['many']) == 16
-    params = dict(t0=torch.as_tensor(1000 - t_ref, **fit_kw), s_vertex=torch.as_tensor([-50.0, 0.0, 30.0], **fit_kw),
-                  log_ratio=torch.ones(3, **fit_kw))
-    ll = C._time_log_likelihood(hits, unit, ref, params, path_mean, starting_too, 3)
-    every = C._time_log_likelihood({**hits, 'many': torch.arange(30)}, unit, ref, params, path_mean, starting_too, 3)
-    one = C._time_log_likelihood({**hits, 'n': torch.ones(30, **fit_kw)}, unit, ref, params, path_mean, starting_too, 3)
-    assert ((ll - one).abs()[1:] > 0.1).all()  # events 1 and 2 have DOMs with n > 1, whose terms count
-    torch.testing.assert_close(ll, every, rtol=1e-12, atol=1e-9)
+    hits, centre, t_ref = C._time_rows(pos, time, npe, offsets, 1, fit_kw)
+    assert 0 < len(hits['many']) < len(time) and (hits['n'][hits['many']] > 1).all()
+    centre_g = torch.as_tensor(centre, **fit_kw)
+    params = C._seed_tracks(truth[:, None], None, hits, centre_g, t_ref, 1, path_mean, fit_kw)
+    params['s_vertex'], params['log_ratio'] = C._starting_vertex(params, torch.ones(3, dtype=torch.bool), hits, centre_g,
+                                                                 starting_too, fit_kw)
+    unit, ref = C._track(params['u'], params['shift'], centre_g)
+
+    def log_likelihood(h):
+        return C._time_log_likelihood(h, unit, ref, params, path_mean, starting_too, 3)
+    ll = log_likelihood(hits)
+    assert ((ll - log_likelihood({**hits, 'n': torch.ones_like(hits['n'])})).abs() > 0.1).all()  # the terms count
+    torch.testing.assert_close(ll, log_likelihood({**hits, 'many': torch.arange(len(time))}), rtol=1e-12, atol=1e-9)
 
 
 def test_charge_likelihood_takes_every_dom_near_the_track_hit_or_not():
