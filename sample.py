@@ -554,6 +554,15 @@ def load_checkpoint(path):
     return ck
 
 
+def batches(loader):
+    """The loader's batches; damaged data met in one (prepare.Split names the file, the event and the command that
+    rebuilds it) in one line, not a traceback from the loader's thread."""
+    try:
+        yield from loader
+    except SplitError as e:
+        raise SystemExit(f"sample: error: {e}") from None
+
+
 def calibration_maps(cal_path, s, n, ck, kappa, err, events, has_labels):
     """The maps that calibrate this run's error circles (None: each event's own vMF), and whether they were written:
     on val fit on its events and written to cal_path, unless the maps there were fit for these weights on more val
@@ -631,7 +640,7 @@ def main():
                          max_events_per_batch or INFER_BUDGET * cfg['max_events'], ck['max_pulses_per_dom'], shuffle=False,
                          epochs=1, max_events_total=n, transform=to_model, pin_memory=device_type == 'cuda')
     with torch.no_grad():
-        for batch in loader:
+        for batch in batches(loader):
             with autocast:
                 out = model(M.to_device(batch, device))
             k = batch['n_events']

@@ -150,6 +150,15 @@ def fail(msg):
     sys.exit(1)
 
 
+def next_batch(loader):
+    """The loader's next batch (None after its last); damaged data met in it (prepare.Split names the file, the event
+    and the command that rebuilds it) stops the run in one line, not a traceback from the loader's thread or worker."""
+    try:
+        return next(loader, None)
+    except SplitError as e:
+        fail(e)
+
+
 if micro_threads > 1:
     # ops release the interpreter lock, so the threads' forward and backward passes overlap; each thread's ops run on
     # one core, where a single micro-batch spreads badly over two (many small ops, a nearly serial SDPA backward).
@@ -375,7 +384,7 @@ def evaluate():
                          rank=rank, world_size=world_size, epochs=1, max_events_total=eval_events, transform=to_model,
                          workers=loader_workers, pin_memory=pin)
     err_sum = loss_sum = n = 0.0
-    for batch in loader:
+    while (batch := next_batch(loader)) is not None:
         b = M.to_device(batch, device)
         real = b['event_index'] >= 0
         with autocast:
@@ -612,7 +621,7 @@ while True:
     lr = get_lr(iter_num, seconds)
     for g in optimizer.param_groups:
         g['lr'] = lr
-    micro = [M.to_device(next(loader), device) for _ in range(gradient_accumulation_steps)]  # copies queued at once
+    micro = [M.to_device(next_batch(loader), device) for _ in range(gradient_accumulation_steps)]  # copies queued at once
     n_events = sum(b['n_events'] for b in micro)  # this rank's
     share = n_events
     if ddp:  # DDP averages the ranks' gradients: each divides its loss sum by the job's mean events per rank, so every

@@ -681,6 +681,73 @@ def test_verify_on_the_command_line_without_the_raw_files(tmp_path, prepared):
     assert not os.path.exists(tmp_path / 'nothing')
 
 
+# -- damaged contents, sizes right: each shard's records once, and each batch's DOM offsets -----------------
+
+def _damaged_val(prepared, tmp_path, damage):
+    """A copy of the prepared val split (one shard of 40 events) whose arrays damage(pulses, doms, events) changes in
+    place, returning the row of the event the error names: the sizes stay as recorded, so opening it passes."""
+    shutil.copytree(f"{prepared}/out/val", tmp_path / 'val')
+    arrays = [np.load(tmp_path / 'val' / 'batch_3' / f"{k}.npy", mmap_mode='r+') for k in ('pulses', 'doms', 'events')]
+    row = damage(*arrays)
+    for a in arrays:
+        a.flush()
+    return open_split(str(tmp_path / 'val')), int(arrays[2]['event_id'][row])
+
+
+def _record(field, value, row=5, named=0):
+    """A damage: events.npy's field of event `row` set to value(its value); the error names event row + named.
+    Event 5 has 33 DOMs of a pulse each, event 0 400 pulses in 103 DOMs."""
+    def damage(pulses, doms, events):
+        events[field][row] = value(events[field][row])
+        return row + named
+    return damage
+
+
+def _dom(at, value):
+    """A damage: doms.npy's offset at(events) set to value(its value); the error names the event at(events) starts."""
+    def damage(pulses, doms, events):
+        where = at(events)
+        doms[where] = value(doms[where])
+        return int(np.searchsorted(events['dom_start'], where, side='right') - 1)
+    return damage
+
+
+ENDS = r"its (pulses|DOMs) end at \d+ \((pulse|dom)_start \+ n_(pulses|doms)\), where the next event's \(event_id \d+\) start at -?\d+"
+DAMAGE = {  # what was a numpy error from deep in the batching (IndexError, 'repeats may not contain negative
+    # values', shapes that do not broadcast; with n_doms's high bit, after gigabytes), or packed another event's
+    # pulses without a word (pulse_start off by one or negative, dom_start off by one)
+    'n_doms + 1': (_record('n_doms', lambda v: v + 1, row=0), 'events.npy', ENDS),
+    'n_doms - 1': (_record('n_doms', lambda v: v - 1), 'events.npy', ENDS),
+    'n_doms negative': (_record('n_doms', lambda v: -3), 'events.npy', r"n_doms -3, not from 1 to the 5160 sensors"),
+    'n_doms high bit': (_record('n_doms', lambda v: v | 1 << 28), 'events.npy', r"n_doms 268435489, not from 1 to the 5160 sensors"),
+    'dom_start + 1': (_record('dom_start', lambda v: v + 1, named=-1), 'events.npy', ENDS),
+    'pulse_start negative': (_record('pulse_start', lambda v: -5, named=-1), 'events.npy', ENDS),
+    'the first pulse_start': (_record('pulse_start', lambda v: 1, row=0), 'events.npy', r"the first event's pulse_start is 1, not 0"),
+    'n_pulses + 1': (_record('n_pulses', lambda v: v + 1), 'events.npy', ENDS),
+    'n_pulses 0': (_record('n_pulses', lambda v: 0), 'events.npy', r"n_pulses 0, below its n_doms"),
+    'the last event past the end': (_record('n_pulses', lambda v: v + 1, row=39), 'events.npy',
+                                    r"the last event's pulses end at \d+ \(pulse_start \+ n_pulses\), pulses\.npy at \d+"),
+    'DOM offsets not increasing': (_dom(lambda e: e['dom_start'][5] + 1, lambda v: v + 2), 'doms.npy',
+                                   r"its DOM offsets do not increase: its DOM 1 starts at pulse \d+, DOM 2 \(of 33; 33 is the end\) at \d+"),
+    "an event's first DOM offset": (_dom(lambda e: 0, lambda v: v + 1), 'doms.npy',
+                                    r"its 103 DOMs hold pulses \[1, 400\), its record in events\.npy \[0, 400\) \(pulse_start, n_pulses\)"),
+    'the last DOM offset high bit': (_dom(lambda e: -1, lambda v: v | 1 << 30), 'doms.npy', r"its 29 DOMs hold pulses \[\d+, 10737\d+\), its record in events\.npy \[\d+, \d+\) \(pulse_start, n_pulses\)"),
+}
+
+
+@pytest.mark.parametrize('case', list(DAMAGE))
+def test_damaged_contents_are_named_not_packed(case, prepared, tmp_path):
+    damage, files, why = DAMAGE[case]
+    s, event_id = _damaged_val(prepared, tmp_path, damage)
+    message = (re.escape(f"{tmp_path}/val/batch_3/{files}: event_id {event_id}: ") + why + re.escape(
+               f"; the shard is damaged: rebuild it with: python prepare.py --raw_dir={prepared}/raw --out_dir={tmp_path} ")
+               + r".*--verify=True$")
+    with pytest.raises(prepare.SplitError, match=message):
+        pack_batch(s, np.arange(40), 3000, 3000, 64, 64)  # the whole shard in one batch
+    with pytest.raises(prepare.SplitError, match=message):
+        s.events(np.arange(40))  # as the classical fits read them
+
+
 def test_changed_meta_truth_or_geometry_rebuilds_the_shards_made_of_them(tmp_path, clean_raw):
     """A re-run keeps a shard only while its batch file, its meta and truth rows and the geometry are what made it:
     new labels are read, and an edit that breaks the meta is met as on a first run, not kept from before."""

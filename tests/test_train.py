@@ -174,6 +174,28 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
     assert len(open(os.path.join(out, 'previous', 'log.jsonl')).readlines()) > 1  # the run of iteration 2's
 
 
+def test_damaged_data_stops_the_run_in_one_line(data_dir, tmp_path):
+    """Prepared data whose sizes are right but whose contents are not (opening it passes) stops train.py in one line
+    naming the file, the event and the command that rebuilds the shard, not in a numpy traceback from the loader's
+    thread (here with loader workers); sample.py's loop over its loader likewise."""
+    import sample
+    shutil.copytree(data_dir, tmp_path / 'packed')
+    shard = f"{tmp_path}/packed/train/{sorted(os.listdir(tmp_path / 'packed' / 'train'))[0]}"
+    events = np.load(f"{shard}/events.npy", mmap_mode='r+')
+    events['n_doms'][3] += 1  # every batch holds all 40 train events
+    events.flush()
+    p = run(['train.py', f'--data_dir={tmp_path}/packed', f'--out_dir={tmp_path}/out', '--max_iters=2',
+             '--loader_workers=2'] + TINY, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr[-3000:]
+    assert lines[0].startswith(f"train: error: {shard}/events.npy: event_id {events['event_id'][3]}: ") and \
+        lines[0].endswith(' --verify=True'), lines[0]
+    loader = prepare.BatchLoader(prepare.open_split(f"{tmp_path}/packed/train"), 8192, 4096, 64, 16, shuffle=False, epochs=1)
+    with pytest.raises(SystemExit, match=f"^sample: error: {shard}/events.npy: event_id {events['event_id'][3]}: "):
+        list(sample.batches(loader))
+    loader.close()
+
+
 def test_settings_out_of_range_are_named(tmp_path):
     p = run(['train.py', f'--out_dir={tmp_path}', '--eval_interval=0', '--train_events=-1', '--attn=foo',
              '--dtype=float16'], check=False)  # float16 would need loss scaling, which train.py has not
