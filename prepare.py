@@ -905,7 +905,7 @@ class Split:
     checks each shard's file sizes against its shard.json (a stat per file), so a copy cut short is named here,
     not met as a numpy error later; `python prepare.py --verify=True` checks the bytes too. Bytes damaged with the
     sizes right are named (SplitError) where a batch reads them: a shard's records whole when one first reads from it
-    (_check_records), and in each batch the DOM offsets it reads (dom_sizes, events)."""
+    (_check_records), and in each batch the DOM offsets and pulses it reads (dom_sizes, events)."""
 
     def __init__(self, path):
         self.path = path
@@ -1099,14 +1099,33 @@ class Split:
             raise self._doms_problem(ev, shard)
         pulses = self.rows('pulses', shard, ev['pulse_start'], n_p)
         sensor_aux = pulses['sensor_aux']
+        sensor_id, charge = (sensor_aux & (DIRECT_BIT - 1)).astype(np.int16), pulses['charge'].astype(np.float32)
+        # values that no shard holds: a sensor past the geometry (an IndexError in the batching), a charge that is NaN,
+        # infinite or negative (NaN in the model's features, met as a NaN loss), a time past the split's longest event
+        if len(charge) and (sensor_id.max() >= len(self.geometry) or not (charge.min() >= 0 and charge.max() <= MAX_CHARGE)
+                            or pulses['dt'].max() > self.manifest['stats']['max_time_span']):
+            raise self._pulses_problem(ev, shard, pulses, pulse_offsets)
         return {
-            'sensor_id': (sensor_aux & (DIRECT_BIT - 1)).astype(np.int16),
+            'sensor_id': sensor_id,
             'time': pulses['dt'].astype(np.int64) + np.repeat(ev['t0'], n_p),
-            'charge': pulses['charge'].astype(np.float32),
+            'charge': charge,
             'auxiliary': sensor_aux >= AUX_BIT,
             'direct': (sensor_aux & DIRECT_BIT) > 0,
             'pulse_offsets': pulse_offsets, 'event_dom_offsets': _offsets(n_d), 'dom_offsets': dom_offsets,
         }
+
+    def _pulses_problem(self, ev, shard, pulses, offsets):
+        """What events() found wrong, for the first pulse it concerns (offsets: each event's first among the pulses)."""
+        sensor, charge, dt = pulses['sensor_aux'] & (DIRECT_BIT - 1), pulses['charge'].astype(np.float32), pulses['dt']
+        n, span = len(self.geometry), self.manifest['stats']['max_time_span']
+        checks = [(sensor >= n, sensor, f"sensor_id {{}}, past the geometry's {n} sensors"),
+                  (~((charge >= 0) & (charge <= MAX_CHARGE)), charge, f"charge {{}}, not from 0 to {MAX_CHARGE:g}"),
+                  (dt > span, dt, f"time {{}} ns after the event's t0, past the split's longest event ({span} ns)")]
+        for bad, value, what in checks:
+            if bad.any():
+                j = np.flatnonzero(bad)[0]
+                k = np.searchsorted(offsets, j, side='right') - 1
+                return self._damaged(ev, shard, k, 'pulses.npy', f"its pulse {j - offsets[k]}: {what.format(value[j])}")
 
     def event(self, i):
         """One event's pulses in (sensor, time) order: sensor_id, time, charge, auxiliary."""

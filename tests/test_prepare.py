@@ -681,7 +681,7 @@ def test_verify_on_the_command_line_without_the_raw_files(tmp_path, prepared):
     assert not os.path.exists(tmp_path / 'nothing')
 
 
-# -- damaged contents, sizes right: each shard's records once, and each batch's DOM offsets -----------------
+# -- damaged contents, sizes right: each shard's records once, and each batch's DOM offsets and pulses --------
 
 def _damaged_val(prepared, tmp_path, damage):
     """A copy of the prepared val split (one shard of 40 events) whose arrays damage(pulses, doms, events) changes in
@@ -700,6 +700,14 @@ def _record(field, value, row=5, named=0):
     def damage(pulses, doms, events):
         events[field][row] = value(events[field][row])
         return row + named
+    return damage
+
+
+def _pulse(field, value, row=5, at=3):
+    """A damage: pulses.npy's field of pulse `at` of event `row` set to value(its value)."""
+    def damage(pulses, doms, events):
+        pulses[field][events['pulse_start'][row] + at] = value(pulses[field][events['pulse_start'][row] + at])
+        return row
     return damage
 
 
@@ -732,6 +740,17 @@ DAMAGE = {  # what was a numpy error from deep in the batching (IndexError, 'rep
     "an event's first DOM offset": (_dom(lambda e: 0, lambda v: v + 1), 'doms.npy',
                                     r"its 103 DOMs hold pulses \[1, 400\), its record in events\.npy \[0, 400\) \(pulse_start, n_pulses\)"),
     'the last DOM offset high bit': (_dom(lambda e: -1, lambda v: v | 1 << 30), 'doms.npy', r"its 29 DOMs hold pulses \[\d+, 10737\d+\), its record in events\.npy \[\d+, \d+\) \(pulse_start, n_pulses\)"),
+    # an IndexError in the batching or in the classical fits (a DOM's later pulse: event 0's DOM 0 has many), or NaN
+    # in the model's features, which train.py took for a NaN loss; a time far off went in as it was
+    'sensor_id bit 13': (_pulse('sensor_aux', lambda v: v ^ 1 << 13), 'pulses.npy',
+                         r"its pulse 3: sensor_id \d+, past the geometry's 5160 sensors"),
+    "a DOM's later pulse's sensor_id": (_pulse('sensor_aux', lambda v: v ^ 1 << 13, row=0, at=1), 'pulses.npy',
+                                        r"its pulse 1: sensor_id \d+, past the geometry's 5160 sensors"),
+    'charge NaN': (_pulse('charge', lambda v: np.nan), 'pulses.npy', r"its pulse 3: charge nan, not from 0 to 65504"),
+    'charge infinite': (_pulse('charge', lambda v: np.inf), 'pulses.npy', r"its pulse 3: charge inf, not from 0 to 65504"),
+    'charge negative': (_pulse('charge', lambda v: -1), 'pulses.npy', r"its pulse 3: charge -1\.0, not from 0 to 65504"),
+    'time high bit': (_pulse('dt', lambda v: v | 1 << 31), 'pulses.npy',
+                      r"its pulse 3: time \d+ ns after the event's t0, past the split's longest event \(\d+ ns\)"),
 }
 
 
@@ -746,6 +765,16 @@ def test_damaged_contents_are_named_not_packed(case, prepared, tmp_path):
         pack_batch(s, np.arange(40), 3000, 3000, 64, 64)  # the whole shard in one batch
     with pytest.raises(prepare.SplitError, match=message):
         s.events(np.arange(40))  # as the classical fits read them
+
+
+def test_damage_met_in_a_loader_worker_comes_out_of_next(prepared, tmp_path):
+    """BatchLoader's worker processes pack the pulses (its thread plans from the records): a damaged charge met there
+    is the same SplitError out of next(), not a hang."""
+    s, event_id = _damaged_val(prepared, tmp_path, _pulse('charge', lambda v: np.nan))
+    loader = BatchLoader(s, 3000, 3000, 64, 64, shuffle=False, epochs=1, workers=2)
+    with pytest.raises(prepare.SplitError, match=f"val/batch_3/pulses.npy: event_id {event_id}: its pulse 3: charge nan"):
+        next(loader)
+    loader.close()
 
 
 def test_changed_meta_truth_or_geometry_rebuilds_the_shards_made_of_them(tmp_path, clean_raw):
