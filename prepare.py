@@ -118,6 +118,7 @@ EVENT_FIELDS = [('event_id', '<i8'), ('t0', '<i8'), ('pulse_start', '<i8'), ('n_
                 ('lf_vx', '<f4'), ('lf_vy', '<f4'), ('lf_vz', '<f4'), ('ilf_x', '<f4'), ('ilf_y', '<f4'), ('ilf_z', '<f4')]
 TRUTH_FIELDS = [('energy', '<f4'), ('kind', 'u1'), ('vertex_x', '<f4'), ('vertex_y', '<f4'), ('vertex_z', '<f4')]
 SEED_FIELDS = [name for name, _ in EVENT_FIELDS[8:]]  # what prepare.py computes for the model: the seed fits
+LABEL_MAX = {'azimuth': 2 * np.pi, 'zenith': np.pi}  # the labels run from 0 to these (to within 1e-9: float rounding)
 KIND_NAMES = ['track', 'cascade']  # truth 'kind' codes
 AUX_BIT = 1 << 15
 DIRECT_BIT = 1 << 14  # sensor ids stay below it (IceCube has 5,160)
@@ -379,7 +380,7 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     if (dt > MAX_DT).any():
         raise at(dt > MAX_DT, f"time span {dt.max()} ns exceeds the format's uint32 limit")
     if has_labels:
-        for name, hi in [('azimuth', 2 * np.pi), ('zenith', np.pi)]:
+        for name, hi in LABEL_MAX.items():
             v = meta[name]
             bad = ~np.isfinite(v) | (v < 0) | (v > hi + 1e-9)
             if bad.any():
@@ -1000,13 +1001,17 @@ class Split:
 
     def _check_records(self, s):
         """Shard s's events.npy, whole, as prepare.py writes it: each event's pulses and DOMs start where those of the
-        event before end, from the files' starts to their ends; an event has 1 to n_sensors DOMs (one per hit sensor)
-        and at least as many pulses. Else a batch would read another event's pulses or DOMs, or fail deep in numpy.
-        Run once per shard and process, when a batch first reads from it (2 ms for 20,000 events): on each batch's
-        records, the checks cost 2% of the batching's time."""
+        event before end, from the files' starts to their ends; an event has 1 to n_sensors DOMs (one per hit sensor),
+        at least as many pulses, finite seeds and, in train and val, labels in range. Else a batch would read another
+        event's pulses or DOMs, fail deep in numpy, or reach the model with NaN (met as a NaN loss). Run once per
+        shard and process, when a batch first reads from it (2 ms for 20,000 events): on each batch's records, the
+        checks cost 2% of the batching's time."""
         ev, shard, n = self.shards[s]['events'], np.full(len(self.shards[s]['events']), s), len(self.geometry)
-        limits = [('n_doms', ev['n_doms'], 1, n, f"not from 1 to the {n} sensors"),
-                  ('n_pulses', ev['n_pulses'] - ev['n_doms'], 0, np.inf, "below its n_doms")]
+        limits = ([('n_doms', ev['n_doms'], 1, n, f"not from 1 to the {n} sensors"),
+                   ('n_pulses', ev['n_pulses'] - ev['n_doms'], 0, np.inf, "below its n_doms")]
+                  + [(name, ev[name], -np.inf, np.inf, "a seed that is not finite") for name in SEED_FIELDS]
+                  + [(name, ev[name], 0, hi + 1e-9, f"a label not from 0 to {hi:.6f}") for name, hi in LABEL_MAX.items()
+                     if self.manifest['has_labels']])
         for name, x, lo, hi, why in limits:
             bad = ~((x >= lo) & (x <= hi) & np.isfinite(x))
             if bad.any():

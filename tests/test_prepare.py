@@ -751,6 +751,13 @@ DAMAGE = {  # what was a numpy error from deep in the batching (IndexError, 'rep
     'charge negative': (_pulse('charge', lambda v: -1), 'pulses.npy', r"its pulse 3: charge -1\.0, not from 0 to 65504"),
     'time high bit': (_pulse('dt', lambda v: v | 1 << 31), 'pulses.npy',
                       r"its pulse 3: time \d+ ns after the event's t0, past the split's longest event \(\d+ ns\)"),
+    # NaN in the model's features or its loss: train.py stopped on a NaN loss or val error, blaming the learning rate
+    # or the weights, and sample.py took a val split with a NaN azimuth for one without labels; a finite label out of
+    # range trained as a direction
+    'fit_azimuth NaN': (_record('fit_azimuth', lambda v: np.nan), 'events.npy', r"fit_azimuth nan, a seed that is not finite"),
+    'ilf_z infinite': (_record('ilf_z', lambda v: np.inf), 'events.npy', r"ilf_z inf, a seed that is not finite"),
+    'azimuth NaN': (_record('azimuth', lambda v: np.nan), 'events.npy', r"azimuth nan, a label not from 0 to 6\.283185"),
+    'zenith past pi': (_record('zenith', lambda v: v + 4), 'events.npy', r"zenith [\d.]+, a label not from 0 to 3\.141593"),
 }
 
 
