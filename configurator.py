@@ -156,11 +156,16 @@ def check_ranges(script, g, at_least=None, choices=None, below=None, more=(), ab
 
 
 def check_device(script, device):
-    """The device setting names a torch device that this machine has, or the script exits with one line."""
+    """The device setting names a device this code runs on and this machine has, or the script exits with one line."""
     import torch
     try:
-        kind = torch.device(device).type
+        dev = torch.device(device)
     except RuntimeError as e:
         raise SystemExit(f"{script}: error: device={device!r} is not a torch device ({(str(e).splitlines() or [''])[0]})") from None
-    if kind == 'cuda' and not torch.cuda.is_available():
+    if dev.type not in ('cpu', 'cuda'):  # e.g. 'mps': its float64 reductions, autocast and attention paths are untried
+        raise SystemExit(f"{script}: error: device={device!r}: this code runs on 'cpu' and 'cuda' only; use --device=cpu")
+    if dev.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f"{script}: error: device={device!r}, but this torch finds no CUDA device; use --device=cpu")
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"{script}: error: device={device!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")

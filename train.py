@@ -121,6 +121,9 @@ ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
     rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
     if device.startswith('cuda'):
+        if local_rank >= torch.cuda.device_count():  # (set_device's own error is a traceback per rank)
+            raise SystemExit(f"train: error: local rank {local_rank} has no GPU of its own: this node has "
+                             f"{torch.cuda.device_count()}; give torchrun --nproc_per_node={torch.cuda.device_count()} or fewer")
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from configurator import check_ranges, configure, read_config
+from configurator import check_device, check_ranges, configure, read_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,6 +138,26 @@ def test_help_lists_each_setting_with_its_value_and_comment(tmp_path, capsys):
     assert line["--device='cpu#0'"].endswith("a '#' inside a string is no comment and this line goes on the comment above")
     assert line['--learning_rate=0.001'].strip() == '--learning_rate=0.001'
     assert 'not the setting' not in out and 'ends the one above' not in out
+
+
+def test_devices_named_that_this_code_or_machine_lacks(monkeypatch):
+    """A device other than the CPU and CUDA (a Mac's 'mps' went on to a traceback from the first tensor moved there,
+    or from train.py's float64 reductions), or a CUDA index past the machine's devices, is one line naming it."""
+    import torch
+    check_device('train', 'cpu')
+    for device, why in (('mps', "device='mps': this code runs on 'cpu' and 'cuda' only; use --device=cpu"),
+                        ('meta', "device='meta': this code runs on 'cpu' and 'cuda' only"),
+                        ('gpu', "device='gpu' is not a torch device")):
+        with pytest.raises(SystemExit, match=f"^train: error: {why}"):
+            check_device('train', device)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit, match="this torch finds no CUDA device; use --device=cpu"):
+        check_device('sample', 'cuda')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    check_device('sample', 'cuda'), check_device('sample', 'cuda:1')
+    with pytest.raises(SystemExit, match=r"device='cuda:2', but this machine has 2 CUDA device\(s\), cuda:0 to cuda:1$"):
+        check_device('sample', 'cuda:2')
 
 
 @pytest.mark.parametrize('script', ['train.py', 'sample.py', 'prepare.py', 'simulate.py', 'bench.py'])
