@@ -264,6 +264,10 @@ def read_truth(path, batch_id, event_id):
     if bad.any():
         raise PrepareError(f"{path}: event_id {event_id[bad][0]} has kind {kinds[bad][0]!r}, expected one of {KIND_NAMES}")
     truth = {c: t[c].to_numpy()[pos] for c in ['energy', 'vertex_x', 'vertex_y', 'vertex_z']}
+    bad = ~(np.isnan(truth['energy']) | (truth['energy'] > 0) & np.isfinite(truth['energy']))
+    if bad.any():  # (the energy head learns log10 of it: 0 or below would train it toward a made-up -3)
+        raise PrepareError(f"{path}: event_id {event_id[bad][0]} has energy {float(truth['energy'][bad][0])} GeV, not above 0 "
+                           f"(null or NaN where it is unknown)")
     truth['kind'] = (kinds == 'cascade').astype(np.uint8)
     return truth
 
@@ -1003,15 +1007,20 @@ class Split:
         """Shard s's events.npy, whole, as prepare.py writes it: each event's pulses and DOMs start where those of the
         event before end, from the files' starts to their ends; an event has 1 to n_sensors DOMs (one per hit sensor),
         at least as many pulses, finite seeds and, in train and val, labels in range. Else a batch would read another
-        event's pulses or DOMs, fail deep in numpy, or reach the model with NaN (met as a NaN loss). Run once per
-        shard and process, when a batch first reads from it (2 ms for 20,000 events): on each batch's records, the
-        checks cost 2% of the batching's time."""
+        event's pulses or DOMs, fail deep in numpy, or reach the model with NaN (met as a NaN loss); where the data
+        has truth, a kind code and an energy (NaN: unknown) that the heads learn and sample.py's figures group by.
+        Run once per shard and process, when a batch first reads from it (2 ms for 20,000 events): on each batch's
+        records, the checks cost 2% of the batching's time."""
         ev, shard, n = self.shards[s]['events'], np.full(len(self.shards[s]['events']), s), len(self.geometry)
         limits = ([('n_doms', ev['n_doms'], 1, n, f"not from 1 to the {n} sensors"),
                    ('n_pulses', ev['n_pulses'] - ev['n_doms'], 0, np.inf, "below its n_doms")]
                   + [(name, ev[name], -np.inf, np.inf, "a seed that is not finite") for name in SEED_FIELDS]
                   + [(name, ev[name], 0, hi + 1e-9, f"a label not from 0 to {hi:.6f}") for name, hi in LABEL_MAX.items()
-                     if self.manifest['has_labels']])
+                     if self.manifest['has_labels']]
+                  # the truth that the kind and energy heads learn (NaN energy: unknown)
+                  + ([('kind', ev['kind'], 0, len(KIND_NAMES) - 1, f"not a kind code (0 to {len(KIND_NAMES) - 1})"),
+                      ('energy', np.where(np.isnan(ev['energy']), 1, ev['energy']), np.finfo(np.float32).tiny, np.inf,
+                       "not above 0 GeV")] if 'kind' in ev.dtype.names else []))
         for name, x, lo, hi, why in limits:
             bad = ~((x >= lo) & (x <= hi) & np.isfinite(x))
             if bad.any():

@@ -457,6 +457,11 @@ def _corrupt_meta(raw, fn, part='train'):
     pq.write_table(fn(pq.read_table(path)), path)
 
 
+def _corrupt_truth(raw, fn, part='train'):
+    path = f"{raw}/{part}_truth.parquet"
+    pq.write_table(fn(pq.read_table(path)), path)
+
+
 def _bad_value(column, row, value, dtype=None):
     def fn(t):
         v = t[column].to_numpy().copy() if dtype is None else t[column].to_numpy().astype(dtype)
@@ -503,6 +508,11 @@ BAD_INPUTS = {
                              r"batch_1\.parquet: meta pulse ranges do not match the batch file \(\d+ rows\) at row \d+: the file has event_id \d+, the meta \(none, it ends\)"),
     'empty batch_id': (lambda raw: _corrupt_meta(raw, lambda t: _set(t, 'batch_id', pa.array([None] + t['batch_id'].to_pylist()[1:], pa.int64()))),
                        r"train_meta\.parquet: empty batch_id in 1 rows"),
+    # the simulation's truth: an unknown kind, an energy the energy head would learn log10(1e-3 GeV) of
+    'truth kind unknown': (lambda raw: _corrupt_truth(raw, _bad_value('kind', 7, 'muon', object)),
+                           r"train_truth\.parquet: event_id \d+ has kind 'muon', expected one of \['track', 'cascade'\]"),
+    'truth energy 0': (lambda raw: _corrupt_truth(raw, _bad_value('energy', 7, 0.0)),
+                       r"train_truth\.parquet: event_id \d+ has energy 0\.0 GeV, not above 0 \(null or NaN where it is unknown\)"),
     'empty sensor_id': (lambda raw: open(f"{raw}/sensor_geometry.csv", 'a').write(",1.5,1.5,2.5\n"), r"sensor_geometry\.csv: empty sensor_id on line 5162"),
     'not kaggle': (lambda raw: os.remove(f"{raw}/train_meta.parquet"), r"train_meta\.parquet: missing file"),
     # unreadable files (batch files are read in a worker process, the rest in the main one)
@@ -758,6 +768,11 @@ DAMAGE = {  # what was a numpy error from deep in the batching (IndexError, 'rep
     'ilf_z infinite': (_record('ilf_z', lambda v: np.inf), 'events.npy', r"ilf_z inf, a seed that is not finite"),
     'azimuth NaN': (_record('azimuth', lambda v: np.nan), 'events.npy', r"azimuth nan, a label not from 0 to 6\.283185"),
     'zenith past pi': (_record('zenith', lambda v: v + 4), 'events.npy', r"zenith [\d.]+, a label not from 0 to 3\.141593"),
+    # the truth of a simulated set: a kind code past the names trained the track head on a cascade and counted the
+    # event among sample.py's cascades; an energy of 0 or below trained the energy head toward log10(1e-3 GeV)
+    'kind 7': (_record('kind', lambda v: 7), 'events.npy', r"kind 7, not a kind code \(0 to 1\)"),
+    'energy negative': (_record('energy', lambda v: -v), 'events.npy', r"energy -[\d.e+]+, not above 0 GeV"),
+    'energy infinite': (_record('energy', lambda v: np.inf), 'events.npy', r"energy inf, not above 0 GeV"),
 }
 
 
@@ -772,6 +787,14 @@ def test_damaged_contents_are_named_not_packed(case, prepared, tmp_path):
         pack_batch(s, np.arange(40), 3000, 3000, 64, 64)  # the whole shard in one batch
     with pytest.raises(prepare.SplitError, match=message):
         s.events(np.arange(40))  # as the classical fits read them
+
+
+def test_an_unknown_energy_is_no_damage(prepared, tmp_path):
+    """A NaN energy in the truth is an unknown one (a user's own simulation may lack some): packed as NaN, which
+    the energy head's loss leaves out, not named as damage."""
+    s, event_id = _damaged_val(prepared, tmp_path, _record('energy', lambda v: np.nan))
+    b, n = pack_batch(s, np.arange(40), 3000, 3000, 64, 64)
+    assert n == 40 and np.isnan(b['event_log_energy'][5]) and np.isfinite(np.delete(b['event_log_energy'][:n], 5)).all()
 
 
 def test_damage_met_in_a_loader_worker_comes_out_of_next(prepared, tmp_path):
