@@ -169,3 +169,32 @@ def check_device(script, device):
     if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise SystemExit(f"{script}: error: device={device!r}, but this machine has {torch.cuda.device_count()} CUDA "
                          f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def lock_folder(script, path):
+    """Claim folder path for this process alone, or exit with one line naming the process that holds it: an exclusive
+    flock on path/lock, a file that records the holder (script, pid, host, start). Two processes writing one folder
+    (a cluster job resubmitted while the first still runs, two people sharing an out_dir) moved each other's files
+    into previous/, interleaved their checkpoints and logs, and deleted each other's half-built shards, without a
+    word. The kernel drops the lock when its holder ends however it ends (SIGKILL too), so a lock file a dead process
+    left is taken over. Returns the file descriptor: the lock lasts while it is open (close it to release; forked
+    workers share it). A file system without locks (Lustre mounted without flock) gets a warning and no lock."""
+    import fcntl
+    import socket
+    import time
+    lock_path = os.path.join(path, 'lock')
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 500).decode(errors='replace').strip() or 'another process'
+        os.close(fd)
+        raise SystemExit(f"{script}: error: {path} is in use by {holder} (it holds {lock_path}); wait for it to end, "
+                         f"or give another out_dir") from None
+    except OSError as e:
+        print(f"{script}: warning: cannot lock {lock_path} ({e.strerror}): nothing stops a second process from writing "
+              f"into {path} at the same time", file=sys.stderr)
+        return fd
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{script}.py, pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    return fd

@@ -94,7 +94,7 @@ wandb_project = 'iceaggr'
 wandb_run_name = 'run'
 wandb_mode = 'offline'       # 'offline' (sync later with `wandb sync`), 'online' or 'disabled'
 # -----------------------------------------------------------------------------
-from configurator import check_device, check_ranges, configure  # noqa: E402
+from configurator import check_device, check_ranges, configure, lock_folder  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
 check_ranges('train', globals(), at_least=dict(
@@ -133,6 +133,10 @@ master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    # one run per out_dir, held until this process ends: a second one started beside it (a job resubmitted while the
+    # first still runs) moved the first's checkpoints into previous/ (deleting the run kept there) or resumed from
+    # them, and then both wrote ckpt.pt, best.pt and log.jsonl in turn, sharing ckpt.pt.tmp
+    out_dir_lock = lock_folder('train', out_dir)
 torch.manual_seed(seed)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True

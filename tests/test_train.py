@@ -165,13 +165,42 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
     assert p.stderr.strip().splitlines()[-1] == ("train: error: val error is nan at iteration 1: the averaged weights went "
                                                  "bad; nothing was saved yet. Try a lower learning_rate or grad_clip.")
     assert not os.path.exists(os.path.join(out, 'ckpt.pt'))  # the earlier run's moved aside, none of this run's
-    assert sorted(os.listdir(out)) == ['log.jsonl', 'previous']
+    assert sorted(os.listdir(out)) == ['lock', 'log.jsonl', 'previous']
     assert sorted(os.listdir(os.path.join(out, 'previous'))) == ['best.pt', 'ckpt.pt', 'eval_test.json', 'log.jsonl', 'submission.csv']
     # the next fresh run: the failed one saved nothing, so previous/ still holds the run that did
     p = run(bad, check=False)
     assert p.returncode == 1 and f"removed the log.jsonl of a run that saved no checkpoint" in p.stdout
     assert torch.load(os.path.join(out, 'previous', 'ckpt.pt'), weights_only=False)['iter_num'] == 2
     assert len(open(os.path.join(out, 'previous', 'log.jsonl')).readlines()) > 1  # the run of iteration 2's
+
+
+def test_a_second_run_on_one_out_dir_stops_in_one_line(data_dir, tmp_path):
+    """A train.py on an out_dir where another still runs (a job resubmitted beside the first), fresh or resumed, stops
+    at once naming the folder and the holder, and leaves the first run's files where they are: before, it moved them
+    into previous/ (or resumed from them) and both wrote ckpt.pt and log.jsonl in turn. The lock file of a process
+    that ended holds nothing back."""
+    import socket
+    from configurator import lock_folder
+    out = str(tmp_path / 'out')
+    os.makedirs(out)
+    for f in ('ckpt.pt', 'log.jsonl'):
+        open(os.path.join(out, f), 'w').write('of the run still going\n')
+    fd = lock_folder('train', out)  # this process stands for that run
+    try:
+        for mode in ('scratch', 'resume'):
+            p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', f'--init_from={mode}'] + TINY,
+                    check=False)
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode == 1 and len(lines) == 1, p.stderr[-2000:]
+            assert lines[0].startswith(f"train: error: {out} is in use by train.py, pid {os.getpid()} on "
+                                       f"{socket.gethostname()} since ") and f"(it holds {out}/lock)" in lines[0], lines[0]
+            assert sorted(os.listdir(out)) == ['ckpt.pt', 'lock', 'log.jsonl']
+            assert open(os.path.join(out, 'ckpt.pt')).read() == 'of the run still going\n'
+    finally:
+        os.close(fd)
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2'] + TINY)
+    assert 'moved to' in p.stdout and os.path.exists(os.path.join(out, 'ckpt.pt'))
+    assert open(os.path.join(out, 'lock')).read().startswith('train.py, pid ')
 
 
 def test_damaged_data_stops_the_run_in_one_line(data_dir, tmp_path):
