@@ -84,7 +84,7 @@ import torch
 import classical  # the quick likelihood fit stored with each event
 import model as M  # both LineFits stored with each event
 import simulate  # the default synthetic set, when there is no Kaggle data
-from configurator import setting_names
+from configurator import lock_folder, setting_names
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file or --key=value, see configurator.py)
@@ -716,6 +716,10 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
                 if shard_status(f"{out}/{split}/batch_{b}", _batch_file(raw, part, b), fit)[0] is None]
     check_space(out, to_write, any(os.path.exists(os.path.join(raw, f"{part}_truth.parquet")) for part, _, _ in plans))
     made_by = {'raw_dir': os.path.abspath(raw), 'val_batches': val_batches, 'train_batches': train_batches, 'fit': fit}
+    # one prepare per out_dir at a time: two (a job resubmitted while the first still runs) packed every shard twice,
+    # deleted each other's manifests and temporary folders, and with other settings (fit_steps, val_batches) left a
+    # split of both runs' shards under one run's manifest, each exiting 0
+    lock = lock_folder('prepare', out)
     try:
         _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify)
     except BaseException as e:
@@ -727,6 +731,8 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
         if isinstance(e, OSError):
             raise _write_error(e, out) from None
         raise
+    finally:
+        os.close(lock)  # the lock's end (a killed run's ends with its process)
     log(f"prepare: done in {time.time() - t_start:.1f}s -> {out}")
 
 

@@ -577,6 +577,25 @@ def test_bad_input_gets_a_clear_error(case, clean_raw, tmp_path):
     assert not glob.glob(str(tmp_path / 'out' / '*' / '.tmp-*'))
 
 
+def test_a_second_prepare_on_one_out_dir_stops_at_once(clean_raw, tmp_path):
+    """prepare into an out_dir another prepare is writing (a job resubmitted beside the first) stops before writing
+    anything, naming the holder: two at once rebuilt each other's shards, and with other settings left a split of
+    both runs' shards under one manifest. The lock ends with the run, so the next run in this process goes on."""
+    from configurator import lock_folder
+    out = str(tmp_path / 'out')
+    os.makedirs(out)
+    fd = lock_folder('prepare', out)  # this process stands for the other prepare
+    try:
+        with pytest.raises(SystemExit, match=f"^prepare: error: {out} is in use by prepare.py, pid {os.getpid()} on "):
+            prepare.run(clean_raw, out, num_proc=1, log=lambda *a: None)
+        assert os.listdir(out) == ['lock']
+    finally:
+        os.close(fd)
+    for _ in range(2):
+        prepare.run(clean_raw, out, num_proc=1, log=lambda *a: None)
+    assert len(open_split(f"{out}/train")) == 2 * 20
+
+
 def test_bad_input_exit_status_and_message_on_the_command_line(clean_raw, tmp_path):
     raw = str(tmp_path / 'raw')
     shutil.copytree(clean_raw, raw)
