@@ -370,9 +370,7 @@ def plot_resolution(table, xlabel, path, logx=False):
             plain_log_ticks(ax.xaxis)
         ax.grid(True, which='both', alpha=0.3)
     axes[0][0].set_ylabel('median angular error [deg]')
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
     return drawn
 
 
@@ -396,9 +394,7 @@ def plot_coverage(curves, path):
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
     return drawn
 
 
@@ -434,9 +430,7 @@ def plot_training(history, path, ckpt_iter=None):
         ax.grid(True, alpha=0.3)
         if ckpt_iter is not None:
             ax.axvline(ckpt_iter, color='grey', ls=':')
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
     return drawn
 
 
@@ -458,12 +452,26 @@ def write_plots(result, out_dir, split, ckpt_iter):
     return names
 
 
+def tmp_path(path):
+    """Where a result is written before it replaces path in one rename: a file cut short by a kill is never left
+    looking complete, and two sample.py on one out_dir (one by hand beside a scheduled one) each write their own
+    (with one shared name their writes mixed, or one's rename took the other's file away: a traceback)."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(tmp_path(path), dpi=80, format='png')
+    plt.close(fig)
+    os.replace(tmp_path(path), path)
+
+
 def write_csv(path, columns):
     names = list(columns)
     fmts = ['%d' if np.issubdtype(np.asarray(columns[c]).dtype, np.integer) else '%.6f' for c in names]
-    np.savetxt(path + '.tmp', np.column_stack([np.asarray(columns[c], np.float64) if f != '%d' else columns[c] for c, f in zip(names, fmts)]),
+    np.savetxt(tmp_path(path), np.column_stack([np.asarray(columns[c], np.float64) if f != '%d' else columns[c] for c, f in zip(names, fmts)]),
                fmt=fmts, delimiter=',', header=','.join(names), comments='')
-    os.replace(path + '.tmp', path)
+    os.replace(tmp_path(path), path)
 
 
 def finite(obj):
@@ -478,9 +486,9 @@ def finite(obj):
 
 
 def write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
+    with open(tmp_path(path), 'w') as f:
         json.dump(finite(obj), f, indent=1, allow_nan=False)
-    os.replace(path + '.tmp', path)
+    os.replace(tmp_path(path), path)
 
 
 def weights_digest(state):

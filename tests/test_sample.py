@@ -383,3 +383,26 @@ def test_likelihood_baselines_fit_in_the_data_s_ice(monkeypatch, capsys):
         dirs, _ = sample.classical_baselines(s, 2, ['time_fit'], 'cpu')
         assert np.allclose(dirs['time_fit'], [[0, 0, 1]] * 2)
         assert ('fit_steps=0' in capsys.readouterr().out) == said
+
+
+def _write_many(path, seed, times):
+    rng = np.random.default_rng(seed)
+    for _ in range(times):
+        sample.write_csv(path, {'event_id': np.arange(100_000), 'azimuth': rng.random(100_000)})
+
+
+def test_two_samples_on_one_out_dir_write_whole_files(tmp_path):
+    """Two sample.py writing one file at once (one by hand beside a scheduled one) end with a whole file of one of
+    them: with one shared temporary name their writes went into one file, or one's rename took the other's file
+    away (a FileNotFoundError traceback)."""
+    import multiprocessing
+    path = str(tmp_path / 'predictions_val.csv')
+    procs = [multiprocessing.get_context('fork').Process(target=_write_many, args=(path, seed, 15)) for seed in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    rows = np.loadtxt(path, delimiter=',', skiprows=1)
+    assert rows.shape == (100_000, 2) and (rows[:, 0] == np.arange(100_000)).all()
+    assert sorted(os.listdir(tmp_path)) == ['predictions_val.csv']
