@@ -185,7 +185,7 @@ except (FileNotFoundError, SplitError) as e:
 # model: from scratch, or rebuilt from the checkpoint's model settings
 model_args = dict(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim, t2_layers=t2_layers,
                   t2_heads=t2_heads, mlp_ratio=mlp_ratio, attn=attn)
-iter_num, best_val, seconds_before = 0, float('inf'), 0.0
+iter_num, best_val, seconds_before, wandb_id = 0, float('inf'), 0.0, None
 ckpt_path, prev_path, best_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'ckpt.prev.pt', 'best.pt'))
 CHECKPOINTS = ('ckpt.pt', 'ckpt.prev.pt', 'best.pt', 'ckpt.damaged.pt')
 RUN_FILES = CHECKPOINTS + ('calibration.json', 'log.jsonl', 'eval_*.json', 'predictions_*.csv', 'submission.csv',
@@ -248,6 +248,7 @@ if init_from == 'resume':
     model_args = {**checkpoint['model_args'], 'attn': attn}
     max_pulses_per_dom = checkpoint['max_pulses_per_dom']
     iter_num, best_val, seconds_before = checkpoint['iter_num'], checkpoint['best_val'], checkpoint['train_seconds']
+    wandb_id = checkpoint.get('wandb_id')
     if os.path.realpath(checkpoint['data_dir']) != os.path.realpath(data_dir):  # fine-tuning on other data, say
         log(f"train: resuming on data_dir={data_dir!r}, not the checkpoint's {checkpoint['data_dir']!r}: best.pt "
             f"starts over (val errors of other data do not compare)")
@@ -337,7 +338,13 @@ if compile and device_type == 'cpu':
 wandb = None
 if wandb_log and master:
     import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config, mode=wandb_mode, dir=out_dir)
+    # a resumed run goes on logging into its wandb run (the checkpoint keeps the run's id): a run preempted and
+    # resumed on a cluster was a new wandb run each time, its curve in pieces
+    wandb_id = wandb.init(project=wandb_project, name=wandb_run_name, config=config, mode=wandb_mode, dir=out_dir,
+                          id=wandb_id, resume='allow' if wandb_id else None).id
+    if wandb_mode == 'offline':
+        log(f"train: wandb run {wandb_id}, offline; to upload it with the runs it resumed: "
+            f"wandb sync --id={wandb_id} {out_dir}/wandb/offline-run-*-{wandb_id}*")
     # every chart against the iteration: by default wandb counts log calls, and the train and val lines (logged at
     # log_interval and eval_interval) would part from each other and from another run's with other intervals
     wandb.define_metric('iter')
@@ -457,7 +464,7 @@ def save_checkpoint(path):
                    'train_model': weights['model']}
     ckpt = {**weights, 'optimizer': optimizer.state_dict(), 'model_args': raw_model.args,
             'iter_num': iter_num, 'best_val': best_val, 'config': config, 'train_seconds': clock['seconds'],
-            'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': data_dir,
+            'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': data_dir, 'wandb_id': wandb_id,
             'truth_heads': bool(truth_weight > 0 and train_split.truth is not None),  # sample.py reads them if so
             'data_order': {'seed': seed, 'world_size': world_size, 'n_events': n_train, 'loader_seed': loader_seed,
                            'positions': [[int(flat[2 * r]), int(flat[2 * r + 1])] for r in range(world_size)]}}
@@ -673,3 +680,5 @@ if wandb is not None:
     wandb.finish()
 if ddp:
     dist.destroy_process_group()
+if master:
+    os.close(out_dir_lock)  # (the process's end would too: this is for a caller that runs train.py in its own process)

@@ -574,11 +574,13 @@ def test_no_host_sync_between_log_points(data_dir, tmp_path, monkeypatch):
 def test_wandb_logs_against_the_iteration(data_dir, tmp_path, monkeypatch):
     """With wandb_log, the run's settings go to wandb.init, every chart's x axis is the iteration (wandb counts log
     calls otherwise, and the train and val lines part), the train loss at each log point and the val error at each
-    evaluation, then finish. A stand-in module records the calls: no network, no wandb process."""
+    evaluation, then finish; a resumed run logs into the same wandb run. A stand-in module records the calls: no
+    network, no wandb process."""
     import types
     calls = []
     fake = types.SimpleNamespace(**{f: (lambda f: lambda *a, **k: calls.append((f, a, k)))(f)
-                                    for f in ('init', 'define_metric', 'log', 'finish')})
+                                    for f in ('define_metric', 'log', 'finish')})
+    fake.init = lambda *a, **k: (calls.append(('init', a, k)), types.SimpleNamespace(id=k['id'] or 'new1run2'))[1]
     monkeypatch.setitem(sys.modules, 'wandb', fake)
     out = tmp_path / 'out'
     train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6', '--eval_interval=3',
@@ -589,6 +591,12 @@ def test_wandb_logs_against_the_iteration(data_dir, tmp_path, monkeypatch):
     assert [r['iter'] for r in logged if 'train/loss' in r] == [2, 3, 4, 6]  # 3: the evaluation flushes the window
     assert [r['iter'] for r in logged if 'val/angular_error' in r] == [3, 6]
     assert calls[-1][0] == 'finish'
+    assert calls[0][2]['id'] is None and calls[0][2]['resume'] is None  # a fresh run: a new wandb run
+    calls.clear()
+    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=8', '--eval_interval=3',
+                             '--init_from=resume', '--wandb_log=True', '--wandb_mode=disabled'] + TINY + ['--log_interval=2'])
+    assert calls[0][0] == 'init' and calls[0][2]['id'] == 'new1run2' and calls[0][2]['resume'] == 'allow'
+    assert [a[0]['iter'] for f, a, k in calls if f == 'log' and 'train/loss' in a[0]] == [8]
 
 
 def test_time_budget_holds_after_a_slow_first_iteration(data_dir, tmp_path, monkeypatch):
