@@ -303,12 +303,18 @@ def summary(err):
             'percentiles_deg': {str(p): math.degrees(np.percentile(err, p)) for p in (10, 25, 75, 90)}}
 
 
+def bin_index(values, edges):
+    """Each value's bin of edges (the first and last take the values below and above), -1 for NaN: an event whose
+    truth is unknown (a simulation's missing energy) is in no bin, where np.digitize put it in the last."""
+    return np.where(np.isnan(values), -1, np.digitize(values, edges[1:-1]))
+
+
 def breakdown(name, values, edges, fmt, errs):
     """Mean error of each method in errs ({'model': ..., 'linefit': ...}) per bin of values; prints a table,
     returns a list of rows."""
     rows = []
     print(f"  by {name}:")
-    idx = np.digitize(values, edges[1:-1])
+    idx = bin_index(values, edges)
     for i in range(len(edges) - 1):
         m = idx == i
         if not m.any():
@@ -326,7 +332,7 @@ def resolution_table(values, edges, errs, kind=None, min_events=20):
     and above the edges), per kind where known (else 'all'); None in bins with fewer than min_events events. The
     figures of resolution_<split>.png, kept in the json."""
     kinds = {'all': np.ones(len(values), bool)} if kind is None else {n: kind == i for i, n in enumerate(KIND_NAMES)}
-    idx = np.digitize(values, edges[1:-1])
+    idx = bin_index(values, edges)
     table = {'edges': [float(e) for e in edges], 'kinds': {}}
     for kname, km in kinds.items():
         ms = [km & (idx == i) for i in range(len(edges) - 1)]
@@ -725,10 +731,11 @@ def main():
         q = np.quantile(kappa, [0, 0.2, 0.4, 0.6, 0.8, 1.0])
         q[-1] = np.inf
         result['by_kappa'] = breakdown('predicted kappa (quintiles)', kappa, q, lambda a, b: f"{a:.1f}-{b:.1f}", errs)
-        groups = {'by_doms': (np.digitize(ev_doms, DOM_EDGES[1:-1]), [intfmt(a, b) for a, b in zip(DOM_EDGES, DOM_EDGES[1:])])}
+        groups = {'by_doms': (bin_index(ev_doms, DOM_EDGES), [intfmt(a, b) for a, b in zip(DOM_EDGES, DOM_EDGES[1:])])}
         kind = None
         if s.truth is not None:
-            log_e = np.log10(np.maximum(s.truth['energy'][:n].astype(np.float64), 1e-3))
+            log_e = np.log10(np.maximum(s.truth['energy'][:n].astype(np.float64), 1e-3))  # NaN: unknown
+            known_e = np.isfinite(log_e)
             result['by_energy'] = breakdown('energy (log10 GeV)', log_e, ENERGY_EDGES, logfmt, errs)
             kind = s.truth['kind'][:n]
             result['by_kind'] = breakdown('kind (0 track, 1 cascade)', kind, [-0.5, 0.5, 1.5], lambda a, b: KIND_NAMES[int(a + 0.5)], errs)
@@ -747,11 +754,11 @@ def main():
                 rank = np.argsort(np.argsort(p_track)) + 1
                 auc = (rank[is_track].sum() - is_track.sum() * (is_track.sum() + 1) / 2) / max(is_track.sum() * (~is_track).sum(), 1)
                 result['truth_heads'] = {'track_auc': float(auc), 'kind_accuracy': float(((p_track >= 0.5) == is_track).mean()),
-                                         **{f'log10_energy_rms_{k}s': float(np.sqrt(np.mean((events['log10_energy'] - log_e)[kind == i] ** 2)))
-                                            for i, k in enumerate(KIND_NAMES) if (kind == i).any()}}
+                                         **{f'log10_energy_rms_{k}s': float(np.sqrt(np.mean((events['log10_energy'] - log_e)[(kind == i) & known_e] ** 2)))
+                                            for i, k in enumerate(KIND_NAMES) if ((kind == i) & known_e).any()}}
                 print("  the heads: " + ", ".join(f"{k} {v:.3f}" for k, v in result['truth_heads'].items()))
             groups = {'by_kind': (kind, KIND_NAMES),
-                      'by_energy': (np.digitize(log_e, ENERGY_EDGES[1:-1]), [logfmt(a, b) for a, b in zip(ENERGY_EDGES, ENERGY_EDGES[1:])]),
+                      'by_energy': (bin_index(log_e, ENERGY_EDGES), [logfmt(a, b) for a, b in zip(ENERGY_EDGES, ENERGY_EDGES[1:])]),
                       **groups}
             result['resolution'] = {'energy': resolution_table(log_e, np.arange(2.0, 8.01, 0.5), errs, kind, plot_min_events)}
         result['resolution_doms'] = resolution_table(ev_doms, 2.0 ** np.arange(3, 13), errs, kind, plot_min_events)

@@ -178,6 +178,18 @@ def test_breakdown_rows_hold_the_events_of_their_bins(capsys):
     assert rows[0]['mean_angular_error'] == pytest.approx(0.15) and rows[0]['linefit_mean_angular_error'] == pytest.approx(1.5)
 
 
+def test_an_unknown_energy_is_in_no_bin(capsys):
+    """An event whose true energy is unknown (NaN in a simulation's truth) is left out of the energy tables and
+    figures: np.digitize put it in the highest bin."""
+    log_e = np.array([2.5, 7.5, np.nan, np.nan])
+    errs = {'model': np.array([0.1, 0.2, 3.0, 3.0])}
+    rows = sample.breakdown('energy', log_e, sample.ENERGY_EDGES, lambda a, b: f"{a}-{b}", errs)
+    assert sum(r['n'] for r in rows) == 2 and rows[-1]['mean_angular_error'] == pytest.approx(0.2)
+    table = sample.resolution_table(log_e, np.arange(2.0, 8.01, 0.5), errs, np.array([0, 1, 0, 1]), min_events=1)
+    assert sum(table['kinds']['track']['n']) == 1 and sum(table['kinds']['cascade']['n']) == 1
+    assert table['kinds']['cascade']['model'][-1] == pytest.approx(np.degrees(0.2))
+
+
 def read_csv(path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
