@@ -476,7 +476,13 @@ def save_checkpoint(path):
             os.remove(tmp)
         fail(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous {path} is intact")
     if os.path.exists(path):  # a damaged ckpt.pt that the run resumed past is set aside, not kept as the previous one
-        os.replace(path, set_aside or prev_path)
+        # the old one kept by a second name (a hard link) before the new one replaces it: renamed away first, ckpt.pt
+        # was missing for an instant, and a sample.py --ckpt=ckpt.pt started then found no checkpoint
+        try:
+            os.link(path, tmp + '.old')
+            os.replace(tmp + '.old', set_aside or prev_path)
+        except OSError:  # a file system without hard links: renamed, as before
+            os.replace(path, set_aside or prev_path)
     os.replace(tmp, path)
 
 

@@ -599,6 +599,24 @@ def test_wandb_logs_against_the_iteration(data_dir, tmp_path, monkeypatch):
     assert [a[0]['iter'] for f, a, k in calls if f == 'log' and 'train/loss' in a[0]] == [8]
 
 
+def test_ckpt_pt_is_never_missing_while_a_checkpoint_is_saved(data_dir, tmp_path, monkeypatch):
+    """A sample.py --ckpt=ckpt.pt may start at any moment of a training: after the first save, ckpt.pt is there after
+    every rename a save makes (the old one was renamed to ckpt.prev.pt before the new one took its name, and for that
+    instant there was none), and ckpt.prev.pt is still the checkpoint before."""
+    out = str(tmp_path / 'out')
+    replace, missing = os.replace, []
+
+    def watched(src, dst):
+        replace(src, dst)
+        if os.path.basename(str(src)).startswith('ckpt') and not os.path.exists(os.path.join(out, 'ckpt.pt')):
+            missing.append((os.path.basename(str(src)), os.path.basename(str(dst))))
+    monkeypatch.setattr(os, 'replace', watched)
+    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6'] + TINY + ['--eval_interval=2'])
+    assert missing == []
+    iters = [torch.load(os.path.join(out, f), weights_only=False)['iter_num'] for f in ('ckpt.prev.pt', 'ckpt.pt')]
+    assert iters == [4, 6]
+
+
 def test_time_budget_holds_after_a_slow_first_iteration(data_dir, tmp_path, monkeypatch):
     """max_minutes is real training time even when the first iteration takes long (torch.compile: tens of seconds on
     a GPU). The clock extrapolates between log points at the last window's rate; with the compile counted in that
