@@ -479,6 +479,8 @@ def save_checkpoint(path):
         # the old one kept by a second name (a hard link) before the new one replaces it: renamed away first, ckpt.pt
         # was missing for an instant, and a sample.py --ckpt=ckpt.pt started then found no checkpoint
         try:
+            if os.path.lexists(tmp + '.old'):  # left by a run killed between the link and the rename (one writer: lock_folder)
+                os.remove(tmp + '.old')
             os.link(path, tmp + '.old')
             os.replace(tmp + '.old', set_aside or prev_path)
         except OSError:  # a file system without hard links: renamed, as before

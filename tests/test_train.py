@@ -599,11 +599,16 @@ def test_wandb_logs_against_the_iteration(data_dir, tmp_path, monkeypatch):
     assert [a[0]['iter'] for f, a, k in calls if f == 'log' and 'train/loss' in a[0]] == [8]
 
 
-def test_ckpt_pt_is_never_missing_while_a_checkpoint_is_saved(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize('stale_link', [False, True])
+def test_ckpt_pt_is_never_missing_while_a_checkpoint_is_saved(data_dir, tmp_path, monkeypatch, stale_link):
     """A sample.py --ckpt=ckpt.pt may start at any moment of a training: after the first save, ckpt.pt is there after
     every rename a save makes (the old one was renamed to ckpt.prev.pt before the new one took its name, and for that
-    instant there was none), and ckpt.prev.pt is still the checkpoint before."""
+    instant there was none), and ckpt.prev.pt is still the checkpoint before. Also when a run killed mid-save left
+    its link name (ckpt.pt.tmp.old) behind: the link then failed and every later save renamed, as before."""
     out = str(tmp_path / 'out')
+    if stale_link:
+        os.makedirs(out)
+        open(os.path.join(out, 'ckpt.pt.tmp.old'), 'w').close()
     replace, missing = os.replace, []
 
     def watched(src, dst):
