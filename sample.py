@@ -606,8 +606,10 @@ def calibration_maps(cal_path, s, n, ck, kappa, err, events, has_labels):
             raise SystemExit(f"sample: error: {cal_path}: not a calibration map ({type(e).__name__}: {e}); "
                              f"run sample.py --split=val to write it again")
         if stale:
-            print(f"sample: {cal_path} was fit for other weights ({cal['checkpoint']} at iter {cal['iter']}), not this "
-                  f"checkpoint's: not applied; run sample.py --split=val to refit it")
+            # a map older than weights_sha1 may be of these very weights (same checkpoint, same iteration): unknowable
+            why = ("was written by an older sample.py, which did not record the weights it was fit for" if 'weights_sha1' not in cal
+                   else f"was fit for other weights ({cal['checkpoint']} at iter {cal['iter']}), not this checkpoint's")
+            print(f"sample: {cal_path} {why}: not applied; run sample.py --split=val to refit it")
             cal = None
         else:
             print(f"sample: error circles calibrated by {cal_path}, fit on {fit_on}")

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import model as M
 import sample
@@ -228,6 +229,26 @@ def test_in_sample_line_names_the_events_the_stored_map_was_fit_on(capsys):
     part = slice(0, 500)
     sample.check_coverage('val', err[part], kappa[part], sample.subset(events, part), cal, {}, None)
     assert 'the stored map, fit on 2000 events, on the first 500 of them (in sample' in capsys.readouterr().out
+
+
+def test_a_map_from_before_the_weights_were_recorded_is_named_so(monkeypatch, tmp_path, capsys):
+    """calibration.json written by a sample.py older than df1053e records no weights_sha1: it is not applied (no
+    one can tell which weights it was fit for), and the line says why. It said 'fit for other weights (best.pt at
+    iter 6), not this checkpoint's' of a map fit on that very best.pt (found with a checkpoint and map of acc1167)."""
+    rng = np.random.default_rng(7)
+    kappa = np.exp(rng.uniform(np.log(2), np.log(200), 200))
+    events = {'hit_doms': rng.integers(10, 200, len(kappa))}
+    old = {'checkpoint': 'best.pt', 'iter': 6, 'fit_on': 'data/sim_packed/val, 200 events',
+           **sample.fit_calibration(kappa, vmf_errors(rng, kappa), events)}
+    path = str(tmp_path / 'calibration.json')
+    json.dump(old, open(path, 'w'))
+    monkeypatch.setattr(sample, 'split', 'test')
+    ck = {'model': {'w': torch.zeros(3)}, 'iter_num': 6}
+    cal, written = sample.calibration_maps(path, None, len(kappa), ck, kappa, None, events, False)
+    out = capsys.readouterr().out
+    assert cal is None and not written
+    assert (f"sample: {path} was written by an older sample.py, which did not record the weights it was fit for: "
+            f"not applied; run sample.py --split=val to refit it") in out, out
 
 
 def test_training_figure_names_the_loss_train_py_logs(monkeypatch, tmp_path):
