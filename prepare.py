@@ -545,7 +545,11 @@ def shard_status(shard_dir, src, fit, inputs=None, checksums=False):
     if not os.path.isdir(shard_dir):
         return None, None
     info, problem = shard_problem(shard_dir, checksums)
-    if problem is None and any(info.get(k) != v for k, v in _source_stamp(src).items()):
+    stamp = _source_stamp(src)
+    if problem is None and info.get('source') != stamp['source']:  # not a changed file: one the user can point back to
+        problem = (f"it was made from {info.get('source')}, not {stamp['source']} (to keep the shards made from a "
+                   f"moved raw folder, stop and give the raw_dir they were made from, or a link there)")
+    elif problem is None and any(info.get(k) != v for k, v in stamp.items()):
         problem = f"its source {src} changed since it was made"
     elif problem is None and inputs is not None and info.get('inputs') != inputs:
         problem = ("it was made by an earlier prepare.py, which did not record its meta, truth and geometry" if 'inputs' not in info
