@@ -306,11 +306,25 @@ seed_weights = list(raw_model.combine.parameters())
 network_weights = [p for name, p in raw_model.named_parameters() if not name.startswith('combine.')]
 decay = [p for p in raw_model.parameters() if p.dim() >= 2]
 no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+# the optimizer's parameters by name, in its order: torch matches a checkpoint's moments to them by position alone
+optimizer_params = [n for n, p in raw_model.named_parameters() if p.dim() >= 2] + \
+                   [n for n, p in raw_model.named_parameters() if p.dim() < 2]
 # fused: one kernel per step on either device (the unfused CPU path reads its step count with .item())
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
                                {'params': no_decay, 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=True)
 if checkpoint is not None:
+    # a model.py whose parameters come in another order (the same names and shapes, so its weights load) gave the
+    # moments to the wrong ones without a word; of other shapes, the fused CPU step aborted ('double free or
+    # corruption'). Checkpoints written before the names were recorded get the shapes checked
+    saved, state = checkpoint.get('optimizer_params', optimizer_params), checkpoint['optimizer']['state']
+    params = dict(raw_model.named_parameters())
+    differ = [n for i, n in enumerate(optimizer_params) if i >= len(saved) or saved[i] != n
+              or i in state and state[i]['exp_avg'].shape != params[n].shape]
+    if differ or [len(g['params']) for g in checkpoint['optimizer']['param_groups']] != [len(decay), len(no_decay)]:
+        fail(f"the checkpoint in {out_dir}: its optimizer state does not fit this model.py's parameters (first "
+             f"{(differ or ['the groups'])[0]}): it was written by another version; train a new model, or use the "
+             f"commit that wrote it")
     optimizer.load_state_dict(checkpoint['optimizer'])
     # load_state_dict also brings back the checkpoint's betas and weight decay: this run's settings apply instead (the
     # learning rate is set every iteration), as the config that the next checkpoint records says
@@ -464,6 +478,7 @@ def save_checkpoint(path):
                    'train_model': weights['model']}
     ckpt = {**weights, 'optimizer': optimizer.state_dict(), 'model_args': raw_model.args,
             'iter_num': iter_num, 'best_val': best_val, 'config': config, 'train_seconds': clock['seconds'],
+            'optimizer_params': optimizer_params,  # the optimizer state's parameters, which a resume checks
             'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': data_dir, 'wandb_id': wandb_id,
             'truth_heads': bool(truth_weight > 0 and train_split.truth is not None),  # sample.py reads them if so
             'data_order': {'seed': seed, 'world_size': world_size, 'n_events': n_train, 'loader_seed': loader_seed,

@@ -702,3 +702,37 @@ def test_resume_takes_this_runs_attention_layout(data_dir, tmp_path):
     torch.save(ck, path)
     p = run(['sample.py', f'--out_dir={out}', '--ckpt=ckpt.pt', '--max_events=20', '--plots=False', '--baselines='])
     assert 'device cpu, attention sdpa' in p.stdout
+
+
+def test_an_optimizer_state_of_other_parameters_is_named(data_dir, tmp_path):
+    """torch gives a checkpoint's AdamW moments to the parameters by position: a model.py whose parameters come in
+    another order (the same names and shapes, so load_weights passes) resumed with each moment on another parameter,
+    or, where their shapes differ, the fused CPU step aborted the process ('double free or corruption': found by
+    permuting a checkpoint's moments, as such a model.py would read them). One line instead, for a checkpoint without
+    the names (written before they were recorded) as for one with them."""
+    out = str(tmp_path / 'out')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY)
+    path = os.path.join(out, 'ckpt.pt')
+    ck = torch.load(path, weights_only=False)
+    names, state = ck.pop('optimizer_params', None), ck['optimizer']['state']
+    j = next(j for j in state if state[j]['exp_avg'].shape != state[0]['exp_avg'].shape)
+    state[0], state[j] = state[j], state[0]  # an older checkpoint, its moments in another order
+    torch.save(ck, path)
+    resume = ['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3', '--init_from=resume'] + TINY
+    p = run(resume, check=False)
+    assert p.returncode == 1 and p.stderr.strip() == (
+        f"train: error: the checkpoint in {out}: its optimizer state does not fit this model.py's parameters (first "
+        f"{names and names[0]}): it was written by another version; train a new model, or use the commit that wrote it"), \
+        (p.returncode, p.stderr[-2000:])
+    # the same shapes, in another order: only the names recorded tell
+    state[0], state[j] = state[j], state[0]
+    i, k = next((i, k) for i in range(len(names)) for k in range(i + 1, len(names))
+                if state[i]['exp_avg'].shape == state[k]['exp_avg'].shape)
+    names[i], names[k] = names[k], names[i]
+    torch.save({**ck, 'optimizer_params': names}, path)
+    p = run(resume, check=False)
+    assert p.returncode == 1 and f"parameters (first {names[k]}): it was written" in p.stderr, p.stderr
+    # as written: resumed
+    names[i], names[k] = names[k], names[i]
+    torch.save({**ck, 'optimizer_params': names}, path)
+    assert 'resuming at iter 2' in run(resume).stdout
