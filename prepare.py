@@ -37,7 +37,7 @@ file holds tens of millions of pulses, never four billion; prepare checks it).
 
 Each shard is built in a temporary folder and renamed when complete, so an interrupted prepare never
 leaves a shard that looks complete, and a re-run skips the shards that are (and rebuilds one whose
-source file, meta rows, truth rows or geometry changed, whose quick fit was made with other fit_steps or fit_ice,
+source file (its name, size or time: not its folder, which may move), meta rows, truth rows or geometry changed, whose quick fit was made with other fit_steps or fit_ice,
 or whose files differ in size from those shard.json records: a copy cut short).
 A SIGTERM (a scheduler's stop, sent to the main process alone) ends the workers too, and prepare.py exits 143.
 Workers process one batch file each, so memory is bounded by num_proc batch files (up to ~3.5 GB a worker at a real
@@ -546,10 +546,10 @@ def shard_status(shard_dir, src, fit, inputs=None, checksums=False):
         return None, None
     info, problem = shard_problem(shard_dir, checksums)
     stamp = _source_stamp(src)
-    if problem is None and info.get('source') != stamp['source']:  # not a changed file: one the user can point back to
-        problem = (f"it was made from {info.get('source')}, not {stamp['source']} (to keep the shards made from a "
-                   f"moved raw folder, stop and give the raw_dir they were made from, or a link there)")
-    elif problem is None and any(info.get(k) != v for k, v in stamp.items()):
+    # the batch file by its name, size and modification time (ns), not its path: a raw folder moved (mv and cp -p keep
+    # the times) or reached by another path (a link, a relative raw_dir) rebuilt the whole Kaggle set, about 3 hours
+    if problem is None and (os.path.basename(str(info.get('source'))) != os.path.basename(src)
+                            or any(info.get(k) != stamp[k] for k in ('source_size', 'source_mtime_ns'))):
         problem = f"its source {src} changed since it was made"
     elif problem is None and inputs is not None and info.get('inputs') != inputs:
         problem = ("it was made by an earlier prepare.py, which did not record its meta, truth and geometry" if 'inputs' not in info
@@ -791,6 +791,9 @@ def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
                 inputs = inputs_digest(meta, truth, geometry_digest)
                 info, problem = shard_status(shard_dir, src, made_by['fit'], inputs, checksums=verify)
                 if info is not None:
+                    if info['source'] != os.path.abspath(src):  # the same file in a moved raw folder: kept, renamed
+                        info = {**info, 'source': os.path.abspath(src)}
+                        _write_json_atomic(f"{shard_dir}/shard.json", info)
                     st['done'][shard_dir], st['n_skipped'] = info, st['n_skipped'] + 1
                 else:
                     if problem:
