@@ -365,13 +365,25 @@ if wandb_log and master:
     wandb.define_metric('*', step_metric='iter')
 
 
+clock_ends_run = False  # whether the time budget, not max_iters, is to end the run (get_lr)
+
+
 def get_lr(it, seconds):
+    global clock_ends_run
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     decay_iters = lr_decay_iters or max_iters
     ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     if max_minutes and not lr_decay_iters:
-        ratio = max(ratio, seconds / (60 * max_minutes))  # whichever budget runs out first
+        # whichever budget runs out first: the clock leads the cosine once, at the agreed rate, it would end the run
+        # before max_iters (and from then on, so that a faster hour never turns the cosine back), or while the rate is
+        # unknown (before the first log point). The clock counts the warmup and the iterations' ratio does not, so with
+        # max() alone the clock led just after the warmup even where max_iters ends the run long before the budget,
+        # and two runs of config/toy_cpu.py --max_iters=130 differed (232 of 290 tensors, up to 2.2e-5)
+        per_iter = clock['per_iter']
+        clock_ends_run = clock_ends_run or (per_iter > 0 and seconds + per_iter * (max_iters - it) > 60 * max_minutes)
+        if clock_ends_run or per_iter == 0:
+            ratio = max(ratio, seconds / (60 * max_minutes))
     if ratio >= 1:
         return min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)

@@ -5,6 +5,7 @@ checkpoint in one line; SIGTERM stops a run that resumes to the weights of an un
 falls back to an earlier one."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -654,6 +655,21 @@ def test_time_budget_holds_after_a_slow_first_iteration(data_dir, tmp_path, monk
     rows = [json.loads(line) for line in open(out / 'log.jsonl')]
     trained = [r for r in rows if 'val_error' in r][-1]['seconds']
     assert 0.9 * 15 <= trained < 15 + 5, rows[-3:]
+
+
+def test_a_run_that_max_iters_ends_follows_its_iterations_not_the_clock(data_dir, tmp_path):
+    """With a time budget far from binding (config/toy_cpu.py's 13 minutes and a short --max_iters), the cosine follows
+    the iterations alone, as max_iters ends the run: the clock, which counts the warmup, led it just after the warmup,
+    so the learning rate there and the weights after it differed from run to run. log.jsonl records each log point's
+    learning rate, that of the iteration before it."""
+    out = tmp_path / 'out'
+    lr0, lr_min, warm, n = 3e-3, 3e-4, 2, 6  # TINY's learning rates
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', f'--max_iters={n}', f'--eval_interval={n}',
+         '--max_minutes=10', f'--warmup_iters={warm}'] + [a for a in TINY if not a.startswith('--warmup_iters')])
+    lrs = {r['iter'] - 1: r['lr'] for r in map(json.loads, open(out / 'log.jsonl')) if 'lr' in r}
+    expected = {it: lr0 * (it + 1) / (warm + 1) if it < warm else
+                lr_min + 0.5 * (1.0 + math.cos(math.pi * (it - warm) / (n - warm))) * (lr0 - lr_min) for it in range(n)}
+    assert lrs == expected
 
 
 def test_resume_applies_the_optimizer_settings_given(data_dir, tmp_path):
