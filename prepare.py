@@ -405,10 +405,12 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     else:
         order = np.lexsort((dt, sensor, event_of_row))
     pulses = np.empty(n_rows, PULSE_DTYPE)
-    pulses['dt'] = dt[order]
-    sensor_sorted = sensor[order].astype(np.uint16)
-    pulses['sensor_aux'] = sensor_sorted | (aux[order].astype(np.uint16) << 15)
-    pulses['charge'] = charge[order]
+    # each column gathered into an array of its own, then stored: the fits below read these, not the records'
+    # strided fields (converting those took 39 ms of a 2.9M-pulse shard's 220)
+    dt_sorted, sensor_sorted, aux_sorted = dt[order], sensor[order].astype(np.uint16), aux[order]
+    charge_sorted = charge[order].astype(np.float16)
+    pulses['dt'], pulses['charge'] = dt_sorted, charge_sorted
+    pulses['sensor_aux'] = sensor_sorted | (aux_sorted.astype(np.uint16) << 15)
 
     # a DOM starts where the sensor changes or a new event starts
     new_dom = np.ones(n_rows, bool)
@@ -430,8 +432,8 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
             events[name] = truth[name]
     # the pulses in Split.events' layout, but each time from its event's t0 (dt): the fits below use only the
     # differences of times within an event
-    ev = {'sensor_id': sensor_sorted, 'time': pulses['dt'].astype(np.int64), 'charge': pulses['charge'].astype(np.float32),
-          'auxiliary': pulses['sensor_aux'] >= AUX_BIT, 'pulse_offsets': np.r_[expected_first, n_rows],
+    ev = {'sensor_id': sensor_sorted, 'time': dt_sorted.view(np.int64), 'charge': charge_sorted.astype(np.float32),
+          'auxiliary': aux_sorted, 'pulse_offsets': np.r_[expected_first, n_rows],
           'event_dom_offsets': np.r_[0, np.cumsum(n_doms)], 'dom_offsets': doms.astype(np.int64)}
     # what the stats need of the file's own arrays, then those arrays go: a worker would otherwise hold them (1.9 GB
     # of a real 33M-pulse batch file) through the fits below, which only read ev
