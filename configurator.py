@@ -183,7 +183,11 @@ def lock_folder(script, path):
     import socket
     import time
     lock_path = os.path.join(path, 'lock')
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only folder (a shared data set, a read-only mount): was a traceback
+        raise SystemExit(f"{script}: error: {lock_path}: cannot write into {path} ({e.strerror}); {script}.py writes "
+                         f"there: give an out_dir you can write") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -132,7 +132,10 @@ else:
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if master:
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # under a read-only folder: was a traceback
+        raise SystemExit(f"train: error: {out_dir}: cannot make it ({e.strerror}); give an out_dir you can write") from None
     # one run per out_dir, held until this process ends: a second one started beside it (a job resubmitted while the
     # first still runs) moved the first's checkpoints into previous/ (deleting the run kept there) or resumed from
     # them, and then both wrote ckpt.pt, best.pt and log.jsonl in turn, sharing ckpt.pt.tmp

@@ -171,3 +171,17 @@ def test_every_script_answers_help(script):
     assert {'train.py': 'whichever comes first', 'sample.py': "'' = the data_dir the model was trained on",
             'prepare.py': 'worker processes, one batch file each', 'simulate.py': 'largest pulse charge',
             'bench.py': 'the rows to run'}[script] in ' '.join(r.stdout.split())
+
+
+def test_a_folder_that_cannot_be_written_is_named_by_lock_folder(tmp_path, monkeypatch):
+    """lock_folder on a folder the user may only read (a read-only mount; emulated: the tests run as root) exits in
+    one line naming the lock file, the folder and what to do; it was os.open's traceback (train.py and prepare.py)."""
+    import errno
+    from configurator import lock_folder
+
+    def read_only(path, *a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    monkeypatch.setattr(os, 'open', read_only)
+    with pytest.raises(SystemExit, match=f"^train: error: {tmp_path}/lock: cannot write into {tmp_path} "
+                                         f"\\(Read-only file system\\); train.py writes there: give an out_dir you can write$"):
+        lock_folder('train', str(tmp_path))

@@ -1085,3 +1085,24 @@ def test_quick_fit_runs_per_chunk_of_events(prepared, monkeypatch, tmp_path):
     assert len(calls) == 1
     for name in ('fit_azimuth', 'fit_zenith', 'fit_rlogl'):
         np.testing.assert_allclose(events[name], whole[name], atol=1e-4)
+
+
+def test_a_read_only_out_dir_is_named_in_one_line(clean_raw, tmp_path, monkeypatch):
+    """prepare re-run on a prepared folder the user may only read (a group's shared copy, a read-only mount) stops in
+    one line naming the folder, and writes nothing: it died in a traceback from the lock file's os.open. Emulated:
+    the tests run as root, whom permissions do not stop, so the lock file's open fails as on a read-only mount."""
+    import errno
+    out = str(tmp_path / 'out')
+    prepare.run(clean_raw, out, num_proc=1, log=lambda *a: None)
+    before = sorted(os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs)
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).endswith('/lock'):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(os, 'open', read_only)
+    with pytest.raises(SystemExit, match=f"^prepare: error: {out}/lock: cannot write into {out} \\(Read-only file "
+                                         f"system\\); prepare.py writes there: give an out_dir you can write$"):
+        prepare.run(clean_raw, out, num_proc=1, log=lambda *a: None)
+    assert sorted(os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs) == before

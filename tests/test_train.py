@@ -175,6 +175,16 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
     assert len(open(os.path.join(out, 'previous', 'log.jsonl')).readlines()) > 1  # the run of iteration 2's
 
 
+def test_an_out_dir_that_cannot_be_written_is_named_in_one_line(data_dir, tmp_path):
+    """An out_dir train.py cannot make (under a read-only folder; here under a file, since the tests run as root) or
+    cannot write (a read-only mount: its lock file cannot be made) stops in one line naming it; both were tracebacks."""
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={blocker}/out', '--max_iters=2'] + TINY, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"train: error: {blocker}/out: cannot make it (Not a directory); give an out_dir you can write"], p.stderr[-2000:]
+
+
 def test_a_second_run_on_one_out_dir_stops_in_one_line(data_dir, tmp_path):
     """A train.py on an out_dir where another still runs (a job resubmitted beside the first), fresh or resumed, stops
     at once naming the folder and the holder, and leaves the first run's files where they are: before, it moved them
