@@ -19,6 +19,7 @@ same data order.
 import concurrent.futures
 import functools
 import glob
+import io
 import json
 import math
 import os
@@ -459,8 +460,12 @@ def record(row):
     """One line of out_dir/log.jsonl, the training curves that sample.py plots; master rank only, at log and eval
     points, from numbers already on the host."""
     if master:
-        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps(row) + '\n')
+        try:
+            with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps(row) + '\n')
+        except OSError as e:  # a full disk: was a traceback (a line cut short is dropped by the resume's start_record)
+            fail(f"{os.path.join(out_dir, 'log.jsonl')}: cannot append to it ({e.strerror or e}); free some space and "
+                 f"resume (--init_from=resume) from the last checkpoint, {ckpt_path}")
 
 
 def start_record():
@@ -499,12 +504,16 @@ def save_checkpoint(path):
             'data_order': {'seed': seed, 'world_size': world_size, 'n_events': n_train, 'loader_seed': loader_seed,
                            'positions': [[int(flat[2 * r]), int(flat[2 * r + 1])] for r in range(world_size)]}}
     tmp = path + '.tmp'
+    buf = io.BytesIO()  # serialised in memory, then written: torch.save into a full disk raised a RuntimeError
+    torch.save(ckpt, buf)  # ('unexpected pos ...') in place of ENOSPC, a traceback that left the cut ckpt.pt.tmp behind
     try:
-        torch.save(ckpt, tmp)
+        with open(tmp, 'wb') as f:
+            f.write(buf.getbuffer())
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        fail(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous {path} is intact")
+        fail(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous {path} is intact: free some space "
+             f"and resume (--init_from=resume)")
     if os.path.exists(path):  # a damaged ckpt.pt that the run resumed past is set aside, not kept as the previous one
         # the old one kept by a second name (a hard link) before the new one replaces it: renamed away first, ckpt.pt
         # was missing for an instant, and a sample.py --ckpt=ckpt.pt started then found no checkpoint
@@ -657,7 +666,13 @@ while True:
         record({'iter': iter_num, 'val_error': val_err, 'val_loss': val_loss, 'seconds': seconds})
         save_checkpoint(ckpt_path)
         if master and improved:  # a copy, renamed into place: serialising a big model twice costs seconds
-            shutil.copyfile(ckpt_path, os.path.join(out_dir, 'best.pt.tmp'))
+            try:
+                shutil.copyfile(ckpt_path, os.path.join(out_dir, 'best.pt.tmp'))
+            except OSError as e:  # a full disk: was a traceback that left the cut best.pt.tmp behind
+                if os.path.exists(os.path.join(out_dir, 'best.pt.tmp')):
+                    os.remove(os.path.join(out_dir, 'best.pt.tmp'))
+                fail(f"{best_path}: cannot write it ({e.strerror or e}); the previous best.pt is intact and {ckpt_path} "
+                     f"holds this better one (iteration {iter_num}): free some space, then cp {ckpt_path} {best_path}")
             os.replace(os.path.join(out_dir, 'best.pt.tmp'), best_path)
         if wandb is not None:
             wandb.log({'iter': iter_num, 'val/angular_error': val_err, 'val/angular_error_deg': math.degrees(val_err),

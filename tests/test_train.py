@@ -185,6 +185,64 @@ def test_an_out_dir_that_cannot_be_written_is_named_in_one_line(data_dir, tmp_pa
         f"train: error: {blocker}/out: cannot make it (Not a directory); give an out_dir you can write"], p.stderr[-2000:]
 
 
+# runs train.py with a disk that fills at the n-th write of one file (by its name's end), half of that write landed
+FULL_DISK = """
+import builtins, errno, os, runpy, shutil, sys
+name, nth = os.environ['FULL_AT'].split(':')
+count, real_open, real_copy = [0], builtins.open, shutil.copyfile
+
+class Full:
+    def __init__(self, f): self.f = f
+    def __enter__(self): return self
+    def __exit__(self, *a): self.f.close()
+    def write(self, b):
+        self.f.write(b[:len(b) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+def full(path):
+    if str(path).endswith(name):
+        count[0] += 1
+        return count[0] == int(nth)
+
+def open_(path, mode='r', *a, **k):
+    f = real_open(path, mode, *a, **k)
+    return Full(f) if ('w' in mode or 'a' in mode) and full(path) else f
+
+def copyfile(src, dst, **k):
+    if full(dst):
+        real_open(dst, 'wb').write(real_open(src, 'rb').read(1000))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst)
+    return real_copy(src, dst, **k)
+
+builtins.open, shutil.copyfile = open_, copyfile
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('full_at', ['ckpt.pt.tmp:2', 'log.jsonl:3', 'best.pt.tmp:1'])
+def test_a_full_disk_stops_the_run_in_one_line_with_the_checkpoints_intact(data_dir, tmp_path, full_at, monkeypatch):
+    """A disk that fills mid-run stops train.py in one line naming the file, 'No space left on device' and what to do,
+    leaves no temporary file and keeps the checkpoints written before. Before: torch.save into a full disk raised a
+    RuntimeError ('unexpected pos ...', as on a 5 MB tmpfs) and left the cut ckpt.pt.tmp, and log.jsonl's append and
+    best.pt's copy were tracebacks (the copy left best.pt.tmp)."""
+    import torch
+    out = str(tmp_path / 'out')
+    (tmp_path / 'full.py').write_text(FULL_DISK)
+    monkeypatch.setenv('FULL_AT', full_at)
+    p = run([str(tmp_path / 'full.py'), 'train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
+             '--eval_interval=2'] + TINY, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"train: error: {out}/"), p.stderr[-2000:]
+    assert "(No space left on device)" in lines[0] and "free some space" in lines[0], lines[0]
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')], os.listdir(out)
+    if full_at.startswith('ckpt'):  # the second save failed: the first is whole
+        assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 2
+    if full_at.startswith('best'):
+        assert 'best.pt' not in os.listdir(out) and 'cp ' in lines[0]
+
+
 def test_a_second_run_on_one_out_dir_stops_in_one_line(data_dir, tmp_path):
     """A train.py on an out_dir where another still runs (a job resubmitted beside the first), fresh or resumed, stops
     at once naming the folder and the holder, and leaves the first run's files where they are: before, it moved them
