@@ -37,6 +37,7 @@ them to out_dir/calibration.json; on any other split it applies the stored maps.
     training.png               train loss and val error against iteration (from out_dir/log.jsonl, by train.py)
 """
 
+import errno
 import functools
 import hashlib
 import json
@@ -465,19 +466,39 @@ def tmp_path(path):
     return f"{path}.{os.getpid()}.tmp"
 
 
+def write_error(path, e):
+    """The one line for a result that cannot be written: a full disk, or an out_dir the user may only read (a
+    colleague's run, a read-only mount), where sample.py died in a traceback after the whole evaluation."""
+    todo = ("free some space and re-run" if e.errno == errno.ENOSPC else
+            "give an out_dir you can write, and the checkpoint by its full path (--ckpt=/path/to/best.pt)")
+    return SystemExit(f"sample: error: {path}: cannot write it ({e.strerror or e}); {todo}")
+
+
+def replace_into(path, write):
+    """write(tmp) the result, then rename it into place; on an error, no temporary file is left (a cut one, on a
+    full disk, kept the space it had taken) and the file already at path stays as it was."""
+    try:
+        write(tmp_path(path))
+        os.replace(tmp_path(path), path)
+    except OSError as e:
+        if os.path.exists(tmp_path(path)):
+            os.remove(tmp_path(path))
+        raise write_error(path, e) from None
+
+
 def save_figure(fig, path):
     fig.tight_layout()
-    fig.savefig(tmp_path(path), dpi=80, format='png')
-    plt.close(fig)
-    os.replace(tmp_path(path), path)
+    try:
+        replace_into(path, lambda tmp: fig.savefig(tmp, dpi=80, format='png'))
+    finally:
+        plt.close(fig)
 
 
 def write_csv(path, columns):
     names = list(columns)
     fmts = ['%d' if np.issubdtype(np.asarray(columns[c]).dtype, np.integer) else '%.6f' for c in names]
-    np.savetxt(tmp_path(path), np.column_stack([np.asarray(columns[c], np.float64) if f != '%d' else columns[c] for c, f in zip(names, fmts)]),
-               fmt=fmts, delimiter=',', header=','.join(names), comments='')
-    os.replace(tmp_path(path), path)
+    table = np.column_stack([np.asarray(columns[c], np.float64) if f != '%d' else columns[c] for c, f in zip(names, fmts)])
+    replace_into(path, lambda tmp: np.savetxt(tmp, table, fmt=fmts, delimiter=',', header=','.join(names), comments=''))
 
 
 def finite(obj):
@@ -492,9 +513,10 @@ def finite(obj):
 
 
 def write_json(path, obj):
-    with open(tmp_path(path), 'w') as f:
-        json.dump(finite(obj), f, indent=1, allow_nan=False)
-    os.replace(tmp_path(path), path)
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(finite(obj), f, indent=1, allow_nan=False)
+    replace_into(path, write)
 
 
 def weights_digest(state):
@@ -629,6 +651,11 @@ def main():
         raise SystemExit(f"sample: unknown baseline {sorted(set(methods) - set(classical.METHODS))}; choose from {classical.METHODS}")
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     ck = load_checkpoint(os.path.join(out_dir, ckpt))
+    try:  # out_dir takes the results: one the user may only read is named now, not after the whole evaluation
+        open(tmp_path(os.path.join(out_dir, f'eval_{split}.json')), 'w').close()
+        os.remove(tmp_path(os.path.join(out_dir, f'eval_{split}.json')))
+    except OSError as e:
+        raise write_error(os.path.join(out_dir, f'eval_{split}.json'), e) from None
     cfg = ck['config']
     raw_model = M.IceModel(**{**ck['model_args'], 'attn': attn})
     M.load_weights(raw_model, ck['model'], os.path.join(out_dir, ckpt), 'sample')

@@ -439,3 +439,54 @@ def test_two_samples_on_one_out_dir_write_whole_files(tmp_path):
     rows = np.loadtxt(path, delimiter=',', skiprows=1)
     assert rows.shape == (100_000, 2) and (rows[:, 0] == np.arange(100_000)).all()
     assert sorted(os.listdir(tmp_path)) == ['predictions_val.csv']
+
+
+@pytest.mark.parametrize('what', ['json', 'csv', 'figure'])
+def test_a_full_disk_names_the_result_and_keeps_the_one_before(tmp_path, monkeypatch, what):
+    """A disk that fills while sample.py writes a result stops it in one line naming the file and 'No space left on
+    device', leaves no cut temporary file (it kept the space it took) and the previous result as it was: before,
+    a traceback (seen on a 5 MB tmpfs: coverage_val.png) that left the .tmp file behind."""
+    import errno
+    import matplotlib.pyplot as plt
+    path = str(tmp_path / f'result.{what}')
+    open(path, 'w').write('the previous result\n')
+
+    def half_then_full(target, *a, **k):
+        open(target, 'w').write('half')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(SystemExit, match=f"^sample: error: {path}: cannot write it \\(No space left on device\\); "
+                                         f"free some space and re-run$"):
+        if what == 'json':
+            monkeypatch.setattr(sample.json, 'dump', lambda obj, f, **k: (f.write('{"half'), half_then_full(f.name)))
+            sample.write_json(path, {'a': 1})
+        elif what == 'csv':
+            monkeypatch.setattr(np, 'savetxt', half_then_full)
+            sample.write_csv(path, {'event_id': np.arange(3)})
+        else:
+            fig = plt.figure()
+            monkeypatch.setattr(fig, 'savefig', half_then_full)
+            sample.save_figure(fig, path)
+    assert os.listdir(tmp_path) == [f'result.{what}'] and open(path).read() == 'the previous result\n'
+
+
+def test_an_out_dir_that_cannot_be_written_is_named_before_the_evaluation(data_dir, tmp_path):  # noqa: F811
+    """sample.py on a run's folder the user may only read (a colleague's out_dir, a read-only mount) stops before it
+    evaluates, in one line saying what to do: it died in a traceback writing eval_val.json after the whole evaluation
+    (minutes on a real val split). Emulated (the tests run as root): every write into out_dir fails as on a read-only
+    mount. The way out it names works: another out_dir and the checkpoint by its full path."""
+    out, mine = str(tmp_path / 'out'), str(tmp_path / 'mine')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY)
+    read_only = (f"import builtins, errno, os, runpy, sys\nreal = builtins.open\n"
+                 f"def ro(p, mode='r', *a, **k):\n"
+                 f"    if str(p).startswith({out!r} + '/') and ('w' in mode or 'a' in mode):\n"
+                 f"        raise OSError(errno.EROFS, os.strerror(errno.EROFS), p)\n"
+                 f"    return real(p, mode, *a, **k)\n"
+                 f"builtins.open = ro\nsys.argv = sys.argv[1:]\nrunpy.run_path('sample.py', run_name='__main__')\n")
+    p = run(['-c', read_only, 'sample.py', f'--out_dir={out}', '--plots=False'], check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"sample: error: {out}/eval_val.json: cannot write it (Read-only file system); give an out_dir you can write, "
+        f"and the checkpoint by its full path (--ckpt=/path/to/best.pt)"], p.stderr[-2000:]
+    assert 'sample: model on' not in p.stdout
+    os.makedirs(mine)
+    run(['sample.py', f'--out_dir={mine}', f'--ckpt={out}/best.pt', '--plots=False'])
+    assert {'eval_val.json', 'predictions_val.csv'} <= set(os.listdir(mine))
