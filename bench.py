@@ -665,6 +665,13 @@ def main():
     if unknown or todo & {'scaling', 'inference'} and 'step' not in todo:
         raise SystemExit(f"bench: error: rows={rows!r}: the rows are prepare, reading, step, scaling, inference and "
                          f"efficiency" + (f", not {', '.join(sorted(unknown))}" if unknown else "; scaling and inference need step"))
+    try:  # named now in one line: out was a traceback after all the rows' minutes, work_dir one at once
+        os.makedirs(work_dir, exist_ok=True)
+        open(out + '.tmp', 'w').close()
+        os.remove(out + '.tmp')
+    except OSError as e:
+        raise SystemExit(f"bench: error: {e.filename}: cannot write it ({e.strerror}); give a work_dir and an out "
+                         f"you can write") from None
     raw, packed = make_data()
     split = prepare.open_split(f"{packed}/train")  # the reading, step and efficiency rows' events
     results = {'config': config, 'machine': {'device': device, 'cpus': os.cpu_count(), 'threads': torch.get_num_threads(),
@@ -742,8 +749,14 @@ def main():
     if 'scaling' in todo:
         print(f"hierarchical step memory ~ pulses^{q['hier_memory_exponent']:.2f} between the two largest scaling sizes; ", end='')
     print(f"memory: {results['machine']['memory']}; device {device}, {torch.get_num_threads()} threads")
-    with open(out, 'w') as f:
-        json.dump(results, f, indent=1)
+    try:
+        with open(out + '.tmp', 'w') as f:  # renamed into place: a full disk leaves the previous out whole
+            json.dump(results, f, indent=1)
+        os.replace(out + '.tmp', out)
+    except OSError as e:
+        if os.path.exists(out + '.tmp'):
+            os.remove(out + '.tmp')
+        raise SystemExit(f"bench: error: {out}: cannot write it ({e.strerror}); free some space and re-run") from None
     print(f"\nbench: wrote {out} in {time.time() - t_start:.0f}s")
 
 if __name__ == '__main__':

@@ -219,3 +219,19 @@ def test_inference_row_warms_the_classical_fits(tiny_data, monkeypatch):
     inf = bench.bench_inference(tiny_data[1], [], np.arange(8), torch.nn.Identity())
     for method in ('linefit_improved', 'mpe'):
         assert inf[method]['events'] / inf[method]['events_per_s'] < 0.4, inf
+
+
+def test_a_work_dir_or_out_that_cannot_be_written_is_named_first(tmp_path):
+    """A work_dir or out bench.py cannot write (under a read-only folder; here under a file, since the tests run as
+    root) stops it in one line before any row: out was a traceback after all the rows' minutes, work_dir at once."""
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    for where, path in (('work_dir', f'{blocker}/work'), ('out', f'{blocker}/bench.json')):
+        args = [f'--work_dir={tmp_path / "work"}', f'--out={tmp_path / "bench.json"}', f'--{where}={path}']
+        p = subprocess.run([sys.executable, 'bench.py', '--rows=prepare'] + args, cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+            f"bench: error: {path}{'.tmp' if where == 'out' else ''}: cannot write it (Not a directory); give a "
+            f"work_dir and an out you can write"], p.stderr[-2000:]
+        assert not os.path.exists(tmp_path / 'work' / 'raw_20000')
