@@ -442,12 +442,13 @@ def old_model_module(commit):
     import tempfile
     src = subprocess.run(['git', 'show', f'{commit}:model.py'], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout
-    path = os.path.join(tempfile.mkdtemp(), f'model_{commit}.py')
-    with open(path, 'w') as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(f'model_{commit}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:  # gone once imported: each run left one in /tmp
+        path = os.path.join(folder, f'model_{commit}.py')
+        with open(path, 'w') as f:
+            f.write(src)
+        spec = importlib.util.spec_from_file_location(f'model_{commit}', path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 

@@ -235,3 +235,14 @@ def test_a_work_dir_or_out_that_cannot_be_written_is_named_first(tmp_path):
             f"bench: error: {path}{'.tmp' if where == 'out' else ''}: cannot write it (Not a directory); give a "
             f"work_dir and an out you can write"], p.stderr[-2000:]
         assert not os.path.exists(tmp_path / 'work' / 'raw_20000')
+
+
+@pytest.mark.skipif(not HAS_BFE73EE, reason='needs the git history (bfe73ee)')
+def test_an_older_model_is_imported_without_leaving_its_file(monkeypatch, tmp_path):
+    """--compare_commit imports that commit's model.py from a temporary folder, which each run left in /tmp."""
+    import tempfile
+    sys.path.insert(0, ROOT)
+    import bench
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    old = bench.old_model_module('bfe73ee')
+    assert hasattr(old, 'IceModel') and os.listdir(tmp_path) == []
