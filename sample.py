@@ -652,6 +652,7 @@ def main():
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     ck = load_checkpoint(os.path.join(out_dir, ckpt))
     try:  # out_dir takes the results: one the user may only read is named now, not after the whole evaluation
+        os.makedirs(out_dir, exist_ok=True)  # a new one beside a checkpoint given by its full path (--ckpt)
         open(tmp_path(os.path.join(out_dir, f'eval_{split}.json')), 'w').close()
         os.remove(tmp_path(os.path.join(out_dir, f'eval_{split}.json')))
     except OSError as e:

@@ -473,7 +473,7 @@ def test_an_out_dir_that_cannot_be_written_is_named_before_the_evaluation(data_d
     """sample.py on a run's folder the user may only read (a colleague's out_dir, a read-only mount) stops before it
     evaluates, in one line saying what to do: it died in a traceback writing eval_val.json after the whole evaluation
     (minutes on a real val split). Emulated (the tests run as root): every write into out_dir fails as on a read-only
-    mount. The way out it names works: another out_dir and the checkpoint by its full path."""
+    mount. The way out it names works: another out_dir (made if new) and the checkpoint by its full path."""
     out, mine = str(tmp_path / 'out'), str(tmp_path / 'mine')
     run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY)
     read_only = (f"import builtins, errno, os, runpy, sys\nreal = builtins.open\n"
@@ -487,6 +487,5 @@ def test_an_out_dir_that_cannot_be_written_is_named_before_the_evaluation(data_d
         f"sample: error: {out}/eval_val.json: cannot write it (Read-only file system); give an out_dir you can write, "
         f"and the checkpoint by its full path (--ckpt=/path/to/best.pt)"], p.stderr[-2000:]
     assert 'sample: model on' not in p.stdout
-    os.makedirs(mine)
-    run(['sample.py', f'--out_dir={mine}', f'--ckpt={out}/best.pt', '--plots=False'])
+    run(['sample.py', f'--out_dir={mine}', f'--ckpt={out}/best.pt', '--plots=False'])  # a new folder, made
     assert {'eval_val.json', 'predictions_val.csv'} <= set(os.listdir(mine))
