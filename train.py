@@ -310,13 +310,13 @@ seed_weights = list(raw_model.combine.parameters())
 network_weights = [p for name, p in raw_model.named_parameters() if not name.startswith('combine.')]
 decay = [p for p in raw_model.parameters() if p.dim() >= 2]
 no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-# the optimizer's parameters by name, in its order: torch matches a checkpoint's moments to them by position alone
-optimizer_params = [n for n, p in raw_model.named_parameters() if p.dim() >= 2] + \
-                   [n for n, p in raw_model.named_parameters() if p.dim() < 2]
 # fused: one kernel per step on either device (the unfused CPU path reads its step count with .item())
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
                                {'params': no_decay, 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=True)
+# the optimizer's parameters by name, in its order: torch matches a checkpoint's moments to them by position alone
+name_of = {id(p): n for n, p in raw_model.named_parameters()}
+optimizer_params = [name_of[id(p)] for group in optimizer.param_groups for p in group['params']]
 if checkpoint is not None:
     # a model.py whose parameters come in another order (the same names and shapes, so its weights load) gave the
     # moments to the wrong ones without a word; of other shapes, the fused CPU step aborted ('double free or
