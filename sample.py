@@ -651,12 +651,13 @@ def main():
         raise SystemExit(f"sample: unknown baseline {sorted(set(methods) - set(classical.METHODS))}; choose from {classical.METHODS}")
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     ck = load_checkpoint(os.path.join(out_dir, ckpt))
+    first_result = os.path.join(out_dir, f'eval_{split}.json')
     try:  # out_dir takes the results: one the user may only read is named now, not after the whole evaluation
         os.makedirs(out_dir, exist_ok=True)  # a new one beside a checkpoint given by its full path (--ckpt)
-        open(tmp_path(os.path.join(out_dir, f'eval_{split}.json')), 'w').close()
-        os.remove(tmp_path(os.path.join(out_dir, f'eval_{split}.json')))
+        open(tmp_path(first_result), 'w').close()
+        os.remove(tmp_path(first_result))
     except OSError as e:
-        raise write_error(os.path.join(out_dir, f'eval_{split}.json'), e) from None
+        raise write_error(first_result, e) from None
     cfg = ck['config']
     raw_model = M.IceModel(**{**ck['model_args'], 'attn': attn})
     M.load_weights(raw_model, ck['model'], os.path.join(out_dir, ckpt), 'sample')

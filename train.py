@@ -667,13 +667,13 @@ while True:
         save_checkpoint(ckpt_path)
         if master and improved:  # a copy, renamed into place: serialising a big model twice costs seconds
             try:
-                shutil.copyfile(ckpt_path, os.path.join(out_dir, 'best.pt.tmp'))
+                shutil.copyfile(ckpt_path, best_path + '.tmp')
             except OSError as e:  # a full disk: was a traceback that left the cut best.pt.tmp behind
-                if os.path.exists(os.path.join(out_dir, 'best.pt.tmp')):
-                    os.remove(os.path.join(out_dir, 'best.pt.tmp'))
+                if os.path.exists(best_path + '.tmp'):
+                    os.remove(best_path + '.tmp')
                 fail(f"{best_path}: cannot write it ({e.strerror or e}); the previous best.pt is intact and {ckpt_path} "
                      f"holds this better one (iteration {iter_num}): free some space, then cp {ckpt_path} {best_path}")
-            os.replace(os.path.join(out_dir, 'best.pt.tmp'), best_path)
+            os.replace(best_path + '.tmp', best_path)
         if wandb is not None:
             wandb.log({'iter': iter_num, 'val/angular_error': val_err, 'val/angular_error_deg': math.degrees(val_err),
                        'val/loss': val_loss, 'val/best': best_val})
