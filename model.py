@@ -48,9 +48,10 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BLOCK = 128  # FlexAttention block size; the flex layout pads each stream to a multiple of it
 
-# torch.compile is lazy: nothing is compiled until the flex path first runs. Fused kernels need it (called
-# uncompiled, flex_attention materialises the whole score matrix); inside a compiled model it is traced inline.
-_flex_compiled = torch.compile(flex_attention, dynamic=False)
+# flex_attention through torch.compile, made at the flex path's first eager call (flex()): fused kernels need it
+# (called uncompiled, flex_attention materialises the whole score matrix). Not made at import: the call to
+# torch.compile alone imports dynamo and inductor, 1.7 s at the start of every script, also where nothing compiles.
+_flex_compiled = None
 
 
 def sum_by(index, x, n):
@@ -210,6 +211,17 @@ def attention_layouts(b):
             block_mask(b['t2_query_lo'], b['t2_query_hi'], None, own_event, kv_blocks=b['t2_lo'].shape[0]))
 
 
+def flex(q, k, v, block_mask):
+    """FlexAttention's fused kernel. Inside a compiled model (train.py's compile=True) dynamo traces flex_attention
+    inline into the model's graph, as it would the compiled one."""
+    global _flex_compiled
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=block_mask)
+
+
 def attend(q, k, v, layout):
     """k, v: (H, N, hd), the keys and values of one stream, head-major; q: the queries, (H, N, hd) for every token or
     (H, n_docs, hd) for each document's first token alone (T2's last block: the CLS tokens, in stream order).
@@ -218,7 +230,7 @@ def attend(q, k, v, layout):
     group's tokens are one (H, n_docs, length, hd) view, each document's (length, hd) block contiguous, as the
     kernels read it."""
     if isinstance(layout, BlockMask):
-        return _flex_compiled(q[None], k[None], v[None], block_mask=layout)[0]
+        return flex(q[None], k[None], v[None], layout)[0]
     sizes = [length * n for length, n in layout]
     per_doc = q.shape[1] != k.shape[1]  # (all documents of one token: the same either way)
     out = []

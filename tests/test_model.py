@@ -4,6 +4,8 @@ graph, gradients reach every parameter, the loss and the metric."""
 
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -263,6 +265,15 @@ def test_flex_path_is_one_graph_without_recompiles(data, monkeypatch):
             diff = (cm(inputs(batch))[:n] - m(tensors(batch))[:n]).abs().max().item()
             assert diff < 1e-5, diff
             monkeypatch.setattr(torch._dynamo.config, 'error_on_recompile', True)  # from the second call on
+
+
+def test_importing_the_scripts_starts_no_compiler():
+    """torch.compile's first call imports dynamo and inductor, 1.7 s at each start of train.py, sample.py,
+    prepare.py and every loader or test process; model.py makes its compiled flex_attention only when the flex path
+    first runs (flex())."""
+    code = "import sys, model, prepare, sample, classical, simulate; sys.exit('torch._dynamo' in sys.modules)"
+    p = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, "importing the scripts imported torch._dynamo"
 
 
 def test_block_mask_blocks():
