@@ -325,6 +325,55 @@ def test_cls_query_block_mask(data):
             assert getattr(mask, name).is_contiguous(), name
 
 
+def _block_rows(num, idx, n_cols):
+    """A BlockMask's (num, indices) pair as a boolean (rows, n_cols) matrix of the blocks each row lists."""
+    out = np.zeros((num.shape[-1], n_cols), bool)
+    for i, (k, row) in enumerate(zip(num[0, 0].tolist(), idx[0, 0].numpy())):
+        out[i, row[:k]] = True
+    return out
+
+
+def test_block_masks_on_random_batches():
+    """The three BlockMasks (T1, T2, T2's CLS queries) against dense masks made from the batch alone, on random
+    batches at budgets the fixed batch above misses: more than BLOCK events (several CLS query blocks, as
+    config/baseline_1m.py's 512 and train.py's 256 have), budgets exactly filled and one over, not multiples of BLOCK,
+    and a T2 stream with no padding at all. A query block lists exactly the key blocks holding a key of its
+    documents, as full only those where every pair is; the backward's lists are the transpose; the mask_mod is the
+    dense mask. (A scratch fuzz of this and the packing over hundreds of random batches found nothing wrong.)"""
+    rng = np.random.default_rng(11)
+    events = fake_events(rng, 300, max_doms=4)
+    n_d = np.cumsum([len(ev) for ev in events])
+    n_p = np.cumsum([sum(len(dom[2]) for dom in ev) for ev in events])
+    full = next(k for k in range(M.BLOCK + 1, 300) if (n_d[k - 1] + k) % M.BLOCK == 0)  # DOMs + CLS tokens: whole blocks
+    # (events, P, D, E): every budget filled; one pulse and DOM to spare, three query blocks; odd budgets, two query
+    # blocks; one event alone
+    cases = [(full, n_p[full - 1], n_d[full - 1], full), (200, n_p[199] + 1, n_d[199] + 1, 257), (40, 1000, 333, 129),
+             (1, n_p[0], n_d[0], 1)]
+    for k, P, D, E in cases:
+        b = pack(events[:k], int(P), int(D), int(E))
+        t = M.model_inputs(b, 'flex')
+        t1_src, t2_src, query = t['t1_src'].numpy(), t['t2_src'].numpy(), t['t2_query'].numpy()
+        assert np.array_equal(np.sort(t1_src[t1_src < P]), np.arange(b['n_pulses']))
+        assert np.array_equal(np.sort(t2_src[t2_src < D + E]), np.r_[np.arange(b['n_doms']), D + np.arange(k)])
+        pulse_doc = np.r_[b['pulse_dom'], -1][t1_src]  # padding: -1, a document of its own
+        event_doc = np.r_[b['dom_event'], np.arange(E), -1][t2_src]
+        if k == full:
+            assert (event_doc >= 0).all(), "the case needs a T2 stream without padding"
+        for mask, q_doc, kv_doc in zip(M.attention_layouts(t), (pulse_doc, event_doc, event_doc[query]),
+                                       (pulse_doc, event_doc, event_doc)):
+            dense = q_doc[:, None] == kv_doc[None, :]
+            nq, nkv = len(q_doc) // M.BLOCK, len(kv_doc) // M.BLOCK
+            blocks = dense.reshape(nq, M.BLOCK, nkv, M.BLOCK)
+            part = _block_rows(mask.kv_num_blocks, mask.kv_indices, nkv)
+            whole = _block_rows(mask.full_kv_num_blocks, mask.full_kv_indices, nkv)
+            assert np.array_equal(part | whole, blocks.any((1, 3))) and not (part & whole).any(), (k, mask.seq_lengths)
+            assert not (whole & ~blocks.all((1, 3))).any(), (k, mask.seq_lengths)
+            assert np.array_equal(_block_rows(mask.q_num_blocks, mask.q_indices, nq), part.T)
+            assert np.array_equal(_block_rows(mask.full_q_num_blocks, mask.full_q_indices, nq), whole.T)
+            qi, kvi = torch.meshgrid(torch.arange(len(q_doc)), torch.arange(len(kv_doc)), indexing='ij')
+            assert np.array_equal(mask.mask_mod(0, 0, qi, kvi).numpy(), dense), (k, mask.seq_lengths)
+
+
 def test_event_features_and_seeds_read_each_fit_in_its_place(data):
     """The CLS features hold the plain LineFit's direction, then the improved one's, and the prediction's seeds are
     the improved LineFit, then the quick fit, beside the fit's rlogl and the two seeds' cosine: the order a checkpoint's
