@@ -178,7 +178,7 @@ def parquet_events(raw, meta_by_event, event_ids):
     for b in np.unique(batch_of):
         ids = event_ids[batch_of == b]
         t = pq.read_table(f"{raw}/train/batch_{b}.parquet", filters=[('event_id', 'in', ids.tolist())])
-        parts.append({c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names})
+        parts.append({c: t[c].to_numpy() for c in t.column_names})  # no zero_copy_only=: pyarrow 10-12 refuse it
     cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
     # requested order, then (sensor, time) within each event
     rank = np.empty(len(event_ids), np.int64)

@@ -332,7 +332,7 @@ def pack_file(src, meta, truth, geometry, has_labels, fit):
     sensor = table['sensor_id'].to_numpy()
     t = table['time'].to_numpy().astype(np.int64, copy=False)
     charge = table['charge'].to_numpy()
-    aux = table['auxiliary'].to_numpy(zero_copy_only=False)
+    aux = table['auxiliary'].to_numpy()  # copies as needed; no zero_copy_only=: pyarrow 10-12 refuse it on a table
     if table['auxiliary'].null_count or table['charge'].null_count or table['time'].null_count or table['sensor_id'].null_count:
         raise PrepareError(f"{src}: null values in the pulse columns")
     del table

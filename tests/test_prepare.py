@@ -73,7 +73,7 @@ def read_raw_events(path, part, batches):
     out = {}
     for b in batches:
         t = pq.read_table(f"{path}/{part}/batch_{b}.parquet")
-        cols = {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
+        cols = {c: t[c].to_numpy() for c in t.column_names}
         for i in np.unique(cols['event_id']):
             m = cols['event_id'] == i
             rec = np.rec.fromarrays([cols['sensor_id'][m], cols['time'][m], cols['charge'][m], cols['auxiliary'][m]])
@@ -1030,6 +1030,33 @@ def test_geometry_in_whole_metres_is_read(tmp_path, clean_raw):
     prepare.run(str(tmp_path / 'raw'), str(tmp_path / 'out'), num_proc=1, log=lambda *a: None, fit_steps=0)
     geometry = open_split(str(tmp_path / 'out' / 'val')).geometry
     assert geometry[7].tolist() == [round(float(c)) for c in rows[7][1:]]
+
+
+def test_tables_read_as_pyarrow_10_to_12_give_them(clean_raw, tmp_path, monkeypatch):
+    """requirements.txt allows pyarrow 10, whose table columns' to_numpy() takes no keyword (zero_copy_only came in
+    13): prepare.py passed one for the auxiliary column and stopped on every batch file with a TypeError. Here every
+    table prepare.py reads has columns that refuse keywords, as those versions' do."""
+    class Column:
+        def __init__(self, column):
+            self.column = column
+
+        def to_numpy(self):
+            return self.column.to_numpy()
+
+        def __getattr__(self, name):
+            return getattr(self.column, name)
+
+    class Table(Column):
+        def __getitem__(self, name):
+            return Column(self.column[name])
+
+    read, read_table, read_csv = pq.ParquetFile.read, pq.read_table, pa.csv.read_csv
+    monkeypatch.setattr(pq.ParquetFile, 'read', lambda self, *a, **k: Table(read(self, *a, **k)))
+    monkeypatch.setattr(pq, 'read_table', lambda *a, **k: Table(read_table(*a, **k)))
+    monkeypatch.setattr(pa.csv, 'read_csv', lambda *a, **k: Table(read_csv(*a, **k)))
+    prepare.run(clean_raw, str(tmp_path / 'out'), num_proc=1, log=lambda *a: None, fit_steps=0)
+    val = open_split(str(tmp_path / 'out' / 'val'))
+    assert len(val) == 20 and not np.isnan(val.truth['energy']).all()  # the pulses, and the truth read by read_table
 
 
 def test_constants_and_imported_names_are_not_settings(tmp_path):

@@ -208,7 +208,7 @@ def test_statistics_like_real_data(tmp_path):
     fit = linefit(geo[p['sensor_id'][hlc]], p['time'][hlc].astype(np.float64), offsets)
     err = angular_error(fit, angles_to_vector(meta['azimuth'].to_numpy(), meta['zenith'].to_numpy()))
     assert 0.8 <= err.mean() <= 1.45
-    bright = (truth['kind'].to_numpy(zero_copy_only=False) == 'track') & (hit_doms >= 50)
+    bright = (truth['kind'].to_numpy() == 'track') & (hit_doms >= 50)
     assert bright.sum() >= 50 and np.median(err[bright]) < 0.5
 
 
