@@ -191,6 +191,16 @@ def test_an_unknown_energy_is_in_no_bin(capsys):
     assert table['kinds']['cascade']['model'][-1] == pytest.approx(np.degrees(0.2))
 
 
+def test_track_auc_counts_a_tie_half():
+    """The heads' AUC counts a track and a cascade of the same score half, as the pairs say: it ranked ties in the
+    order a sort left them, which numpy 1.24, 1.26 and 2.4 choose differently, and which here put the tracks first."""
+    same = np.full(4, 0.5, np.float32)
+    assert sample.track_auc(same, np.array([True, True, False, False])) == 0.5
+    assert sample.track_auc(same, np.array([False, False, True, True])) == 0.5
+    # pairs: 0.9 beats both cascades, the tracks' 0.5 ties one and beats the other: 3.5 of 4
+    assert sample.track_auc(np.float32([0.9, 0.5, 0.5, 0.1]), np.array([True, True, False, False])) == 0.875
+
+
 def read_csv(path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
