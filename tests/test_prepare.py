@@ -449,7 +449,12 @@ def _corrupt_batch(raw, fn, part='train', b=1):
 
 
 def _set(t, name, values):
-    return t.set_column(t.column_names.index(name), name, pa.array(values))
+    values = values if isinstance(values, pa.Array) else pa.array(values)  # pyarrow 10's pa.array refuses an Array
+    return t.set_column(t.column_names.index(name), name, values)
+
+
+def _without(name):
+    return lambda t: t.select([c for c in t.column_names if c != name])  # pyarrow 10 has no drop_columns
 
 
 def _corrupt_meta(raw, fn, part='train'):
@@ -485,8 +490,8 @@ def _scribble(path, at=100, n=500):
 BAD_INPUTS = {
     'missing batch file': (lambda raw: os.remove(f"{raw}/train/batch_2.parquet"), r"batch_2\.parquet: missing file"),
     'missing geometry': (lambda raw: os.remove(f"{raw}/sensor_geometry.csv"), r"sensor_geometry\.csv: missing file"),
-    'missing column': (lambda raw: _corrupt_batch(raw, lambda t: t.drop_columns(['charge'])), r"batch_1\.parquet: missing column 'charge'"),
-    'missing meta column': (lambda raw: _corrupt_meta(raw, lambda t: t.drop_columns(['zenith'])), r"train_meta\.parquet: missing column 'zenith'"),
+    'missing column': (lambda raw: _corrupt_batch(raw, _without('charge')), r"batch_1\.parquet: missing column 'charge'"),
+    'missing meta column': (lambda raw: _corrupt_meta(raw, _without('zenith')), r"train_meta\.parquet: missing column 'zenith'"),
     'wrong dtype': (lambda raw: _corrupt_batch(raw, lambda t: _set(t, 'time', t['time'].to_numpy().astype(np.float64))),
                     r"batch_1\.parquet: column 'time' has type double, expected integer"),
     'nan charge': (lambda raw: _corrupt_batch(raw, _bad_value('charge', 450, np.nan)), r"batch_1\.parquet: event_id \d+ \(row 450\): non-finite charge"),
