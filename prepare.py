@@ -1488,7 +1488,8 @@ if __name__ == '__main__':
         made_from = set()  # the raw folders the output records it was made from
         for m in glob.glob(f"{out}/*/manifest.json"):
             try:
-                made_from.add(json.load(open(m))['made_by']['raw_dir'])
+                with open(m) as f:
+                    made_from.add(json.load(f)['made_by']['raw_dir'])
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         if verify and (not os.path.exists(os.path.join(raw, 'train_meta.parquet')) or made_from - {os.path.abspath(raw)}):

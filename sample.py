@@ -420,7 +420,8 @@ def read_history(path):
     evaluation; None when the run wrote no log (older runs)."""
     if not os.path.exists(path):
         return None
-    rows = [json.loads(line) for line in open(path) if line.endswith('\n')]  # not a line cut short by a killed run
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.endswith('\n')]  # not a line cut short by a killed run
     # the last line of each iteration: a resumed run that has nothing left to do evaluates its last iteration again
     train = list({r['iter']: r for r in rows if 'train_loss' in r}.values())
     val = list({r['iter']: r for r in rows if 'val_error' in r}.values())

@@ -473,7 +473,10 @@ def start_record():
     (not those of a stopped run past it, nor a line cut short when it was killed)."""
     path = os.path.join(out_dir, 'log.jsonl')
     if master:
-        lines = open(path).readlines() if init_from == 'resume' and os.path.exists(path) else []
+        lines = []
+        if init_from == 'resume' and os.path.exists(path):
+            with open(path) as f:
+                lines = f.readlines()
         with open(path + '.tmp', 'w') as f:
             f.writelines(line for line in lines if line.endswith('\n') and json.loads(line)['iter'] <= iter_num)
         os.replace(path + '.tmp', path)
