@@ -3,9 +3,12 @@
 #       (the first 7 Kaggle batch files: 6 x 200,000 train events, the 7th held out whole as val)
 #   torchrun --standalone --nproc_per_node=8 train.py config/baseline_1m.py
 #   python sample.py --out_dir=out-baseline-1m --max_events=100000
-# One iteration: 8 ranks x 1 micro-batch of <= 65,536 pulses / 16,384 DOMs / 512 events, about 300 events
-# each (real events: mean 164 pulses, median 49 hit DOMs), so ~2,400 events per iteration and
-# ~420 iterations per epoch of 1M events; 12,000 iterations are ~29 epochs.
+# One iteration: 8 ranks x 1 micro-batch of <= 65,536 pulses / 16,384 DOMs / 512 events. Real events (mean 164
+# pulses; hit DOMs median 49, mean about 63) fill the DOM budget first: about 250 events a micro-batch, about half the
+# pulse slots used (prepare.plan_batch over a synthetic file of the real statistics: 253 +- 32 events, 98% of the DOM
+# slots, 53% of the pulse slots), so ~2,000 events per iteration and ~500 iterations per epoch of 1M events; 12,000
+# iterations are ~24 epochs. The global batch grows with the ranks (32 ranks: ~8,000 events an iteration);
+# learning_rate, warmup_iters, max_iters and eval_interval count iterations, and nothing rescales them.
 
 out_dir = 'out-baseline-1m'
 data_dir = 'data/kaggle_packed'
