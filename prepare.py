@@ -63,6 +63,7 @@ import io
 import json
 import os
 import queue
+import shlex
 import shutil
 import signal
 import sys
@@ -675,8 +676,10 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
     for name in ['sensor_geometry.csv', 'train_meta.parquet']:
         if not os.path.exists(os.path.join(raw, name)):
             raise PrepareError(f"{os.path.join(raw, name)}: missing file; {raw} is not a Kaggle-layout folder")
-    if os.path.abspath(raw) == os.path.abspath(out):
-        raise PrepareError(f"out_dir {out} must differ from raw_dir")
+    # realpath: an out_dir that is a link to raw_dir (or raw_dir reached through one) passed an abspath comparison,
+    # and the shards, manifests and lock file were written among the raw files
+    if os.path.realpath(raw) == os.path.realpath(out):
+        raise PrepareError(f"out_dir {out} is raw_dir {raw} (the same folder): give another out_dir")
     geometry = read_geometry(raw)
     if fit_ice == 'auto':  # the toy's own ice table is right for the toy only; real data gets the homogeneous one
         fit_ice = 'toy' if os.path.exists(os.path.join(raw, 'simulation.json')) else 'bulk'
@@ -730,9 +733,9 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
         _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify)
     except BaseException as e:
         for part, split, ids in plans:  # the pool has shut down: no worker still writes into these
-            for stale in glob.glob(f"{out}/{split}/.tmp-*"):
+            for stale in glob.glob(f"{glob.escape(out)}/{split}/.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            for stale in glob.glob(f"{out}/{split}/*.tmp*"):  # the manifest's and geometry's temporary files
+            for stale in glob.glob(f"{glob.escape(out)}/{split}/*.tmp*"):  # the manifest's and geometry's temporary files
                 os.remove(stale)
         if isinstance(e, OSError):
             raise _write_error(e, out) from None
@@ -823,10 +826,12 @@ def _start_split(raw, out, part, split, ids, verify):
     os.makedirs(split_dir, exist_ok=True)
     if os.path.exists(f"{split_dir}/manifest.json"):
         os.remove(f"{split_dir}/manifest.json")
-    for stale in glob.glob(f"{split_dir}/.tmp-*"):
+    for stale in glob.glob(f"{glob.escape(split_dir)}/.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
     wanted_shards = {f"batch_{b}" for b in ids}
-    for d in glob.glob(f"{split_dir}/batch_*"):
+    # the folder escaped in every pattern: out_dir=packed[1] read as a pattern matched packed1, and this deleted
+    # the shards of that other folder
+    for d in glob.glob(f"{glob.escape(split_dir)}/batch_*"):
         if os.path.basename(d) not in wanted_shards and os.path.exists(f"{d}/shard.json"):
             shutil.rmtree(d)  # a shard of another split layout (val_batches changed)
     has_labels = part == 'train'
@@ -882,6 +887,11 @@ def _finish_split(st, made_by, geometry, log):
 # -----------------------------------------------------------------------------
 # the reader
 
+def _shell(path):
+    """A path as a shell word, for the commands the messages give: pasted, /data/my set was two words."""
+    return shlex.quote(str(path))
+
+
 def mend_command(split_dir, manifest):
     """The prepare.py command that remakes a split's damaged shards, from the settings its manifest records
     (an older manifest records none: its shards still name their source files)."""
@@ -889,19 +899,19 @@ def mend_command(split_dir, manifest):
     if not made_by:
         try:
             with open(os.path.join(split_dir, manifest['shards'][0], 'shard.json')) as f:
-                raw = os.path.dirname(os.path.dirname(json.load(f)['source']))
+                raw = _shell(os.path.dirname(os.path.dirname(json.load(f)['source'])))
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             raw = '<the raw folder it was made from>'
-        return f"python prepare.py --raw_dir={raw} --out_dir={out} (and the val_batches, train_batches it was made with)"
-    return (f"python prepare.py --raw_dir={made_by['raw_dir']} --out_dir={out} --val_batches={made_by['val_batches']} "
-            f"--train_batches={made_by['train_batches']}" + _fit_args(made_by.get('fit')))
+        return f"python prepare.py --raw_dir={raw} --out_dir={_shell(out)} (and the val_batches, train_batches it was made with)"
+    return (f"python prepare.py --raw_dir={_shell(made_by['raw_dir'])} --out_dir={_shell(out)} "
+            f"--val_batches={made_by['val_batches']} --train_batches={made_by['train_batches']}" + _fit_args(made_by.get('fit')))
 
 
 def _fit_args(fit):
     """The command-line settings of a recorded quick fit (none for a manifest older than it)."""
     if not fit:
         return ""
-    return f" --fit_steps={fit['steps']}" + (f" --fit_ice={fit['ice']}" if fit['steps'] else "")
+    return f" --fit_steps={fit['steps']}" + (f" --fit_ice={_shell(fit['ice'])}" if fit['steps'] else "")
 
 
 def _no_manifest(path, mpath):
@@ -909,11 +919,12 @@ def _no_manifest(path, mpath):
     is not among the prepared ones, which a re-run of prepare.py would not mend; else an unfinished prepare."""
     folder = os.path.dirname(os.path.normpath(path)) or '.'
     for d in (folder, os.path.normpath(path)):  # data_dir=data/sim, or open_split('data/sim') itself
-        raw = sorted(os.path.basename(f) for f in glob.glob(f"{d}/*_meta.parquet") + glob.glob(f"{d}/sensor_geometry.csv"))
+        raw = sorted(os.path.basename(f) for pattern in ('*_meta.parquet', 'sensor_geometry.csv')
+                     for f in glob.glob(os.path.join(glob.escape(d), pattern)))
         if raw:
             return (f"{d} is raw Kaggle-layout input ({', '.join(raw)}), not prepare.py's output; point data_dir at the "
-                    f"folder prepare.py packs it into (by default {d}_packed: python prepare.py --raw_dir={d})")
-    splits = sorted((os.path.basename(os.path.dirname(m)) for m in glob.glob(f"{folder}/*/manifest.json")),
+                    f"folder prepare.py packs it into (by default {d}_packed: python prepare.py --raw_dir={_shell(d)})")
+    splits = sorted((os.path.basename(os.path.dirname(m)) for m in glob.glob(f"{glob.escape(folder)}/*/manifest.json")),
                     key=lambda name: (['train', 'val', 'test', name].index(name), name))
     if splits and not os.path.isdir(path):  # a split folder without a manifest is an unfinished one: the message below
         return f"no split '{os.path.basename(os.path.normpath(path))}' in {folder}: it has {', '.join(splits)}"
@@ -1170,23 +1181,23 @@ def verify_output(out, log=print):
     """Re-read every shard under out (all splits) against the sizes and checksums of its shard.json, reading
     nothing else. Logs each damaged shard and returns {shard folder: problem}."""
     bad = {}
-    splits = sorted(d for d in glob.glob(f"{out}/*") if os.path.isdir(d))
+    splits = sorted(d for d in glob.glob(f"{glob.escape(out)}/*") if os.path.isdir(d))
     for split_dir in splits:
         try:
             with open(f"{split_dir}/manifest.json") as f:
                 manifest = json.load(f)
         except (OSError, ValueError):
             manifest = None
-            if glob.glob(f"{split_dir}/batch_*"):
+            if glob.glob(f"{glob.escape(split_dir)}/batch_*"):
                 log(f"prepare: verify: {split_dir}: no readable manifest.json: the split is incomplete")
                 bad[split_dir] = "no manifest"
-        names = manifest['shards'] if manifest else [os.path.basename(d) for d in glob.glob(f"{split_dir}/batch_*")]
+        names = manifest['shards'] if manifest else [os.path.basename(d) for d in glob.glob(f"{glob.escape(split_dir)}/batch_*")]
         for name in sorted(names):
             _, problem = shard_problem(f"{split_dir}/{name}", checksums=True)
             if problem:
                 bad[f"{split_dir}/{name}"] = problem
                 log(f"prepare: verify: {split_dir}/{name}/{problem}")
-    n = sum(len(glob.glob(f"{d}/batch_*")) for d in splits)
+    n = sum(len(glob.glob(f"{glob.escape(d)}/batch_*")) for d in splits)
     log(f"prepare: verify: {n} shards in {out}, {len(bad)} damaged or incomplete")
     return bad
 
@@ -1486,7 +1497,7 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, _stop)
     try:
         made_from = set()  # the raw folders the output records it was made from
-        for m in glob.glob(f"{out}/*/manifest.json"):
+        for m in glob.glob(f"{glob.escape(out)}/*/manifest.json"):
             try:
                 with open(m) as f:
                     made_from.add(json.load(f)['made_by']['raw_dir'])
@@ -1498,9 +1509,9 @@ if __name__ == '__main__':
                 raise PrepareError(f"{out}: no such folder to verify")
             bad = verify_output(out)
             if bad:
-                src = ', '.join(sorted(made_from)) or 'the raw folder it was made from'
+                src = ', '.join(map(_shell, sorted(made_from))) or 'the raw folder it was made from'
                 raise PrepareError(f"{out}: {len(bad)} damaged or incomplete shards or splits (listed above); to rebuild them, "
-                                   f"run prepare.py again with --raw_dir={src} --out_dir={out} --verify=True")
+                                   f"run prepare.py again with --raw_dir={src} --out_dir={_shell(out)} --verify=True")
         else:
             run(raw, out, val_batches=val_batches, train_batches=train_batches, num_proc=num_proc, verify=verify,
                 fit_steps=fit_steps, fit_ice=fit_ice)

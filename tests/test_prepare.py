@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -886,6 +887,38 @@ def test_a_moved_raw_folder_keeps_its_shards(tmp_path, clean_raw):
     prepare.run(moved, out, num_proc=1, log=logs.append, fit_steps=0)
     assert [line for line in logs if 'rebuilding' in line] == \
         [f"prepare: {out}/train/batch_1: its source {moved}/train/batch_1.parquet changed since it was made: rebuilding it"]
+
+
+def test_an_out_dir_named_like_a_pattern_leaves_other_folders_alone(tmp_path, clean_raw):
+    """out_dir=packed[1] was read as a glob pattern: the stale-shard sweep of a fresh split layout matched packed1,
+    another prepared folder, and deleted its shards."""
+    other, odd = str(tmp_path / 'packed1'), str(tmp_path / 'packed[1]')
+    prepare.run(clean_raw, other, val_batches=1, num_proc=1, log=lambda *a: None, fit_steps=0)  # train 1, 2; val 3
+    before = sorted(glob.glob(f"{other}/*/batch_*/*"))
+    prepare.run(clean_raw, odd, val_batches=2, num_proc=1, log=lambda *a: None, fit_steps=0)  # train 1; val 2, 3
+    assert sorted(glob.glob(f"{other}/*/batch_*/*")) == before and len(before) == 4 * 4
+    assert len(open_split(f"{other}/train")) == 2 * 20 and len(open_split(f"{odd}/train")) == 20
+    assert prepare.verify_output(odd, log=lambda *a: None) == {}
+
+
+def test_an_out_dir_that_links_to_raw_dir_is_refused(tmp_path, clean_raw):
+    """The same folder by another spelling: a link (or ..) passed the abspath comparison, and the output was written
+    among the raw files."""
+    raw = str(tmp_path / 'raw')
+    shutil.copytree(clean_raw, raw)
+    os.symlink(raw, tmp_path / 'link')
+    for out in (str(tmp_path / 'link'), f"{raw}/../raw/"):
+        with pytest.raises(PrepareError, match=r"^out_dir .* is raw_dir .* \(the same folder\): give another out_dir$"):
+            prepare.run(raw, out, num_proc=1, log=lambda *a: None, fit_steps=0)
+    assert sorted(os.listdir(raw)) == sorted(os.listdir(clean_raw))
+
+
+def test_the_command_that_mends_a_split_pastes_as_one_word_a_path(tmp_path):
+    # the command a damaged split's message gives, pasted into a shell: /data/my set was two words
+    made_by = {'raw_dir': '/data/my set', 'val_batches': 1, 'train_batches': 0, 'fit': {'steps': 80, 'ice': 'ice table.txt'}}
+    cmd = prepare.mend_command(f"{tmp_path}/out é/train", {'made_by': made_by})
+    assert shlex.split(cmd) == ['python', 'prepare.py', '--raw_dir=/data/my set', f'--out_dir={tmp_path}/out é',
+                                '--val_batches=1', '--train_batches=0', '--fit_steps=80', '--fit_ice=ice table.txt']
 
 
 def test_old_format_output_is_refused_and_rebuilt(tmp_path, prepared):
