@@ -679,7 +679,12 @@ def main():
     try:
         s = open_split(os.path.join(data_dir or ck['data_dir'], split))
     except (FileNotFoundError, SplitError) as e:
-        raise SystemExit(f"sample: error: {e}")
+        # the checkpoint's data_dir: an older train.py recorded it as given, relative to the folder it ran in, and
+        # from another folder 'run prepare.py' alone sent the user to remake data that was there all along
+        where = ("" if data_dir else f" (data_dir {ck['data_dir']!r} is the one the checkpoint records"
+                 + ("" if os.path.isabs(ck['data_dir']) else ", relative to the folder train.py ran in")
+                 + "; give --data_dir=<prepare.py's output> if the data is elsewhere)")
+        raise SystemExit(f"sample: error: {e}{where}")
     n = min(max_events, len(s)) if max_events else len(s)
     print(f"sample: {os.path.join(out_dir, ckpt)} (iter {ck['iter_num']}, {raw_model.num_params() / 1e6:.3f}M parameters) "
           f"on {n} of {len(s)} events of {s.path}, device {device}, attention {raw_model.path(device)}")

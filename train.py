@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -262,7 +263,8 @@ elif master:
     # --init_from=resume by mistake and stopped before its first checkpoint), and not mistaken for this run's (sample.py's
     # results and submission.csv too). A run that saved no checkpoint left only its log: that goes, and previous/ keeps
     # the last run that trained something.
-    previous = sorted({os.path.basename(f) for pattern in RUN_FILES for f in glob.glob(os.path.join(out_dir, pattern))})
+    # (out_dir escaped: run[1] read as a pattern matched run1, another run's files, and the move stopped in a traceback)
+    previous = sorted({os.path.basename(f) for pattern in RUN_FILES for f in glob.glob(os.path.join(glob.escape(out_dir), pattern))})
     trained = any(f in previous for f in CHECKPOINTS)
     if 'log.jsonl' in previous and not trained:
         os.remove(os.path.join(out_dir, 'log.jsonl'))
@@ -362,7 +364,7 @@ if wandb_log and master:
                           id=wandb_id, resume='allow' if wandb_id else None).id
     if wandb_mode == 'offline':
         log(f"train: wandb run {wandb_id}, offline; to upload it with the runs it resumed: "
-            f"wandb sync --id={wandb_id} {out_dir}/wandb/offline-run-*-{wandb_id}*")
+            f"wandb sync --id={wandb_id} {shlex.quote(out_dir)}/wandb/offline-run-*-{wandb_id}*")
     # every chart against the iteration: by default wandb counts log calls, and the train and val lines (logged at
     # log_interval and eval_interval) would part from each other and from another run's with other intervals
     wandb.define_metric('iter')
@@ -502,7 +504,8 @@ def save_checkpoint(path):
     ckpt = {**weights, 'optimizer': optimizer.state_dict(), 'model_args': raw_model.args,
             'iter_num': iter_num, 'best_val': best_val, 'config': config, 'train_seconds': clock['seconds'],
             'optimizer_params': optimizer_params,  # the optimizer state's parameters, which a resume checks
-            'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': data_dir, 'wandb_id': wandb_id,
+            # data_dir by its full path: a relative one named another folder, or none, for a sample.py run elsewhere
+            'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': os.path.abspath(data_dir), 'wandb_id': wandb_id,
             'truth_heads': bool(truth_weight > 0 and train_split.truth is not None),  # sample.py reads them if so
             'data_order': {'seed': seed, 'world_size': world_size, 'n_events': n_train, 'loader_seed': loader_seed,
                            'positions': [[int(flat[2 * r]), int(flat[2 * r + 1])] for r in range(world_size)]}}

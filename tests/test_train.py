@@ -512,6 +512,18 @@ def test_damaged_checkpoint_falls_back_to_the_newest_readable(preempted, tmp_pat
     assert not os.path.exists(tmp_path / 'ran')
 
 
+def test_paths_typed_from_another_folder(data_dir, tmp_path):
+    """train.py run from another folder with relative paths: an out_dir named like a glob pattern (run[1]) matched
+    run1, another run's folder, and the move of its files into previous/ stopped in a traceback; the checkpoint
+    recorded data_dir as given, so sample.py run from elsewhere read another folder and said to run prepare.py."""
+    os.makedirs(tmp_path / 'run1')
+    (tmp_path / 'run1' / 'ckpt.pt').write_bytes(b'another run')
+    run([f'{ROOT}/train.py', f'--data_dir={os.path.relpath(data_dir, tmp_path)}', '--out_dir=run[1]', '--max_iters=1',
+         '--eval_interval=1'] + TINY, cwd=tmp_path)
+    assert os.listdir(tmp_path / 'run1') == ['ckpt.pt'] and (tmp_path / 'run1' / 'ckpt.pt').read_bytes() == b'another run'
+    assert torch.load(tmp_path / 'run[1]' / 'ckpt.pt', weights_only=True)['data_dir'] == data_dir
+
+
 def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
     root = preempted[0]
     p = run(['sample.py', f'--out_dir={tmp_path}'], check=False)
@@ -549,6 +561,14 @@ def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
     assert p.returncode == 1 and len(lines) == 1, p.stderr
     assert lines[0].startswith(f"sample: error: {tmp_path}/best.pt predicts non-finite directions for 1 of 1 events (the first event_id ")
     assert not os.path.exists(tmp_path / 'predictions_val.csv')
+    # a relative data_dir (an older train.py's record) that names nothing from here: said so, not only 'run prepare.py'
+    ck = torch.load(f'{root}/whole/best.pt', weights_only=False)
+    ck['data_dir'] = 'packed'
+    torch.save(ck, tmp_path / 'best.pt')
+    p = run(['sample.py', f'--out_dir={tmp_path}'], check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].endswith(
+        "run prepare.py (data_dir 'packed' is the one the checkpoint records, relative to the folder train.py ran in; "
+        "give --data_dir=<prepare.py's output> if the data is elsewhere)"), p.stderr
     # one event: figures of empty bins are null in the json (JSON has no NaN)
     shutil.copy(f'{root}/whole/best.pt', tmp_path / 'best.pt')
     run(['sample.py', f'--out_dir={tmp_path}', '--max_events=1', '--baselines=', '--plots=False'])
