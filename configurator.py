@@ -5,7 +5,8 @@ Settings for every script, the nanoGPT way: a script's settings are its module g
 
 first runs the config file(s) (plain Python that assigns some of those globals), then applies the
 --key=value overrides. Values are parsed as Python literals (32, 3e-4, False, 'x'), falling back to a
-plain string, so --device=cuda works without quotes. Each script calls
+plain string, so --device=cuda works without quotes; a string that begins with ~/ is in the home folder (bash leaves
+a ~ after --key= as it is). Each script calls
 
     from configurator import configure
     config = configure(globals())
@@ -49,6 +50,14 @@ def _checked(key, value, default, source):
     if type(value) is not type(default):
         _fail(f"setting '{key}' from {source} is {type(value).__name__} {value!r}, "
               f"expected {type(default).__name__} like the default {default!r}")
+    return value
+
+
+def _home(value):
+    # bash expands a ~ that begins a word, not one after --out_dir= (nor does Python in a config file): such a path
+    # made a folder named ~ in the working directory, and said it wrote to ~/out; a leading ~/ is the home folder
+    if isinstance(value, str) and (value == '~' or value.startswith('~/')):
+        return os.path.expanduser(value)
     return value
 
 
@@ -123,7 +132,7 @@ def configure(g, argv=None, names=None):
             for key, value in read_config(arg, names).items():
                 if key not in names:
                     _unknown(key, names, f"config file {arg}")
-                g[key] = _checked(key, value, g[key], f"config file {arg}")
+                g[key] = _home(_checked(key, value, g[key], f"config file {arg}"))
         else:
             key, eq, text = arg[2:].partition('=')
             if not eq:
@@ -136,7 +145,7 @@ def configure(g, argv=None, names=None):
                 value = text  # a bare word such as cuda or data/toy is a string
             if isinstance(g[key], str) and not isinstance(value, str):
                 value = text  # --out_dir=123 is the folder '123'
-            g[key] = _checked(key, value, g[key], f"override {arg}")
+            g[key] = _home(_checked(key, value, g[key], f"override {arg}"))
     return {k: g[k] for k in names}
 
 

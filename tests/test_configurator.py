@@ -23,6 +23,20 @@ def test_overrides_parse_literals_and_bare_words(tmp_path):
     assert out == {k: g[k] for k in ['batch_size', 'learning_rate', 'compile', 'device', 'out_dir']}
 
 
+def test_a_path_in_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    # bash leaves the ~ of --out_dir=~/runs as it is: train.py made a folder named ~ in the working directory
+    monkeypatch.setenv('HOME', str(tmp_path))
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("out_dir = '~/from_config'\n")
+    g = settings()
+    configure(g, [str(cfg)])
+    assert g['out_dir'] == f"{tmp_path}/from_config"
+    configure(g, ['--out_dir=~/runs/a b', '--device=~cuda'])
+    assert g['out_dir'] == f"{tmp_path}/runs/a b" and g['device'] == '~cuda'  # only a leading ~/ (or ~ alone)
+    configure(g, ['--out_dir=~'])
+    assert g['out_dir'] == str(tmp_path)
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--batch_sise=3'], r"unknown setting 'batch_sise' in override --batch_sise=3 \(did you mean batch_size\?\)"),
     (['--batch_size=0.5'], r"setting 'batch_size' from override --batch_size=0.5 is float 0.5, expected int"),
