@@ -2,7 +2,8 @@
 # The checks that need a GPU, in one run of under 10 minutes on one H100/H200, from a checkout with nothing
 # prepared (CI has no GPU; run this where one is at hand and copy the figures into the README and the notes):
 #
-#   bash tests/gpu_check.sh                      # logs, bench.json and summary.txt into $OUT (default out-gpu-check)
+#   bash tests/gpu_check.sh                      # logs, bench.json and summary.txt into $OUT (default out-gpu-check
+#                                                # in the repository; a relative OUT is taken from where you are)
 #
 # Stages, most important first; each has its own time limit and log, and one that fails does not stop the rest:
 #   tests   the CUDA tests: compiled FlexAttention forward and backward equal the SDPA path and FlexAttention's unfused
@@ -24,6 +25,8 @@
 # (150), GPU_CHECK_EVENTS (20,000 per file), GPU_CHECK_TRAIN_ARGS (more train.py settings).
 # GPU_CHECK_DEVICE=cpu runs every stage on the CPU at toy sizes: a dry run of this script, nothing measured.
 set -uo pipefail
+# a relative OUT is the caller's, as any tool's path is: the cd below put OUT=results inside the repository
+[[ -n ${OUT:-} && $OUT != /* ]] && OUT=$PWD/$OUT
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-out-gpu-check}
