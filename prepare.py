@@ -928,7 +928,9 @@ def _no_manifest(path, mpath):
                     key=lambda name: (['train', 'val', 'test', name].index(name), name))
     if splits and not os.path.isdir(path):  # a split folder without a manifest is an unfinished one: the message below
         return f"no split '{os.path.basename(os.path.normpath(path))}' in {folder}: it has {', '.join(splits)}"
-    return f"{mpath}: no manifest, so the split is missing or prepare did not finish; run prepare.py"
+    # a relative path is the working directory's: train.py run from another folder looked for data/sim_packed there
+    here = "" if os.path.isabs(mpath) else f" (a path relative to the folder this runs in, {os.getcwd()})"
+    return f"{mpath}: no manifest{here}, so the split is missing or prepare did not finish; run prepare.py"
 
 
 class Split:

@@ -420,7 +420,7 @@ def test_settings_out_of_range_are_refused_before_any_work(clean_raw, tmp_path):
     assert not os.path.exists(tmp_path / 'out')
 
 
-def test_a_missing_split_says_why(tmp_path, prepared):
+def test_a_missing_split_says_why(tmp_path, prepared, monkeypatch):
     # a mistyped split name: the prepared ones are listed
     with pytest.raises(FileNotFoundError, match=rf"^no split 'tset' in {prepared}/out: it has train, val, test$"):
         open_split(f"{prepared}/out/tset")
@@ -438,6 +438,11 @@ def test_a_missing_split_says_why(tmp_path, prepared):
         open_split(str(tmp_path / 'out' / 'train'))
     with pytest.raises(FileNotFoundError, match=f"none/test/{unfinished}"):
         open_split(str(tmp_path / 'none' / 'test'))
+    # a relative data_dir names the folder it is relative to: the default data/sim_packed from another folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^data/sim_packed/train/manifest.json: no manifest \(a path relative "
+                                                rf"to the folder this runs in, {tmp_path}\), so the split is missing"):
+        open_split('data/sim_packed/train')
 
 
 # -- bad input, or a file that cannot be read: each gets a message naming the file, the event and the problem,

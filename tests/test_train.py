@@ -567,7 +567,7 @@ def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
     torch.save(ck, tmp_path / 'best.pt')
     p = run(['sample.py', f'--out_dir={tmp_path}'], check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].endswith(
-        "run prepare.py (data_dir 'packed' is the one the checkpoint records, relative to the folder train.py ran in; "
+        "(data_dir 'packed' is the one the checkpoint records, relative to the folder train.py ran in; "
         "give --data_dir=<prepare.py's output> if the data is elsewhere)"), p.stderr
     # one event: figures of empty bins are null in the json (JSON has no NaN)
     shutil.copy(f'{root}/whole/best.pt', tmp_path / 'best.pt')
