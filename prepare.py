@@ -557,9 +557,18 @@ def shard_status(shard_dir, src, fit, inputs=None, checksums=False):
     elif problem is None and inputs is not None and info.get('inputs') != inputs:
         problem = ("it was made by an earlier prepare.py, which did not record its meta, truth and geometry" if 'inputs' not in info
                    else "its meta rows, truth rows or the geometry changed since it was made")
-    elif problem is None and info.get('fit') != fit:
+    elif problem is None and _recorded_fit(info.get('fit')) != fit:
         problem = f"its quick fit was made with {info.get('fit')}, this run asks for {fit}"
     return (info, None) if problem is None else (None, problem)
+
+
+def _recorded_fit(fit):
+    """A shard's recorded fit as run() spells one: an older prepare.py recorded a table file as typed, relative to
+    the folder it ran in (from there, the same file: kept, as it was)."""
+    ice = fit.get('ice') if isinstance(fit, dict) else None
+    if isinstance(ice, str) and ice not in ('toy', 'bulk'):
+        return {**fit, 'ice': os.path.abspath(ice)}
+    return fit
 
 
 def _write_error(e, path):
@@ -687,6 +696,9 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
         classical.ice_table(fit_ice)  # a table file that cannot be read fails here, before any work
     except (OSError, ValueError) as e:
         raise PrepareError(f"fit_ice={fit_ice}: {e}") from None
+    if fit_ice not in ('toy', 'bulk'):  # a table file by its full path, as the shards and the manifest record it: the
+        fit_ice = os.path.abspath(fit_ice)  # same table by another spelling rebuilt every shard, and sample.py run
+        # from another folder could not find the relative path the manifest recorded (a traceback)
     fit = {'steps': fit_steps, 'ice': fit_ice if fit_steps else None}
 
     plans, sizes = [], {}  # (part, split, batch ids); (part, batch id) -> (n_events, n_pulses)

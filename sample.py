@@ -567,6 +567,12 @@ def classical_baselines(s, n, methods, device):
     """The classical reconstructions (classical.py) of split s's first n events, timed like the model: {method: (n, 3)
     directions}, {method: events/s}. The likelihood fits run in the ice of the data (fit_ice)."""
     base_dirs, speed, ice = {}, {}, fit_ice(s)
+    if 'mpe' in methods:  # a table file read now, in one line: an older prepare.py recorded it relative to its folder,
+        try:              # and from another folder np.loadtxt's FileNotFoundError came out of the fit as a traceback
+            classical.ice_table(ice)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"sample: error: the mpe baseline fits in the ice {s.path} was prepared in, fit_ice={ice!r}: "
+                             f"{str(e).rstrip('.')}; run sample.py from the folder prepare.py ran in, or leave mpe out of --baselines") from None
     for name in methods:
         if name == 'time_fit':  # prepare.py fitted every event with it: read, as the model does (its rate is prepare's)
             if stored_fit(s).get('steps') == 0:

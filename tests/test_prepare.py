@@ -918,6 +918,24 @@ def test_an_out_dir_that_links_to_raw_dir_is_refused(tmp_path, clean_raw):
     assert sorted(os.listdir(raw)) == sorted(os.listdir(clean_raw))
 
 
+def test_an_ice_table_by_another_spelling_keeps_the_shards(tmp_path, clean_raw, monkeypatch):
+    """fit_ice=ice.txt was recorded as typed: the same table given by its full path (or from another folder) rebuilt
+    every shard (hours on the Kaggle set), and the manifest named a file only the folder prepare ran in could find.
+    A shard an older prepare.py recorded relative is kept from the folder it was made in."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'ice.txt').write_text("-1000 30 100\n1000 30 100\n")
+    out, logs = str(tmp_path / 'out'), []
+    prepare.run(clean_raw, out, num_proc=1, log=logs.append, fit_steps=1, fit_ice='ice.txt')
+    with open(f"{out}/train/manifest.json") as f:
+        assert json.load(f)['made_by']['fit'] == {'steps': 1, 'ice': f"{tmp_path}/ice.txt"}
+    with open(f"{out}/train/batch_1/shard.json") as f:
+        info = json.load(f)
+    with open(f"{out}/train/batch_1/shard.json", 'w') as f:
+        json.dump({**info, 'fit': {'steps': 1, 'ice': 'ice.txt'}}, f)  # as an older prepare.py recorded it
+    prepare.run(clean_raw, out, num_proc=1, log=logs.append, fit_steps=1, fit_ice=f"{tmp_path}/ice.txt")
+    assert not [line for line in logs if 'rebuilding' in line]
+
+
 def test_the_command_that_mends_a_split_pastes_as_one_word_a_path(tmp_path):
     # the command a damaged split's message gives, pasted into a shell: /data/my set was two words
     made_by = {'raw_dir': '/data/my set', 'val_batches': 1, 'train_batches': 0, 'fit': {'steps': 80, 'ice': 'ice table.txt'}}

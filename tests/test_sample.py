@@ -419,6 +419,11 @@ def test_likelihood_baselines_fit_in_the_data_s_ice(monkeypatch, capsys):
     dirs, speed = sample.classical_baselines(real, 2500, ['linefit', 'mpe'], 'cpu')
     assert seen == [('linefit', 'bulk'), ('mpe', 'bulk'), ('mpe', 'bulk')] and dirs['mpe'].shape == (2500, 3)
     assert list(speed) == ['linefit', 'mpe']
+    # a table file that cannot be read from here (an older prepare.py recorded it relative to its folder): one line
+    lost = types.SimpleNamespace(manifest={'made_by': {'fit': {'steps': 80, 'ice': 'ice.txt'}}}, truth=None, path='pk/val')
+    with pytest.raises(SystemExit, match=r"^sample: error: the mpe baseline fits in the ice pk/val was prepared in, "
+                                         r"fit_ice='ice.txt': ice.txt not found; run sample.py from the folder"):
+        sample.classical_baselines(lost, 2, ['linefit', 'mpe'], 'cpu')
     # the quick fit's row of a set prepared with fit_steps=0 says that it is the improved LineFit
     rec = {'fit_azimuth': np.zeros(2, np.float32), 'fit_zenith': np.zeros(2, np.float32)}
     for s, said in ((old, True), (real, False)):
