@@ -653,6 +653,15 @@ def write_manifest(split_dir, split, shard_infos, geometry, has_labels, has_trut
     return manifest
 
 
+def default_out(raw):
+    """out_dir's default, <raw_dir>_packed beside the raw folder. raw_dir=. (run from inside the download) gave
+    ._packed and raw_dir=.. gave .._packed: hidden folders in the working directory, inside the raw data."""
+    base = os.path.normpath(raw)
+    if os.path.basename(base) in ('.', '..', ''):  # the folder's own name from its full path: /data/kaggle for '.'
+        base = os.path.abspath(raw)
+    return base + '_packed'
+
+
 def _batch_file(raw, part, batch_id):
     return os.path.join(raw, part, f"batch_{batch_id}.parquet")
 
@@ -1506,7 +1515,7 @@ if __name__ == '__main__':
         if not verify:
             print(f"prepare: no Kaggle data in {raw_dir}; using the synthetic set in {sim_dir}, simulated first if missing")
             simulate.simulate(out_dir=sim_dir, num_proc=num_proc)  # also refuses a set made with other physics
-    out = out_dir or raw.rstrip('/') + '_packed'
+    out = out_dir or default_out(raw)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:

@@ -936,6 +936,16 @@ def test_an_ice_table_by_another_spelling_keeps_the_shards(tmp_path, clean_raw, 
     assert not [line for line in logs if 'rebuilding' in line]
 
 
+def test_the_default_out_dir_sits_beside_the_raw_folder(tmp_path, monkeypatch):
+    # raw_dir=. from inside the download packed into ._packed, a hidden folder among the raw files
+    os.makedirs(tmp_path / 'kaggle' / 'train')
+    monkeypatch.chdir(tmp_path / 'kaggle' / 'train')
+    assert prepare.default_out('..') == prepare.default_out(f"{tmp_path}/kaggle/") == f"{tmp_path}/kaggle_packed"
+    monkeypatch.chdir(tmp_path / 'kaggle')
+    assert prepare.default_out('.') == prepare.default_out('./') == f"{tmp_path}/kaggle_packed"
+    assert prepare.default_out('data/sim/') == prepare.default_out('data/sim') == 'data/sim_packed'
+
+
 def test_the_command_that_mends_a_split_pastes_as_one_word_a_path(tmp_path):
     # the command a damaged split's message gives, pasted into a shell: /data/my set was two words
     made_by = {'raw_dir': '/data/my set', 'val_batches': 1, 'train_batches': 0, 'fit': {'steps': 80, 'ice': 'ice table.txt'}}
