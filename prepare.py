@@ -944,7 +944,7 @@ def _no_manifest(path, mpath):
                      for f in glob.glob(os.path.join(glob.escape(d), pattern)))
         if raw:
             return (f"{d} is raw Kaggle-layout input ({', '.join(raw)}), not prepare.py's output; point data_dir at the "
-                    f"folder prepare.py packs it into (by default {d}_packed: python prepare.py --raw_dir={_shell(d)})")
+                    f"folder prepare.py packs it into (by default {default_out(d)}: python prepare.py --raw_dir={_shell(d)})")
     splits = sorted((os.path.basename(os.path.dirname(m)) for m in glob.glob(f"{glob.escape(folder)}/*/manifest.json")),
                     key=lambda name: (['train', 'val', 'test', name].index(name), name))
     if splits and not os.path.isdir(path):  # a split folder without a manifest is an unfinished one: the message below
