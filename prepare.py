@@ -1254,9 +1254,9 @@ def pack_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
     Truncation rules, applied in this order:
     - a DOM with more than max_pulses_per_dom pulses keeps its earliest max_pulses_per_dom;
     - events are taken in order while their pulses, DOMs and count fit the budgets (plan_batch);
-    - the first event alone may exceed a budget (a 100,000-pulse event): it then keeps its first max_doms
-      DOMs and the first max_pulses of their pulses, in the order non-auxiliary first, then each DOM's
-      first pulse before any DOM's second, then earliest (_keep_within_budgets).
+    - the first event alone may exceed a budget (a 100,000-pulse event): it then keeps its pulses in the
+      order non-auxiliary first, then earliest, up to max_pulses, and of those only the pulses of the
+      first max_doms DOMs in that order.
     Returns (batch, n_taken) with batch a dict of numpy arrays (see the field list in the code)."""
     n_taken, read = plan_batch(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom)
     return pack_taken(split, idx[:n_taken], max_pulses, max_doms, max_events, max_pulses_per_dom, read), n_taken
@@ -1267,26 +1267,6 @@ def pack_taken(split, idx, max_pulses, max_doms, max_events, max_pulses_per_dom,
     idx = np.asarray(idx, np.int64)
     return pack_events(split.events(idx, read), read[0], idx, split.geometry, max_pulses, max_doms, max_events,
                        max_pulses_per_dom)
-
-
-def _keep_within_budgets(e, dom_of_pulse, rank, keep, max_pulses, max_doms):
-    """The pulses (a mask) that an event over a budget keeps of those the per-DOM cap kept (keep; rank: each pulse's
-    place in its DOM): its first max_doms DOMs, then the first max_pulses of their pulses, both in the order
-    non-auxiliary first, then each DOM's first pulse before any DOM's second (and so on), then earliest. A bright
-    event so keeps its whole light pattern, the first hit of every DOM, before more pulses of any one DOM; taken
-    earliest first, a 110,000-pulse event kept its first 40 ns on the toy's budgets and no DOM hit later."""
-    aux = e['auxiliary']
-    n_aux = np.cumsum(aux) - aux  # auxiliary pulses before each pulse; its DOM's pulses are in time order
-    aux_before = n_aux - n_aux[e['dom_offsets'][:-1][dom_of_pulse]]
-    round_ = np.where(aux, aux_before, rank - aux_before)  # its place among its DOM's pulses of its kind
-    order = np.lexsort((e['time'], round_, aux))
-    order = order[keep[order]]
-    dom_rank = np.full(len(e['dom_offsets']) - 1, np.iinfo(np.int64).max)
-    np.minimum.at(dom_rank, dom_of_pulse[order], np.arange(len(order)))
-    first_doms = np.argsort(dom_rank, kind='stable')[:max_doms]
-    keep = np.zeros(len(keep), bool)
-    keep[order[np.isin(dom_of_pulse[order], first_doms)][:max_pulses]] = True
-    return keep
 
 
 def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, max_pulses_per_dom):
@@ -1301,7 +1281,14 @@ def pack_events(e, ev, event_index, geometry, max_pulses, max_doms, max_events, 
     rank = np.arange(n_pulses_raw) - e['dom_offsets'][:-1][dom_of_pulse]
     keep = rank < max_pulses_per_dom
     if keep.sum() > max_pulses or len(dom_size) > max_doms:  # only a lone first event gets here
-        keep = _keep_within_budgets(e, dom_of_pulse, rank, keep, max_pulses, max_doms)
+        order = np.lexsort((e['time'], e['auxiliary']))  # non-auxiliary first, then earliest
+        order = order[keep[order]][:max_pulses]
+        dom_rank = np.full(len(dom_size), np.iinfo(np.int64).max)
+        np.minimum.at(dom_rank, dom_of_pulse[order], np.arange(len(order)))
+        first_doms = np.argsort(dom_rank, kind='stable')[:max_doms]
+        keep = np.zeros(n_pulses_raw, bool)
+        keep[order] = True
+        keep &= np.isin(dom_of_pulse, first_doms)
 
     # kept pulses stay in (event, sensor, time) order; DOMs with no kept pulse disappear
     kept = np.flatnonzero(keep)

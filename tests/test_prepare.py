@@ -260,38 +260,6 @@ def test_dom_budget_keeps_the_doms_hit_first(prepared):
     dom_sensor = e['sensor_id'][np.r_[0, np.flatnonzero(np.diff(e['sensor_id'])) + 1]]
     np.testing.assert_array_equal(b['dom_sensor'][:5], np.sort(dom_sensor[first]))
 
-
-def test_an_event_over_the_budget_keeps_each_doms_first_hit_first(prepared):
-    """An event over the pulse budget keeps the first hit of each DOM before a second pulse of any DOM (then the
-    second of each, ...; non-auxiliary first, earliest first within a round), the pulses of its first max_doms DOMs
-    only, and fills the budget. Taken earliest first, event 0 (three DOMs hold 300 of its 400 pulses) kept mostly
-    the pulses of those three DOMs and lost most of the others: the light pattern T2 reads."""
-    s = open_split(f"{prepared}/out/train")
-    e = s.event(0)
-    dom = np.cumsum(np.r_[True, np.diff(e['sensor_id']) != 0]) - 1
-    clean_doms = np.unique(dom[~e['auxiliary']])
-    for P, D, M in ((len(clean_doms) + 10, 1000, 1000), (60, 1000, 1000), (150, 40, 3), (len(e['time']) - 1, 1000, 1000)):
-        b, n = pack_batch(s, np.arange(len(s)), P, D, 8, M)
-        assert n == 1
-        # the rule, one pulse at a time: (auxiliary, its place among its DOM's pulses of its kind, time, index)
-        seen, key, in_dom = {}, [], {}
-        for i in range(len(e['time'])):
-            kind = bool(e['auxiliary'][i])
-            seen[dom[i], kind] = seen.get((dom[i], kind), -1) + 1
-            in_dom[dom[i]] = in_dom.get(dom[i], -1) + 1
-            if in_dom[dom[i]] < M:  # the per-DOM cap: each DOM's earliest M
-                key.append((kind, seen[dom[i], kind], e['time'][i], i))
-        order = [k[-1] for k in sorted(key)]
-        doms = set(list(dict.fromkeys(dom[i] for i in order))[:D])
-        want = np.sort([i for i in order if dom[i] in doms][:P])
-        n_p = b['n_pulses']
-        assert n_p == min(P, len([i for i in order if dom[i] in doms]))
-        np.testing.assert_array_equal(b['dom_sensor'][b['pulse_dom'][:n_p]], e['sensor_id'][want])
-        np.testing.assert_array_equal(b['pulse_time'][:n_p], e['time'][want] - e['time'][want].min())
-        np.testing.assert_array_equal(b['pulse_aux'][:n_p], e['auxiliary'][want])
-    b, _ = pack_batch(s, np.arange(len(s)), len(clean_doms) + 10, 1000, 8, 1000)
-    assert set(b['dom_sensor'][:b['n_doms']]) >= set(e['sensor_id'][np.isin(dom, clean_doms)]), "every DOM's first hit"
-
 def test_loader_covers_split_once_and_ranks_differ(prepared):
     s = open_split(f"{prepared}/out/train")
     seen = []
