@@ -484,9 +484,10 @@ def start_record():
         os.replace(path + '.tmp', path)
 
 
-def save_checkpoint(path):
+def save_checkpoint(path, best=False):
     """Called on every rank, which gathers the ranks' data positions; rank 0 writes. Atomic: a temporary file renamed
-    over the old one, and the old one renamed to ckpt.prev.pt, a way back if the new one is damaged later.
+    over the old one, and the old one renamed to ckpt.prev.pt, a way back if the new one is damaged later. best: a
+    copy goes to best.pt too, first (write_best).
     'model' holds the weights to use (the averaged ones), 'train_model' the training weights that a resumed run
     continues from; 'train_seconds' the agreed clock, which each caller has just read (flush_window): the loop's
     estimate between log points was 0 before a run's first."""
@@ -520,6 +521,7 @@ def save_checkpoint(path):
             os.remove(tmp)
         fail(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous {path} is intact: free some space "
              f"and resume (--init_from=resume)")
+    best_error = write_best(tmp) if best else None
     if os.path.exists(path):  # a damaged ckpt.pt that the run resumed past is set aside, not kept as the previous one
         # the old one kept by a second name (a hard link) before the new one replaces it: renamed away first, ckpt.pt
         # was missing for an instant, and a sample.py --ckpt=ckpt.pt started then found no checkpoint
@@ -531,6 +533,24 @@ def save_checkpoint(path):
         except OSError:  # a file system without hard links: renamed, as before
             os.replace(path, set_aside or prev_path)
     os.replace(tmp, path)
+    if best_error:
+        fail(f"{best_path}: cannot write it ({best_error.strerror or best_error}); the previous best.pt is intact and "
+             f"{path} holds this better one (iteration {iter_num}): free some space, then cp {path} {best_path}")
+
+
+def write_best(tmp):
+    """best.pt, a copy of the checkpoint just written (serialising a big model twice costs seconds), renamed into place
+    before ckpt.pt is: a run killed between the two left a ckpt.pt whose best_val (this evaluation's) no best.pt held,
+    and the resume, whose evaluations then had to beat it, never wrote best.pt. Returns the OSError of a full disk,
+    which stops the run once ckpt.pt holds the checkpoint too."""
+    try:
+        shutil.copyfile(tmp, best_path + '.tmp')
+        os.replace(best_path + '.tmp', best_path)
+    except OSError as e:  # a full disk: was a traceback that left the cut best.pt.tmp behind
+        if os.path.exists(best_path + '.tmp'):
+            os.remove(best_path + '.tmp')
+        return e
+    return None
 
 
 stop_signal, signal_time = None, 0.0
@@ -670,16 +690,7 @@ while True:
         log(f"eval iter {iter_num}: val mean angular error {val_err:.4f} rad ({math.degrees(val_err):.2f} deg), "
             f"val loss {val_loss:.4f}, {n_val} events, best {best_val:.4f} rad ({time.time() - t_eval:.1f}s)")
         record({'iter': iter_num, 'val_error': val_err, 'val_loss': val_loss, 'seconds': seconds})
-        save_checkpoint(ckpt_path)
-        if master and improved:  # a copy, renamed into place: serialising a big model twice costs seconds
-            try:
-                shutil.copyfile(ckpt_path, best_path + '.tmp')
-            except OSError as e:  # a full disk: was a traceback that left the cut best.pt.tmp behind
-                if os.path.exists(best_path + '.tmp'):
-                    os.remove(best_path + '.tmp')
-                fail(f"{best_path}: cannot write it ({e.strerror or e}); the previous best.pt is intact and {ckpt_path} "
-                     f"holds this better one (iteration {iter_num}): free some space, then cp {ckpt_path} {best_path}")
-            os.replace(best_path + '.tmp', best_path)
+        save_checkpoint(ckpt_path, best=improved)
         if wandb is not None:
             wandb.log({'iter': iter_num, 'val/angular_error': val_err, 'val/angular_error_deg': math.degrees(val_err),
                        'val/loss': val_loss, 'val/best': best_val})

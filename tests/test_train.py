@@ -512,6 +512,38 @@ def test_damaged_checkpoint_falls_back_to_the_newest_readable(preempted, tmp_pat
     assert not os.path.exists(tmp_path / 'ran')
 
 
+KILLED_AT_BEST_COPY = """
+import os, runpy, shutil, signal, sys
+copy = shutil.copyfile
+def killed(src, dst, **k):  # the moment best.pt is written: the process dies (the OOM killer, a grace period run out)
+    if str(dst).endswith('best.pt.tmp'):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return copy(src, dst, **k)
+shutil.copyfile = killed
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_a_kill_while_best_pt_is_written_leaves_no_best_that_best_pt_lacks(data_dir, tmp_path):
+    """A run killed as it writes best.pt leaves no ckpt.pt whose best_val no best.pt holds: ckpt.pt was renamed into
+    place first, so the resume took its best_val and, the evaluation not being better than itself, never wrote best.pt
+    (sample.py's default checkpoint): missing, or an older, worse one, for the rest of the run."""
+    out = str(tmp_path / 'out')
+    (tmp_path / 'killed.py').write_text(KILLED_AT_BEST_COPY)
+    args = ['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY
+    p = run([str(tmp_path / 'killed.py')] + args, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    if os.path.exists(f'{out}/ckpt.pt'):
+        ck = torch.load(f'{out}/ckpt.pt', weights_only=True)
+        assert os.path.exists(f'{out}/best.pt'), f"ckpt.pt (iteration {ck['iter_num']}) claims a best that no best.pt holds"
+        assert torch.load(f'{out}/best.pt', weights_only=True)['best_val'] == ck['best_val']
+    # and the run goes on (or starts again) to a best.pt of the lowest val error it logged
+    run(args + ['--max_iters=4'] + (['--init_from=resume'] if os.path.exists(f'{out}/ckpt.pt') else []))
+    logged = min(json.loads(line)['val_error'] for line in open(f'{out}/log.jsonl') if 'val_error' in line)
+    assert torch.load(f'{out}/best.pt', weights_only=True)['best_val'] == logged
+
+
 def test_paths_typed_from_another_folder(data_dir, tmp_path):
     """train.py run from another folder with relative paths: an out_dir named like a glob pattern (run[1]) matched
     run1, another run's folder, and the move of its files into previous/ stopped in a traceback; the checkpoint
