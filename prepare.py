@@ -75,6 +75,7 @@ from functools import cached_property
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
+from multiprocessing.context import ForkContext, ForkProcess
 
 import numpy as np
 import pyarrow as pa
@@ -1387,7 +1388,7 @@ class BatchLoader:
         self.queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         # forked before the thread starts; the workers run torch on one thread each and never touch a GPU
-        self.pool = get_context('fork').Pool(workers, _worker_init, (split.path, self.args, transform, os.getpid())) if workers else None
+        self.pool = _WorkerContext().Pool(workers, _worker_init, (split.path, self.args, transform, os.getpid())) if workers else None
         # this thread and its consumer share the interpreter lock, which a waiting thread gets only after the holder
         # has run for Python's switch interval: at its 5 ms the training step's threads, which retake the lock between
         # ops, stalled behind this thread's numpy; at 0.5 ms the toy's main job made 1.04-1.08x the events/s and
@@ -1475,8 +1476,23 @@ def _pack(split, args, transform, epoch, idx, position, read):
 _worker = {}  # in each of BatchLoader's worker processes: its own open split, the budgets and transform (_worker_init)
 
 
+class _WorkerProcess(ForkProcess):
+    def terminate(self):  # Pool.terminate's (BatchLoader.close): SIGKILL, since these workers ignore SIGTERM (_worker_init)
+        self.kill()
+
+
+class _WorkerContext(ForkContext):
+    Process = _WorkerProcess
+
+
 def _worker_init(path, args, transform, parent):
     _worker_start(parent)
+    # a SIGTERM to every process of the job (a scheduler's) reaches the workers too, while the parent's handler lets the
+    # run go on to its stop (the iteration, the evaluation under way, under torchrun the log interval): a worker that
+    # died of it never sent the batch it was packing, and the parent waited for it forever, saving nothing. Ignored, as
+    # SIGINT is; the parent ends them (close(), or its death: _worker_start). Not a Python handler that exits once the
+    # parent closes: one that came as the worker was about to block on the task queue's lock ran only after it, never
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _worker.update(split=open_split(path), args=args, transform=transform)
 
 

@@ -1089,6 +1089,31 @@ def test_loader_workers_close_under_a_signal_handler(prepared):
     assert r.returncode == 0 and r.stdout == 'closed\n', (r.stdout, r.stderr[-2000:])
 
 
+def test_loader_workers_outlive_a_sigterm_to_the_whole_job(prepared):
+    """A scheduler's SIGTERM to every process of the job (SLURM's scancel, kill -TERM -<pgid>) reaches the loader's
+    workers too, while train.py's handler lets the run go on to its stop (the iteration, the evaluation under way, under
+    torchrun the log interval). The workers died of it, the batches they were packing never came, and the run waited
+    for them forever, saving nothing (60 s per batch in flight in close()). They go on, and close() still ends them. In
+    a process of its own (and its own process group), so a hang cannot stop the suite."""
+    code = (f"import os, signal, sys, time; sys.path.insert(0, {ROOT!r})\n"
+            "from prepare import BatchLoader, open_split\n"
+            "signal.signal(signal.SIGTERM, lambda signum, frame: None)  # train.py's: a flag, read between iterations\n"
+            f"split = open_split({str(prepared) + '/out/train'!r})\n"
+            "def slow(b):  # a worker is still packing a batch when the signal comes\n"
+            "    time.sleep(0.1)\n"
+            "    return b\n"
+            "args = (split, 3000, 3000, 4, 64)\n"
+            "whole = [b['position'] for b in BatchLoader(*args, shuffle=False, epochs=1)]\n"
+            "loader = BatchLoader(*args, shuffle=False, epochs=1, workers=2, transform=slow)\n"
+            "got = [next(loader)['position']]\n"
+            "os.killpg(0, signal.SIGTERM)\n"
+            "got += [b['position'] for b in loader]\n"
+            "loader.close()\n"
+            "print(got == whole, len(got), flush=True)\n")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert r.returncode == 0 and r.stdout == 'True 20\n', (r.stdout, r.stderr[-2000:])
+
+
 def test_loader_refuses_a_rank_without_events(prepared):
     s = open_split(f"{prepared}/out/val")  # 40 events
     for rank in (0, 50):  # rank 50's endless loader would wait forever; rank 0 refuses too, or it would wait for 50
