@@ -133,15 +133,27 @@ else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+out_dir_error = None  # rank 0's one line on why out_dir cannot be this run's: under torchrun every rank stops on it
 if master:
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:  # under a read-only folder: was a traceback
-        raise SystemExit(f"train: error: {out_dir}: cannot make it ({e.strerror}); give an out_dir you can write") from None
+        out_dir_error = SystemExit(f"train: error: {out_dir}: cannot make it ({e.strerror}); give an out_dir you can write")
     # one run per out_dir, held until this process ends: a second one started beside it (a job resubmitted while the
     # first still runs) moved the first's checkpoints into previous/ (deleting the run kept there) or resumed from
     # them, and then both wrote ckpt.pt, best.pt and log.jsonl in turn, sharing ckpt.pt.tmp
-    out_dir_lock = lock_folder('train', out_dir)
+    try:
+        out_dir_lock = None if out_dir_error else lock_folder('train', out_dir)
+    except SystemExit as e:
+        out_dir_error = e
+if ddp:  # rank 0 alone stopped, and the other ranks died at their first reduce in a traceback ('Connection closed by peer')
+    stop = torch.tensor(float(out_dir_error is not None), device=device)
+    dist.all_reduce(stop)
+    if stop.item():
+        dist.destroy_process_group()
+        raise out_dir_error or SystemExit(1)
+elif out_dir_error:
+    raise out_dir_error
 torch.manual_seed(seed)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -265,6 +265,13 @@ def test_a_second_run_on_one_out_dir_stops_in_one_line(data_dir, tmp_path):
                                        f"{socket.gethostname()} since ") and f"(it holds {out}/lock)" in lines[0], lines[0]
             assert sorted(os.listdir(out)) == ['ckpt.pt', 'lock', 'log.jsonl']
             assert open(os.path.join(out, 'ckpt.pt')).read() == 'of the run still going\n'
+        # under torchrun rank 0 holds the lock: every rank stops with its line, none in a traceback (rank 1 died at its
+        # first reduce: 'Connection closed by peer')
+        p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--device=cpu'] + TINY,
+                torchrun=True, check=False)
+        assert p.returncode != 0 and f"train: error: {out} is in use by train.py, pid {os.getpid()}" in p.stderr
+        assert 'Traceback' not in p.stderr.replace('Traceback (most recent call last):\n  File "<frozen runpy>"', ''), p.stderr[-3000:]
+        assert sorted(os.listdir(out)) == ['ckpt.pt', 'lock', 'log.jsonl']
     finally:
         os.close(fd)
     p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2'] + TINY)
