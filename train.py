@@ -571,8 +571,9 @@ stop_signal, signal_time = None, 0.0
 def on_signal(signum, frame):
     # only a flag, read between iterations: the iteration in progress finishes, then the state is saved. Alone, a
     # second signal a second or more later stops at once, saving nothing (a first iteration that compiles can take
-    # minutes). Not under torchrun: a Ctrl-C, or a scheduler's SIGTERM to the job's processes, reaches a rank both
-    # directly and forwarded by torchrun, whose own grace period then ends the ranks
+    # minutes). Not under torchrun: a scheduler's SIGTERM to every process of the job reaches a rank both directly and
+    # forwarded by torchrun, whose own grace period then ends the ranks (a Ctrl-C reaches torchrun alone, which
+    # forwards it: each rank runs in a session of its own)
     global stop_signal, signal_time
     if stop_signal is not None:
         if not ddp and time.time() - signal_time >= 1.0:
