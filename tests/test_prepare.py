@@ -286,6 +286,7 @@ def test_an_event_over_the_budget_keeps_exactly_its_earliest_pulses(prepared):
         np.testing.assert_array_equal(b['pulse_time'][:n_p], e['time'][want] - e['time'][want].min())
         np.testing.assert_array_equal(b['pulse_aux'][:n_p], e['auxiliary'][want])
 
+
 def test_loader_covers_split_once_and_ranks_differ(prepared):
     s = open_split(f"{prepared}/out/train")
     seen = []
