@@ -663,6 +663,12 @@ def default_out(raw):
     return base + '_packed'
 
 
+def glob_in(folder, pattern):
+    """The paths that match pattern inside folder, the folder's own name taken as it is: out_dir=packed[1] read as a
+    pattern matched packed1, and a clean-up here deleted the shards of that other folder."""
+    return glob.glob(os.path.join(glob.escape(folder), pattern))
+
+
 def _batch_file(raw, part, batch_id):
     return os.path.join(raw, part, f"batch_{batch_id}.parquet")
 
@@ -755,9 +761,9 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
         _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify)
     except BaseException as e:
         for part, split, ids in plans:  # the pool has shut down: no worker still writes into these
-            for stale in glob.glob(f"{glob.escape(out)}/{split}/.tmp-*"):
+            for stale in glob_in(out, f"{split}/.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            for stale in glob.glob(f"{glob.escape(out)}/{split}/*.tmp*"):  # the manifest's and geometry's temporary files
+            for stale in glob_in(out, f"{split}/*.tmp*"):  # the manifest's and geometry's temporary files
                 os.remove(stale)
         if isinstance(e, OSError):
             raise _write_error(e, out) from None
@@ -848,12 +854,10 @@ def _start_split(raw, out, part, split, ids, verify):
     os.makedirs(split_dir, exist_ok=True)
     if os.path.exists(f"{split_dir}/manifest.json"):
         os.remove(f"{split_dir}/manifest.json")
-    for stale in glob.glob(f"{glob.escape(split_dir)}/.tmp-*"):
+    for stale in glob_in(split_dir, '.tmp-*'):
         shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
     wanted_shards = {f"batch_{b}" for b in ids}
-    # the folder escaped in every pattern: out_dir=packed[1] read as a pattern matched packed1, and this deleted
-    # the shards of that other folder
-    for d in glob.glob(f"{glob.escape(split_dir)}/batch_*"):
+    for d in glob_in(split_dir, 'batch_*'):
         if os.path.basename(d) not in wanted_shards and os.path.exists(f"{d}/shard.json"):
             shutil.rmtree(d)  # a shard of another split layout (val_batches changed)
     has_labels = part == 'train'
@@ -942,11 +946,11 @@ def _no_manifest(path, mpath):
     folder = os.path.dirname(os.path.normpath(path)) or '.'
     for d in (folder, os.path.normpath(path)):  # data_dir=data/sim, or open_split('data/sim') itself
         raw = sorted(os.path.basename(f) for pattern in ('*_meta.parquet', 'sensor_geometry.csv')
-                     for f in glob.glob(os.path.join(glob.escape(d), pattern)))
+                     for f in glob_in(d, pattern))
         if raw:
             return (f"{d} is raw Kaggle-layout input ({', '.join(raw)}), not prepare.py's output; point data_dir at the "
                     f"folder prepare.py packs it into (by default {default_out(d)}: python prepare.py --raw_dir={_shell(d)})")
-    splits = sorted((os.path.basename(os.path.dirname(m)) for m in glob.glob(f"{glob.escape(folder)}/*/manifest.json")),
+    splits = sorted((os.path.basename(os.path.dirname(m)) for m in glob_in(folder, '*/manifest.json')),
                     key=lambda name: (['train', 'val', 'test', name].index(name), name))
     if splits and not os.path.isdir(path):  # a split folder without a manifest is an unfinished one: the message below
         return f"no split '{os.path.basename(os.path.normpath(path))}' in {folder}: it has {', '.join(splits)}"
@@ -1205,23 +1209,23 @@ def verify_output(out, log=print):
     """Re-read every shard under out (all splits) against the sizes and checksums of its shard.json, reading
     nothing else. Logs each damaged shard and returns {shard folder: problem}."""
     bad = {}
-    splits = sorted(d for d in glob.glob(f"{glob.escape(out)}/*") if os.path.isdir(d))
+    splits = sorted(d for d in glob_in(out, '*') if os.path.isdir(d))
     for split_dir in splits:
         try:
             with open(f"{split_dir}/manifest.json") as f:
                 manifest = json.load(f)
         except (OSError, ValueError):
             manifest = None
-            if glob.glob(f"{glob.escape(split_dir)}/batch_*"):
+            if glob_in(split_dir, 'batch_*'):
                 log(f"prepare: verify: {split_dir}: no readable manifest.json: the split is incomplete")
                 bad[split_dir] = "no manifest"
-        names = manifest['shards'] if manifest else [os.path.basename(d) for d in glob.glob(f"{glob.escape(split_dir)}/batch_*")]
+        names = manifest['shards'] if manifest else [os.path.basename(d) for d in glob_in(split_dir, 'batch_*')]
         for name in sorted(names):
             _, problem = shard_problem(f"{split_dir}/{name}", checksums=True)
             if problem:
                 bad[f"{split_dir}/{name}"] = problem
                 log(f"prepare: verify: {split_dir}/{name}/{problem}")
-    n = sum(len(glob.glob(f"{glob.escape(d)}/batch_*")) for d in splits)
+    n = sum(len(glob_in(d, 'batch_*')) for d in splits)
     log(f"prepare: verify: {n} shards in {out}, {len(bad)} damaged or incomplete")
     return bad
 
@@ -1536,7 +1540,7 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, _stop)
     try:
         made_from = set()  # the raw folders the output records it was made from
-        for m in glob.glob(f"{glob.escape(out)}/*/manifest.json"):
+        for m in glob_in(out, '*/manifest.json'):
             try:
                 with open(m) as f:
                     made_from.add(json.load(f)['made_by']['raw_dir'])

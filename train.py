@@ -18,7 +18,6 @@ same data order.
 
 import concurrent.futures
 import functools
-import glob
 import io
 import json
 import math
@@ -34,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
-from prepare import BatchLoader, SplitError, open_split
+from prepare import BatchLoader, SplitError, glob_in, open_split
 
 # -----------------------------------------------------------------------------
 # settings
@@ -275,8 +274,8 @@ elif master:
     # --init_from=resume by mistake and stopped before its first checkpoint), and not mistaken for this run's (sample.py's
     # results and submission.csv too). A run that saved no checkpoint left only its log: that goes, and previous/ keeps
     # the last run that trained something.
-    # (out_dir escaped: run[1] read as a pattern matched run1, another run's files, and the move stopped in a traceback)
-    previous = sorted({os.path.basename(f) for pattern in RUN_FILES for f in glob.glob(os.path.join(glob.escape(out_dir), pattern))})
+    # (glob_in: out_dir run[1] read as a pattern matched run1, another run's files, and the move stopped in a traceback)
+    previous = sorted({os.path.basename(f) for pattern in RUN_FILES for f in glob_in(out_dir, pattern)})
     trained = any(f in previous for f in CHECKPOINTS)
     if 'log.jsonl' in previous and not trained:
         os.remove(os.path.join(out_dir, 'log.jsonl'))
