@@ -17,7 +17,8 @@ monotone maps from the predicted kappa to calibrated circles (one per level, sin
 tails than a vMF, and one set per group of events: by the model's predicted kind and energy where its heads
 learned them, else by hit-DOM count), checks them honestly (fit on the
 even-indexed events, measured on the odd-indexed ones), then fits the stored maps on all of val and writes
-them to out_dir/calibration.json; on any other split it applies the stored maps. Writes to out_dir:
+them to out_dir/calibration.json; on any other split it applies the stored maps. Writes to out_dir, all at the end
+and together (a run stopped before or while it writes leaves the files of the run before as they were):
     eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
                                linefit, linefit_improved, time_fit: {mean_angular_error, median_angular_error},
                                breakdowns, resolution, coverage, training)
@@ -43,6 +44,8 @@ import hashlib
 import json
 import math
 import os
+import signal
+import sys
 import textwrap
 import time
 
@@ -387,7 +390,7 @@ def plot_resolution(table, xlabel, path, logx=False):
             plain_log_ticks(ax.xaxis)
         ax.grid(True, which='both', alpha=0.3)
     axes[0][0].set_ylabel('median angular error [deg]')
-    save_figure(fig, path)
+    save_png(fig, path)
     return drawn
 
 
@@ -411,7 +414,7 @@ def plot_coverage(curves, path):
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    save_png(fig, path)
     return drawn
 
 
@@ -448,26 +451,24 @@ def plot_training(history, path, ckpt_iter=None):
         ax.grid(True, alpha=0.3)
         if ckpt_iter is not None:
             ax.axvline(ckpt_iter, color='grey', ls=':')
-    save_figure(fig, path)
+    save_png(fig, path)
     return drawn
 
 
-def write_plots(result, out_dir, split, ckpt_iter):
-    """The figures of what result holds (resolution, coverage, training curves) as PNGs in out_dir; returns their names."""
-    names = []
+def plot_writers(result, split, ckpt_iter):
+    """The figures of what result holds (resolution, coverage, training curves): [(file name, write(path))]."""
+    writers = []
     if 'resolution' in result:
-        names.append(f'resolution_{split}.png')
-        plot_resolution(result['resolution']['energy'], 'true neutrino energy log10(E / GeV)', os.path.join(out_dir, names[-1]))
+        writers.append((f'resolution_{split}.png', lambda path: plot_resolution(
+            result['resolution']['energy'], 'true neutrino energy log10(E / GeV)', path)))
     if 'resolution_doms' in result:
-        names.append(f'resolution_doms_{split}.png')
-        plot_resolution(result['resolution_doms'], 'number of hit DOMs', os.path.join(out_dir, names[-1]), logx=True)
+        writers.append((f'resolution_doms_{split}.png', lambda path: plot_resolution(
+            result['resolution_doms'], 'number of hit DOMs', path, logx=True)))
     if 'coverage' in result:
-        names.append(f'coverage_{split}.png')
-        plot_coverage(result['coverage']['curves'], os.path.join(out_dir, names[-1]))
+        writers.append((f'coverage_{split}.png', lambda path: plot_coverage(result['coverage']['curves'], path)))
     if result['training']:
-        names.append('training.png')
-        plot_training(result['training'], os.path.join(out_dir, names[-1]), ckpt_iter)
-    return names
+        writers.append(('training.png', lambda path: plot_training(result['training'], path, ckpt_iter)))
+    return writers
 
 
 def tmp_path(path):
@@ -485,31 +486,49 @@ def write_error(path, e):
     return SystemExit(f"sample: error: {path}: cannot write it ({e.strerror or e}); {todo}")
 
 
-def replace_into(path, write):
-    """write(tmp) the result, then rename it into place; on an error, no temporary file is left (a cut one, on a
-    full disk, kept the space it had taken) and the file already at path stays as it was."""
+def replace_all(writes):
+    """writes [(path, write)]: each write(tmp) puts a result into its temporary file, then all are renamed into place
+    together, so that out_dir holds one run's set: a kill or a full disk while writing (the CSV of a million events
+    takes seconds) left this run's eval json beside the last run's predictions, each file whole and the set mixed.
+    On an error, Ctrl-C or SIGTERM no temporary file is left (a cut one kept the space it had taken) and the files
+    already there stay as they were."""
+    started = []
     try:
-        write(tmp_path(path))
-        os.replace(tmp_path(path), path)
-    except OSError as e:
-        if os.path.exists(tmp_path(path)):
-            os.remove(tmp_path(path))
-        raise write_error(path, e) from None
+        for path, write in writes:
+            started.append(path)
+            write(tmp_path(path))
+    except BaseException as e:
+        for path in started:
+            if os.path.exists(tmp_path(path)):
+                os.remove(tmp_path(path))
+        if isinstance(e, OSError):
+            raise write_error(started[-1], e) from None
+        raise
+    caught = []  # a signal now waits for the last rename (a mask would not do: torch's threads take signals too)
+    held = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for path, _ in writes:
+            os.replace(tmp_path(path), path)
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for signum in caught[:1]:
+            signal.raise_signal(signum)
 
 
-def save_figure(fig, path):
+def save_png(fig, path):
     fig.tight_layout()
     try:
-        replace_into(path, lambda tmp: fig.savefig(tmp, dpi=80, format='png'))
+        fig.savefig(path, dpi=80, format='png')
     finally:
         plt.close(fig)
 
 
-def write_csv(path, columns):
+def csv_writer(columns):
     names = list(columns)
     fmts = ['%d' if np.issubdtype(np.asarray(columns[c]).dtype, np.integer) else '%.6f' for c in names]
     table = np.column_stack([np.asarray(columns[c], np.float64) if f != '%d' else columns[c] for c, f in zip(names, fmts)])
-    replace_into(path, lambda tmp: np.savetxt(tmp, table, fmt=fmts, delimiter=',', header=','.join(names), comments=''))
+    return lambda path: np.savetxt(path, table, fmt=fmts, delimiter=',', header=','.join(names), comments='')
 
 
 def finite(obj):
@@ -523,11 +542,11 @@ def finite(obj):
     return obj
 
 
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, 'w') as f:
+def json_writer(obj):
+    def write(path):
+        with open(path, 'w') as f:
             json.dump(finite(obj), f, indent=1, allow_nan=False)
-    replace_into(path, write)
+    return write
 
 
 def weights_digest(state):
@@ -617,11 +636,11 @@ def batches(loader):
 
 
 def calibration_maps(cal_path, s, n, ck, kappa, err, events, has_labels):
-    """The maps that calibrate this run's error circles (None: each event's own vMF), and whether they were written:
-    on val fit on its events and written to cal_path, unless the maps there were fit for these weights on more val
-    events (kept) or there are fewer than calibration_min_events; on other splits read from cal_path, where they were
-    fit for these weights."""
-    cal, cal_written = None, False
+    """The maps that calibrate this run's error circles (None: each event's own vMF), and whether they are new, for
+    main to write to cal_path with the other results: on val fit on its events, unless the maps there were fit for
+    these weights on more val events (kept) or there are fewer than calibration_min_events; on other splits read from
+    cal_path, where they were fit for these weights."""
+    cal, fitted = None, False
     weights = weights_digest(ck['model'])
     if split == 'val' and has_labels and (kept := stored_calibration(cal_path, weights, n)):
         cal = kept  # a run on part of val (a slow baseline's --max_events) keeps the maps fit on more of it
@@ -632,8 +651,7 @@ def calibration_maps(cal_path, s, n, ck, kappa, err, events, has_labels):
     elif split == 'val' and has_labels:
         cal = {'checkpoint': ckpt, 'iter': int(ck['iter_num']), 'weights_sha1': weights, 'n_events': int(n),
                'fit_on': f"{s.path}, {n} events", **fit_calibration(kappa, err, events)}
-        write_json(cal_path, cal)
-        cal_written = True
+        fitted = True
     elif os.path.exists(cal_path):
         try:
             with open(cal_path) as f:
@@ -654,7 +672,7 @@ def calibration_maps(cal_path, s, n, ck, kappa, err, events, has_labels):
             print(f"sample: error circles calibrated by {cal_path}, fit on {fit_on}")
     else:
         print(f"sample: no {cal_path} (sample.py --split=val writes it): the error circles use the predicted kappa")
-    return cal, cal_written
+    return cal, fitted
 
 
 def main():
@@ -741,14 +759,11 @@ def main():
     if ck.get('truth_heads'):
         events.update(track_probability=1 / (1 + np.exp(-truth_out[:, 0])), log10_energy=truth_out[:, 1])
         cols.update(events)
-    written = [f'eval_{split}.json', f'predictions_{split}.csv']
 
     # the kappa map: fit here on val, read from out_dir/calibration.json elsewhere
     cal_path = os.path.join(out_dir, 'calibration.json')
     err = M.angular_errors(s.azimuth[:n], s.zenith[:n], az, zen) if has_labels else None
-    cal, cal_written = calibration_maps(cal_path, s, n, ck, kappa, err, events, has_labels)
-    if cal_written:
-        written.append('calibration.json')
+    cal, cal_fitted = calibration_maps(cal_path, s, n, ck, kappa, err, events, has_labels)
     radii = circles(kappa, events, cal, (0.5, 0.9))
     if cal:
         cols['kappa_calibrated'] = calibrated_kappa(cal, kappa, events)
@@ -821,17 +836,26 @@ def main():
         result['mean_angular_error'] = result['median_angular_error'] = None
 
     result['training'] = read_history(os.path.join(out_dir, 'log.jsonl'))
-    write_json(os.path.join(out_dir, f'eval_{split}.json'), result)
-    write_csv(os.path.join(out_dir, f'predictions_{split}.csv'), cols)
+    results = [(f'eval_{split}.json', json_writer(result)), (f'predictions_{split}.csv', csv_writer(cols))]
+    if cal_fitted:
+        results.append(('calibration.json', json_writer(cal)))
     if split == 'test' and n < len(s):  # a submission needs every test event: a partial one would look complete
         print(f"sample: submission.csv is not written: {n} of the {len(s)} test events were predicted (max_events)")
     elif split == 'test':
-        write_csv(os.path.join(out_dir, 'submission.csv'), {'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen})
-        written.append('submission.csv')
+        results.append(('submission.csv', csv_writer({'event_id': s.event_id[:n], 'azimuth': az, 'zenith': zen})))
     if plots:
-        written += write_plots(result, out_dir, split, int(ck['iter_num']))
-    print(f"sample: wrote {', '.join(written)} in {out_dir}")
+        results += plot_writers(result, split, int(ck['iter_num']))
+    replace_all([(os.path.join(out_dir, name), write) for name, write in results])
+    print(f"sample: wrote {', '.join(name for name, _ in results)} in {out_dir}")
+
+def stop(signum, frame):
+    """A scheduler's SIGTERM or Ctrl-C as an exception, so that replace_all's clean-up runs; one line and the exit
+    status of the signal (143, 130) where SIGTERM left .tmp files and Ctrl-C printed a traceback."""
+    print(f"sample: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 if __name__ == '__main__':
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     main()

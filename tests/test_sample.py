@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -436,7 +437,7 @@ def test_likelihood_baselines_fit_in_the_data_s_ice(monkeypatch, capsys):
 def _write_many(path, seed, times):
     rng = np.random.default_rng(seed)
     for _ in range(times):
-        sample.write_csv(path, {'event_id': np.arange(100_000), 'azimuth': rng.random(100_000)})
+        sample.replace_all([(path, sample.csv_writer({'event_id': np.arange(100_000), 'azimuth': rng.random(100_000)}))])
 
 
 def test_two_samples_on_one_out_dir_write_whole_files(tmp_path):
@@ -473,15 +474,64 @@ def test_a_full_disk_names_the_result_and_keeps_the_one_before(tmp_path, monkeyp
                                          f"free some space and re-run$"):
         if what == 'json':
             monkeypatch.setattr(sample.json, 'dump', lambda obj, f, **k: (f.write('{"half'), half_then_full(f.name)))
-            sample.write_json(path, {'a': 1})
+            sample.replace_all([(path, sample.json_writer({'a': 1}))])
         elif what == 'csv':
             monkeypatch.setattr(np, 'savetxt', half_then_full)
-            sample.write_csv(path, {'event_id': np.arange(3)})
+            sample.replace_all([(path, sample.csv_writer({'event_id': np.arange(3)}))])
         else:
             fig = plt.figure()
             monkeypatch.setattr(fig, 'savefig', half_then_full)
-            sample.save_figure(fig, path)
+            sample.replace_all([(path, lambda tmp: sample.save_png(fig, tmp))])
     assert os.listdir(tmp_path) == [f'result.{what}'] and open(path).read() == 'the previous result\n'
+
+
+KILLED_IN_THE_CSV = (
+    "import os, runpy, signal, sys, time\n"
+    "import numpy as np\n"
+    "savetxt, sig = np.savetxt, getattr(signal, sys.argv.pop(1))\n"
+    "def cut(path, *a, **k):  # the predictions' CSV half written when the signal comes\n"
+    "    savetxt(path, *a, **k)\n"
+    "    if 'predictions_' in path:\n"
+    "        os.kill(os.getpid(), sig); time.sleep(5)\n"
+    "np.savetxt = cut\n"
+    "runpy.run_path('sample.py', run_name='__main__')\n")
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_a_kill_while_the_results_are_written_leaves_the_last_set_whole(data_dir, tmp_path, sig):  # noqa: F811
+    """sample.py stopped while it writes its results (a scheduler's SIGTERM, Ctrl-C; the CSV of a million events
+    takes seconds) leaves out_dir's results those of the run before, every file, and no temporary file: it left this
+    run's eval json beside the last run's predictions, each whole and the set mixed, and the cut CSV's .tmp file."""
+    out = str(tmp_path / 'out')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY)
+    run(['sample.py', f'--out_dir={out}', '--baselines=', '--plots=False', '--calibration_min_events=20'])
+    before = {f: open(os.path.join(out, f)).read() for f in ('eval_val.json', 'predictions_val.csv', 'calibration.json')}
+    (tmp_path / 'killed.py').write_text(KILLED_IN_THE_CSV)
+    p = run([str(tmp_path / 'killed.py'), sig, f'--out_dir={out}', '--baselines=', '--max_events=30',
+             '--calibration_min_events=20'], check=False)
+    assert p.returncode == 128 + getattr(signal, sig) and p.stderr == f"sample: stopped by {sig}\n", p.stderr[-2000:]
+    assert {f: open(os.path.join(out, f)).read() for f in before} == before
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp') or f.endswith('.png')]
+
+
+def test_a_signal_while_the_results_are_renamed_waits_for_the_last(tmp_path, monkeypatch):
+    """A SIGTERM between two of the renames that put a run's results in place would leave a mixed set (the first
+    file new, the second old): it waits for the last rename, then stops the run as before."""
+    rename, renamed = os.replace, []
+    def rename_then_signal(a, b):
+        rename(a, b)
+        renamed.append(b)
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(os, 'replace', rename_then_signal)
+    paths = [str(tmp_path / 'eval_val.json'), str(tmp_path / 'predictions_val.csv')]
+    before = signal.signal(signal.SIGTERM, sample.stop)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            sample.replace_all([(path, lambda tmp: open(tmp, 'w').write('new')) for path in paths])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stop.value.code == 143 and renamed == paths and sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in paths)
 
 
 def test_an_out_dir_that_cannot_be_written_is_named_before_the_evaluation(data_dir, tmp_path):  # noqa: F811
