@@ -8,6 +8,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model as M  # noqa: E402
 
+# torch starts autograd's device threads at a process's first backward if it then sees a device beside the CPU, and
+# a process forked after that cannot run a backward ("Unable to handle autograd's threading in combination with
+# fork-based multiprocessing"). On PyPI's torch (the CUDA build: what pip gives Python 3.10 to 3.13 on Linux), any
+# torch.compile before that first backward makes it see one, also with no GPU: test_bench's FlexAttention forward
+# (compiled by torch, also when called uncompiled) followed by its backward left every later prepare.run unable to
+# run the quick fit in its forked workers (96 tests failed; the CPU wheel was not affected). A first backward here,
+# before any test, settles it with the CPU alone. (On a GPU machine the threads start anyway.)
+torch.ones(1, requires_grad=True).sum().backward()
+
 
 def with_linefits(b):
     """The LineFit columns prepare.py stores with each event and pulse, computed on the batch's own pulses (in

@@ -90,6 +90,17 @@ def prepared(tmp_path_factory):
     return root
 
 
+def test_quick_fit_runs_in_workers_forked_after_a_compile_and_a_backward(tmp_path):
+    # what test_bench leaves behind, a torch.compile and then a backward, must not stop prepare's forked workers from
+    # running the quick fit's backward: on PyPI's torch it did unless conftest.py's first backward came before
+    import torch
+    x = torch.ones(3, requires_grad=True)
+    torch.compile(lambda t: t * 2, backend='eager')(x).sum().backward()
+    make_raw(f"{tmp_path}/raw", n_train=2, n_test=1, events=10)
+    prepare.run(f"{tmp_path}/raw", f"{tmp_path}/out", val_batches=1, num_proc=1, log=lambda *a: None, fit_steps=5)
+    assert np.isfinite(open_split(f"{tmp_path}/out/train")._column('fit_rlogl')).all()
+
+
 def test_every_pulse_round_trips(prepared):
     raw = read_raw_events(f"{prepared}/raw", 'train', [1, 2, 3])
     raw.update(read_raw_events(f"{prepared}/raw", 'test', [4]))
