@@ -795,14 +795,34 @@ def _pool(num_proc):
     pool = ProcessPoolExecutor(num_proc, mp_context=get_context('fork'), initializer=_worker_start, initargs=(os.getpid(),))
     try:
         yield pool
-    except (KeyboardInterrupt, SystemExit):
-        # ProcessPoolExecutor has no public way to do this before Python 3.14 (kill_workers). A worker killed mid-task
-        # leaves a temporary folder, which run() removes, never a shard that looks complete
-        for p in list((pool._processes or {}).values()):
-            p.kill()
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            # ProcessPoolExecutor has no public way to do this before Python 3.14 (kill_workers). A worker killed
+            # mid-task leaves a temporary folder, which run() removes, never a shard that looks complete
+            for p in list((pool._processes or {}).values()):
+                p.kill()
+        if sys.version_info < (3, 11):
+            _end_task_pipe(pool)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _end_task_pipe(pool):
+    """On Python 3.10 the pool's shutdown waited forever once its workers were gone (killed by _pool, or one ended by
+    the out-of-memory killer, after which the pool ends the others) while its queue's feeder thread was writing them a
+    task, a batch file's meta and truth, more than a pipe holds: this process keeps the pipe's reading end, so the
+    write never failed. 3.11 on close that end when a worker dies (CPython issue 94777). Closing it here raced with
+    the feeder thread's own close of it (a file opened in between lost its descriptor: "Bad file descriptor"); /dev/null
+    put in its place ends the pipe for the feeder just the same and keeps the descriptor for that one close. Live
+    workers (an error's run) keep their own ends and finish their shards."""
+    try:
+        fd = pool._call_queue._reader.fileno()
+    except OSError:  # closed by the feeder thread already: it was not stuck
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
