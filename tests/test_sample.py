@@ -518,6 +518,7 @@ def test_a_signal_while_the_results_are_renamed_waits_for_the_last(tmp_path, mon
     """A SIGTERM between two of the renames that put a run's results in place would leave a mixed set (the first
     file new, the second old): it waits for the last rename, then stops the run as before."""
     rename, renamed = os.replace, []
+
     def rename_then_signal(a, b):
         rename(a, b)
         renamed.append(b)
