@@ -11,8 +11,9 @@ A micro-batch reaches the model in three steps, each a named function:
   stream_layout       numpy: where each pulse sits in T1's token stream and each DOM and CLS token in T2's, and the
                       attention layout of both streams (below);
   features            torch, no gradient: the pulse, DOM and event features (per-DOM summaries, the seeds' directions,
-                      each DOM in the seed's frame, the place and time that the Fourier features encode). The seeds,
-                      both LineFits (linefit_seeds) and the quick likelihood fit, prepare.py computed ahead and stored.
+                      each DOM in the seed's frame, the place and time that the Fourier features encode). The fits
+                      they read, both LineFits (linefit_seeds) and the quick likelihood fit, prepare.py computed ahead
+                      and stored; the seeds (N_SEEDS) are the improved LineFit and the quick fit.
 The loader runs stream_layout ahead of the step (model_inputs); the features run in the forward pass, on the model's
 device, unless the loader is asked to compute them too (model_inputs(..., with_features=True), train.py's
 features='loader'): that pays only where the loader has a core of its own. IceModel.forward reads as the architecture.
