@@ -57,7 +57,7 @@ gradient_accumulation_steps = 1  # micro-batches per iteration on each rank
 micro_threads = 1            # micro-batches of an iteration computed at once, each in its own Python thread (CPU, one
                              # process): on 2 cores two micro-batches on one core each beat one micro-batch on both
 loader_workers = 0           # processes per rank that pack batches (0 = one background thread); more when the loader
-                             # cannot keep two steps ahead of a GPU (bench.py's reading row gives its events/s)
+                             # cannot keep two steps ahead of a GPU (bench.py's efficiency row times it beside the step)
 features = 'model'           # where the no-grad features run: 'model' (in the forward pass, on the model's device)
                              # or 'loader' (the loader's CPU, ahead of the step: faster only with a core to spare)
 # model
