@@ -24,10 +24,10 @@ Outputs (in out_dir):
                                    vertex_x, vertex_y, vertex_z float64 (m): the interaction point, or for a
                                    through-going muon the point where it enters the simulated volume
     simulation.json                settings and physics constants used, and "complete": true once all is written.
-                                   prepare.py / README use it to tell synthetic data from real.
+                                   prepare.py uses it to tell synthetic data from real (its fit_ice 'auto').
 Every file is written under a temporary name and renamed into place. Order: simulation.json (complete: false),
-geometry, batch files, then truth, submission, test_meta, train_meta and simulation.json (complete: true), so a
-folder with train_meta.parquet has all the rest. Re-running with the same settings on a complete set skips
+geometry, batch files, then test_truth, submission, test_meta, train_truth, train_meta and simulation.json (complete:
+true), so a folder with train_meta.parquet has all the rest. Re-running with the same settings on a complete set skips
 the work (prints "nothing to do"); an interrupted set with the same settings is regenerated (deterministic,
 so identical); a set made with other settings, or a non-empty folder without simulation.json (real data,
 say), is refused with an error.
