@@ -172,7 +172,7 @@ def bench_prepare(raw):
 
 def parquet_events(raw, meta_by_event, event_ids):
     """The straightforward loader: read each batch file the events live in (filtered to those events),
-    group the rows by event and sort them, giving the same dict as Split.events()."""
+    group the rows by event and sort them, giving Split.events()'s dict but its direct flags (prepare.py's work)."""
     batch_of = meta_by_event['batch_id'][np.searchsorted(meta_by_event['event_id'], event_ids)]
     parts = []
     for b in np.unique(batch_of):
@@ -545,7 +545,8 @@ def bench_step(batches):
 
 def scaling_event(n, rng, geometry):
     """One synthetic event of n pulses: n_doms ~ 5.85 n^0.513 DOMs (through real data's 49 DOMs at 63 pulses and
-    2,256 at 110,000), every DOM one pulse plus a heavy-tailed (Pareto, alpha 2) share of the rest. As split.events()."""
+    2,256 at 110,000), every DOM one pulse plus a heavy-tailed (Pareto, alpha 2) share of the rest. As split.events(),
+    but for the direct flags (the caller's prepare.linefit_seeds)."""
     n_doms = int(min(n, len(geometry), round(5.85 * n ** 0.513)))
     w = rng.pareto(2.0, n_doms) + 1e-3  # Lomax(2): a 100,000-pulse event has DOMs of a few thousand pulses
     sizes = 1 + rng.multinomial(n - n_doms, w / w.sum())
