@@ -24,7 +24,8 @@ max_events = 512
 max_pulses_per_dom = 64      # real data: pulses per DOM p99 43, max 455; the earliest 64 are kept
 gradient_accumulation_steps = 1
 loader_workers = 4           # packing processes per rank: one thread packs 34,000-81,000 toy events/s at these budgets
-                             # (108 shards, notes section 10; bench's one shard, the README), the GPU step aims at 25,000 (not yet measured)
+                             # (108 shards, notes section 10; bench's one shard, the README); the GPU step aims at 25,000
+                             # (not yet measured)
 
 t1_dim = 128
 t1_layers = 3
