@@ -2,7 +2,16 @@ import os
 import sys
 
 import numpy as np
-import torch
+
+# The suite runs on the CPU, also on a machine with GPUs: there the first backward starts autograd's threads for the
+# GPUs, after which no forked process can run a backward (torch's wiki page "Autograd and Fork"), and prepare's
+# quick-fit workers, which many tests fork, do. So the GPUs stay hidden unless ICEAGGR_CUDA_TESTS=1, which
+# tests/gpu_check.sh sets for tests/test_model.py's CUDA tests (whose processes fork nothing). Set before torch
+# reads it, and inherited by the scripts the tests start.
+if os.environ.get('ICEAGGR_CUDA_TESTS') != '1':
+    os.environ['CUDA_VISIBLE_DEVICES'] = ''
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -14,7 +23,7 @@ import model as M  # noqa: E402
 # torch.compile before that first backward makes it see one, also with no GPU: test_bench's FlexAttention forward
 # (compiled by torch, also when called uncompiled) followed by its backward left every later prepare.run unable to
 # run the quick fit in its forked workers (96 tests failed; the CPU wheel was not affected). A first backward here,
-# before any test, settles it with the CPU alone. (On a GPU machine the threads start anyway.)
+# before any test, settles it with the CPU alone (on a machine with GPUs only the hiding above does).
 torch.ones(1, requires_grad=True).sum().backward()
 
 

@@ -66,7 +66,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: runs COMMAND into $OUT/NAME.log unde
     echo "cpus $(nproc)"
 } | tee -a "$SUMMARY"
 
-stage tests ${GPU_CHECK_TESTS_S:-150} $PY -m pytest -q -s tests/test_model.py -k cuda
+stage tests ${GPU_CHECK_TESTS_S:-150} env ICEAGGR_CUDA_TESTS=1 $PY -m pytest -q -s tests/test_model.py -k cuda
 
 if [[ $DEVICE == cuda ]]; then
     EVENTS=${GPU_CHECK_EVENTS:-20000}

@@ -14,6 +14,9 @@ import torch
 import model as M
 from conftest import with_linefits
 
+# conftest.py hides the GPUs from the suite unless ICEAGGR_CUDA_TESTS=1 (tests/gpu_check.sh sets it)
+NEEDS_CUDA = 'needs CUDA: ICEAGGR_CUDA_TESTS=1 python -m pytest -q tests/test_model.py -k cuda on a GPU machine'
+
 
 # -----------------------------------------------------------------------------
 # fake batches in exactly prepare.pack_batch's format
@@ -591,7 +594,7 @@ def ieee_float32():
         print(f"torch {torch.__version__}: no get_float32_precision to ask")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (FlexAttention backward)')
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 def test_cuda_flex_equals_sdpa_forward_and_backward(data, monkeypatch):
     """On CUDA the model trains through compiled FlexAttention: its output and every parameter's gradient equal
     those of the padded-SDPA path and of FlexAttention's unfused reference (float32, TF32 off), and bf16 autocast
@@ -621,7 +624,7 @@ def test_cuda_flex_equals_sdpa_forward_and_backward(data, monkeypatch):
     assert (pb - results['sdpa'][0]).abs().max() < 5e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (FlexAttention backward)')
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 def test_cuda_flex_kernel_per_layout(data, monkeypatch):
     """Compiled FlexAttention's output and its q, k and v gradients equal its unfused reference on each of the
     model's three block masks (T1's DOMs, T2's events, T2's CLS queries): a failure names the mask and the tensor."""
@@ -649,7 +652,7 @@ def test_cuda_flex_kernel_per_layout(data, monkeypatch):
     assert not failed, failed
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 def test_cuda_compiled_equals_eager(data):
     """torch.compile (train.py's compile=True) must not change the function or its gradients."""
     _, b = data

@@ -90,6 +90,15 @@ def prepared(tmp_path_factory):
     return root
 
 
+def test_the_suite_hides_the_gpus_from_itself():
+    # on a machine with GPUs a backward starts autograd's threads for them, after which no forked worker can run the
+    # quick fit's backward: every prepare.run of the suite would fail there (conftest.py)
+    if os.environ.get('ICEAGGR_CUDA_TESTS') == '1':
+        pytest.skip('ICEAGGR_CUDA_TESTS=1 asks for the GPUs (the CUDA tests)')
+    import torch
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '' and not torch.cuda.is_available()
+
+
 def test_quick_fit_runs_in_workers_forked_after_a_compile_and_a_backward(tmp_path):
     # what test_bench leaves behind, a torch.compile and then a backward, must not stop prepare's forked workers from
     # running the quick fit's backward: on PyPI's torch it did unless conftest.py's first backward came before
