@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -38,14 +39,18 @@ def data_dir(tmp_path_factory):
 
 def run(args, cwd=ROOT, check=True, torchrun=False, threads=1):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
-    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun
-           else [sys.executable]) + args
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # torchrun's workers too, should they hang
-        raise
+    # torchrun without --log_dir makes a /tmp/torchelastic_* folder for its ranks' error files and never removes it:
+    # one more in /tmp for each torchrun test, every suite. A temporary one here goes with the run
+    with tempfile.TemporaryDirectory(prefix='torchrun_logs_') as logs:
+        cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', f'--log_dir={logs}']
+               if torchrun else [sys.executable]) + args
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # torchrun's workers too, should they hang
+            raise
     p = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
