@@ -172,7 +172,7 @@ def bench_prepare(raw):
 
 def parquet_events(raw, meta_by_event, event_ids):
     """The straightforward loader: read each batch file the events live in (filtered to those events),
-    group the rows by event and sort them, giving Split.events()'s dict but its direct flags (prepare.py's work)."""
+    group the rows by event and sort them, giving Split.events()'s dict without its direct flags (prepare.py's work)."""
     batch_of = meta_by_event['batch_id'][np.searchsorted(meta_by_event['event_id'], event_ids)]
     parts = []
     for b in np.unique(batch_of):
