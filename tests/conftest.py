@@ -3,28 +3,25 @@ import sys
 
 import numpy as np
 
-# The suite runs on the CPU, also on a machine with GPUs: there the first backward starts autograd's threads for the
-# GPUs, after which no forked process can run a backward (torch's wiki page "Autograd and Fork"), and prepare's
-# quick-fit workers, which many tests fork, do. So the GPUs stay hidden unless ICEAGGR_CUDA_TESTS=1, which
-# tests/gpu_check.sh sets for tests/test_model.py's CUDA tests (whose processes fork nothing). Set before torch
-# reads it, and inherited by the scripts the tests start.
+# A process's first backward starts autograd's threads for every device it sees beside the CPU, after which no
+# process it forks can run a backward ("Unable to handle autograd's threading in combination with fork-based
+# multiprocessing"; torch's wiki page "Autograd and Fork"), and prepare's quick-fit workers, which many tests fork, do.
+# So the suite runs on the CPU alone: on a machine with GPUs it hides them (set before torch reads it, and inherited
+# by the scripts the tests start) unless ICEAGGR_CUDA_TESTS=1, which tests/gpu_check.sh sets for
+# tests/test_model.py's CUDA tests (whose processes fork nothing). And it runs that first backward before any test:
+# on PyPI's torch (the CUDA build, what pip gives Python 3.10 to 3.13 on Linux) a torch.compile before it made it see
+# a device also with no GPU (test_bench's FlexAttention forward, compiled by torch also when called uncompiled, then
+# its backward), and every later prepare.run failed in its forked workers (96 tests; the CPU wheel was not affected).
 if os.environ.get('ICEAGGR_CUDA_TESTS') != '1':
     os.environ['CUDA_VISIBLE_DEVICES'] = ''
 
 import torch  # noqa: E402
 
+torch.ones(1, requires_grad=True).sum().backward()
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model as M  # noqa: E402
-
-# torch starts autograd's device threads at a process's first backward if it then sees a device beside the CPU, and
-# a process forked after that cannot run a backward ("Unable to handle autograd's threading in combination with
-# fork-based multiprocessing"). On PyPI's torch (the CUDA build: what pip gives Python 3.10 to 3.13 on Linux), any
-# torch.compile before that first backward makes it see one, also with no GPU: test_bench's FlexAttention forward
-# (compiled by torch, also when called uncompiled) followed by its backward left every later prepare.run unable to
-# run the quick fit in its forked workers (96 tests failed; the CPU wheel was not affected). A first backward here,
-# before any test, settles it with the CPU alone (on a machine with GPUs only the hiding above does).
-torch.ones(1, requires_grad=True).sum().backward()
 
 
 def with_linefits(b):
