@@ -17,7 +17,8 @@ Rows:
   inference  events/s of the model beside LineFit (and the likelihood fit where classical.py has one)
   efficiency per config (toy_cpu; baseline_1m, at a reduced budget on the CPU): counted FLOPs per training event and
              the step's FLOP/s beside the machine's own x @ w rate at the model's shapes in the same run, and the
-             loader's events/s at the config's budgets beside the step's
+             loader's events/s at the config's budgets beside the step's; with profile=True, where one pass of the
+             step spends its time (on CUDA: the share of it the GPU is busy, and the largest kernels)
 
 The baselines of the step and scaling rows (built here, from model.py's Block):
   flat       one transformer over all pulses of an event: width t2_dim, t2_heads heads, depth t1_layers +
@@ -118,6 +119,8 @@ efficiency_configs = 'toy_cpu,baseline_1m'  # names in config/ or paths to confi
 cpu_budget_divisor = 8
 loader_batches = 16            # batches timed per loader measurement
 compare_commit = ''            # a git commit (e.g. bfe73ee): its model.py's step timed on the same batches, A B A B
+profile = False                # the efficiency rows also profile one pass of the step (after the timed ones): where
+                               # its time goes, and on CUDA how much of it the GPU was busy at all
 rows = 'prepare,reading,step,scaling,inference,efficiency'  # the rows to run (scaling and inference need step)
 # -----------------------------------------------------------------------------
 
@@ -368,13 +371,14 @@ def autocast():
 
 
 def train_step(model, b):
-    """Forward and backward of one micro-batch (gradients are freed again at the end)."""
+    """Forward and backward of one micro-batch (gradients are freed again at the end). Nothing read back: like
+    train.py's step it leaves the host free to queue the next one on a GPU (the timers wait for the device)."""
     with autocast():
         pred = model(b)
     loss = M.loss_fn(pred.float(), b['event_dir'], b['event_index'] >= 0)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return loss.detach()
 
 
 def step_batches_of(split):
@@ -457,6 +461,30 @@ def steps_per_s(model, batches):
     return sum(int(b['n_events']) for b in batches) / t
 
 
+def step_profile(model, batches, top=10):
+    """Where the step's time goes: one pass over the batches under torch.profiler. Returns the pass's wall time, the
+    busy time (on CUDA the kernels' time on the GPU; on the CPU the ops' own time) and the top ops by it. On CUDA a
+    busy share well below 1 means the GPU waits for the host (kernel launches, the loader), which CUDA graphs
+    (train.py's compile_mode='reduce-overhead') or larger micro-batches address; near 1, the kernels themselves. The
+    profiler adds its own cost to each op on the host, so the share is a lower bound (the rates are timed without it)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    cuda = device == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        wall, _ = timed(lambda: [train_step(model, b) for b in batches])
+    # the kernels (CUDA) or the CPU ops, each counted once by its own time, as torch's table totals them
+    ops = [e for e in prof.key_averages() if not e.is_user_annotation
+           and (e.device_type == DeviceType.CUDA if cuda else e.self_cpu_time_total > 0)]
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    busy = sum(own(e) for e in ops) / 1e6
+    if not busy:  # on CUDA without CUPTI the profiler sees no kernels: a 0% busy GPU would read as a finding
+        raise RuntimeError(f"the profiler recorded no {'GPU kernels' if cuda else 'CPU ops'}")
+    ops.sort(key=own, reverse=True)
+    return {'wall_s': wall, 'busy_s': busy, 'busy_share': busy / wall, 'what': 'GPU kernels' if cuda else 'CPU ops',
+            'top': [{'name': e.key, 'calls': e.count, 'share': own(e) / 1e6 / busy} for e in ops[:top]]}
+
+
 def bench_efficiency(name, split):
     """One config's step as a share of the machine's matmul rate, and its loader's events/s beside it."""
     cfg = train_config(name)
@@ -495,6 +523,11 @@ def bench_efficiency(name, split):
            'network_events_per_s': max(rates['network']), 'flops_per_s': flops * rate, 'matmul_flops_per_s': roof,
            'share_of_matmul': flops * rate / roof, 'loader_budgets': list(full), 'loader_path': path_full,
            'loader_events_per_s': loader_rate(split, full, functools.partial(M.model_inputs, path=path_full))}
+    if profile:  # last, once every figure above is in: a profiler that fails (no CUPTI on a GPU node) is named, not fatal
+        try:
+            out['profile'] = step_profile(timed_model, batches)
+        except RuntimeError as e:
+            out['profile'] = {'error': f"{type(e).__name__}: {e}"}
     if compare_commit:
         old = old_model_module(compare_commit)
         torch.manual_seed(seed)
@@ -751,6 +784,15 @@ def main():
     if 'scaling' in todo:
         print(f"hierarchical step memory ~ pulses^{q['hier_memory_exponent']:.2f} between the two largest scaling sizes; ", end='')
     print(f"memory: {results['machine']['memory']}; device {device}, {torch.get_num_threads()} threads")
+    for name, e in results.get('efficiency', {}).items():
+        p = e.get('profile', {})
+        if 'error' in p:
+            print(f"\n{name}'s step could not be profiled: {p['error']}")
+        elif p:
+            print(f"\n{name}'s step profiled, one pass of {step_batches} micro-batches: {p['wall_s'] * 1e3:,.0f} ms, of it "
+                  f"{p['busy_share']:.0%} in {p['what']}; their largest shares:")
+            for op in p['top']:
+                print(f"  {op['share']:6.1%} {op['calls']:7,} calls  {op['name'][:100]}")
     try:
         with open(out + '.tmp', 'w') as f:  # renamed into place: a full disk leaves the previous out whole
             json.dump(results, f, indent=1)

@@ -18,7 +18,8 @@
 #           and off do not both fit one call)
 #   bench   bench.py's efficiency row of baseline_1m on CUDA, in what is left (inductor's cache holds train's
 #           kernels): FLOPs per event, the share of the chip's bf16 matmul rate measured in the same run, the
-#           loader's events/s beside the step
+#           loader's events/s beside the step, and one pass of the step profiled: how much of its time the GPU was
+#           busy (far below 1: the host's launches are the limit, which CUDA graphs address) and the largest kernels
 # Each stage gets at most what is left of the budget, so a slow stage shortens the later ones rather than running
 # the call past the device tool's 600 s.
 # Settings by environment: GPU_CHECK_MINUTES, GPU_CHECK_COMPILE_MODE, GPU_CHECK_BUDGET_S (560), GPU_CHECK_TESTS_S
@@ -88,7 +89,7 @@ TRAIN=($PY train.py config/baseline_1m.py --data_dir=$WORK/sim_packed --device=$
 stage train "$(awk -v m="$MINUTES" 'BEGIN { printf "%d", m * 60 + 30 }')" env TORCH_LOGS=recompiles,graph_breaks \
     "${TRAIN[@]}" --out_dir=$WORK/out-train --compile_mode=$COMPILE_MODE --max_minutes=$MINUTES
 
-stage bench 300 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 \
+stage bench 300 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 --profile=True \
     --work_dir=$WORK/bench --out="$OUT/bench.json" "${BENCH_ARGS[@]}"
 
 {
@@ -101,6 +102,7 @@ stage bench 300 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 \
     grep -ciE "recompil|graph break" "$OUT/train.log" 2>/dev/null | sed 's/^/recompile or graph-break lines: /'
     grep -E "Error|Traceback|error:" "$OUT/train.log" 2>/dev/null | head -n 3
     echo "--- bench"; grep -A 8 "^row" "$OUT/bench.log" 2>/dev/null || tail -n 20 "$OUT/bench.log" 2>/dev/null
+    grep -A 10 -E "step profiled|could not be profiled" "$OUT/bench.log" 2>/dev/null
     echo "--- $(($(date +%s) - T0)) s in all"
 } >>"$SUMMARY"
 sed -n '/^=== summary/,$p' "$SUMMARY"

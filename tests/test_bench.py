@@ -53,16 +53,25 @@ def test_bench_runs_end_to_end(tmp_path):
 
 
 def test_bench_rows_setting(tmp_path):
-    """rows= runs only the rows named (the GPU check runs the efficiency rows alone); a misspelt row is an error."""
+    """rows= runs only the rows named (the GPU check runs the efficiency rows alone, profiled); a misspelt row is an
+    error."""
     out = tmp_path / 'bench.json'
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     args = [sys.executable, 'bench.py', f'--work_dir={tmp_path / "work"}', f'--out={out}'] + [
         a for a in TINY if not a.startswith('--compare_commit')]
-    p = subprocess.run(args + ['--rows=efficiency', '--efficiency_configs=toy_cpu'], cwd=ROOT, env=env,
+    p = subprocess.run(args + ['--rows=efficiency', '--efficiency_configs=toy_cpu', '--profile=True'], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert list(r['efficiency']) == ['toy_cpu'] and r['efficiency']['toy_cpu']['events_per_s'] > 0
+    # profile=True: the step's ops, each counted once (their shares of the busy time add up to at most 1), the
+    # matmuls and the attention kernels among the largest, the busy time within the pass's wall time
+    prof = r['efficiency']['toy_cpu']['profile']
+    names = [op['name'] for op in prof['top']]
+    assert 0 < prof['busy_s'] <= prof['wall_s'] and prof['what'] == 'CPU ops', prof
+    assert sum(op['share'] for op in prof['top']) <= 1 + 1e-9 and all(op['calls'] > 0 for op in prof['top'])
+    assert 'aten::mm' in names and any('scaled_dot_product' in n for n in names), names
+    assert "toy_cpu's step profiled" in p.stdout and 'aten::mm' in p.stdout
     assert not {'prepare', 'reading', 'step', 'scaling', 'inference'} & set(r)
     assert 'efficiency toy_cpu' in p.stdout.replace('  ', ' ') and 'reading' not in p.stdout
     p = subprocess.run(args + ['--rows=efficiency,speed'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -250,3 +259,11 @@ def test_an_older_model_is_imported_without_leaving_its_file(monkeypatch, tmp_pa
     # temporary folder of the moment on its first compile in a process; the whole suite had made it in /tmp before)
     folder = os.path.dirname(old.__file__)
     assert hasattr(old, 'IceModel') and os.path.dirname(folder) == str(tmp_path) and not os.path.exists(folder)
+
+
+def test_a_profile_that_saw_nothing_is_an_error_not_an_idle_device():
+    """On a GPU node without CUPTI the profiler records no kernels; a busy share of 0 would read as an idle GPU."""
+    import bench
+    model = bench.M.IceModel(t1_dim=16, t1_heads=2, t2_dim=32, t2_heads=2, t2_layers=1)
+    with pytest.raises(RuntimeError, match='recorded no CPU ops'):
+        bench.step_profile(model, [])
