@@ -6,8 +6,8 @@ events (the `baselines` setting: classical.py's methods), and give each event an
     python sample.py --split=test                     # predictions + Kaggle submission.csv
     python sample.py --out_dir=out-baseline-1m --max_events=100000 --ckpt=ckpt.pt
 
-Prints the competition metric (mean angular error) in rad and degrees, the median and percentiles, and
-breakdowns by pulse count, DOM count, zenith, predicted kappa, and energy and kind where the data has a
+Prints the competition metric (mean angular error) in rad and degrees with its standard error over the events, the
+median and percentiles, and breakdowns by pulse count, DOM count, zenith, predicted kappa, and energy and kind where the data has a
 truth file (the synthetic set does).
 
 Error circles: the model's 3-vector is a von Mises-Fisher distribution whose norm kappa is its
@@ -19,8 +19,9 @@ learned them, else by hit-DOM count), checks them honestly (fit on the
 even-indexed events, measured on the odd-indexed ones), then fits the stored maps on all of val and writes
 them to out_dir/calibration.json; on any other split it applies the stored maps. Writes to out_dir, all at the end
 and together (a run stopped before or while it writes leaves the files of the run before as they were):
-    eval_<split>.json          the same figures (n_events, mean_angular_error, median_angular_error, ...,
-                               linefit, linefit_improved, time_fit: {mean_angular_error, median_angular_error},
+    eval_<split>.json          the same figures (n_events, mean_angular_error and its standard error _se,
+                               median_angular_error, ..., linefit, linefit_improved, time_fit: {the same, and
+                               model_ratio: the model's mean error over theirs, with model_ratio_se},
                                breakdowns, resolution, coverage, training)
     predictions_<split>.csv    event_id, azimuth, zenith, kappa, hit_doms, track_probability and log10_energy
                                (the model's heads, where its training data had a truth file), kappa_calibrated
@@ -301,8 +302,23 @@ def check_coverage(split, err, kappa, events, cal, groups, kind):
 # -----------------------------------------------------------------------------
 # tables and figures
 
+def standard_error(err):
+    """The standard error of err's mean (rad): how far the mean of another draw of as many events would stray. It
+    measures the evaluation's noise only; two trainings of one config differ by more (README, the main job's row)."""
+    return float(err.std(ddof=1) / math.sqrt(len(err))) if len(err) > 1 else None
+
+
+def mean_ratio(err, base_err):
+    """mean(err) / mean(base_err) over the same events, and its standard error: paired, so the events both methods
+    find hard cancel (the delta method: the spread of err - ratio * base_err, over mean(base_err))."""
+    ratio = err.mean() / base_err.mean()
+    se = standard_error(err - ratio * base_err)
+    return float(ratio), None if se is None else se / float(base_err.mean())
+
+
 def summary(err):
-    return {'mean_angular_error': float(err.mean()), 'median_angular_error': float(np.median(err)),
+    return {'mean_angular_error': float(err.mean()), 'mean_angular_error_se': standard_error(err),
+            'median_angular_error': float(np.median(err)),
             'mean_angular_error_deg': math.degrees(err.mean()), 'median_angular_error_deg': math.degrees(np.median(err)),
             'percentiles_deg': {str(p): math.degrees(np.percentile(err, p)) for p in (10, 25, 75, 90)}}
 
@@ -777,14 +793,19 @@ def main():
         result['events_per_s'] = speed['model']
         for k, e in errs.items():
             if k != 'model':
-                result[k] = {**summary(e), 'events_per_s': speed[k]}
-        # one table: a row per method, on the same events
-        print(f"{'method':<18} {'mean (rad)':>10} {'mean (deg)':>10} {'median (deg)':>12} {'events/s':>10}")
+                ratio, ratio_se = mean_ratio(err, e)
+                result[k] = {**summary(e), 'events_per_s': speed[k], 'model_ratio': ratio, 'model_ratio_se': ratio_se}
+        # one table: a row per method, on the same events (s.e.: the standard error of the mean, in rad)
+        print(f"{'method':<18} {'mean (rad)':>10} {'s.e.':>7} {'mean (deg)':>10} {'median (deg)':>12} {'events/s':>10}")
         for k, e in errs.items():
-            print(f"{k:<18} {e.mean():10.4f} {math.degrees(e.mean()):10.2f} {math.degrees(np.median(e)):12.2f} {speed[k]:10.0f}")
+            se = standard_error(e)
+            print(f"{k:<18} {e.mean():10.4f} {'' if se is None else f'{se:7.4f}':>7} {math.degrees(e.mean()):10.2f} "
+                  f"{math.degrees(np.median(e)):12.2f} {speed[k]:10.0f}")
         for k, name in [('linefit', 'LineFit'), ('linefit_improved', 'improved LineFit')]:
             if k in errs:
-                print(f"model / {name} mean angular error: {err.mean() / errs[k].mean():.3f}")
+                ratio, ratio_se = result[k]['model_ratio'], result[k]['model_ratio_se']
+                print(f"model / {name} mean angular error: {ratio:.3f}"
+                      + ('' if ratio_se is None else f" (standard error {ratio_se:.3f}, paired over these events)"))
         # what the seeds' weights (model.IceModel.with_seed) add to the network's own direction
         err_network = M.angular_errors(s.azimuth[:n], s.zenith[:n], *M.vector_to_angles(network))
         result['network_alone'] = summary(err_network)

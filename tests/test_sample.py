@@ -192,6 +192,24 @@ def test_an_unknown_energy_is_in_no_bin(capsys):
     assert table['kinds']['cascade']['model'][-1] == pytest.approx(np.degrees(0.2))
 
 
+def test_standard_errors_match_the_spread_of_repeated_evaluations():
+    """The mean's standard error and the paired ratio's are the spread that 2,000 evaluations on fresh events give:
+    the ratio's pairing (a second method whose errors follow the first's) makes it far smaller than unpaired."""
+    rng = np.random.default_rng(0)
+    n, trials = 400, 2000
+    hard = rng.gamma(2.0, 0.3, (trials, n))  # how hard each event is, shared by both methods
+    model_err = hard * rng.uniform(0.6, 0.9, (trials, n))
+    base_err = hard * rng.uniform(0.9, 1.3, (trials, n))
+    means, ratios = model_err.mean(1), model_err.mean(1) / base_err.mean(1)
+    se = np.array([sample.standard_error(e) for e in model_err])
+    ratio_se = np.array([sample.mean_ratio(a, b)[1] for a, b in zip(model_err, base_err)])
+    assert np.median(se) == pytest.approx(means.std(), rel=0.06)
+    assert np.median(ratio_se) == pytest.approx(ratios.std(), rel=0.06)
+    assert np.median(ratio_se) < 0.5 * np.median(se) / base_err.mean()  # unpaired it would be about as large
+    assert sample.mean_ratio(2 * base_err[0], base_err[0]) == pytest.approx((2.0, 0.0), abs=1e-12)
+    assert sample.standard_error(np.array([0.3])) is None  # one event: no spread to measure
+
+
 def test_track_auc_counts_a_tie_half():
     """The heads' AUC counts a track and a cascade of the same score half, as the pairs say: it ranked ties in the
     order a sort left them, which numpy 1.24, 1.26 and 2.4 choose differently, and which here put the tracks first."""
@@ -297,6 +315,13 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     ev = json.load(open(os.path.join(out, 'eval_val.json')))
     cal = json.load(open(os.path.join(out, 'calibration.json')))
     assert cal['iter'] == ev['iter'] and cal['checkpoint'] == 'best.pt'
+    # the metric's standard errors, the mean's and the paired ratio's to each baseline, in the json and the table
+    for k in ('linefit', 'linefit_improved', 'time_fit'):
+        assert ev[k]['model_ratio'] == pytest.approx(ev['mean_angular_error'] / ev[k]['mean_angular_error'])
+        assert 0 < ev[k]['model_ratio_se'] < 1 and 0 < ev[k]['mean_angular_error_se'] < 1
+    assert 0 < ev['mean_angular_error_se'] < 0.5 * ev['mean_angular_error']
+    assert f"{ev['mean_angular_error_se']:7.4f}" in p.stdout
+    assert f"model / LineFit mean angular error: {ev['linefit']['model_ratio']:.3f} (standard error " in p.stdout
     # the tiny set is simulated: the heads learned the kind and energy, and the calibration groups by them
     assert cal['columns'] == ['log10_energy', 'track_probability'] and 0 <= ev['truth_heads']['track_auc'] <= 1
 
