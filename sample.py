@@ -548,7 +548,11 @@ def csv_writer(columns):
 
 
 def finite(obj):
-    """obj with every non-finite float as None: JSON has no NaN (a figure of an empty bin, a percentile of one event)."""
+    """obj with every non-finite float as None: JSON has no NaN (a figure of an empty bin, a percentile of one event);
+    numpy's scalars and arrays as Python's numbers and lists: a metric added to the report as (err < x).sum() (an
+    int64), a float32 or an array stopped json.dump in a TypeError after the whole evaluation, nothing written."""
+    if isinstance(obj, (np.generic, np.ndarray)):
+        obj = obj.tolist()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):

@@ -510,6 +510,16 @@ def test_a_full_disk_names_the_result_and_keeps_the_one_before(tmp_path, monkeyp
     assert os.listdir(tmp_path) == [f'result.{what}'] and open(path).read() == 'the previous result\n'
 
 
+def test_a_metric_of_numpy_values_is_written_as_json_numbers(tmp_path):
+    """A metric added to the report as numpy values (a count (err < x).sum(), a float32, a per-bin array) is written
+    as JSON's numbers, NaN as null: json.dump stopped in a TypeError at the end, after the whole evaluation."""
+    path = str(tmp_path / 'eval_val.json')
+    err = np.radians([0.5, 2.0, 7.0])
+    sample.replace_all([(path, sample.json_writer({'n_within_5_deg': (err < np.radians(5)).sum(), 'p50': np.float32(0.5),
+                                                   'per_bin': np.array([1.5, np.nan]), 'all_within': np.all(err < 1)}))])
+    assert json.load(open(path)) == {'n_within_5_deg': 2, 'p50': 0.5, 'per_bin': [1.5, None], 'all_within': True}
+
+
 KILLED_IN_THE_CSV = (
     "import os, runpy, signal, sys, time\n"
     "import numpy as np\n"
