@@ -569,7 +569,8 @@ COMBINE_GAIN = 10.0
 
 class IceModel(nn.Module):
     """T1 over each DOM's pulses, T2 over each event's DOMs plus a CLS token, head -> the network's vMF per event,
-    combined with one around each of the N_SEEDS seeds -> the prediction."""
+    combined with one around each of the N_SEEDS seeds -> the prediction. train.py gives every argument (its settings,
+    or a checkpoint's model_args on resume; sample.py the checkpoint's): the defaults here shape no trained model."""
 
     def __init__(self, t1_dim=64, t1_layers=2, t1_heads=4, t2_dim=128, t2_layers=4, t2_heads=4,
                  mlp_ratio=4, attn='auto'):
