@@ -321,6 +321,10 @@ def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
 
 # -----------------------------------------------------------------------------
 # features: everything the model computes from an event without gradient
+# A new input is a line in the list of pulse_features (T1, per pulse), dom_features (T2, per DOM) or event_features
+# (T2's CLS token, and the seeds' weights), and its width added to the N_* constant here, which sizes the input layer
+# (check_feature_widths names one left behind). A quantity the batch lacks is a key that prepare.pack_events adds
+# (tests/test_model.py's pack builds batches too). Older checkpoints no longer fit: train anew.
 
 N_PULSE_FEATURES = 6
 N_DOM_FEATURES = 31
@@ -768,7 +772,10 @@ def angle_between(pred, target):
 def per_event_loss(pred, target, real, angular_weight=0.0):
     """vMF NLL + angular_weight * angle per event slot, summed over pred's first two 3-vectors (IceModel's
     prediction and its network's own); 0 where not real. Padding slots and unknown (NaN) targets are masked with where, so no
-    NaN leaks into the gradient."""
+    NaN leaks into the gradient. The direction's loss in training (train.py's event_losses sums it; loss_fn is its
+    mean for bench.py and the tests): another loss goes here. The vMF term alone trains kappa, the vectors' norm, which
+    the seeds' weights (with_seed) and sample.py's error circles read: a loss of the angle or 1 - cos alone leaves
+    kappa untrained."""
     target = torch.where(real[:, None], target, torch.zeros_like(target)).float()
     per = 0.0
     for vec in pred[:, :6].float().split(3, dim=1):  # the prediction and the network's own vMF: each its own loss
@@ -789,7 +796,7 @@ def truth_loss(pred, track, log_energy):
 
 
 def loss_fn(pred, target, real, angular_weight=0.0):
-    """Mean over real event slots of per_event_loss."""
+    """Mean over real event slots of per_event_loss (bench.py's step and the tests; train.py sums per_event_loss)."""
     return per_event_loss(pred, target, real, angular_weight).sum() / real.sum().clamp(min=1)
 
 
