@@ -38,6 +38,7 @@ model's seed, which prepare.py stores and classical.py runs too), the vMF loss, 
 angles and unit vectors, the metric.
 """
 
+import hashlib
 import math
 import pickle
 
@@ -48,6 +49,12 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BLOCK = 128  # FlexAttention block size; the flex layout pads each stream to a multiple of it
+
+# this file's SHA-1, recorded in every checkpoint (train.py): an input or a step changed in place (a feature's scale,
+# one feature for another) leaves every weight's shape as it was, so the weights load into the edited model.py and
+# compute something else without a word; sample.py and a resume name a checkpoint of another model.py
+with open(__file__, 'rb') as _source:
+    SOURCE_SHA1 = hashlib.sha1(_source.read()).hexdigest()
 
 # flex_attention through torch.compile, made at the flex path's first eager call (flex()): fused kernels need it
 # (called uncompiled, flex_attention materialises the whole score matrix). Not made at import: the call to

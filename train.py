@@ -260,6 +260,9 @@ if init_from == 'resume':
                if k in config and k not in kept and k != 'init_from' and config[k] != v]
     if changed:
         log(f"train: resumed with settings other than the checkpoint's: {', '.join(changed)}")
+    if checkpoint.get('model_sha1', M.SOURCE_SHA1) != M.SOURCE_SHA1:  # (none in a checkpoint from before they were kept)
+        log("train: the checkpoint was written by another model.py (edited since, or another commit): its weights fit "
+            "this one's shapes and train on with this one's inputs and code")
     config.update((k, v) for k, v in kept.items() if k in config)
     model_args = {**checkpoint['model_args'], 'attn': attn}
     max_pulses_per_dom = checkpoint['max_pulses_per_dom']
@@ -521,6 +524,7 @@ def save_checkpoint(path, best=False):
             # data_dir by its full path: a relative one named another folder, or none, for a sample.py run elsewhere
             'max_pulses_per_dom': max_pulses_per_dom, 'data_dir': os.path.abspath(data_dir), 'wandb_id': wandb_id,
             'truth_heads': bool(truth_weight > 0 and train_split.truth is not None),  # sample.py reads them if so
+            'model_sha1': M.SOURCE_SHA1,  # the model.py that trained it (sample.py and a resume compare theirs)
             'data_order': {'seed': seed, 'world_size': world_size, 'n_events': n_train, 'loader_seed': loader_seed,
                            'positions': [[int(flat[2 * r]), int(flat[2 * r + 1])] for r in range(world_size)]}}
     tmp = path + '.tmp'

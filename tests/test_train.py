@@ -4,6 +4,7 @@ the ranks' parameters identical and evaluates as one process does, sample.py wri
 checkpoint in one line; SIGTERM stops a run that resumes to the weights of an uninterrupted one, a damaged checkpoint
 falls back to an earlier one."""
 
+import hashlib
 import json
 import math
 import os
@@ -74,6 +75,7 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
     assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.1, ls
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert ck['iter_num'] == 40 and ck['model_args']['t2_dim'] == 32 and 'optimizer' in ck
+    assert ck['model_sha1'] == hashlib.sha1(open(os.path.join(ROOT, 'model.py'), 'rb').read()).hexdigest()
     assert os.path.exists(os.path.join(out, 'best.pt'))
     assert not any(f.endswith('.tmp') for f in os.listdir(out))
 
@@ -85,9 +87,11 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
     for w in ('model', 'train_model'):
         assert all(torch.equal(ck[w][k], same[w][k]) for k in ck[w]), w
 
+    # a checkpoint of a model.py edited since (the weights fit its shapes, whatever its inputs mean now) is named
+    torch.save({**same, 'model_sha1': '0' * 40}, os.path.join(out, 'ckpt.pt'))
     p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=45', '--eval_interval=20',
              '--init_from=resume'] + TINY + ['--t2_layers=3', '--loader_workers=2'])  # as config/baseline_1m.py packs
-    assert 'resuming at iter 40' in p.stdout
+    assert 'resuming at iter 40' in p.stdout and 'the checkpoint was written by another model.py' in p.stdout
     assert re.findall(r'^iter (\d+):', p.stdout, re.M)[0] == '41'
     ck2 = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert ck2['iter_num'] == 45 and ck2['best_val'] <= ck['best_val']
@@ -103,7 +107,11 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
     assert '30 val events are too few' in p.stdout and not os.path.exists(os.path.join(out, 'calibration.json'))
     for k in ('mean_angular_error', 'median_angular_error'):
         assert 0 <= ev[k] <= 3.15 and 0 <= ev['linefit'][k] <= 3.15
-    assert 'LineFit' in p.stdout
+    assert 'LineFit' in p.stdout and 'another model.py' not in p.stdout
+    torch.save({**torch.load(os.path.join(out, 'best.pt'), weights_only=False), 'model_sha1': '0' * 40},
+               os.path.join(out, 'edited.pt'))
+    p = run(['sample.py', f'--out_dir={out}', '--ckpt=edited.pt', '--split=val', '--max_events=30', '--plots=False'])
+    assert f"sample: warning: {os.path.join(out, 'edited.pt')} was trained with another model.py" in p.stdout
     # the model's second seed, beside it as prepare.py stored it for each event (in the toy's own ice)
     s = prepare.open_split(os.path.join(data_dir, 'val'))
     assert s.manifest['made_by']['fit'] == {'steps': 80, 'ice': 'toy'}
