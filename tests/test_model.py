@@ -221,6 +221,11 @@ def test_step_equals_bfe73ee():
     ref = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'step_bfe73ee.pt'), weights_only=True)
     # the batch is stored as tensors: numpy 2's pickles of arrays name numpy._core, which numpy 1.23-1.25 lack
     batch = {k: v.numpy() if torch.is_tensor(v) else v for k, v in ref['batch'].items()}
+    widths = {name: ref['state'][key].shape[1] for name, key in (('N_PULSE_FEATURES', 'pulse_embed.weight'),
+              ('N_DOM_FEATURES', 'dom_embed.0.weight'), ('N_EVENT_FEATURES', 'event_embed.weight'))}
+    changed = [f"{name} = {getattr(M, name)}, the stored step's {n}" for name, n in widths.items() if getattr(M, name) != n]
+    if changed:  # a fork that added an input: the stored weights do not fit it (a size mismatch in load_state_dict)
+        pytest.skip(f"model.py's inputs are not the stored step's ({'; '.join(changed)}): it pins that model's function")
     m = M.IceModel(**ref['args']).train()
     keys = m.load_state_dict(ref['state'], strict=False)
     assert keys.missing_keys and all(k.startswith(('combine.', 'truth_head.')) for k in keys.missing_keys)
@@ -235,7 +240,9 @@ def test_step_equals_bfe73ee():
     M.loss_fn(pred, t['event_dir'], real, 0.5).backward()
     n = batch['n_events']
     own_loss = M.loss_fn(pred[:, 3:6].detach(), t['event_dir'], real, 0.5)
-    assert abs(own_loss.item() - ref['loss'].item()) < 1e-5 and torch.allclose(pred[:n, 3:6], ref['pred'], atol=1e-5)
+    assert abs(own_loss.item() - ref['loss'].item()) < 1e-5 and torch.allclose(pred[:n, 3:6], ref['pred'], atol=1e-5), (
+        "the network's vMF is not the stored step's: a bug, or model.py's function changed on purpose (an input changed "
+        "in place, a layer), which this test cannot tell apart")
     for name, p in m.named_parameters():
         if name.startswith('combine.'):
             assert p.grad.abs().max() > 0, name
@@ -675,9 +682,10 @@ def test_a_feature_added_without_its_constant_is_named(monkeypatch):
         return torch.cat([feats, feats[:, :1]], 1), summaries
     monkeypatch.setattr(M, 'pulse_features', with_one_more)
     t = tensors(pack(fake_events(np.random.default_rng(0), 4, 6), 512, 64, 8))
-    with pytest.raises(ValueError, match=r"pulse_features gives 7 features, but model.N_PULSE_FEATURES = 6: set N_PULSE_FEATURES = 7"):
+    n = M.N_PULSE_FEATURES  # (not a number written here: a fork that added a feature fails nothing here)
+    with pytest.raises(ValueError, match=rf"pulse_features gives {n + 1} features, but model.N_PULSE_FEATURES = {n}: set N_PULSE_FEATURES = {n + 1}"):
         small_model()(t)
-    monkeypatch.setattr(M, 'N_PULSE_FEATURES', 7)
+    monkeypatch.setattr(M, 'N_PULSE_FEATURES', n + 1)
     assert small_model()(t).shape == (8, 8)
 
 
