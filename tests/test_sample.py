@@ -226,6 +226,14 @@ def read_csv(path):
     return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
 
 
+def calibrated_kappa_as_in_the_csv(cal, rows):
+    """Whether the csv's kappa_calibrated is the map's of its kappa, to the csv's 6 decimals: its own rounding and
+    that of the kappa it came from, scaled by the map (rtol=1e-5 alone held by chance: with another model's weights,
+    a pulse feature added, a kappa near 0.01 rounded 2.6e-5 of itself and the test failed)."""
+    want = sample.calibrated_kappa(cal, rows['kappa'], rows)
+    return np.all(np.abs(rows['kappa_calibrated'] - want) <= 1e-6 * (1 + want / np.maximum(rows['kappa'], 1e-6)) + 1e-5 * want)
+
+
 def test_val_coverage_is_checked_on_events_the_map_was_not_fit_on():
     """On val the coverage report's check is held out: a map fit on the even-indexed events, measured on the
     odd-indexed ones; a map fit on the events it is checked on would report its own fit, not a check."""
@@ -327,7 +335,7 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
 
     # the csv's circles are those of the calibrated kappa, and the json's coverage is that of the csv's circles
     pr = read_csv(os.path.join(out, 'predictions_val.csv'))
-    assert np.allclose(pr['kappa_calibrated'], sample.calibrated_kappa(cal, pr['kappa'], pr), rtol=1e-5)
+    assert calibrated_kappa_as_in_the_csv(cal, pr)
     assert np.allclose([pr['radius50_deg'], pr['radius90_deg']],
                        np.degrees(sample.calibrated_radii(cal, pr['kappa'], pr, (0.5, 0.9))), atol=1e-5)
     cov = ev['coverage']
@@ -369,7 +377,7 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     et = json.load(open(os.path.join(out, 'eval_train.json')))
     ptr = read_csv(os.path.join(out, 'predictions_train.csv'))
     assert et['calibration']['fit_on'] == cal['fit_on']
-    assert np.allclose(ptr['kappa_calibrated'], sample.calibrated_kappa(cal, ptr['kappa'], ptr), rtol=1e-5)
+    assert calibrated_kappa_as_in_the_csv(cal, ptr)
     inside = ptr['angular_error'] <= np.radians([ptr['radius50_deg'], ptr['radius90_deg']])
     assert np.allclose(np.array(et['coverage']['held_out']['all']['calibrated'])[[0, 2]], inside.mean(1))
 
