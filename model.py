@@ -586,13 +586,16 @@ class IceModel(nn.Module):
     def __init__(self, t1_dim=64, t1_layers=2, t1_heads=4, t2_dim=128, t2_layers=4, t2_heads=4,
                  mlp_ratio=4, attn='auto'):
         super().__init__()
+        # every argument as given, first (before any other local), which a checkpoint keeps (model_args) for sample.py
+        # and a resume to build this model again: one added to the signature is kept too, where a list written out
+        # here lost a new one, and the model it trained then failed to load ('its weights do not fit'), or with an
+        # argument that shapes no weight came back as another model without a word
+        self.args = {k: v for k, v in locals().items() if k not in ('self', '__class__')}
         if t2_layers < 1:
             raise ValueError(f"IceModel: t2_layers={t2_layers}: T2 needs at least one block (its last reads the CLS tokens)")
         for stage, dim, heads in (('t1', t1_dim, t1_heads), ('t2', t2_dim, t2_heads)):
             if heads < 1 or dim % heads:
                 raise ValueError(f"IceModel: {stage}_dim={dim} is not a multiple of {stage}_heads={heads} (the heads split the width)")
-        self.args = dict(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim,
-                         t2_layers=t2_layers, t2_heads=t2_heads, mlp_ratio=mlp_ratio, attn=attn)
         self.attn = attn  # 'flex', 'sdpa' or 'auto' (flex on CUDA, sdpa elsewhere): the layout model_inputs builds
         self.pulse_embed = nn.Linear(N_PULSE_FEATURES, t1_dim)
         self.t1 = nn.ModuleList([Block(t1_dim, t1_heads, mlp_ratio) for _ in range(t1_layers)])

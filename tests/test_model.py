@@ -689,6 +689,26 @@ def test_a_feature_added_without_its_constant_is_named(monkeypatch):
     assert small_model()(t).shape == (8, 8)
 
 
+def test_an_argument_added_to_the_model_is_kept_in_its_args(tmp_path):
+    """IceModel.args, which a checkpoint keeps (model_args) to build the model again in sample.py and a resume,
+    holds every argument of the signature: a model.py edited as a fork would (an MLP ratio of T2's own) keeps the new
+    one too. With the arguments listed by hand the new one was lost: the checkpoint it trained failed to load."""
+    import importlib.util
+    source = open(M.__file__).read()
+    for old, new in (("mlp_ratio=4, attn='auto'):", "mlp_ratio=4, attn='auto', t2_mlp_ratio=4):"),
+                     ("Block(t2_dim, t2_heads, mlp_ratio)", "Block(t2_dim, t2_heads, t2_mlp_ratio)")):
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    (tmp_path / 'edited_model.py').write_text(source)
+    spec = importlib.util.spec_from_file_location('edited_model', tmp_path / 'edited_model.py')
+    edited = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(edited)
+    m = edited.IceModel(t1_dim=16, t1_layers=1, t1_heads=2, t2_dim=32, t2_layers=1, t2_heads=2, t2_mlp_ratio=3)
+    assert m.args == dict(t1_dim=16, t1_layers=1, t1_heads=2, t2_dim=32, t2_layers=1, t2_heads=2, mlp_ratio=4,
+                          attn='auto', t2_mlp_ratio=3)
+    edited.IceModel(**m.args).load_state_dict(m.state_dict())  # as sample.py builds it from the checkpoint
+
+
 def test_heads_that_do_not_split_the_width_are_named():
     """bench.py and other callers of IceModel get the reason, not a view's shape error in the first forward."""
     with pytest.raises(ValueError, match=r"t2_dim=64 is not a multiple of t2_heads=3"):
