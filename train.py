@@ -18,6 +18,7 @@ same data order.
 
 import concurrent.futures
 import functools
+import inspect
 import io
 import json
 import math
@@ -201,6 +202,11 @@ except (FileNotFoundError, SplitError) as e:
 # model: from scratch, or rebuilt from the checkpoint's model settings
 model_args = dict(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim, t2_layers=t2_layers,
                   t2_heads=t2_heads, mlp_ratio=mlp_ratio, attn=attn)
+# an argument added to IceModel and as a setting here, but not to model_args, trained the model's default while the
+# run's config said otherwise
+if missed := [k for k in inspect.signature(M.IceModel).parameters if k in config and k not in model_args]:
+    fail(f"{', '.join(missed)}: a setting and an argument of model.IceModel, but not in train.py's model_args, which "
+         f"passes the settings to the model: add it there")
 iter_num, best_val, seconds_before, wandb_id = 0, float('inf'), 0.0, None
 ckpt_path, prev_path, best_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'ckpt.prev.pt', 'best.pt'))
 CHECKPOINTS = ('ckpt.pt', 'ckpt.prev.pt', 'best.pt', 'ckpt.damaged.pt')

@@ -319,6 +319,24 @@ def test_damaged_data_stops_the_run_in_one_line(data_dir, tmp_path):
     loader.close()
 
 
+def test_a_model_setting_left_out_of_model_args_is_named(data_dir, tmp_path):
+    """A fork that adds an argument to IceModel (an MLP ratio of T2's own) and a setting of that name to train.py, but
+    not to model_args, is stopped in one line: the setting reached no model, which trained with the default."""
+    for f in os.listdir(ROOT):
+        if f.endswith('.py'):
+            shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    for name, old, new in (('model.py', "mlp_ratio=4, attn='auto'):", "mlp_ratio=4, attn='auto', t2_mlp_ratio=4):"),
+                           ('train.py', "\nmlp_ratio = 4\n", "\nmlp_ratio = 4\nt2_mlp_ratio = 4\n")):
+        source = (tmp_path / name).read_text()
+        assert source.count(old) == 1, old
+        (tmp_path / name).write_text(source.replace(old, new))
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}', '--t2_mlp_ratio=3',
+             '--max_iters=1'] + TINY, cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "train: error: t2_mlp_ratio: a setting and an argument of model.IceModel, but not in train.py's model_args, "
+        "which passes the settings to the model: add it there"]
+
+
 def test_settings_out_of_range_are_named(tmp_path):
     p = run(['train.py', f'--out_dir={tmp_path}', '--eval_interval=0', '--train_events=-1', '--attn=foo',
              '--dtype=float16'], check=False)  # float16 would need loss scaling, which train.py has not
