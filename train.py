@@ -364,7 +364,7 @@ model = DDP(eval_model, device_ids=[local_rank] if device_type == 'cuda' else No
 n_t1 = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith(('pulse_embed', 't1.', 't1_ln')))
 n_train = min(train_events, len(train_split)) if train_events else len(train_split)
 # the shape trained, whatever set it: a default edited above does nothing where a config file sets the same setting
-model_shape = {t: f"{raw_model.args[f'{t}_dim']} wide x {raw_model.args[f'{t}_layers']} layers" for t in ('t1', 't2')}
+model_shape = {t: f"{raw_model.args[f'{t}_dim']} wide x {raw_model.args[f'{t}_layers']} deep" for t in ('t1', 't2')}
 log(f"train: {raw_model.num_params() / 1e6:.3f}M parameters (T1 {model_shape['t1']}, {n_t1 / 1e6:.3f}M; T2+head "
     f"{model_shape['t2']}, {(raw_model.num_params() - n_t1) / 1e6:.3f}M); {n_train} train / {len(val_split)} val events "
     f"in {data_dir}; device {device} x{world_size}, attention {attn_path}, "

@@ -68,7 +68,7 @@ def test_train_checkpoint_resume_and_sample(data_dir, tmp_path):
             + TINY)
     assert 'parameters' in p.stdout and 'attention sdpa' in p.stdout
     # the shape trained, named: an edited default of train.py that a config file sets too does nothing
-    assert 'T1 16 wide x 1 layers' in p.stdout and 'T2+head 32 wide x 2 layers' in p.stdout
+    assert 'T1 16 wide x 1 deep' in p.stdout and 'T2+head 32 wide x 2 deep' in p.stdout
     ls = losses(p.stdout)
     assert len(ls) == 40
     # 40 training events, all in every micro-batch: starts near log(4 pi) = 2.53 and goes down
