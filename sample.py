@@ -7,8 +7,8 @@ events (the `baselines` setting: classical.py's methods), and give each event an
     python sample.py --out_dir=out-baseline-1m --max_events=100000 --ckpt=ckpt.pt
 
 Prints the competition metric (mean angular error) in rad and degrees with its standard error over the events, the
-median and percentiles, and breakdowns by pulse count, DOM count, zenith, predicted kappa, and energy and kind where the data has a
-truth file (the synthetic set does).
+median and percentiles, and breakdowns by pulse count, DOM count, zenith, predicted kappa, and energy and kind where
+the data has a truth file (the synthetic set does).
 
 Error circles: the model's 3-vector is a von Mises-Fisher distribution whose norm kappa is its
 concentration; the circle that holds probability p of it has a closed-form radius. On the val split
