@@ -726,15 +726,18 @@ def read_checkpoint(path, keys):
     return ck
 
 
-def load_weights(model, state, path, who):
+def load_weights(model, state, path, who, model_sha1=None):
     """A checkpoint's weights into model, or one line naming the checkpoint when they do not fit: one written by
-    another version of model.py, whose inputs or head differ."""
+    another version of model.py, whose inputs or head differ. Returns True where they fit but model_sha1, the SHA-1
+    the checkpoint keeps of the model.py that trained it (None in one older than that), is not this file's: the one
+    place that judges a checkpoint's model.py; each caller says so in its own words."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         detail = (str(e).splitlines()[1:] or [str(e)])[0].strip().rstrip('.')
         raise SystemExit(f"{who}: error: {path}: its weights do not fit this model.py ({detail}): it was written by "
                          f"another version; train a new model, or use the commit that wrote it") from None
+    return model_sha1 is not None and model_sha1 != SOURCE_SHA1
 
 
 def model_inputs(batch, path, device='cpu', with_features=False):

@@ -715,8 +715,7 @@ def main():
         raise write_error(first_result, e) from None
     cfg = ck['config']
     raw_model = M.IceModel(**{**ck['model_args'], 'attn': attn})
-    M.load_weights(raw_model, ck['model'], os.path.join(out_dir, ckpt), 'sample')
-    if ck.get('model_sha1', M.SOURCE_SHA1) != M.SOURCE_SHA1:  # (none in a checkpoint from before they were kept)
+    if M.load_weights(raw_model, ck['model'], os.path.join(out_dir, ckpt), 'sample', ck.get('model_sha1')):
         print(f"sample: warning: {os.path.join(out_dir, ckpt)} was trained with another model.py (edited since, or "
               f"another commit): its weights fit this one's shapes, but an input or step changed in place feeds them "
               f"other numbers; its own results need the model.py that trained it")

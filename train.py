@@ -266,9 +266,6 @@ if init_from == 'resume':
                if k in config and k not in kept and k != 'init_from' and config[k] != v]
     if changed:
         log(f"train: resumed with settings other than the checkpoint's: {', '.join(changed)}")
-    if checkpoint.get('model_sha1', M.SOURCE_SHA1) != M.SOURCE_SHA1:  # (none in a checkpoint from before they were kept)
-        log("train: the checkpoint was written by another model.py (edited since, or another commit): its weights fit "
-            "this one's shapes and train on with this one's inputs and code")
     config.update((k, v) for k, v in kept.items() if k in config)
     model_args = {**checkpoint['model_args'], 'attn': attn}
     max_pulses_per_dom = checkpoint['max_pulses_per_dom']
@@ -307,8 +304,10 @@ if ddp:  # every rank goes on from one state: on several nodes, an out_dir that 
              f"rank, {rank}, from {'iteration ' + str(iter_num) if checkpoint else 'scratch'} in {out_dir}: every rank "
              f"must see the same out_dir (on several nodes, one shared folder)")
 raw_model = M.IceModel(**model_args)
-if checkpoint is not None:
-    M.load_weights(raw_model, checkpoint.get('train_model', checkpoint['model']), f"the checkpoint in {out_dir}", 'train')
+if checkpoint is not None and M.load_weights(raw_model, checkpoint.get('train_model', checkpoint['model']),
+                                             f"the checkpoint in {out_dir}", 'train', checkpoint.get('model_sha1')):
+    log("train: the checkpoint was written by another model.py (edited since, or another commit): its weights fit "
+        "this one's shapes and train on with this one's inputs and code")
 raw_model.to(device)
 # The averaged weights: on the toy data the val error of the training weights jumps by up to 0.05 rad from one
 # evaluation to the next late in a run, which makes the best checkpoint a lottery; the average's moves by 0.002-0.004.
