@@ -101,7 +101,7 @@ stage bench 300 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 --pr
     grep -E "^iter .*events/s" "$OUT/train.log" 2>/dev/null | tail -n +2 | tail -n 4
     grep -ciE "recompil|graph break" "$OUT/train.log" 2>/dev/null | sed 's/^/recompile or graph-break lines: /'
     grep -E "Error|Traceback|error:" "$OUT/train.log" 2>/dev/null | head -n 3
-    echo "--- bench"; grep -A 8 "^row" "$OUT/bench.log" 2>/dev/null || tail -n 20 "$OUT/bench.log" 2>/dev/null
+    echo "--- bench"; grep -q "^row" "$OUT/bench.log" 2>/dev/null && sed -n "/^row/,/^$/p" "$OUT/bench.log" || tail -n 20 "$OUT/bench.log" 2>/dev/null
     grep -A 10 -E "step profiled|could not be profiled" "$OUT/bench.log" 2>/dev/null
     echo "--- $(($(date +%s) - T0)) s in all"
 } >>"$SUMMARY"
