@@ -29,12 +29,23 @@ import signal
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-import model as M
-from prepare import BatchLoader, SplitError, glob_in, open_split
+def stop_starting(signum, frame):
+    # Ctrl-C or SIGTERM during the start-up (imports, data, model; on_signal takes over at the loop): one line and the
+    # signal's exit status, where Ctrl-C printed a KeyboardInterrupt traceback. Nothing is trained yet, nothing saved
+    os.write(2, f"train: {signal.Signals(signum).name}: stopped during the start-up; nothing was trained\n".encode())
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGINT, stop_starting)
+signal.signal(signal.SIGTERM, stop_starting)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+import model as M  # noqa: E402
+from prepare import BatchLoader, SplitError, glob_in, open_split  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings

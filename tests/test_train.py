@@ -523,6 +523,28 @@ def test_second_sigterm_stops_at_once(data_dir, tmp_path):
     assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
 
 
+def test_ctrl_c_during_the_start_up_is_one_line(data_dir, tmp_path):
+    """A Ctrl-C before the training loop's handler (while the data opens) ends train.py in one line with exit 130,
+    not a KeyboardInterrupt traceback; nothing was trained, so no checkpoint."""
+    wrapper = tmp_path / 'interrupted_train.py'
+    wrapper.write_text(
+        "import os, runpy, signal, sys\n"
+        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
+        "import prepare\n"
+        "opened = prepare.open_split\n"
+        "def interrupted(*a, **kw):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return opened(*a, **kw)\n"
+        "prepare.open_split = interrupted\n"
+        "sys.argv = ['train.py'] + sys.argv[1:]\n"
+        "runpy.run_path('train.py', run_name='__main__')\n")
+    p = run([str(wrapper), f'--data_dir={data_dir}', '--max_iters=4', '--out_dir=' + str(tmp_path / 'out')] + TINY,
+            check=False)
+    assert p.returncode == 130 and 'Traceback' not in p.stderr, (p.returncode, p.stderr[-2000:])
+    assert p.stderr.strip() == "train: SIGINT: stopped during the start-up; nothing was trained"
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
+
 def test_damaged_checkpoint_falls_back_to_the_newest_readable(preempted, tmp_path):
     root, args, _, _, stopped, _, _ = preempted
     out = str(tmp_path / 'out')
