@@ -15,8 +15,9 @@ that vector.
                       (within DELAY_RADIUS) could explain, the signature of a photon delayed by scattering;
                       (2) a Huber-weighted fit (iteratively reweighted least squares: pulses further than
                       HUBER_M from the line count linearly, not quadratically); (3) a last plain fit without
-                      the pulses still further than OUTLIER_M from the line. It runs model.py's
-                      linefit_improved_packed (the model's seed), where these settings live.
+                      the pulses still further than OUTLIER_M from the line. linefit_improved_packed is the same
+                      over pulses packed from many events (torch), which prepare.py runs on every shard
+                      (linefit_seeds) and stores with each event as the model's first seed.
     mpe_fit           maximum-likelihood fit of a muon track to the hit DOMs, in two stages.
                       (1) Times: an infinite track (vertex, time, direction) fitted to the first pulse time of
                       each hit DOM. Cherenkov light from the track reaches a DOM at perpendicular distance d
@@ -68,8 +69,8 @@ import numpy as np
 import torch
 
 from model import angles_to_vector, vector_to_angles  # noqa: F401  (one copy of the angle convention)
-from model import C_VACUUM, TRACK_DELAY_FACTOR, linefit_improved_packed  # the model computes it too, as a seed (its settings live there)
-from model import take  # x[index] by index_select: it and its backward several times faster on the CPU
+from model import C_VACUUM, TRACK_DELAY_FACTOR  # the model's features use them too
+from model import sum_by, take  # take: x[index] by index_select, it and its backward several times faster on the CPU
 
 # -----------------------------------------------------------------------------
 # settings
@@ -82,6 +83,13 @@ COS_CHERENKOV = math.cos(math.radians(40.7))
 PANDEL_TAU, PANDEL_LAMBDA, PANDEL_LAMBDA_A = 556.7, 33.3, 98.0  # ns, m (scattering), m (absorption)
 PANDEL_RATE = 1.0 / PANDEL_TAU + C_ICE / PANDEL_LAMBDA_A  # 1/ns, the Gamma rate b
 BULK_ATTENUATION = math.sqrt(PANDEL_LAMBDA_A * PANDEL_LAMBDA / 3.0)  # m, diffuse light in 'bulk' ice
+# the improved LineFit (linefit_improved; prepare.py stores it with every event, the model's first seed)
+DELAY_RADIUS = 156.0  # m: neighbours considered by the delay cleaning
+DELAY_NS = 150.0      # ns of lateness beyond direct light from a neighbour that marks a scattered photon
+DELAY_MAX_REFS = 32   # neighbours per event to compare with: its least-late DOMs (bounds the pair count)
+HUBER_M = 153.0       # m: residual beyond which a pulse's pull grows linearly
+HUBER_ITERS = 2       # 1, 3 and 5 gave the same directions on toy val events
+OUTLIER_M = 150.0     # m: pulses still further from the Huber line are left out of the final fit
 # MPE likelihood fit
 MPE_JITTER_NS = 10.0  # patch width: PMT jitter plus the slack of a simple ice model
 MPE_NOISE_DENSITY = 1e-6  # per ns: floor of a DOM's likelihood (a noise hit, or light the model cannot explain)
@@ -155,6 +163,89 @@ def _direction_from_velocity(v, fallback=None):
     ok = speed > 0
     direction[ok] = -v[ok] / speed[ok, None]
     return direction
+
+
+# -----------------------------------------------------------------------------
+# the improved LineFit over pulses packed from many events (torch): linefit_improved runs it on a batch of events,
+# prepare.py (linefit_seeds) on every shard, whose stored fits the model reads as its seed
+
+def weighted_line(pos, t, w, event, n_events):
+    """Weighted least-squares line r = r_mean + v (t - t_mean) per event, in torch over concatenated points
+    (pos (P, 3), t (P,), weights w (P,), event (P,) in 0..n_events-1). Returns the velocity v (n_events, 3),
+    v = <(r - <r>)(t - <t>)> / <(t - <t>)^2> (zero for an event whose weighted times all agree), and each point's
+    distance from its event's line, its lateness against it (time minus the time the line passes closest) too."""
+    def per_event(x):
+        return sum_by(event, x, n_events)
+
+    ws = per_event(w).clamp(min=1e-12)
+    tc = t - take(per_event(w * t) / ws, event)
+    rc = pos - take(per_event(w[:, None] * pos) / ws[:, None], event)
+    var_t = per_event(w * tc * tc)
+    v = torch.where(var_t[:, None] > 0, per_event((w * tc)[:, None] * rc) / var_t.clamp(min=1e-12)[:, None], 0.0)
+    v_p = take(v, event)
+    residual = torch.linalg.vector_norm(rc - v_p * tc[:, None], dim=1)
+    lateness = tc - (rc * v_p).sum(1) / take((v * v).sum(1).clamp(min=1e-12), event)
+    return v, residual, lateness
+
+
+def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
+    """The improved LineFit in torch, over pulses concatenated from many events (as prepare.py and a micro-batch have them):
+    pulse positions pos (P, 3), times t (P,), weights w (P,) (those above 0.5 count as hits; the cleaning keeps hits
+    only, so the rest weigh in, with w, in the plain LineFit alone and in an event left with fewer than 3 pulses),
+    event (P,) and DOM slot dom (P,) indices, DOM positions dom_pos (n_doms, 3). Delay cleaning
+    compares each DOM with its event's DELAY_MAX_REFS least-late DOMs against the plain LineFit (the least delayed
+    hits, spread along the track; this bounds the pairs to n_doms x DELAY_MAX_REFS) and with itself: a pulse goes
+    when it comes more than DELAY_NS after direct light from one of their first hits could. An event left with
+    fewer than 3 pulses keeps them all. DOM slots without pulses count as the last event's (a micro-batch's padding
+    slot). Returns the velocity v (n_events, 3) (the neutrino comes from -v), kept (P,), 1.0 for the pulses of
+    the final fit, and the plain LineFit's velocity it started from (weights w)."""
+    plain, _, lateness = weighted_line(pos, t, w, event, n_events)
+    hit = w > 0.5
+    inf = torch.full((n_doms,), math.inf, dtype=t.dtype, device=t.device)
+    first_late = inf.scatter_reduce(0, dom, torch.where(hit, lateness, math.inf), 'amin')
+    first_t = inf.scatter_reduce(0, dom, torch.where(hit, t, math.inf), 'amin')
+    dom_event = torch.full((n_doms,), n_events - 1, dtype=event.dtype, device=t.device).scatter(0, dom, event)
+    # each event's DOMs in order of lateness; the first DELAY_MAX_REFS with a hit are its references
+    order = torch.sort(first_late, stable=True).indices
+    order = order[torch.sort(dom_event[order], stable=True).indices]
+    count = sum_by(dom_event, torch.ones_like(dom_event), n_events)
+    rank = torch.arange(n_doms, device=t.device) - (count.cumsum(0) - count)[dom_event[order]]
+    ok = (rank < DELAY_MAX_REFS) & torch.isfinite(first_late[order])
+    refs = torch.full((n_events, DELAY_MAX_REFS + 1), -1, dtype=event.dtype, device=t.device)
+    refs[dom_event[order], torch.where(ok, rank, DELAY_MAX_REFS)] = order  # the others into a spare column (fixed shapes)
+    refs = refs[:, :DELAY_MAX_REFS]
+    # per DOM, the earliest that direct light from a reference's first hit, or its own, can come
+    j = take(refs, dom_event)
+    dist = torch.linalg.vector_norm(dom_pos[:, None, :] - take(dom_pos, j.clamp(min=0)), dim=2)
+    arrival = torch.where((j >= 0) & (dist < DELAY_RADIUS), take(first_t, j.clamp(min=0)) + dist / C_VACUUM, math.inf).amin(1)
+    delayed = t > take(torch.minimum(arrival, first_t) + DELAY_NS, dom)
+
+    def keep_enough(keep):
+        few = sum_by(event, keep, n_events) < 3
+        return torch.where(few[event], torch.ones_like(keep), keep)
+
+    kept = keep_enough((hit & ~delayed).to(t.dtype))
+    v, residual, _ = weighted_line(pos, t, w * kept, event, n_events)
+    for _ in range(HUBER_ITERS):
+        # Huber IRLS: weight 1 within HUBER_M, HUBER_M / residual beyond, so far pulses pull like |r|, not r^2
+        v, residual, _ = weighted_line(pos, t, w * kept * (HUBER_M / residual.clamp(min=1e-9)).clamp(max=1.0), event, n_events)
+    kept = keep_enough(kept * (residual < OUTLIER_M).to(t.dtype))
+    return weighted_line(pos, t, w * kept, event, n_events)[0], kept, plain
+
+
+def linefit_seeds(pos, t, aux, event, dom, dom_pos, n_events):
+    """The two LineFits the model leans on, over the pulses of many events (torch, any float dtype; prepare.py runs
+    this in float64 over each shard and stores the results with every event and pulse, so a batch costs none of it):
+    the plain LineFit over the non-auxiliary pulses (the auxiliary ones weigh 1e-3), as a classical reconstruction
+    would seed a likelihood fit, and the improved LineFit (linefit_improved_packed; on toy val events 4-5 deg closer
+    than the plain one). Pulse positions pos (P, 3), times t (P,), aux (P,) 1.0 for auxiliary pulses, event (P,) and
+    DOM dom (P,) indices, DOM positions dom_pos (n_doms, 3). Returns the plain fit's velocity (n_events, 3) in m/ns,
+    the improved fit's direction the neutrino comes from (n_events, 3; zero where the fit has no velocity), and each
+    pulse's direct flag (P,): 1.0 for those of the improved fit's final fit (its delay cleaning drops scattered
+    light, its outlier cut far pulses)."""
+    w = 1.0 - aux + 1e-3
+    v_i, direct, v = linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, len(dom_pos))
+    return v, -v_i / torch.linalg.vector_norm(v_i, dim=1).clamp(min=1e-6)[:, None], direct
 
 
 # pulses per chunk of linefit_improved: its delay cleaning's (DOMs, DELAY_MAX_REFS) arrays then stay in the CPU's

@@ -12,8 +12,8 @@ A micro-batch reaches the model in three steps, each a named function:
                       attention layout of both streams (below);
   features            torch, no gradient: the pulse, DOM and event features (per-DOM summaries, the seeds' directions,
                       each DOM in the seed's frame, the place and time that the Fourier features encode). The fits
-                      they read, both LineFits (linefit_seeds) and the quick likelihood fit, prepare.py computed ahead
-                      and stored; the seeds (N_SEEDS) are the improved LineFit and the quick fit.
+                      they read, both LineFits (classical.linefit_seeds) and the quick likelihood fit, prepare.py computed
+                      ahead and stored; the seeds (N_SEEDS) are the improved LineFit and the quick fit.
 The loader runs stream_layout ahead of the step (model_inputs); the features run in the forward pass, on the model's
 device, unless the loader is asked to compute them too (model_inputs(..., with_features=True), train.py's
 features='loader'): that pays only where the loader has a core of its own. IceModel.forward reads as the architecture.
@@ -33,9 +33,8 @@ tests/test_model.py checks that both give the same output, and that the step equ
 
 The prediction is a 3-vector per event slot: its direction is the predicted direction the neutrino comes from, its
 norm kappa the von Mises-Fisher concentration (a per-event confidence). IceModel.forward returns it beside the
-network's own 3-vector and the kind and energy heads' two outputs, (E, 8). Also here: the improved LineFit (the
-model's seed, which prepare.py stores and classical.py runs too), the vMF loss, the angular loss, helpers between
-angles and unit vectors, the metric.
+network's own 3-vector and the kind and energy heads' two outputs, (E, 8). Also here: the vMF loss, the angular
+loss, helpers between angles and unit vectors, the metric. The seeds' fits themselves are classical.py's.
 """
 
 import hashlib
@@ -250,83 +249,6 @@ def attend(q, k, v, layout):
 
 
 # -----------------------------------------------------------------------------
-# the improved LineFit (classical.py's linefit_improved runs this too): the model's seed direction
-
-DELAY_RADIUS = 156.0  # m: neighbours considered by the delay cleaning
-DELAY_NS = 150.0      # ns of lateness beyond direct light from a neighbour that marks a scattered photon
-DELAY_MAX_REFS = 32   # neighbours per event to compare with: its least-late DOMs (bounds the pair count)
-HUBER_M = 153.0       # m: residual beyond which a pulse's pull grows linearly
-HUBER_ITERS = 2       # 1, 3 and 5 gave the same directions on toy val events
-OUTLIER_M = 150.0     # m: pulses still further from the Huber line are left out of the final fit
-C_VACUUM = 0.2998     # m/ns, the muon's speed (classical.py takes it from here)
-TRACK_DELAY_FACTOR = 0.9173  # (n_g - cos theta_c) / sin theta_c: extra light path per metre of perpendicular distance (classical.py's too)
-
-
-def weighted_line(pos, t, w, event, n_events):
-    """Weighted least-squares line r = r_mean + v (t - t_mean) per event, in torch over concatenated points
-    (pos (P, 3), t (P,), weights w (P,), event (P,) in 0..n_events-1). Returns the velocity v (n_events, 3),
-    v = <(r - <r>)(t - <t>)> / <(t - <t>)^2> (zero for an event whose weighted times all agree), and each point's
-    distance from its event's line, its lateness against it (time minus the time the line passes closest) too."""
-    def per_event(x):
-        return sum_by(event, x, n_events)
-
-    ws = per_event(w).clamp(min=1e-12)
-    tc = t - take(per_event(w * t) / ws, event)
-    rc = pos - take(per_event(w[:, None] * pos) / ws[:, None], event)
-    var_t = per_event(w * tc * tc)
-    v = torch.where(var_t[:, None] > 0, per_event((w * tc)[:, None] * rc) / var_t.clamp(min=1e-12)[:, None], 0.0)
-    v_p = take(v, event)
-    residual = torch.linalg.vector_norm(rc - v_p * tc[:, None], dim=1)
-    lateness = tc - (rc * v_p).sum(1) / take((v * v).sum(1).clamp(min=1e-12), event)
-    return v, residual, lateness
-
-
-def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
-    """The improved LineFit in torch, over pulses concatenated from many events (the form model.py has them in):
-    pulse positions pos (P, 3), times t (P,), weights w (P,) (those above 0.5 count as hits; the cleaning keeps hits
-    only, so the rest weigh in, with w, in the plain LineFit alone and in an event left with fewer than 3 pulses),
-    event (P,) and DOM slot dom (P,) indices, DOM positions dom_pos (n_doms, 3). Delay cleaning
-    compares each DOM with its event's DELAY_MAX_REFS least-late DOMs against the plain LineFit (the least delayed
-    hits, spread along the track; this bounds the pairs to n_doms x DELAY_MAX_REFS) and with itself: a pulse goes
-    when it comes more than DELAY_NS after direct light from one of their first hits could. An event left with
-    fewer than 3 pulses keeps them all. DOM slots without pulses count as the last event's (model.py's padding
-    slot). Returns the velocity v (n_events, 3) (the neutrino comes from -v), kept (P,), 1.0 for the pulses of
-    the final fit, and the plain LineFit's velocity it started from (weights w)."""
-    plain, _, lateness = weighted_line(pos, t, w, event, n_events)
-    hit = w > 0.5
-    inf = torch.full((n_doms,), math.inf, dtype=t.dtype, device=t.device)
-    first_late = inf.scatter_reduce(0, dom, torch.where(hit, lateness, math.inf), 'amin')
-    first_t = inf.scatter_reduce(0, dom, torch.where(hit, t, math.inf), 'amin')
-    dom_event = torch.full((n_doms,), n_events - 1, dtype=event.dtype, device=t.device).scatter(0, dom, event)
-    # each event's DOMs in order of lateness; the first DELAY_MAX_REFS with a hit are its references
-    order = torch.sort(first_late, stable=True).indices
-    order = order[torch.sort(dom_event[order], stable=True).indices]
-    count = sum_by(dom_event, torch.ones_like(dom_event), n_events)
-    rank = torch.arange(n_doms, device=t.device) - (count.cumsum(0) - count)[dom_event[order]]
-    ok = (rank < DELAY_MAX_REFS) & torch.isfinite(first_late[order])
-    refs = torch.full((n_events, DELAY_MAX_REFS + 1), -1, dtype=event.dtype, device=t.device)
-    refs[dom_event[order], torch.where(ok, rank, DELAY_MAX_REFS)] = order  # the others into a spare column (fixed shapes)
-    refs = refs[:, :DELAY_MAX_REFS]
-    # per DOM, the earliest that direct light from a reference's first hit, or its own, can come
-    j = take(refs, dom_event)
-    dist = torch.linalg.vector_norm(dom_pos[:, None, :] - take(dom_pos, j.clamp(min=0)), dim=2)
-    arrival = torch.where((j >= 0) & (dist < DELAY_RADIUS), take(first_t, j.clamp(min=0)) + dist / C_VACUUM, math.inf).amin(1)
-    delayed = t > take(torch.minimum(arrival, first_t) + DELAY_NS, dom)
-
-    def keep_enough(keep):
-        few = sum_by(event, keep, n_events) < 3
-        return torch.where(few[event], torch.ones_like(keep), keep)
-
-    kept = keep_enough((hit & ~delayed).to(t.dtype))
-    v, residual, _ = weighted_line(pos, t, w * kept, event, n_events)
-    for _ in range(HUBER_ITERS):
-        # Huber IRLS: weight 1 within HUBER_M, HUBER_M / residual beyond, so far pulses pull like |r|, not r^2
-        v, residual, _ = weighted_line(pos, t, w * kept * (HUBER_M / residual.clamp(min=1e-9)).clamp(max=1.0), event, n_events)
-    kept = keep_enough(kept * (residual < OUTLIER_M).to(t.dtype))
-    return weighted_line(pos, t, w * kept, event, n_events)[0], kept, plain
-
-
-# -----------------------------------------------------------------------------
 # features: everything the model computes from an event without gradient
 # A new input is a line in the list of pulse_features (T1, per pulse), dom_features (T2, per DOM) or event_features
 # (T2's CLS token, and the seeds' weights), and its width added to the N_* constant here, which sizes the input layer
@@ -341,6 +263,8 @@ N_SEED_FEATURES = 2
 N_SPACETIME_FREQS = 32  # learned Fourier features of each DOM's place and first-hit time (T2's input)
 SPACETIME_SCALE = 100.0  # m: the unit of those coordinates (the first-hit time as a light path in ice)
 C_ICE = 0.2210          # m/ns, light's group velocity in ice
+C_VACUUM = 0.2998     # m/ns, the muon's speed (classical.py takes it from here)
+TRACK_DELAY_FACTOR = 0.9173  # (n_g - cos theta_c) / sin theta_c: extra light path per metre of perpendicular distance (classical.py's too)
 
 
 def pulse_features(b):
@@ -399,23 +323,8 @@ def event_centres(b, s):
     return dict(de=de, dreal=dreal, wq=wq, wsum=wsum, t_ref=t_ref, p_ref=p_ref, p_e=p_e, t_e=t_e)
 
 
-def linefit_seeds(pos, t, aux, event, dom, dom_pos, n_events):
-    """The two LineFits the model leans on, over the pulses of many events (torch, any float dtype; prepare.py runs
-    this in float64 over each shard and stores the results with every event and pulse, so a batch costs none of it):
-    the plain LineFit over the non-auxiliary pulses (the auxiliary ones weigh 1e-3), as a classical reconstruction
-    would seed a likelihood fit, and the improved LineFit (linefit_improved_packed; on toy val events 4-5 deg closer
-    than the plain one). Pulse positions pos (P, 3), times t (P,), aux (P,) 1.0 for auxiliary pulses, event (P,) and
-    DOM dom (P,) indices, DOM positions dom_pos (n_doms, 3). Returns the plain fit's velocity (n_events, 3) in m/ns,
-    the improved fit's direction the neutrino comes from (n_events, 3; zero where the fit has no velocity), and each
-    pulse's direct flag (P,): 1.0 for those of the improved fit's final fit (its delay cleaning drops scattered
-    light, its outlier cut far pulses)."""
-    w = 1.0 - aux + 1e-3
-    v_i, direct, v = linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, len(dom_pos))
-    return v, -v_i / torch.linalg.vector_norm(v_i, dim=1).clamp(min=1e-6)[:, None], direct
-
-
 def seed_fits(b, s):
-    """The two LineFits of the batch's events, as prepare.py stored them (linefit_seeds): both directions (E + 1, 3;
+    """The two LineFits of the batch's events, as prepare.py stored them (classical.linefit_seeds): both directions (E + 1, 3;
     the last row, for padding DOMs, zero), the plain fit's speed, and each DOM's share of pulses the improved fit
     keeps as direct light."""
     D = b['dom_pos'].shape[0]

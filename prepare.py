@@ -22,7 +22,7 @@ out_dir/test, each a folder of shards, one per batch file, plus geometry.npy and
                                         (the quick likelihood fit, classical.time_fit: the model's second
                                         seed), lf_vx, lf_vy, lf_vz (the plain LineFit's velocity, m/ns),
                                         ilf_x, ilf_y, ilf_z (the improved LineFit's direction, the model's
-                                        first seed; model.linefit_seeds), and the truth columns where the raw
+                                        first seed; classical.linefit_seeds), and the truth columns where the raw
                                         folder has a truth file (simulate.py writes one)
                            shard.json   counts, summary statistics, the source file's stamp, a digest of its
                                         meta and truth rows and the geometry, and each array file's size and
@@ -84,7 +84,7 @@ import pyarrow.parquet as pq
 import torch
 
 import classical  # the quick likelihood fit stored with each event
-import model as M  # both LineFits stored with each event
+import model as M  # the batch layout (_ranges) and the angle convention
 import simulate  # the default synthetic set, when there is no Kaggle data
 from configurator import lock_folder, setting_names
 
@@ -285,7 +285,7 @@ def _offsets(counts):
 
 
 def linefit_seeds(ev, geometry, chunk_doms=8192):
-    """Both LineFits of every event of a shard, as the model reads them (model.linefit_seeds, float64), from ev as
+    """Both LineFits of every event of a shard, as the model reads them (classical.linefit_seeds, float64), from ev as
     Split.events returns it: the plain fit's velocity (n, 3) in m/ns and the improved fit's direction (n, 3), as
     events.npy's columns ({lf_vx, ..., ilf_z}: (n,) each), and each pulse's direct flag (P,) bool. Runs over
     chunks of whole events of about chunk_doms DOMs: the delay cleaning's (DOMs, DELAY_MAX_REFS) arrays then stay
@@ -304,7 +304,7 @@ def linefit_seeds(ev, geometry, chunk_doms=8192):
         event = np.repeat(np.arange(hi - lo), np.diff(offsets[lo:hi + 1]))
         dom = np.repeat(np.arange(event_doms[hi] - event_doms[lo]), np.diff(dom_offsets[d]))
         dom_pos = geometry[sensor[dom_offsets[d][:-1]]].astype(np.float64)
-        v, u, kept = M.linefit_seeds(*map(torch.from_numpy, (pos, t, aux, event, dom, dom_pos)), hi - lo)
+        v, u, kept = classical.linefit_seeds(*map(torch.from_numpy, (pos, t, aux, event, dom, dom_pos)), hi - lo)
         lf_v[lo:hi], ilf_dir[lo:hi], direct[p] = v.numpy(), u.numpy(), kept.numpy() > 0.5
     columns = {f'lf_v{c}': lf_v[:, i] for i, c in enumerate('xyz')}
     return {**columns, **{f'ilf_{c}': ilf_dir[:, i] for i, c in enumerate('xyz')}}, direct

@@ -21,7 +21,7 @@ torch.ones(1, requires_grad=True).sum().backward()
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import model as M  # noqa: E402
+import classical  # noqa: E402
 
 
 def with_linefits(b):
@@ -29,8 +29,8 @@ def with_linefits(b):
     float32, as the model did before they were stored)."""
     n_p, n_d, n_e = b['n_pulses'], b['n_doms'], b['n_events']
     pdom = b['pulse_dom'][:n_p].astype(np.int64)
-    v, u, direct = M.linefit_seeds(*map(torch.from_numpy, (b['dom_pos'][pdom], b['pulse_time'][:n_p], b['pulse_aux'][:n_p],
-                                                           b['dom_event'][pdom].astype(np.int64), pdom, b['dom_pos'][:n_d])), n_e)
+    v, u, direct = classical.linefit_seeds(*map(torch.from_numpy, (b['dom_pos'][pdom], b['pulse_time'][:n_p], b['pulse_aux'][:n_p],
+                                                                   b['dom_event'][pdom].astype(np.int64), pdom, b['dom_pos'][:n_d])), n_e)
     E, P = len(b['event_index']), len(b['pulse_dom'])
     b = {**b, 'event_lf_v': np.zeros((E, 3), np.float32), 'event_ilf_dir': np.zeros((E, 3), np.float32),
          'pulse_direct': np.zeros(P, np.float32)}

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import classical as C
-import model as M
 from simulate import make_geometry, path_ice
 
 
@@ -245,7 +244,7 @@ def test_delay_cleaning_of_an_event_with_more_doms_than_references(monkeypatch):
     """An event with more hit DOMs than DELAY_MAX_REFS (most real ones; 2 here, so that six DOMs make one): a pulse
     goes as scattered light when it comes DELAY_NS after direct light from the first hit of one of the event's
     least-late DOMs could, wherever along the track it lies, or after its own DOM's first hit, no reference."""
-    monkeypatch.setattr(M, 'DELAY_MAX_REFS', 2)
+    monkeypatch.setattr(C, 'DELAY_MAX_REFS', 2)
     x = np.array([-400.0, -300, 300, 400, 500])  # a muon along +x: the neutrino comes from -x
     pos, time = np.stack([x, 0 * x, 0 * x], 1), 10000 + x / C.C_VACUUM
     # light scattered to a DOM 60 m off the track's late end, 300 ns after the muon passed
