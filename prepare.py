@@ -775,32 +775,25 @@ def run(raw, out, val_batches=1, train_batches=0, num_proc=1, log=print, verify=
 
 def _worker_start(parent):
     """Each worker process of prepare's pool and of BatchLoader's, first. It runs torch on one thread: a forked child
-    entering the OpenMP team of a parent that had used one hangs, so it leaves OpenMP before its first torch op. It
-    takes back SIGTERM's default action, which the parent's handler (prepare's _stop, train.py's on_signal) replaced
-    before the fork: a worker that kept it ran on after the SIGTERM meant to end it (Pool.terminate's: BatchLoader's
-    close() then waited forever, an evaluation of config/baseline_1m.py hung in 5 runs of 7), or raised inside its
-    task. Ctrl-C reaches the whole process group: the parent stops its workers. And on Linux it is killed when the
-    parent dies, which no handler sees when that is SIGKILL (the out-of-memory killer, a grace period run out)."""
+    entering the OpenMP team of a parent that had used one hangs, so it leaves OpenMP before its first torch op. Then
+    simulate.worker_start: SIGTERM's default action back (a worker that kept the parent's handler outlived the
+    SIGTERM of BatchLoader's close(), which then waited forever: an evaluation of config/baseline_1m.py hung in 5 runs
+    of 7), Ctrl-C left to the parent, and on Linux death with the parent."""
     torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    simulate.die_with_parent(parent)
+    simulate.worker_start(parent)
 
 
 @contextmanager
 def _pool(num_proc):
     """A process pool whose workers are killed, not waited for, when the run is interrupted (Ctrl-C, or SIGTERM
-    through _stop): the pool's own shutdown lets them pack every batch file already handed to them first, up to
+    through simulate.stop): the pool's own shutdown lets them pack every batch file already handed to them first, up to
     2 * num_proc of them. On an error they still finish the shards they are on, which a re-run keeps."""
     pool = ProcessPoolExecutor(num_proc, mp_context=get_context('fork'), initializer=_worker_start, initargs=(os.getpid(),))
     try:
         yield pool
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            # ProcessPoolExecutor has no public way to do this before Python 3.14 (kill_workers). A worker killed
-            # mid-task leaves a temporary folder, which run() removes, never a shard that looks complete
-            for p in list((pool._processes or {}).values()):
-                p.kill()
+            simulate.kill_workers(pool)  # a worker killed mid-task leaves a temporary folder, which run() removes
         if sys.version_info < (3, 11):
             _end_task_pipe(pool)
         raise
@@ -1533,32 +1526,24 @@ def _unpickled(result):
 
 # -----------------------------------------------------------------------------
 
-class Stopped(SystemExit):
-    """prepare.py stopped by a signal (_stop); its code is the exit status, 128 + the signal number."""
-
-
-def _stop(signum, frame):
-    """SIGTERM (a scheduler's stop) reaches this process and not its workers, which would outlive it, and Ctrl-C
-    (SIGINT) reaches both: unwind, so that _pool kills the workers and run() removes the temporary files, and say so
-    in one line."""
-    signal.signal(signum, signal.SIG_IGN)  # once: a second SIGTERM would cut that cleanup short
-    raise Stopped(128 + signum)
-
-
 if __name__ == '__main__':
     from configurator import check_ranges, configure
     configure(globals(), names=SETTINGS)
     check_ranges('prepare', globals(), at_least=LEAST)
-    raw = raw_dir
-    if raw_dir == 'data/kaggle' and not os.path.exists(os.path.join(raw_dir, 'train_meta.parquet')):
-        raw = sim_dir
-        if not verify:
-            print(f"prepare: no Kaggle data in {raw_dir}; using the synthetic set in {sim_dir}, simulated first if missing")
-            simulate.simulate(out_dir=sim_dir, num_proc=num_proc)  # also refuses a set made with other physics
-    out = out_dir or default_out(raw)
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    # SIGTERM (a scheduler's stop) reaches this process and not its workers, which would outlive it, and Ctrl-C
+    # reaches both: simulate.stop unwinds, so that the pools kill their workers and run() removes its temporary files
+    signal.signal(signal.SIGTERM, simulate.stop)
+    signal.signal(signal.SIGINT, simulate.stop)
+    raw, out, simulating = raw_dir, None, False
     try:
+        if raw_dir == 'data/kaggle' and not os.path.exists(os.path.join(raw_dir, 'train_meta.parquet')):
+            raw = sim_dir
+            if not verify:
+                print(f"prepare: no Kaggle data in {raw_dir}; using the synthetic set in {sim_dir}, simulated first if missing")
+                simulating = True
+                simulate.simulate(out_dir=sim_dir, num_proc=num_proc)  # also refuses a set made with other physics
+                simulating = False
+        out = out_dir or default_out(raw)
         made_from = set()  # the raw folders the output records it was made from
         for m in glob_in(out, '*/manifest.json'):
             try:
@@ -1581,7 +1566,8 @@ if __name__ == '__main__':
     except PrepareError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except Stopped as e:
-        print(f"prepare: stopped by {signal.Signals(e.code - 128).name}; the finished shards in {out} are kept, and the "
-              f"same command goes on from them", file=sys.stderr)
+    except simulate.Stopped as e:
+        print(f"prepare: stopped by {signal.Signals(e.code - 128).name}; " + (
+            f"{sim_dir} is not complete, and the same command simulates it anew" if simulating else
+            f"the finished shards in {out} are kept, and the same command goes on from them"), file=sys.stderr)
         raise

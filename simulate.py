@@ -82,6 +82,7 @@ Physics (a fast toy, vectorised over all DOMs and photons of a chunk of events):
 Each batch has its own random stream seeded by (seed, batch number), so output is deterministic.
 """
 
+import glob
 import json
 import math
 import os
@@ -463,7 +464,7 @@ def simulate_batch(rng, det, n_events, id_base):
     chunks, labels, n_kept, n_candidates = [], [], 0, 0
     while n_kept < n_events:
         if n_candidates >= max_candidates(n_events):
-            raise SystemExit(f"simulate: fewer than 2% of candidate events trigger; check the physics settings")
+            raise SystemExit("simulate: fewer than 2% of candidate events trigger; check the physics settings")
         c, triggered, pulses = simulate_chunk(rng, det, _CHUNK)
         kept = np.nonzero(triggered)[0][:n_events - n_kept]
         local = np.full(_CHUNK, -1)
@@ -579,10 +580,15 @@ def detector(pos):
                 string_margin=np.linalg.norm(by_string[:, :, :2] - string_xy[:, None], axis=-1).max(1) + 1.0)
 
 
-def die_with_parent(parent):
-    """A pool worker's first step (prepare.py's workers take it too): on Linux it is killed when its parent dies, so
-    a SIGTERM to the main process alone (a scheduler's), or the out-of-memory killer, leaves no worker running on,
-    orphaned. parent: the parent's pid, read before the fork."""
+def worker_start(parent):
+    """A pool worker's first step (prepare.py's workers take it too). It takes back SIGTERM's default action, which a
+    parent's handler (stop, train.py's on_signal) replaced before the fork: a worker that kept it raised inside its
+    task or ran on after the SIGTERM meant to end it. It ignores Ctrl-C, which reaches the whole process group: the
+    parent stops its workers. And on Linux it is killed when its parent dies, so a SIGTERM to the main process alone (a
+    scheduler's) or the out-of-memory killer, which no handler sees, leaves no worker running on, orphaned.
+    parent: the parent's pid, read before the fork."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith('linux'):
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
@@ -590,15 +596,23 @@ def die_with_parent(parent):
             os._exit(1)
 
 
-class _Serial:
-    # the pool interface, run in this process (num_proc = 1: no fork, easier to debug and profile)
-    map = staticmethod(map)
+class Stopped(SystemExit):
+    """A script stopped by a signal (stop); its code is the exit status, 128 + the signal number."""
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        return False
+def stop(signum, frame):
+    """simulate.py's and prepare.py's handler of SIGTERM (a scheduler's stop) and Ctrl-C: an exception that unwinds,
+    so that the pools kill their workers (kill_workers) and temporary files go, and the script says so in one line."""
+    signal.signal(signum, signal.SIG_IGN)  # once: a second signal would cut that clean-up short
+    raise Stopped(128 + signum)
+
+
+def kill_workers(pool):
+    """Kill a ProcessPoolExecutor's workers where the pool's own shutdown would first let them finish every task
+    already handed to them (no public way before Python 3.14's kill_workers). A worker killed mid-task leaves its
+    temporary file, never an output that looks complete."""
+    for p in list((getattr(pool, '_processes', None) or {}).values()):
+        p.kill()
 
 
 def _simulate_batch_file(job):
@@ -640,6 +654,8 @@ def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_
             print(f"simulate: {out_dir} already holds this data set (complete, same settings); nothing to do")
             return out_dir
         print(f"simulate: {out_dir} holds an interrupted run with the same settings; regenerating it")
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), '*.tmp*')) + glob.glob(os.path.join(glob.escape(out_dir), '*', '*.tmp*')):
+            os.remove(tmp)  # a killed worker's unfinished file (_atomic)
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"simulate: {out_dir} is not empty and has no simulation.json (real data, or files from "
                          f"something else); refusing to write into it")
@@ -658,16 +674,29 @@ def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_
     jobs = [(out_dir, 'train' if b <= n_train_batches else 'test', b, events_per_batch, seed) for b in range(1, n_batches + 1)]
     per_split = {'train': ([], [], []), 'test': ([], [], [])}  # batch ids, labels, pulse counts
     workers = max(1, min(num_proc, n_batches))
-    pool = ProcessPoolExecutor(workers, mp_context=get_context('fork'), initializer=die_with_parent,
-                               initargs=(os.getpid(),)) if workers > 1 else _Serial()
-    with pool:
-        for split, batch_id, labels, counts, n_pulses, dt in pool.map(_simulate_batch_file, jobs):  # in batch order
+    # num_proc = 1: no fork, in this process (easier to debug and profile)
+    pool = ProcessPoolExecutor(workers, mp_context=get_context('fork'), initializer=worker_start,
+                               initargs=(os.getpid(),)) if workers > 1 else None
+    try:
+        # in batch order. No future is cancelled here (as pool.map's are when interrupted): one cancelled while its
+        # workers were killed made the pool's thread fail in a traceback of its own (InvalidStateError, Python 3.11);
+        # shutdown cancels them in that thread
+        done = map(_simulate_batch_file, jobs) if pool is None else (
+            f.result() for f in [pool.submit(_simulate_batch_file, job) for job in jobs])
+        for split, batch_id, labels, counts, n_pulses, dt in done:
             ids, labs, cnts = per_split[split]
             ids.append(np.full(events_per_batch, batch_id, np.int64))
             labs.append(labels)
             cnts.append(counts)
             print(f"batch {batch_id}/{n_batches} ({split}/batch_{batch_id}.parquet): {events_per_batch} events, "
                   f"{n_pulses} pulses, {n_pulses / dt:,.0f} pulses/s/process", flush=True)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a signal through stop: not the batch files still queued
+        if pool is not None:
+            kill_workers(pool)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # an error: the batch files still queued are not made
 
     # the small files last, train_meta.parquet the very last but simulation.json: a reader that finds
     # train_meta.parquet finds everything else in place
@@ -693,6 +722,13 @@ def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_
 if __name__ == '__main__':
     configure(globals())
     t_start = walltime.time()
-    simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_test_batches,
-             events_per_batch=events_per_batch, seed=seed, geometry=geometry, num_proc=num_proc)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_test_batches,
+                 events_per_batch=events_per_batch, seed=seed, geometry=geometry, num_proc=num_proc)
+    except Stopped as e:
+        print(f"simulate: stopped by {signal.Signals(e.code - 128).name}; {out_dir} is not complete (simulation.json "
+              f"says so), and the same command makes it anew", file=sys.stderr)
+        raise
     print(f"simulate: {out_dir} ready ({walltime.time() - t_start:.0f} s)")

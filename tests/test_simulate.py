@@ -1,7 +1,9 @@
 """simulate.py writes the exact Kaggle layout, deterministically, with real-data-like statistics; classical.py LineFit."""
 
+import glob
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,23 @@ def test_same_seed_same_files(tiny, tmp_path):
     simulate.simulate(out_dir=other, **{**TINY, 'n_train_batches': 1, 'seed': 2})
     assert read_batch(f'{other}/train/batch_1.parquet')[0]['time'].tolist() != \
         read_batch(f'{tiny}/train/batch_1.parquet')[0]['time'].tolist()
+
+
+def test_an_interrupted_run_is_made_anew_without_its_leftovers(tiny, tmp_path, capsys):
+    """A run stopped part-way (simulation.json's complete False) is simulated again with the same settings, and the
+    unfinished files of workers killed mid-write (_atomic's name.tmp<pid>) go: the same bytes as an uninterrupted run."""
+    out = str(tmp_path / 'stopped')
+    shutil.copytree(tiny, out)
+    info = json.load(open(f'{out}/simulation.json'))
+    json.dump({**info, 'complete': False}, open(f'{out}/simulation.json', 'w'))
+    for leftover in ('train/batch_2.parquet.tmp4242', 'train_meta.parquet.tmp4243'):
+        open(f'{out}/{leftover}', 'wb').write(b'half')
+    os.remove(f'{out}/train/batch_2.parquet')
+    simulate.simulate(out_dir=out, **TINY)
+    assert 'interrupted run with the same settings; regenerating it' in capsys.readouterr().out
+    assert not glob.glob(f'{out}/*.tmp*') and not glob.glob(f'{out}/*/*.tmp*')
+    for name in ('train/batch_2.parquet', 'train_meta.parquet', 'simulation.json'):
+        assert open(f'{out}/{name}', 'rb').read() == open(f'{tiny}/{name}', 'rb').read(), name
 
 
 def test_rerun_skips_and_other_settings_refused(tiny, capsys, monkeypatch):
