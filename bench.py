@@ -49,6 +49,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 
 import numpy as np
@@ -804,4 +806,10 @@ def main():
     print(f"\nbench: wrote {out} in {time.time() - t_start:.0f}s")
 
 if __name__ == '__main__':
-    main()
+    signal.signal(signal.SIGTERM, simulate.stop)  # Ctrl-C too: one line, its simulation's and prepare's workers ended
+    signal.signal(signal.SIGINT, simulate.stop)
+    try:
+        main()
+    except simulate.Stopped as e:
+        print(f"bench: stopped by {signal.Signals(e.code - 128).name}; {out} not written", file=sys.stderr)
+        raise

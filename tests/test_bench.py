@@ -267,3 +267,25 @@ def test_a_profile_that_saw_nothing_is_an_error_not_an_idle_device():
     model = bench.M.IceModel(t1_dim=16, t1_heads=2, t2_dim=32, t2_heads=2, t2_layers=1)
     with pytest.raises(RuntimeError, match='recorded no CPU ops'):
         bench.step_profile(model, [])
+
+
+def test_ctrl_c_stops_it_in_one_line(tmp_path):
+    """A Ctrl-C (here while the bench's data is simulated) ends bench.py in one line with exit 130, nothing written
+    to out, where it printed a KeyboardInterrupt traceback."""
+    wrapper = tmp_path / 'interrupted_bench.py'
+    wrapper.write_text(
+        "import os, runpy, signal, sys\n"
+        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
+        "import simulate\n"
+        "made = simulate.simulate\n"
+        "def interrupted(*a, **kw):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return made(*a, **kw)\n"
+        "simulate.simulate = interrupted\n"
+        "sys.argv = ['bench.py'] + sys.argv[1:]\n"
+        "runpy.run_path('bench.py', run_name='__main__')\n")
+    out = tmp_path / 'bench.json'
+    p = subprocess.run([sys.executable, str(wrapper), f'--work_dir={tmp_path / "work"}', f'--out={out}'] + TINY,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 130 and p.stderr.strip() == f"bench: stopped by SIGINT; {out} not written", p.stderr[-2000:]
+    assert not out.exists()
