@@ -189,7 +189,7 @@ def weighted_line(pos, t, w, event, n_events):
 
 
 def linefit_improved_packed(pos, t, w, event, dom, dom_pos, n_events, n_doms):
-    """The improved LineFit in torch, over pulses concatenated from many events (as prepare.py and a micro-batch have them):
+    """The improved LineFit in torch, over pulses concatenated from many events (as prepare.py has them per shard):
     pulse positions pos (P, 3), times t (P,), weights w (P,) (those above 0.5 count as hits; the cleaning keeps hits
     only, so the rest weigh in, with w, in the plain LineFit alone and in an event left with fewer than 3 pulses),
     event (P,) and DOM slot dom (P,) indices, DOM positions dom_pos (n_doms, 3). Delay cleaning

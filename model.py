@@ -12,8 +12,8 @@ A micro-batch reaches the model in three steps, each a named function:
                       attention layout of both streams (below);
   features            torch, no gradient: the pulse, DOM and event features (per-DOM summaries, the seeds' directions,
                       each DOM in the seed's frame, the place and time that the Fourier features encode). The fits
-                      they read, both LineFits (classical.linefit_seeds) and the quick likelihood fit, prepare.py computed
-                      ahead and stored; the seeds (N_SEEDS) are the improved LineFit and the quick fit.
+                      they read, both LineFits (classical.linefit_seeds) and the quick likelihood fit, prepare.py
+                      computed ahead and stored; the seeds (N_SEEDS) are the improved LineFit and the quick fit.
 The loader runs stream_layout ahead of the step (model_inputs); the features run in the forward pass, on the model's
 device, unless the loader is asked to compute them too (model_inputs(..., with_features=True), train.py's
 features='loader'): that pays only where the loader has a core of its own. IceModel.forward reads as the architecture.
@@ -324,9 +324,9 @@ def event_centres(b, s):
 
 
 def seed_fits(b, s):
-    """The two LineFits of the batch's events, as prepare.py stored them (classical.linefit_seeds): both directions (E + 1, 3;
-    the last row, for padding DOMs, zero), the plain fit's speed, and each DOM's share of pulses the improved fit
-    keeps as direct light."""
+    """The two LineFits of the batch's events, as prepare.py stored them (classical.linefit_seeds): both directions
+    (E + 1, 3; the last row, for padding DOMs, zero), the plain fit's speed, and each DOM's share of pulses the
+    improved fit keeps as direct light."""
     D = b['dom_pos'].shape[0]
     pdom = b['pulse_dom'].long()
     pad = (0, 0, 0, 1)

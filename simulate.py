@@ -654,8 +654,9 @@ def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_
             print(f"simulate: {out_dir} already holds this data set (complete, same settings); nothing to do")
             return out_dir
         print(f"simulate: {out_dir} holds an interrupted run with the same settings; regenerating it")
-        for tmp in glob.glob(os.path.join(glob.escape(out_dir), '*.tmp*')) + glob.glob(os.path.join(glob.escape(out_dir), '*', '*.tmp*')):
-            os.remove(tmp)  # a killed worker's unfinished file (_atomic)
+        for pattern in ('*.tmp*', os.path.join('*', '*.tmp*')):  # a killed worker's unfinished files (_atomic)
+            for tmp in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+                os.remove(tmp)
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"simulate: {out_dir} is not empty and has no simulation.json (real data, or files from "
                          f"something else); refusing to write into it")
