@@ -601,8 +601,9 @@ class Stopped(SystemExit):
 
 
 def stop(signum, frame):
-    """simulate.py's and prepare.py's handler of SIGTERM (a scheduler's stop) and Ctrl-C: an exception that unwinds,
-    so that the pools kill their workers (kill_workers) and temporary files go, and the script says so in one line."""
+    """The handler of SIGTERM (a scheduler's stop) and Ctrl-C in simulate.py, prepare.py and bench.py: an exception
+    that unwinds, so that the pools kill their workers (kill_workers) and temporary files go, and the script says so in
+    one line."""
     signal.signal(signum, signal.SIG_IGN)  # once: a second signal would cut that clean-up short
     raise Stopped(128 + signum)
 
