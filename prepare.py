@@ -72,9 +72,8 @@ import time
 import zlib
 from contextlib import contextmanager
 from functools import cached_property
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
 from multiprocessing.context import ForkContext, ForkProcess
 
 import numpy as np
@@ -783,46 +782,11 @@ def _worker_start(parent):
     simulate.worker_start(parent)
 
 
-@contextmanager
-def _pool(num_proc):
-    """A process pool whose workers are killed, not waited for, when the run is interrupted (Ctrl-C, or SIGTERM
-    through simulate.stop): the pool's own shutdown lets them pack every batch file already handed to them first, up to
-    2 * num_proc of them. On an error they still finish the shards they are on, which a re-run keeps."""
-    pool = ProcessPoolExecutor(num_proc, mp_context=get_context('fork'), initializer=_worker_start, initargs=(os.getpid(),))
-    try:
-        yield pool
-    except BaseException as e:
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            simulate.kill_workers(pool)  # a worker killed mid-task leaves a temporary folder, which run() removes
-        if sys.version_info < (3, 11):
-            _end_task_pipe(pool)
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _end_task_pipe(pool):
-    """On Python 3.10 the pool's shutdown waited forever once its workers were gone (killed by _pool, or one ended by
-    the out-of-memory killer, after which the pool ends the others) while its queue's feeder thread was writing them a
-    task, a batch file's meta and truth, more than a pipe holds: this process keeps the pipe's reading end, so the
-    write never failed. 3.11 on close that end when a worker dies (CPython issue 94777). Closing it here raced with
-    the feeder thread's own close of it (a file opened in between lost its descriptor: "Bad file descriptor"); /dev/null
-    put in its place ends the pipe for the feeder just the same and keeps the descriptor for that one close. Live
-    workers (an error's run) keep their own ends and finish their shards."""
-    try:
-        fd = pool._call_queue._reader.fileno()
-    except OSError:  # closed by the feeder thread already: it was not stuck
-        return
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, fd)
-    os.close(null)
-
-
 def _run_pool(raw, out, plans, geometry, made_by, num_proc, log, verify):
     # One pool for all splits, each split's manifest written when its last shard is in: val's and test's shards
     # start while train's last ones still run (split by split, a one-shard split left the other cores idle).
     geometry_digest = hashlib.sha1(geometry.tobytes()).hexdigest()
-    with _pool(num_proc) as pool:
+    with simulate.worker_pool(num_proc, _worker_start) as pool:
         pending = {}  # future -> (its split's state, source file)
         states = []  # each split's state, in the order started
         for part, split, ids in plans:

@@ -91,6 +91,7 @@ import sys
 import time as walltime
 
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, nullcontext
 from multiprocessing import get_context
 
 import numpy as np
@@ -602,18 +603,50 @@ class Stopped(SystemExit):
 
 def stop(signum, frame):
     """The handler of SIGTERM (a scheduler's stop) and Ctrl-C in simulate.py, prepare.py and bench.py: an exception
-    that unwinds, so that the pools kill their workers (kill_workers) and temporary files go, and the script says so in
+    that unwinds, so that the pools kill their workers (worker_pool) and temporary files go, and the script says so in
     one line."""
     signal.signal(signum, signal.SIG_IGN)  # once: a second signal would cut that clean-up short
     raise Stopped(128 + signum)
 
 
-def kill_workers(pool):
-    """Kill a ProcessPoolExecutor's workers where the pool's own shutdown would first let them finish every task
-    already handed to them (no public way before Python 3.14's kill_workers). A worker killed mid-task leaves its
-    temporary file, never an output that looks complete."""
-    for p in list((getattr(pool, '_processes', None) or {}).values()):
-        p.kill()
+@contextmanager
+def worker_pool(num_proc, initializer=worker_start):
+    """A forked process pool (prepare.py's too) whose workers are killed, not waited for, when the run is interrupted
+    (Ctrl-C, or SIGTERM through stop): the pool's own shutdown lets them finish every task already handed to them
+    first (no public way before Python 3.14's kill_workers), up to 2 * num_proc batch files. A worker killed mid-task
+    leaves its temporary file or folder, never an output that looks complete. On an error they still finish the tasks
+    they are on; the queued ones are cancelled by the shutdown, in the pool's own thread (futures cancelled from this
+    one while the killed workers made that thread fail them raised InvalidStateError there, Python 3.11)."""
+    pool = ProcessPoolExecutor(num_proc, mp_context=get_context('fork'), initializer=initializer,
+                               initargs=(os.getpid(),))
+    try:
+        yield pool
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            for p in list((pool._processes or {}).values()):
+                p.kill()
+        if sys.version_info < (3, 11):
+            _end_task_pipe(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _end_task_pipe(pool):
+    """On Python 3.10 the pool's shutdown waited forever once its workers were gone (killed by worker_pool, or one
+    ended by the out-of-memory killer, after which the pool ends the others) while its queue's feeder thread was
+    writing them a task, a batch file's meta and truth in prepare.py, more than a pipe holds: this process keeps the
+    pipe's reading end, so the write never failed. 3.11 on close that end when a worker dies (CPython issue 94777).
+    Closing it here raced with the feeder thread's own close of it (a file opened in between lost its descriptor: "Bad
+    file descriptor"); /dev/null put in its place ends the pipe for the feeder just the same and keeps the descriptor
+    for that one close. Live workers (an error's run) keep their own ends and finish their tasks."""
+    try:
+        fd = pool._call_queue._reader.fileno()
+    except OSError:  # closed by the feeder thread already: it was not stuck
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def _simulate_batch_file(job):
@@ -677,12 +710,9 @@ def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_
     per_split = {'train': ([], [], []), 'test': ([], [], [])}  # batch ids, labels, pulse counts
     workers = max(1, min(num_proc, n_batches))
     # num_proc = 1: no fork, in this process (easier to debug and profile)
-    pool = ProcessPoolExecutor(workers, mp_context=get_context('fork'), initializer=worker_start,
-                               initargs=(os.getpid(),)) if workers > 1 else None
-    try:
-        # in batch order. No future is cancelled here (as pool.map's are when interrupted): one cancelled while its
-        # workers were killed made the pool's thread fail in a traceback of its own (InvalidStateError, Python 3.11);
-        # shutdown cancels them in that thread
+    with worker_pool(workers) if workers > 1 else nullcontext() as pool:
+        # in batch order, each future read in turn: pool.map's iterator, interrupted, cancels the queued futures
+        # itself, which worker_pool leaves to the pool's shutdown
         done = map(_simulate_batch_file, jobs) if pool is None else (
             f.result() for f in [pool.submit(_simulate_batch_file, job) for job in jobs])
         for split, batch_id, labels, counts, n_pulses, dt in done:
@@ -692,13 +722,6 @@ def simulate(out_dir=out_dir, n_train_batches=n_train_batches, n_test_batches=n_
             cnts.append(counts)
             print(f"batch {batch_id}/{n_batches} ({split}/batch_{batch_id}.parquet): {events_per_batch} events, "
                   f"{n_pulses} pulses, {n_pulses / dt:,.0f} pulses/s/process", flush=True)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a signal through stop: not the batch files still queued
-        if pool is not None:
-            kill_workers(pool)
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)  # an error: the batch files still queued are not made
 
     # the small files last, train_meta.parquet the very last but simulation.json: a reader that finds
     # train_meta.parquet finds everything else in place
