@@ -45,6 +45,7 @@ import ast
 import ctypes
 import functools
 import gc
+import inspect
 import json
 import math
 import os
@@ -293,9 +294,16 @@ def measured(fn, repeat):
 # -----------------------------------------------------------------------------
 # the models of the step, scaling and inference rows
 
+def model_args(settings, model_class=None):
+    """The arguments of model_class among settings (a config's, or bench's own over config/toy_cpu.py's): all that
+    it takes, so that one a fork adds to IceModel and sets in its config shapes the timed model too, where a list
+    written out here left it at its default. Not attn: the device decides the layout (IceModel.path)."""
+    params = inspect.signature(model_class or M.IceModel).parameters
+    return {k: settings[k] for k in params if k in settings and k != 'attn'}
+
+
 def new_model():
-    return M.IceModel(t1_dim=t1_dim, t1_layers=t1_layers, t1_heads=t1_heads, t2_dim=t2_dim, t2_layers=t2_layers,
-                      t2_heads=t2_heads, mlp_ratio=mlp_ratio).to(device)
+    return M.IceModel(**model_args({**_toy, **globals()})).to(device)
 
 
 class PaddedT1(M.IceModel):
@@ -493,7 +501,7 @@ def bench_efficiency(name, split):
     divisor = cpu_budget_divisor if device == 'cpu' and cfg.get('device', 'cuda') != 'cpu' else 1
     budgets = (cfg['max_pulses'] // divisor, cfg['max_doms'] // divisor, max(cfg['max_events'] // divisor, 1),
                cfg['max_pulses_per_dom'])
-    args = {k: cfg[k] for k in ('t1_dim', 't1_layers', 't1_heads', 't2_dim', 't2_layers', 't2_heads', 'mlp_ratio')}
+    args = model_args(cfg)
     torch.manual_seed(seed)
     model = M.IceModel(**args)
     idx = np.random.default_rng(seed + 3).permutation(len(split))
@@ -533,7 +541,7 @@ def bench_efficiency(name, split):
     if compare_commit:
         old = old_model_module(compare_commit)
         torch.manual_seed(seed)
-        old_model = old.IceModel(**args).to(device)
+        old_model = old.IceModel(**model_args(args, old.IceModel)).to(device)  # the arguments it has
         old_batches = [old.batch_to_tensors(r, device) for r in raw]
         train_step(old_model, old_batches[0])
         ab = {'old': [], 'new': [], 'new_network': []}

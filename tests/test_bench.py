@@ -190,6 +190,34 @@ def test_efficiency_flops_are_those_of_the_timed_batches(tiny_data, tmp_path, mo
     assert len(pulses) == 4 and e['flops_per_event'] == pytest.approx(sum(pulses) / sum(events))
 
 
+def test_the_timed_model_takes_every_argument_its_config_sets(tiny_data, tmp_path, monkeypatch):
+    """An argument a fork adds to IceModel and sets in its config shapes the model that bench times, in the efficiency
+    rows and the others: bench wrote the model's arguments out, and timed that argument's default, another model than
+    the one train.py trains."""
+    import bench
+    import model as M
+    made = []
+
+    class Forked(M.IceModel):  # IceModel's signature with one more argument, as a fork's edit of it reads
+        def __init__(self, t1_dim=64, t1_layers=2, t1_heads=4, t2_dim=128, t2_layers=4, t2_heads=4, mlp_ratio=4,
+                     attn='auto', t2_extra=0):
+            super().__init__(t1_dim, t1_layers, t1_heads, t2_dim, t2_layers, t2_heads, mlp_ratio, attn)
+            made.append(t2_extra)
+    params = Forked(t1_dim=16, t1_heads=2, t1_layers=1, t2_dim=32, t2_heads=2, t2_layers=1).num_params()
+    made.clear()
+    monkeypatch.setattr(M, 'IceModel', Forked)
+    cfg = tmp_path / 'my.py'
+    cfg.write_text("device = 'cpu'\nt1_dim = 16\nt1_heads = 2\nt1_layers = 1\nt2_dim = 32\nt2_heads = 2\nt2_layers = 1\n"
+                   "max_pulses = 512\nmax_doms = 64\nmax_events = 16\nmax_pulses_per_dom = 8\nt2_extra = 3\n")
+    for name, value in (('step_batches', 1), ('step_repeat', 1), ('loader_batches', 1)):
+        monkeypatch.setattr(bench, name, value)
+    e = bench.bench_efficiency(str(cfg), tiny_data[1])
+    assert made == [3] and e['params'] == params  # the config's shape and its value of the new argument
+    monkeypatch.setitem(bench._toy, 't2_extra', 5)  # config/toy_cpu.py's, which the other rows time
+    bench.new_model()
+    assert made[-1] == 5
+
+
 def test_reading_row_leaves_first_calls_out_on_both_sides(tiny_data, monkeypatch):
     """The reading row's parquet loader is timed as its packed one is, best of several passes: timed once, its first
     use of pyarrow's filtered reads (0.43 s in a fresh process) was on its clock alone."""
