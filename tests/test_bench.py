@@ -194,15 +194,19 @@ def test_the_timed_model_takes_every_argument_its_config_sets(tiny_data, tmp_pat
     """An argument a fork adds to IceModel and sets in its config shapes the model that bench times, in the efficiency
     rows and the others: bench wrote the model's arguments out, and timed that argument's default, another model than
     the one train.py trains."""
+    import inspect
     import bench
     import model as M
     made = []
 
-    class Forked(M.IceModel):  # IceModel's signature with one more argument, as a fork's edit of it reads
-        def __init__(self, t1_dim=64, t1_layers=2, t1_heads=4, t2_dim=128, t2_layers=4, t2_heads=4, mlp_ratio=4,
-                     attn='auto', t2_extra=0):
-            super().__init__(t1_dim, t1_layers, t1_heads, t2_dim, t2_layers, t2_heads, mlp_ratio, attn)
+    class Forked(M.IceModel):
+        def __init__(self, t2_extra=0, **kw):
+            super().__init__(**kw)
             made.append(t2_extra)
+    # its signature IceModel's with one more argument, as a fork's edit of IceModel reads (whatever IceModel's are)
+    sig = inspect.signature(M.IceModel)
+    Forked.__signature__ = sig.replace(parameters=[*sig.parameters.values(), inspect.Parameter(
+        't2_extra', inspect.Parameter.KEYWORD_ONLY, default=0)])
     params = Forked(t1_dim=16, t1_heads=2, t1_layers=1, t2_dim=32, t2_heads=2, t2_layers=1).num_params()
     made.clear()
     monkeypatch.setattr(M, 'IceModel', Forked)
