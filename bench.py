@@ -42,6 +42,7 @@ Torch and pyarrow run `threads` threads each (1 by default, see the setting), th
 """
 
 import ast
+import copy
 import ctypes
 import functools
 import gc
@@ -496,7 +497,9 @@ def step_profile(model, batches, top=10):
 
 
 def bench_efficiency(name, split):
-    """One config's step as a share of the machine's matmul rate, and its loader's events/s beside it."""
+    """One config's step as a share of the machine's matmul rate, and its loader's events/s beside it. Each figure is
+    printed as it is measured, the step's events/s first and the FLOP count after the rates: a run stopped by its time
+    limit (tests/gpu_check.sh's bench stage, after the compile) still leaves in its log what it had."""
     cfg = train_config(name)
     divisor = cpu_budget_divisor if device == 'cpu' and cfg.get('device', 'cuda') != 'cpu' else 1
     budgets = (cfg['max_pulses'] // divisor, cfg['max_doms'] // divisor, max(cfg['max_events'] // divisor, 1),
@@ -504,35 +507,44 @@ def bench_efficiency(name, split):
     args = model_args(cfg)
     torch.manual_seed(seed)
     model = M.IceModel(**args)
+    counted = copy.deepcopy(model)  # FLOPs are counted on the CPU (step_flops), whatever the device
     idx = np.random.default_rng(seed + 3).permutation(len(split))
     raw, pos = [], 0
     while len(raw) < step_batches and pos < len(idx):
         batch, n = prepare.pack_batch(split, idx[pos:], *budgets)
         raw.append(batch)
         pos += n
-    # counted on every batch that is timed: FLOP/event varies from batch to batch (toy_cpu's first two came to 61M, all
-    # eight to 50M)
-    flops = sum(step_flops(model, M.model_inputs(r, 'sdpa')) for r in raw) / sum(int(r['n_events']) for r in raw)
     path = model.path(device)
     batches = [M.model_inputs(r, path, device) for r in raw]  # as train.py runs it: the features in the forward
     network = [M.model_inputs(r, path, device, with_features=True) for r in raw]  # the features already done
     model.to(device)
     timed_model = torch.compile(model) if compile else model
-    for b in batches[:2] + network[:2]:
-        train_step(timed_model, b)  # warm-up (and compile)
-    rates = {'step': [], 'network': []}
-    for _ in range(step_repeat):
-        rates['step'].append(steps_per_s(timed_model, batches))
-        rates['network'].append(steps_per_s(timed_model, network))
-    rate = max(rates['step'])
+
+    def say(what):
+        print(f"bench: efficiency {name}: {what}", flush=True)
+    warmup_s, _ = timed(lambda: [train_step(timed_model, b) for b in batches[:2]])  # (and the compile)
+    say(f"budgets {'/'.join(map(str, budgets))}, {sum(int(r['n_events']) for r in raw):,} events in {len(raw)} "
+        f"micro-batches; the first two {warmup_s:.1f} s" + (" (the compile)" if compile else ""))
+    rate = max(steps_per_s(timed_model, batches) for _ in range(step_repeat))
+    say(f"step {rate:,.0f} events/s")
     roof = matmul_rate(model, batches[0])
+    say(f"matmul at the model's widths {roof / 1e9:,.1f} GFLOP/s")
     # the loader at the config's full budgets, as train.py runs it on that config's device
     full = (cfg['max_pulses'], cfg['max_doms'], cfg['max_events'], cfg['max_pulses_per_dom'])
     path_full = model.path(cfg.get('device', 'cuda'))  # the layout train.py builds on that config's device
-    out = {'budgets': list(budgets), 'budget_divisor': divisor, 'params': model.num_params(), 'flops_per_event': flops, 'events_per_s': rate,
-           'network_events_per_s': max(rates['network']), 'flops_per_s': flops * rate, 'matmul_flops_per_s': roof,
-           'share_of_matmul': flops * rate / roof, 'loader_budgets': list(full), 'loader_path': path_full,
-           'loader_events_per_s': loader_rate(split, full, functools.partial(M.model_inputs, path=path_full))}
+    loader = loader_rate(split, full, functools.partial(M.model_inputs, path=path_full))
+    say(f"loader {loader:,.0f} events/s per rank, {loader / rate:.1f}x the step")
+    # counted on every batch that is timed: FLOP/event varies from batch to batch (toy_cpu's first two came to 61M, all
+    # eight to 50M)
+    flops = sum(step_flops(counted, M.model_inputs(r, 'sdpa')) for r in raw) / sum(int(r['n_events']) for r in raw)
+    say(f"{flops / 1e6:,.0f} MFLOP/event, {flops * rate / 1e9:,.1f} GFLOP/s, {flops * rate / roof:.0%} of the matmul rate")
+    train_step(timed_model, network[0])  # warm-up (a graph of its own when compiled)
+    network_rate = max(steps_per_s(timed_model, network) for _ in range(step_repeat))
+    say(f"the network alone (the features done ahead) {network_rate:,.0f} events/s")
+    out = {'budgets': list(budgets), 'budget_divisor': divisor, 'params': model.num_params(), 'flops_per_event': flops,
+           'events_per_s': rate, 'warmup_s': warmup_s, 'network_events_per_s': network_rate, 'flops_per_s': flops * rate,
+           'matmul_flops_per_s': roof, 'share_of_matmul': flops * rate / roof, 'loader_budgets': list(full),
+           'loader_path': path_full, 'loader_events_per_s': loader}
     if profile:  # last, once every figure above is in: a profiler that fails (no CUPTI on a GPU node) is named, not fatal
         try:
             out['profile'] = step_profile(timed_model, batches)
@@ -555,6 +567,7 @@ def bench_efficiency(name, split):
         out['compare'] = {'commit': compare_commit, **{k: max(v) for k, v in ab.items()}, 'passes': len(old_rate),
                           'step_ratio': float(np.median(np.array(ab['new']) / old_rate)),
                           'network_ratio': float(np.median(np.array(ab['new_network']) / old_rate))}
+        say(f"{out['compare']['step_ratio']:.2f}x {compare_commit}'s step, median of {len(old_rate)} A B passes")
     return out
 
 

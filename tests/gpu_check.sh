@@ -19,7 +19,9 @@
 #   bench   bench.py's efficiency row of baseline_1m on CUDA, in what is left (inductor's cache holds train's
 #           kernels): FLOPs per event, the share of the chip's bf16 matmul rate measured in the same run, the
 #           loader's events/s beside the step, and one pass of the step profiled: how much of its time the GPU was
-#           busy (far below 1: the host's launches are the limit, which CUDA graphs address) and the largest kernels
+#           busy (far below 1: the host's launches are the limit, which CUDA graphs address) and the largest kernels.
+#           It logs each figure as it has it, the compile's time and the step's events/s first and the FLOP count
+#           (on the CPU) after the rates, so a bench cut short by the time left still reports what it measured
 # Each stage gets at most what is left of the budget, so a slow stage shortens the later ones rather than running
 # the call past the device tool's 600 s.
 # Settings by environment: GPU_CHECK_MINUTES, GPU_CHECK_COMPILE_MODE, GPU_CHECK_BUDGET_S (560), GPU_CHECK_TESTS_S
@@ -101,7 +103,10 @@ stage bench 300 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 --pr
     grep -E "^iter .*events/s" "$OUT/train.log" 2>/dev/null | tail -n +2 | tail -n 4
     grep -ciE "recompil|graph break" "$OUT/train.log" 2>/dev/null | sed 's/^/recompile or graph-break lines: /'
     grep -E "Error|Traceback|error:" "$OUT/train.log" 2>/dev/null | head -n 3
-    echo "--- bench"; grep -q "^row" "$OUT/bench.log" 2>/dev/null && sed -n "/^row/,/^$/p" "$OUT/bench.log" || tail -n 20 "$OUT/bench.log" 2>/dev/null
+    # bench logs each figure as it measures it (the compile's time too): a bench cut by its limit still has them
+    echo "--- bench"; grep "^bench: efficiency" "$OUT/bench.log" 2>/dev/null
+    grep -q "^row" "$OUT/bench.log" 2>/dev/null && sed -n "/^row/,/^$/p" "$OUT/bench.log" ||
+        grep -v "^bench: efficiency" "$OUT/bench.log" 2>/dev/null | tail -n 20
     grep -A 10 -E "step profiled|could not be profiled" "$OUT/bench.log" 2>/dev/null
     echo "--- $(($(date +%s) - T0)) s in all"
 } >>"$SUMMARY"

@@ -73,7 +73,12 @@ def test_bench_rows_setting(tmp_path):
     assert 'aten::mm' in names and any('scaled_dot_product' in n for n in names), names
     assert "toy_cpu's step profiled" in p.stdout and 'aten::mm' in p.stdout
     assert not {'prepare', 'reading', 'step', 'scaling', 'inference'} & set(r)
-    assert 'efficiency toy_cpu' in p.stdout.replace('  ', ' ') and 'reading' not in p.stdout
+    lines = p.stdout.splitlines()
+    assert any(line.startswith('efficiency toy_cpu:') for line in lines) and 'reading' not in p.stdout  # the table's row
+    # and each figure as it was measured, in this order: the step's rates before the FLOP count (which takes long)
+    said = [line for line in lines if line.startswith('bench: efficiency toy_cpu: ')]
+    at = [next(i for i, line in enumerate(said) if key in line) for key in (' step ', 'matmul', 'loader', 'MFLOP', 'network')]
+    assert at == sorted(at) and len(said) == 6, said
     p = subprocess.run(args + ['--rows=efficiency,speed'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and 'not speed' in p.stderr
     p = subprocess.run(args + ['--rows=scaling'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -320,3 +325,32 @@ def test_ctrl_c_stops_it_in_one_line(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
     assert p.returncode == 130 and p.stderr.strip() == f"bench: stopped by SIGINT; {out} not written", p.stderr[-2000:]
     assert not out.exists()
+
+
+def test_a_stopped_efficiency_row_leaves_the_figures_it_measured(tmp_path):
+    """tests/gpu_check.sh runs the efficiency row in what is left of its time, after the training stage: a bench
+    stopped by its limit (timeout's SIGINT; here as the loader's rate is about to be measured) printed nothing but
+    'not written', and the GPU's step rate and the compile's time were lost with it. Each figure is printed as it is
+    measured, the step's first; out stays unwritten, as nothing there may look complete."""
+    wrapper = tmp_path / 'stopped_bench.py'
+    wrapper.write_text(
+        "import os, runpy, signal, sys\n"
+        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
+        "import prepare\n"
+        "made = prepare.BatchLoader.__init__\n"
+        "def stopped(self, *a, **kw):  # the efficiency row's loader_rate: the only BatchLoader of this run\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return made(self, *a, **kw)\n"
+        "prepare.BatchLoader.__init__ = stopped\n"
+        "sys.argv = ['bench.py'] + sys.argv[1:]\n"
+        "runpy.run_path('bench.py', run_name='__main__')\n")
+    out = tmp_path / 'bench.json'
+    args = [a for a in TINY if not a.startswith('--compare_commit')] + ['--rows=efficiency', '--efficiency_configs=toy_cpu']
+    p = subprocess.run([sys.executable, str(wrapper), f'--work_dir={tmp_path / "work"}', f'--out={out}'] + args,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 130 and p.stderr.strip() == f"bench: stopped by SIGINT; {out} not written", p.stderr[-2000:]
+    assert not out.exists()
+    said = [line.removeprefix('bench: efficiency toy_cpu: ') for line in p.stdout.splitlines()
+            if line.startswith('bench: efficiency toy_cpu: ')]
+    assert [w.split()[0] for w in said] == ['budgets', 'step', 'matmul'], p.stdout
+    assert 'the first two' in said[0] and said[1].endswith('events/s') and float(said[1].split()[1].replace(',', '')) > 0
