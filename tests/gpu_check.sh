@@ -98,7 +98,8 @@ stage bench 300 $PY bench.py --device=$DEVICE --rows=efficiency --threads=0 --pr
     echo "=== summary"
     echo "--- tests"; tail -n 3 "$OUT/tests.log" 2>/dev/null
     echo "--- tests: the differences"; grep -E " vs |relative max diffs|float32 precision" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-    echo "--- train ($COMPILE_MODE): the first log line (the compile) and the last four"
+    echo "--- train ($COMPILE_MODE): the first iteration's time (the compile), the first log line and the last four"
+    grep -E "^train: the first iteration took" "$OUT/train.log" 2>/dev/null
     grep -E "^iter .*events/s" "$OUT/train.log" 2>/dev/null | sed -n 1p
     grep -E "^iter .*events/s" "$OUT/train.log" 2>/dev/null | tail -n +2 | tail -n 4
     grep -ciE "recompil|graph break" "$OUT/train.log" 2>/dev/null | sed 's/^/recompile or graph-break lines: /'
