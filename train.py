@@ -653,8 +653,10 @@ model.train()
 t_start = t_begin = time.time()  # t_start moves past each evaluation: evaluation time is not training time
 clock = dict(iter=iter_num, seconds=seconds_before, per_iter=0.0)  # the agreed clock at the last log point
 # the iterations since the last log point: t when the window began, t1 when its first iteration ended (the clock's
-# rate leaves that one out, flush_window), stop whether any rank had a signal at the last log point
-window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start, t1=t_start, stop=False)
+# rate leaves that one out, flush_window), wait the seconds spent waiting for the loader's batches, stop whether any
+# rank had a signal at the last log point
+window = dict(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=t_start, t1=t_start, wait=0.0,
+              stop=False)
 
 
 def last_good():
@@ -665,13 +667,13 @@ def last_good():
 
 
 def flush_window():
-    """A log point: one reduce over ranks of the window's loss, events, pulses and seconds; checks the loss, logs,
-    and advances the agreed clock."""
+    """A log point: one reduce over ranks of the window's loss, events, pulses, seconds and waits for the loader;
+    checks the loss, logs, and advances the agreed clock."""
     if device_type == 'cuda':  # the window's work done, not only queued, before the clock is read (the reduce below
         torch.cuda.synchronize()  # would wait for it anyway): else the rate counts the host's launches
     now = time.time()
-    loss_sum, events, pulses, elapsed, steady, stops = all_sum([
-        window['loss'], window['events'], window['pulses'], now - t_start, now - window['t1'], float(stop_signal is not None)])
+    loss_sum, events, pulses, elapsed, steady, waited, stops = all_sum([window['loss'], window['events'], window['pulses'],
+        now - t_start, now - window['t1'], window['wait'], float(stop_signal is not None)])
     loss_mean = loss_sum / max(events, 1)
     if not math.isfinite(loss_mean):
         fail(f"loss is {loss_mean} at iteration {iter_num}: stopping; {last_good()}")
@@ -686,12 +688,16 @@ def flush_window():
     if max_minutes:
         left = max(min(left, 60 * max_minutes - seconds), 0.0)  # the last iteration may pass the budget
     window_s = max(now - window['t'], 1e-9)
+    # the share of the window the loop waited for the loader (the ranks' mean): near 0 while the loader keeps ahead of
+    # the step; where it does not, events/s measures the loader (more loader_workers, or features='model')
+    wait = waited / world_size / window_s
     log(f"iter {iter_num}: loss {loss_mean:.4f}, lr {lr:.2e}, {events / window_s:.0f} events/s, "
-        f"{pulses / window_s:.0f} pulses/s, {dt * 1000:.0f} ms/iter, {left / 60:.1f} min left")
+        f"{pulses / window_s:.0f} pulses/s, {dt * 1000:.0f} ms/iter, loader wait {wait:.0%}, {left / 60:.1f} min left")
     record({'iter': iter_num, 'train_loss': loss_mean, 'lr': lr})
     if wandb is not None:
-        wandb.log({'iter': iter_num, 'train/loss': loss_mean, 'lr': lr, 'events_per_s': events / window_s})
-    window.update(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=time.time(), stop=stops > 0)
+        wandb.log({'iter': iter_num, 'train/loss': loss_mean, 'lr': lr, 'events_per_s': events / window_s,
+                   'loader_wait': wait})
+    window.update(iters=0, events=0, pulses=0, loss=torch.zeros((), device=device), t=time.time(), wait=0.0, stop=stops > 0)
 
 
 def micro_step(b, share):
@@ -740,7 +746,10 @@ while True:
     lr = get_lr(iter_num, seconds)
     for g in optimizer.param_groups:
         g['lr'] = lr
-    micro = [M.to_device(next_batch(loader), device) for _ in range(gradient_accumulation_steps)]  # copies queued at once
+    t_wait = time.perf_counter()
+    micro = [next_batch(loader) for _ in range(gradient_accumulation_steps)]
+    window['wait'] += time.perf_counter() - t_wait
+    micro = [M.to_device(b, device) for b in micro]  # copies queued at once
     n_events = sum(b['n_events'] for b in micro)  # this rank's
     share = n_events
     if ddp:  # DDP averages the ranks' gradients: each divides its loss sum by the job's mean events per rank, so every

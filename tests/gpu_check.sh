@@ -12,10 +12,11 @@
 #   data    a small synthetic set: 3 files of 20,000 events (the last is val), the improved LineFit as the second
 #           seed (prepare's fit_steps=0, the quick fit takes minutes)
 #   train   config/baseline_1m.py on it for $MINUTES minutes (compile, flex, bf16; recompiles and graph breaks logged):
-#           the log's events/s. The first iteration holds the compile (171 s on an H200 with torch 2.11, 2026-12-04),
-#           and the final evaluation compiles again, so the stage stops 30 s after the training budget: the log's
-#           lines come before that. GPU_CHECK_COMPILE_MODE=reduce-overhead trains with CUDA graphs instead (graphs on
-#           and off do not both fit one call)
+#           the log's events/s and the share of its time it waited for the loader. The first iteration holds the
+#           compile (171 s on an H200 with torch 2.11, 2026-12-04), and the final evaluation compiles again, so the
+#           stage stops 30 s after the training budget: the log's lines come before that.
+#           GPU_CHECK_COMPILE_MODE=reduce-overhead trains with CUDA graphs instead (graphs on and off do not both fit
+#           one call)
 #   bench   bench.py's efficiency row of baseline_1m on CUDA, in what is left (inductor's cache holds train's
 #           kernels): FLOPs per event, the share of the chip's bf16 matmul rate measured in the same run, the
 #           loader's events/s beside the step, and one pass of the step profiled: how much of its time the GPU was
