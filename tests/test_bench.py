@@ -305,24 +305,31 @@ def test_a_profile_that_saw_nothing_is_an_error_not_an_idle_device():
         bench.step_profile(model, [])
 
 
-def test_ctrl_c_stops_it_in_one_line(tmp_path):
-    """A Ctrl-C (here while the bench's data is simulated) ends bench.py in one line with exit 130, nothing written
-    to out, where it printed a KeyboardInterrupt traceback."""
+def interrupted_bench(tmp_path, target, args):
+    """bench.py in a subprocess where target ('module.function', or a method: 'module.Class.method') first sends it
+    a SIGINT, as a Ctrl-C or timeout's stop would, then does its work. Returns the process and the out it wrote to."""
     wrapper = tmp_path / 'interrupted_bench.py'
     wrapper.write_text(
         "import os, runpy, signal, sys\n"
         f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
-        "import simulate\n"
-        "made = simulate.simulate\n"
+        f"import {target.split('.')[0]}\n"
+        f"made = {target}\n"
         "def interrupted(*a, **kw):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    return made(*a, **kw)\n"
-        "simulate.simulate = interrupted\n"
+        f"{target} = interrupted\n"
         "sys.argv = ['bench.py'] + sys.argv[1:]\n"
         "runpy.run_path('bench.py', run_name='__main__')\n")
     out = tmp_path / 'bench.json'
-    p = subprocess.run([sys.executable, str(wrapper), f'--work_dir={tmp_path / "work"}', f'--out={out}'] + TINY,
+    p = subprocess.run([sys.executable, str(wrapper), f'--work_dir={tmp_path / "work"}', f'--out={out}'] + args,
                        env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    return p, out
+
+
+def test_ctrl_c_stops_it_in_one_line(tmp_path):
+    """A Ctrl-C (here while the bench's data is simulated) ends bench.py in one line with exit 130, nothing written
+    to out, where it printed a KeyboardInterrupt traceback."""
+    p, out = interrupted_bench(tmp_path, 'simulate.simulate', TINY)
     assert p.returncode == 130 and p.stderr.strip() == f"bench: stopped by SIGINT; {out} not written", p.stderr[-2000:]
     assert not out.exists()
 
@@ -332,22 +339,9 @@ def test_a_stopped_efficiency_row_leaves_the_figures_it_measured(tmp_path):
     stopped by its limit (timeout's SIGINT; here as the loader's rate is about to be measured) printed nothing but
     'not written', and the GPU's step rate and the compile's time were lost with it. Each figure is printed as it is
     measured, the step's first; out stays unwritten, as nothing there may look complete."""
-    wrapper = tmp_path / 'stopped_bench.py'
-    wrapper.write_text(
-        "import os, runpy, signal, sys\n"
-        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
-        "import prepare\n"
-        "made = prepare.BatchLoader.__init__\n"
-        "def stopped(self, *a, **kw):  # the efficiency row's loader_rate: the only BatchLoader of this run\n"
-        "    os.kill(os.getpid(), signal.SIGINT)\n"
-        "    return made(self, *a, **kw)\n"
-        "prepare.BatchLoader.__init__ = stopped\n"
-        "sys.argv = ['bench.py'] + sys.argv[1:]\n"
-        "runpy.run_path('bench.py', run_name='__main__')\n")
-    out = tmp_path / 'bench.json'
     args = [a for a in TINY if not a.startswith('--compare_commit')] + ['--rows=efficiency', '--efficiency_configs=toy_cpu']
-    p = subprocess.run([sys.executable, str(wrapper), f'--work_dir={tmp_path / "work"}', f'--out={out}'] + args,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    # the efficiency row's loader_rate makes the only BatchLoader of this run
+    p, out = interrupted_bench(tmp_path, 'prepare.BatchLoader.__init__', args)
     assert p.returncode == 130 and p.stderr.strip() == f"bench: stopped by SIGINT; {out} not written", p.stderr[-2000:]
     assert not out.exists()
     said = [line.removeprefix('bench: efficiency toy_cpu: ') for line in p.stdout.splitlines()
