@@ -38,7 +38,25 @@ def data_dir(tmp_path_factory):
     return str(d / 'packed')
 
 
+# train.py and sample.py run by run() in this process (run_here), as a fresh `python train.py ...` would run them: a
+# new process spent about 3 s importing torch (with the dynamo that torch.optim imports), and the suite starts some
+# ninety. ICEAGGR_TESTS_IN_PROCESS=0 gives every run a process of its own.
+IN_PROCESS = os.environ.get('ICEAGGR_TESTS_IN_PROCESS', '1') != '0'
+
+
 def run(args, cwd=ROOT, check=True, torchrun=False, threads=1):
+    """`python <args>` from cwd (under torchrun with 2 ranks) -> its stdout, stderr and exit status; with check, a
+    failure raises with the output's tail."""
+    if IN_PROCESS and not torchrun and cwd == ROOT and args[0] in ('train.py', 'sample.py'):
+        p = run_here(args, threads)
+    else:
+        p = run_process(args, cwd, torchrun, threads)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(p.args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def run_process(args, cwd, torchrun, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     # torchrun without --log_dir makes a /tmp/torchelastic_* folder for its ranks' error files and never removes it:
     # one more in /tmp for each torchrun test, every suite. A temporary one here goes with the run
@@ -52,10 +70,71 @@ def run(args, cwd=ROOT, check=True, torchrun=False, threads=1):
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)  # torchrun's workers too, should they hang
             raise
-    p = subprocess.CompletedProcess(cmd, p.returncode, out, err)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def run_here(args, threads=1):
+    """`python <args>` (train.py or sample.py) in this process: its stdout, stderr and exit status (1 and the traceback
+    for an uncaught exception, as Python gives them), with what the process's end would release released (the folder
+    locks it holds, its loaders' threads and workers) and the process-wide settings it made put back (signal handlers,
+    torch threads, the switch interval, warning filters)."""
+    import contextlib
+    import gc
+    import io
+    import runpy
+    import traceback
+    import warnings
+    import configurator
+    out, err, locks, loaders = io.StringIO(), io.StringIO(), [], []
+    lock_folder, loader_init = configurator.lock_folder, prepare.BatchLoader.__init__
+
+    def locked(*a):
+        fd = lock_folder(*a)
+        locks.append((fd, os.fstat(fd).st_ino))
+        return fd
+
+    def loader_made(self, *a, **k):
+        loaders.append(self)
+        loader_init(self, *a, **k)
+    saved = (sys.argv, torch.get_num_threads(), sys.getswitchinterval(),
+             {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)})
+    configurator.lock_folder, prepare.BatchLoader.__init__ = locked, loader_made
+    sys.argv, code = list(args), 0
+    torch.set_num_threads(threads)
+    try:
+        # every warning shown on stderr as a new process shows it (pytest would otherwise record it for itself)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()
+            warnings.simplefilter('default')
+            warnings.showwarning = lambda *w: sys.stderr.write(warnings.formatwarning(*w[:4]))
+            try:
+                runpy.run_path(os.path.join(ROOT, args[0]), run_name='__main__')
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:  # sys.exit(message): Python prints the message and exits with 1
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+    finally:
+        for loader in loaders:
+            loader.close()
+        for fd, inode in locks:  # unless the script closed it (train.py does at its end) and the number was reused
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_ino == inode:
+                    os.close(fd)
+        configurator.lock_folder, prepare.BatchLoader.__init__ = lock_folder, loader_init
+        sys.argv, _, _, handlers = saved
+        torch.set_num_threads(saved[1])
+        sys.setswitchinterval(saved[2])
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        gc.collect()  # the splits' open shard files sit in reference cycles: closed here, as at a process's end
+    if code == 128 + signal.SIGINT:  # a Ctrl-C of the suite, which the script's handler took: the suite stops
+        raise KeyboardInterrupt
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def losses(out):
@@ -185,7 +264,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
     assert sorted(os.listdir(os.path.join(out, 'previous'))) == ['best.pt', 'ckpt.pt', 'eval_test.json', 'log.jsonl', 'submission.csv']
     # the next fresh run: the failed one saved nothing, so previous/ still holds the run that did
     p = run(bad, check=False)
-    assert p.returncode == 1 and f"removed the log.jsonl of a run that saved no checkpoint" in p.stdout
+    assert p.returncode == 1 and "removed the log.jsonl of a run that saved no checkpoint" in p.stdout
     assert torch.load(os.path.join(out, 'previous', 'ckpt.pt'), weights_only=False)['iter_num'] == 2
     assert len(open(os.path.join(out, 'previous', 'log.jsonl')).readlines()) > 1  # the run of iteration 2's
 
@@ -724,16 +803,12 @@ def test_ddp_ranks_that_would_resume_from_different_states_stop(data_dir, tmp_pa
     assert torch.load(os.path.join(a, 'ckpt.pt'), weights_only=False)['iter_num'] == 2  # nothing trained on
 
 
-def train_here(monkeypatch, args):
-    """train.py in this process (so that a test can patch torch), its signal handlers put back afterwards."""
-    import runpy
-    monkeypatch.setattr(sys, 'argv', ['train.py'] + args)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+def train_here(args):
+    """train.py in this process on one torch thread, whatever IN_PROCESS says: for a test that patches torch, print or
+    the loader."""
+    p = run_here(['train.py'] + args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
 
 
 def test_no_host_sync_between_log_points(data_dir, tmp_path, monkeypatch):
@@ -749,8 +824,8 @@ def test_no_host_sync_between_log_points(data_dir, tmp_path, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     printed = []
     monkeypatch.setattr(builtins, 'print', lambda *a, **k: printed.append((count[0], ' '.join(map(str, a)))))
-    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}', '--max_iters=30',
-                             '--eval_interval=1000', '--eval_events=20']
+    train_here([f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}', '--max_iters=30',
+                '--eval_interval=1000', '--eval_events=20']
                + [a for a in TINY if not a.startswith('--log_interval')] + ['--log_interval=10'])
     at = [c for c, msg in printed if msg.startswith('iter ')]
     assert len(at) == 3, printed
@@ -769,8 +844,8 @@ def test_wandb_logs_against_the_iteration(data_dir, tmp_path, monkeypatch):
     fake.init = lambda *a, **k: (calls.append(('init', a, k)), types.SimpleNamespace(id=k['id'] or 'new1run2'))[1]
     monkeypatch.setitem(sys.modules, 'wandb', fake)
     out = tmp_path / 'out'
-    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6', '--eval_interval=3',
-                             '--wandb_log=True', '--wandb_mode=disabled'] + TINY + ['--log_interval=2'])
+    train_here([f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6', '--eval_interval=3',
+                '--wandb_log=True', '--wandb_mode=disabled'] + TINY + ['--log_interval=2'])
     assert calls[0][0] == 'init' and calls[0][2]['dir'] == str(out) and calls[0][2]['config']['max_iters'] == 6
     assert ('define_metric', ('*',), {'step_metric': 'iter'}) in calls
     logged = [a[0] for f, a, k in calls if f == 'log']
@@ -779,8 +854,8 @@ def test_wandb_logs_against_the_iteration(data_dir, tmp_path, monkeypatch):
     assert calls[-1][0] == 'finish'
     assert calls[0][2]['id'] is None and calls[0][2]['resume'] is None  # a fresh run: a new wandb run
     calls.clear()
-    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=8', '--eval_interval=3',
-                             '--init_from=resume', '--wandb_log=True', '--wandb_mode=disabled'] + TINY + ['--log_interval=2'])
+    train_here([f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=8', '--eval_interval=3',
+                '--init_from=resume', '--wandb_log=True', '--wandb_mode=disabled'] + TINY + ['--log_interval=2'])
     assert calls[0][0] == 'init' and calls[0][2]['id'] == 'new1run2' and calls[0][2]['resume'] == 'allow'
     assert [a[0]['iter'] for f, a, k in calls if f == 'log' and 'train/loss' in a[0]] == [8]
 
@@ -802,7 +877,7 @@ def test_ckpt_pt_is_never_missing_while_a_checkpoint_is_saved(data_dir, tmp_path
         if os.path.basename(str(src)).startswith('ckpt') and not os.path.exists(os.path.join(out, 'ckpt.pt')):
             missing.append((os.path.basename(str(src)), os.path.basename(str(dst))))
     monkeypatch.setattr(os, 'replace', watched)
-    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6'] + TINY + ['--eval_interval=2'])
+    train_here([f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6'] + TINY + ['--eval_interval=2'])
     assert missing == []
     iters = [torch.load(os.path.join(out, f), weights_only=False)['iter_num'] for f in ('ckpt.prev.pt', 'ckpt.pt')]
     assert iters == [4, 6]
@@ -829,16 +904,11 @@ def test_time_budget_holds_after_a_slow_first_iteration(data_dir, tmp_path, monk
     out = tmp_path / 'out'
     printed = []
     monkeypatch.setattr('builtins.print', lambda *a, **k: printed.append(' '.join(map(str, a))))
-    # one torch thread: the budget is read at log points, and on a busy machine two threads that lose their cores
-    # made the first 20 iterations take 45 s (each parallel op waits for both), past any budget
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--max_minutes=0.25',
-                                 '--eval_interval=100000', '--eval_events=20']
-                   + [a for a in TINY if not a.startswith(('--log_interval', '--compile'))] + ['--log_interval=20', '--compile=True'])
-    finally:
-        torch.set_num_threads(threads)
+    # (train_here's one torch thread: the budget is read at log points, and on a busy machine two threads that lose
+    # their cores made the first 20 iterations take 45 s, each parallel op waiting for both, past any budget)
+    train_here([f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--max_minutes=0.25',
+                '--eval_interval=100000', '--eval_events=20']
+               + [a for a in TINY if not a.startswith(('--log_interval', '--compile'))] + ['--log_interval=20', '--compile=True'])
     rows = [json.loads(line) for line in open(out / 'log.jsonl')]
     trained = [r for r in rows if 'val_error' in r][-1]['seconds']
     assert 0.9 * 15 <= trained < 15 + 5, rows[-3:]
@@ -861,8 +931,8 @@ def test_the_log_says_how_long_the_step_waited_for_the_loader(data_dir, tmp_path
     monkeypatch.setattr(prepare.BatchLoader, '__next__', late_at_first)
     printed = []
     monkeypatch.setattr('builtins.print', lambda *a, **k: printed.append(' '.join(map(str, a))))
-    train_here(monkeypatch, [f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}', '--max_iters=12',
-                             '--eval_interval=12'] + [a for a in TINY if a != '--log_interval=1'] + ['--log_interval=6'])
+    train_here([f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}', '--max_iters=12',
+                '--eval_interval=12'] + [a for a in TINY if a != '--log_interval=1'] + ['--log_interval=6'])
     waits = [int(re.search(r'loader wait (\d+)%', line).group(1)) for line in printed if line.startswith('iter ')]
     assert len(waits) == 2 and waits[0] >= 50 and waits[1] < 30, printed
 
