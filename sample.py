@@ -114,7 +114,10 @@ def vmf_radii(kappa, levels=LEVELS):
 
 
 def coverage(err, radii):
-    """Observed fraction of events whose true direction lies inside their circle, per row of radii."""
+    """Observed fraction of events whose true direction lies inside their circle, per row of radii (NaN for no
+    events, an empty bin: null in the json, where numpy's mean also warned on stderr)."""
+    if err.shape[-1] == 0:
+        return np.full(radii.shape[:-1], np.nan)
     return (err <= radii).mean(-1)
 
 
