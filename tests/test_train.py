@@ -96,8 +96,8 @@ def run_here(args, threads=1):
     def loader_made(self, *a, **k):
         loaders.append(self)
         loader_init(self, *a, **k)
-    saved = (sys.argv, torch.get_num_threads(), sys.getswitchinterval(),
-             {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)})
+    argv, torch_threads, switch = sys.argv, torch.get_num_threads(), sys.getswitchinterval()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     configurator.lock_folder, prepare.BatchLoader.__init__ = locked, loader_made
     sys.argv, code = list(args), 0
     torch.set_num_threads(threads)
@@ -115,7 +115,7 @@ def run_here(args, threads=1):
                 else:  # sys.exit(message): Python prints the message and exits with 1
                     print(e.code, file=sys.stderr)
                     code = 1
-            except BaseException:
+            except Exception:  # (a KeyboardInterrupt goes on up: the suite's Ctrl-C)
                 traceback.print_exc()
                 code = 1
     finally:
@@ -126,9 +126,9 @@ def run_here(args, threads=1):
                 if os.fstat(fd).st_ino == inode:
                     os.close(fd)
         configurator.lock_folder, prepare.BatchLoader.__init__ = lock_folder, loader_init
-        sys.argv, _, _, handlers = saved
-        torch.set_num_threads(saved[1])
-        sys.setswitchinterval(saved[2])
+        sys.argv = argv
+        torch.set_num_threads(torch_threads)
+        sys.setswitchinterval(switch)
         for s, h in handlers.items():
             signal.signal(s, h)
         gc.collect()  # the splits' open shard files sit in reference cycles: closed here, as at a process's end
