@@ -114,8 +114,8 @@ def vmf_radii(kappa, levels=LEVELS):
 
 
 def coverage(err, radii):
-    """Observed fraction of events whose true direction lies inside their circle, per row of radii (NaN for no
-    events, an empty bin: null in the json, where numpy's mean also warned on stderr)."""
+    """Observed fraction of events whose true direction lies inside their circle, per row of radii; NaN (null in
+    the json) for an empty bin, made here because numpy's mean of no events also warns on stderr."""
     if err.shape[-1] == 0:
         return np.full(radii.shape[:-1], np.nan)
     return (err <= radii).mean(-1)
