@@ -94,8 +94,8 @@ def run_here(args, threads=1):
         return fd
 
     def loader_made(self, *a, **k):
+        loader_init(self, *a, **k)  # (one that refuses its arguments started nothing)
         loaders.append(self)
-        loader_init(self, *a, **k)
     argv, torch_threads, switch = sys.argv, torch.get_num_threads(), sys.getswitchinterval()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     configurator.lock_folder, prepare.BatchLoader.__init__ = locked, loader_made
