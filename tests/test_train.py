@@ -102,10 +102,14 @@ def run_here(args, threads=1):
     sys.argv, code = list(args), 0
     torch.set_num_threads(threads)
     try:
-        # every warning shown on stderr as a new process shows it (pytest would otherwise record it for itself)
+        # the warnings a new process shows, on its stderr (pytest would otherwise record them for itself): Python's
+        # default filters, under which a DeprecationWarning shows only from __main__ (on Python 3.12+ the suite's
+        # threads made each fork of a loader worker warn from multiprocessing, which a new process does not show)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.resetwarnings()
-            warnings.simplefilter('default')
+            warnings.filterwarnings('default', category=DeprecationWarning, module='__main__')
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter('ignore', category, append=True)
             warnings.showwarning = lambda *w: sys.stderr.write(warnings.formatwarning(*w[:4]))
             try:
                 runpy.run_path(os.path.join(ROOT, args[0]), run_name='__main__')
