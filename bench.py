@@ -18,7 +18,9 @@ Rows:
   efficiency per config (toy_cpu; baseline_1m, at a reduced budget on the CPU): counted FLOPs per training event and
              the step's FLOP/s beside the machine's own x @ w rate at the model's shapes in the same run, and the
              loader's events/s at the config's budgets beside the step's; with profile=True, where one pass of the
-             step spends its time (on CUDA: the share of it the GPU is busy, and the largest kernels)
+             step spends its time (on CUDA: the share of it the GPU is busy, and the largest kernels); with
+             compare_commit, that commit's model.py with the same arguments, A B on the same inputs: its step, and its
+             forward as its sample.py runs it (compare_events events, each commit at the budgets its sample.py packs)
 
 The baselines of the step and scaling rows (built here, from model.py's Block):
   flat       one transformer over all pulses of an event: width t2_dim, t2_heads heads, depth t1_layers +
@@ -50,6 +52,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -122,7 +125,9 @@ likelihood_events = 64         # events of the inference row for the slower clas
 efficiency_configs = 'toy_cpu,baseline_1m'  # names in config/ or paths to config files (config/my.py)
 cpu_budget_divisor = 8
 loader_batches = 16            # batches timed per loader measurement
-compare_commit = ''            # a git commit (e.g. bfe73ee): its model.py's step timed on the same batches, A B A B
+compare_commit = ''            # a git commit (e.g. bfe73ee): its model.py's step timed on the same batches, A B A B,
+                               # and its sample.py's model (the forward at the budgets that sample.py packs)
+compare_events = 4000          # events of that sample.py comparison (divided as the budgets are where reduced)
 profile = False                # the efficiency rows also profile one pass of the step (after the timed ones): where
                                # its time goes, and on CUDA how much of it the GPU was busy at all
 rows = 'prepare,reading,step,scaling,inference,efficiency'  # the rows to run (scaling and inference need step)
@@ -450,13 +455,25 @@ def loader_rate(split, budgets, transform):
     return rate
 
 
+def source_at(commit, path):
+    """The text of a file of this repository at commit (`git show`)."""
+    import subprocess
+    return subprocess.run(['git', 'show', f'{commit}:{path}'], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+
+
+def inference_budget(sample_source):
+    """The factor on training's budgets at which a version of sample.py runs the model (its INFER_BUDGET; 1 in those
+    from before it, which packed as training did)."""
+    found = re.search(r'^INFER_BUDGET = (\d+)', sample_source, re.M)
+    return int(found.group(1)) if found else 1
+
+
 def old_model_module(commit):
     """model.py of an older commit, imported from `git show` (for the A B comparison of the step)."""
     import importlib.util
-    import subprocess
     import tempfile
-    src = subprocess.run(['git', 'show', f'{commit}:model.py'], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    src = source_at(commit, 'model.py')
     with tempfile.TemporaryDirectory() as folder:  # gone once imported: each run left one in /tmp
         path = os.path.join(folder, f'model_{commit}.py')
         with open(path, 'w') as f:
@@ -465,6 +482,16 @@ def old_model_module(commit):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return module
+
+
+def forward_rate(model, batches):
+    """Events/s of the model's forward alone, as sample.py runs it (no gradients)."""
+    def forward():
+        with torch.no_grad(), autocast():
+            for b in batches:
+                model(b)
+    t, _ = timed(forward)
+    return sum(int(b['n_events']) for b in batches) / t
 
 
 def steps_per_s(model, batches):
@@ -568,6 +595,37 @@ def bench_efficiency(name, split):
                           'step_ratio': float(np.median(np.array(ab['new']) / old_rate)),
                           'network_ratio': float(np.median(np.array(ab['new_network']) / old_rate))}
         say(f"{out['compare']['step_ratio']:.2f}x {compare_commit}'s step, median of {len(old_rate)} A B passes")
+        # sample.py's model: the forward alone on the same events, each commit's at the budgets its sample.py packs
+        # (bfe73ee's training's, the present INFER_BUDGET times them), uncompiled as sample.py runs by default
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, 'sample.py')) as f:
+            factors = {'new': inference_budget(f.read()), 'old': inference_budget(source_at(compare_commit, 'sample.py'))}
+        scaled = {side: [b * f for b in budgets[:3]] + [budgets[3]] for side, f in factors.items()}
+        new_raw, n_inference = [], 0  # whole micro-batches up to compare_events events, which the old side packs too
+        while n_inference < max(compare_events // divisor, 1) and n_inference < len(idx):
+            batch, n = prepare.pack_batch(split, idx[n_inference:], *scaled['new'])
+            new_raw.append(batch)
+            n_inference += n
+        old_raw, done = [], 0
+        while done < n_inference:
+            batch, n = prepare.pack_batch(split, idx[done:n_inference], *scaled['old'])
+            old_raw.append(batch)
+            done += n
+        packed = {'new': [M.model_inputs(r, path, device) for r in new_raw],
+                  'old': [old.batch_to_tensors(r, device) for r in old_raw]}
+        rates = {'new': [], 'old': []}
+        forward_rate(model, packed['new'][:1])  # warm-up
+        forward_rate(old_model, packed['old'][:1])
+        for _ in range(max(step_repeat, 3)):
+            for side, m in (('old', old_model), ('new', model)):
+                rates[side].append(forward_rate(m, packed[side]))
+        out['compare'].update(
+            inference_events=n_inference, inference_budget_factors=[factors['old'], factors['new']],
+            inference_old_events_per_s=max(rates['old']), inference_events_per_s=max(rates['new']),
+            inference_ratio=float(np.median(np.array(rates['new']) / np.array(rates['old']))))
+        say(f"sample.py's model {out['compare']['inference_ratio']:.2f}x {compare_commit}'s on the same {n_inference:,} "
+            f"events, each at its sample.py's budgets ({factors['new']}x and {factors['old']}x training's), median of "
+            f"{len(rates['old'])} A B passes")
     return out
 
 
@@ -795,7 +853,8 @@ def main():
         table.append(('efficiency', f"{name}: {e['events_per_s']:,.0f} events/s, {e['flops_per_event'] / 1e6:,.0f} MFLOP/event, "
                       f"{e['flops_per_s'] / 1e9:,.1f} GFLOP/s", f"matmul at its widths {e['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s",
                       f"{e['share_of_matmul']:.0%} of it; budgets {'/'.join(map(str, e['budgets']))}"
-                      + (f"; {cmp['step_ratio']:.2f}x {cmp['commit']}'s step ({cmp['network_ratio']:.2f}x with the features done ahead)" if cmp else '')))
+                      + (f"; {cmp['step_ratio']:.2f}x {cmp['commit']}'s step ({cmp['network_ratio']:.2f}x with the features done ahead), "
+                         f"sample.py's model {cmp['inference_ratio']:.2f}x its" if cmp else '')))
         table.append(('', '', f"loader {e['loader_events_per_s']:,.0f} events/s per rank",
                       f"{e['loader_events_per_s'] / e['events_per_s']:.1f}x the step" + (
                           '' if e['budget_divisor'] == 1 else " at the reduced budget (the step on a GPU is the one that counts)")

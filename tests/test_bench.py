@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from sample import INFER_BUDGET
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_BFE73EE = subprocess.run(['git', 'cat-file', '-e', 'bfe73ee'], cwd=ROOT, capture_output=True).returncode == 0
 TINY = ['--events_per_batch=100', '--read_events=32', '--max_pulses=4096', '--max_doms=2048', '--max_events=32',
@@ -49,6 +51,9 @@ def test_bench_runs_end_to_end(tmp_path):
         assert e['flops_per_event'] > 0 and 0 < e['share_of_matmul'] and e['loader_events_per_s'] > 0, e
         if HAS_BFE73EE:  # a clone without the history has nothing to compare with
             assert e['compare']['step_ratio'] > 0 and e['compare']['commit'] == 'bfe73ee'
+            # sample.py's model too: bfe73ee's sample.py packed at training's budgets, the present one at INFER_BUDGET x
+            assert e['compare']['inference_ratio'] > 0 and e['compare']['inference_events'] > 0
+            assert e['compare']['inference_budget_factors'] == [1, INFER_BUDGET]
     assert r['efficiency']['baseline_1m']['budgets'][0] == 65536 // 512
 
 
