@@ -125,8 +125,8 @@ likelihood_events = 64         # events of the inference row for the slower clas
 efficiency_configs = 'toy_cpu,baseline_1m'  # names in config/ or paths to config files (config/my.py)
 cpu_budget_divisor = 8
 loader_batches = 16            # batches timed per loader measurement
-compare_commit = ''            # a git commit (e.g. bfe73ee): its model.py's step timed on the same batches, A B A B,
-                               # and its sample.py's model (the forward at the budgets that sample.py packs)
+compare_commit = ''            # a git commit (bfe73ee; HEAD: an edit against the last commit): its model.py's step on the
+                               # same batches, A B, and its sample.py's model (the forward at the budgets its sample.py packs)
 compare_events = 4000          # events of that sample.py comparison (divided as the budgets are where reduced)
 profile = False                # the efficiency rows also profile one pass of the step (after the timed ones): where
                                # its time goes, and on CUDA how much of it the GPU was busy at all
@@ -484,6 +484,14 @@ def old_model_module(commit):
     return module
 
 
+def old_inputs(old, old_model, raws):
+    """An older commit's micro-batches from the present packer's, as that commit builds them: its own model_inputs (its
+    stream layout; since 1c4d02a) or batch_to_tensors (before it, bfe73ee among them)."""
+    if hasattr(old, 'model_inputs'):
+        return [old.model_inputs(r, old_model.path(device), device) for r in raws]
+    return [old.batch_to_tensors(r, device) for r in raws]
+
+
 def forward_rate(model, batches):
     """Events/s of the model's forward alone, as sample.py runs it (no gradients)."""
     def forward():
@@ -581,7 +589,7 @@ def bench_efficiency(name, split):
         old = old_model_module(compare_commit)
         torch.manual_seed(seed)
         old_model = old.IceModel(**model_args(args, old.IceModel)).to(device)  # the arguments it has
-        old_batches = [old.batch_to_tensors(r, device) for r in raw]
+        old_batches = old_inputs(old, old_model, raw)
         train_step(old_model, old_batches[0])
         ab = {'old': [], 'new': [], 'new_network': []}
         for _ in range(max(step_repeat, 3)):  # A B A B: the machine's speed drifts between passes
@@ -612,7 +620,7 @@ def bench_efficiency(name, split):
             old_raw.append(batch)
             done += n
         packed = {'new': [M.model_inputs(r, path, device) for r in new_raw],
-                  'old': [old.batch_to_tensors(r, device) for r in old_raw]}
+                  'old': old_inputs(old, old_model, old_raw)}
         rates = {'new': [], 'old': []}
         forward_rate(model, packed['new'][:1])  # warm-up
         forward_rate(old_model, packed['old'][:1])

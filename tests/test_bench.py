@@ -13,6 +13,7 @@ from sample import INFER_BUDGET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_BFE73EE = subprocess.run(['git', 'cat-file', '-e', 'bfe73ee'], cwd=ROOT, capture_output=True).returncode == 0
+HAS_HEAD = subprocess.run(['git', 'rev-parse', '--verify', 'HEAD'], cwd=ROOT, capture_output=True).returncode == 0
 TINY = ['--events_per_batch=100', '--read_events=32', '--max_pulses=4096', '--max_doms=2048', '--max_events=32',
         '--t1_dim=16', '--t1_heads=2', '--t2_dim=32', '--t2_layers=1', '--t2_heads=2',
         '--step_batches=2', '--step_max_pulses=512', '--step_max_doms=512', '--step_max_events=16',
@@ -64,11 +65,18 @@ def test_bench_rows_setting(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     args = [sys.executable, 'bench.py', f'--work_dir={tmp_path / "work"}', f'--out={out}'] + [
         a for a in TINY if not a.startswith('--compare_commit')]
-    p = subprocess.run(args + ['--rows=efficiency', '--efficiency_configs=toy_cpu', '--profile=True'], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    # against the last commit, as a fork times its own change: a commit that builds its batches with model_inputs
+    # (bfe73ee, in the test above, is older than the stream layout)
+    compare = ['--compare_commit=HEAD'] if HAS_HEAD else []
+    p = subprocess.run(args + ['--rows=efficiency', '--efficiency_configs=toy_cpu', '--profile=True'] + compare, cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert list(r['efficiency']) == ['toy_cpu'] and r['efficiency']['toy_cpu']['events_per_s'] > 0
+    if HAS_HEAD:
+        c = r['efficiency']['toy_cpu']['compare']
+        assert c['step_ratio'] > 0 and c['inference_ratio'] > 0
+        assert c['inference_budget_factors'] == [INFER_BUDGET, INFER_BUDGET]
     # profile=True: the step's ops, each counted once (their shares of the busy time add up to at most 1), the
     # matmuls and the attention kernels among the largest, the busy time within the pass's wall time
     prof = r['efficiency']['toy_cpu']['profile']
@@ -83,7 +91,7 @@ def test_bench_rows_setting(tmp_path):
     # and each figure as it was measured, in this order: the step's rates before the FLOP count (which takes long)
     said = [line for line in lines if line.startswith('bench: efficiency toy_cpu: ')]
     at = [next(i for i, line in enumerate(said) if key in line) for key in (' step ', 'matmul', 'loader', 'MFLOP', 'network')]
-    assert at == sorted(at) and len(said) == 6, said
+    assert at == sorted(at) and len(said) == 6 + 2 * HAS_HEAD, said  # (the comparison's two lines last)
     p = subprocess.run(args + ['--rows=efficiency,speed'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and 'not speed' in p.stderr
     p = subprocess.run(args + ['--rows=scaling'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
