@@ -470,7 +470,7 @@ def inference_budget(sample_source):
 
 
 def old_model_module(commit):
-    """model.py of an older commit, imported from `git show` (for the A B comparison of the step)."""
+    """model.py of an older commit, imported from `git show` (for the A B comparisons of the step and the forward)."""
     import importlib.util
     import tempfile
     src = source_at(commit, 'model.py')
