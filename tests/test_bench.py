@@ -76,7 +76,7 @@ def test_bench_rows_setting(tmp_path):
     if HAS_HEAD:
         c = r['efficiency']['toy_cpu']['compare']
         assert c['step_ratio'] > 0 and c['inference_ratio'] > 0
-        assert c['inference_budget_factors'] == [INFER_BUDGET, INFER_BUDGET]
+        assert c['inference_budget_factors'][1] == INFER_BUDGET  # (the last commit's may be another: a fork's edit)
     # profile=True: the step's ops, each counted once (their shares of the busy time add up to at most 1), the
     # matmuls and the attention kernels among the largest, the busy time within the pass's wall time
     prof = r['efficiency']['toy_cpu']['profile']
