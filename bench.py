@@ -397,17 +397,24 @@ def train_step(model, b):
     return loss.detach()
 
 
+def pack_in_order(split, idx, budgets, max_batches=None, min_events=None):
+    """The events idx packed in order into micro-batches at budgets (max_pulses, max_doms, max_events,
+    max_pulses_per_dom), until max_batches of them, or until they hold min_events events, or idx runs out. Returns
+    the micro-batches and how many events of idx they took (idx[:n])."""
+    batches, n = [], 0
+    while n < len(idx) and (max_batches is None or len(batches) < max_batches) and (min_events is None or n < min_events):
+        batch, taken = prepare.pack_batch(split, idx[n:], *budgets)
+        batches.append(batch)
+        n += taken
+    return batches, n
+
+
 def step_batches_of(split):
     """The step, scaling and inference rows' micro-batches, drawn at random from the train split, and their events."""
     idx = np.random.default_rng(seed + 1).permutation(len(split))
-    batches, taken, pos = [], [], 0
-    while len(batches) < step_batches and pos < len(idx):
-        batch, n = prepare.pack_batch(split, idx[pos:], step_max_pulses, step_max_doms, step_max_events,
-                                      step_max_pulses_per_dom)
-        batches.append(M.model_inputs(batch, 'flex' if device == 'cuda' else 'sdpa', device))
-        taken.append(idx[pos:pos + n])
-        pos += n
-    return batches, np.concatenate(taken)
+    raw, n = pack_in_order(split, idx, (step_max_pulses, step_max_doms, step_max_events, step_max_pulses_per_dom),
+                           max_batches=step_batches)
+    return [M.model_inputs(r, 'flex' if device == 'cuda' else 'sdpa', device) for r in raw], idx[:n]
 
 
 def step_flops(model, b):
@@ -492,13 +499,13 @@ def old_inputs(old, old_model, raws):
     return [old.batch_to_tensors(r, device) for r in raws]
 
 
-def forward_rate(model, batches):
-    """Events/s of the model's forward alone, as sample.py runs it (no gradients)."""
+def forward_rate(model, batches, repeat=1):
+    """Events/s of the model's forward alone, without gradients (best of repeat passes)."""
     def forward():
-        with torch.no_grad(), autocast():
+        with torch.inference_mode(), autocast():
             for b in batches:
                 model(b)
-    t, _ = timed(forward)
+    t, _ = timed(forward, repeat)
     return sum(int(b['n_events']) for b in batches) / t
 
 
@@ -544,11 +551,7 @@ def bench_efficiency(name, split):
     model = M.IceModel(**args)
     counted = copy.deepcopy(model)  # FLOPs are counted on the CPU (step_flops), whatever the device
     idx = np.random.default_rng(seed + 3).permutation(len(split))
-    raw, pos = [], 0
-    while len(raw) < step_batches and pos < len(idx):
-        batch, n = prepare.pack_batch(split, idx[pos:], *budgets)
-        raw.append(batch)
-        pos += n
+    raw, _ = pack_in_order(split, idx, budgets, max_batches=step_batches)
     path = model.path(device)
     batches = [M.model_inputs(r, path, device) for r in raw]  # as train.py runs it: the features in the forward
     network = [M.model_inputs(r, path, device, with_features=True) for r in raw]  # the features already done
@@ -603,22 +606,15 @@ def bench_efficiency(name, split):
                           'step_ratio': float(np.median(np.array(ab['new']) / old_rate)),
                           'network_ratio': float(np.median(np.array(ab['new_network']) / old_rate))}
         say(f"{out['compare']['step_ratio']:.2f}x {compare_commit}'s step, median of {len(old_rate)} A B passes")
-        # sample.py's model: the forward alone on the same events, each commit's at the budgets its sample.py packs
-        # (bfe73ee's training's, the present INFER_BUDGET times them), uncompiled as sample.py runs by default
+        # sample.py's model: the forward alone (no gradients) on the same events, each commit's at the budgets its
+        # sample.py packs (bfe73ee's training's, the present INFER_BUDGET times them), uncompiled as sample.py runs
         here = os.path.dirname(os.path.abspath(__file__))
         with open(os.path.join(here, 'sample.py')) as f:
             factors = {'new': inference_budget(f.read()), 'old': inference_budget(source_at(compare_commit, 'sample.py'))}
         scaled = {side: [b * f for b in budgets[:3]] + [budgets[3]] for side, f in factors.items()}
-        new_raw, n_inference = [], 0  # whole micro-batches up to compare_events events, which the old side packs too
-        while n_inference < max(compare_events // divisor, 1) and n_inference < len(idx):
-            batch, n = prepare.pack_batch(split, idx[n_inference:], *scaled['new'])
-            new_raw.append(batch)
-            n_inference += n
-        old_raw, done = [], 0
-        while done < n_inference:
-            batch, n = prepare.pack_batch(split, idx[done:n_inference], *scaled['old'])
-            old_raw.append(batch)
-            done += n
+        # whole micro-batches up to compare_events events, which the old side packs too
+        new_raw, n_inference = pack_in_order(split, idx, scaled['new'], min_events=max(compare_events // divisor, 1))
+        old_raw, _ = pack_in_order(split, idx[:n_inference], scaled['old'])
         packed = {'new': [M.model_inputs(r, path, device) for r in new_raw],
                   'old': old_inputs(old, old_model, old_raw)}
         rates = {'new': [], 'old': []}
@@ -725,18 +721,13 @@ def bench_scaling(hier, geometry):
 def bench_inference(split, batches, idx, hier):
     hier.eval()
     n_events = sum(int(b['n_events']) for b in batches)
-
-    def model_pass():
-        with torch.inference_mode(), autocast():
-            for b in batches:
-                hier(b)
-    model_pass()
-    t_model, _ = timed(model_pass, repeat=3)
+    forward_rate(hier, batches)  # warm-up
+    model_rate = forward_rate(hier, batches, repeat=3)
     hier.train()
     e = split.events(idx)
     geometry = split.geometry
     t_lf, _ = timed(lambda: classical.linefit(geometry[e['sensor_id']], e['time'], e['pulse_offsets']), repeat=3)
-    out = {'events': n_events, 'model_events_per_s': n_events / t_model, 'linefit_events_per_s': len(idx) / t_lf}
+    out = {'events': n_events, 'model_events_per_s': model_rate, 'linefit_events_per_s': len(idx) / t_lf}
     small = idx[:likelihood_events]
     es = split.events(small)
     for method in ('linefit_improved', 'mpe'):
