@@ -469,6 +469,29 @@ def source_at(commit, path):
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout
 
 
+def check_compare_commit(commit):
+    """compare_commit named in one line at the start when git cannot give its model.py and sample.py (a typo, a
+    shallow clone, a download without git's history), or its model.py has neither batch builder bench drives:
+    otherwise a traceback after the other rows' minutes."""
+    import subprocess
+    problem = f"bench: error: compare_commit={commit!r}"
+    try:
+        for path in ('model.py', 'sample.py'):
+            got = subprocess.run(['git', 'cat-file', '-e', f'{commit}:{path}'], capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            if got.returncode:
+                known = subprocess.run(['git', 'rev-parse', '--verify', '--quiet', f'{commit}^{{commit}}'],
+                                       capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                raise SystemExit(f"{problem}: its tree has no {path}" if known.returncode == 0 else
+                                 f"{problem}: not a commit of this repository's history ({got.stderr.strip() or 'git found none'}); "
+                                 f"a shallow clone lacks older ones: git fetch --unshallow")
+    except FileNotFoundError:
+        raise SystemExit(f"{problem}: the comparison reads that commit through git, which is not installed here") from None
+    if not re.search(r'^def (model_inputs|batch_to_tensors)\(', source_at(commit, 'model.py'), re.M):
+        raise SystemExit(f"{problem}: its model.py builds no batches as bench drives them (model_inputs, or "
+                         f"batch_to_tensors before it)")
+
+
 def inference_budget(sample_source):
     """The factor on training's budgets at which a version of sample.py runs the model (its INFER_BUDGET; 1 in those
     from before it, which packed as training did)."""
@@ -780,6 +803,11 @@ def main():
     if unknown or todo & {'scaling', 'inference'} and 'step' not in todo:
         raise SystemExit(f"bench: error: rows={rows!r}: the rows are prepare, reading, step, scaling, inference and "
                          f"efficiency" + (f", not {', '.join(sorted(unknown))}" if unknown else "; scaling and inference need step"))
+    if compare_commit and 'efficiency' not in todo:
+        raise SystemExit(f"bench: error: compare_commit={compare_commit!r} compares in the efficiency row, which "
+                         f"rows={rows!r} leaves out")
+    if compare_commit:
+        check_compare_commit(compare_commit)
     try:  # named now in one line: out was a traceback after all the rows' minutes, work_dir one at once
         os.makedirs(work_dir, exist_ok=True)
         open(out + '.tmp', 'w').close()

@@ -99,6 +99,26 @@ def test_bench_rows_setting(tmp_path):
     p = subprocess.run(args + ['--step_batches=0', '--scaling_sizes=100,x'], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=60)  # was a traceback from deep inside the step row
     assert p.returncode != 0 and "step_batches=0 (at least 1); scaling_sizes='100,x'" in p.stderr, p.stderr[-2000:]
+    # a compare_commit git cannot give, or given without the row that compares: one line before any row (a typo
+    # was a traceback after all the rows' minutes)
+    p = subprocess.run(args + ['--rows=efficiency', '--compare_commit=bfe73eX'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("bench: error: compare_commit='bfe73eX': not a commit of this "
+                                                    "repository's history"), p.stderr[-2000:]
+    assert not (tmp_path / 'work' / 'prepare_row').exists() and len(p.stderr.splitlines()) == 1
+    p = subprocess.run(args + ['--rows=step', '--compare_commit=HEAD'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and "compares in the efficiency row, which rows='step' leaves out" in p.stderr
+
+
+@pytest.mark.skipif(subprocess.run(['git', 'cat-file', '-e', '482f1ab'], cwd=ROOT, capture_output=True).returncode,
+                    reason='needs the git history (482f1ab, the first commit)')
+def test_a_compare_commit_without_a_model_is_named():
+    """The first commit has neither model.py nor sample.py: named as such, not git's exit status in a traceback."""
+    import bench
+    with pytest.raises(SystemExit, match=r"compare_commit='482f1ab': its tree has no model.py$"):
+        bench.check_compare_commit('482f1ab')
+    bench.check_compare_commit('HEAD')  # the present tree has both, and model_inputs
 
 
 def test_padded_t1_baseline_reads_both_layouts(monkeypatch):
