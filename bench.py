@@ -475,18 +475,20 @@ def check_compare_commit(commit):
     otherwise a traceback after the other rows' minutes."""
     import subprocess
     problem = f"bench: error: compare_commit={commit!r}"
-    try:
-        for path in ('model.py', 'sample.py'):
-            got = subprocess.run(['git', 'cat-file', '-e', f'{commit}:{path}'], capture_output=True, text=True,
-                                 cwd=os.path.dirname(os.path.abspath(__file__)))
-            if got.returncode:
-                known = subprocess.run(['git', 'rev-parse', '--verify', '--quiet', f'{commit}^{{commit}}'],
-                                       capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-                raise SystemExit(f"{problem}: its tree has no {path}" if known.returncode == 0 else
-                                 f"{problem}: not a commit of this repository's history ({got.stderr.strip() or 'git found none'}); "
-                                 f"a shallow clone lacks older ones: git fetch --unshallow")
-    except FileNotFoundError:
-        raise SystemExit(f"{problem}: the comparison reads that commit through git, which is not installed here") from None
+
+    def git(*args):
+        try:
+            return subprocess.run(['git', *args], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__)))
+        except FileNotFoundError:
+            raise SystemExit(f"{problem}: the comparison reads that commit through git, which is not installed here") from None
+    found = git('cat-file', '-e', f'{commit}^{{commit}}')
+    if found.returncode:
+        raise SystemExit(f"{problem}: not a commit of this repository's history ({found.stderr.strip()}); a shallow "
+                         f"clone lacks older ones: git fetch --unshallow")
+    for path in ('model.py', 'sample.py'):
+        if git('cat-file', '-e', f'{commit}:{path}').returncode:
+            raise SystemExit(f"{problem}: its tree has no {path}")
     if not re.search(r'^def (model_inputs|batch_to_tensors)\(', source_at(commit, 'model.py'), re.M):
         raise SystemExit(f"{problem}: its model.py builds no batches as bench drives them (model_inputs, or "
                          f"batch_to_tensors before it)")
