@@ -462,27 +462,28 @@ def loader_rate(split, budgets, transform):
     return rate
 
 
+def git(*args):
+    """git run in this repository's folder, its output captured (the comparison's older commit)."""
+    import subprocess
+    return subprocess.run(['git', *args], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+
+
 def source_at(commit, path):
     """The text of a file of this repository at commit (`git show`)."""
-    import subprocess
-    return subprocess.run(['git', 'show', f'{commit}:{path}'], capture_output=True, text=True, check=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    shown = git('show', f'{commit}:{path}')
+    shown.check_returncode()
+    return shown.stdout
 
 
 def check_compare_commit(commit):
     """compare_commit named in one line at the start when git cannot give its model.py and sample.py (a typo, a
     shallow clone, a download without git's history), or its model.py has neither batch builder bench drives:
     otherwise a traceback after the other rows' minutes."""
-    import subprocess
     problem = f"bench: error: compare_commit={commit!r}"
-
-    def git(*args):
-        try:
-            return subprocess.run(['git', *args], capture_output=True, text=True,
-                                  cwd=os.path.dirname(os.path.abspath(__file__)))
-        except FileNotFoundError:
-            raise SystemExit(f"{problem}: the comparison reads that commit through git, which is not installed here") from None
-    found = git('cat-file', '-e', f'{commit}^{{commit}}')
+    try:
+        found = git('cat-file', '-e', f'{commit}^{{commit}}')
+    except FileNotFoundError:
+        raise SystemExit(f"{problem}: the comparison reads that commit through git, which is not installed here") from None
     if found.returncode:
         raise SystemExit(f"{problem}: not a commit of this repository's history ({found.stderr.strip()}); a shallow "
                          f"clone lacks older ones: git fetch --unshallow")
