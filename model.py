@@ -230,22 +230,29 @@ def flex(q, k, v, block_mask):
 
 
 def attend(q, k, v, layout):
-    """k, v: (H, N, hd), the keys and values of one stream, head-major; q: the queries, (H, N, hd) for every token or
-    (H, n_docs, hd) for each document's first token alone (T2's last block: the CLS tokens, in stream order).
+    """k, v: (N, H, hd), the keys and values of one stream, token-major; q: the queries, (N, H, hd) for every token or
+    (n_docs, H, hd) for each document's first token alone (T2's last block: the CLS tokens, in stream order).
     layout: a BlockMask (flex) or the groups ((length, n_docs), ...) of a stream sorted by document length (sdpa).
-    Returns q's shape: each query attends (softmax, scale 1/sqrt(hd)) over its document's tokens. Head-major, a
-    group's tokens are one (H, n_docs, length, hd) view, each document's (length, hd) block contiguous, as the
-    kernels read it."""
+    Returns q's shape: each query attends (softmax, scale 1/sqrt(hd)) over its document's tokens.
+    q, k and v may be strided views (Block's slices of its qkv projection), which sdpa reads as they are: a group's
+    tokens are one (n_docs, H, length, hd) view, and the CPU flash kernel, which takes any strides with hd's at 1,
+    writes its output token-major, so that neither the inputs nor the output are copied (a head-major stream cost a
+    copy of q, k and v and two of the output: sample.py's model 1.07x faster without them, notes section 36).
+    FlexAttention's kernels get contiguous head-major (1, H, N, hd) buffers, the layout checked on the H200."""
     if isinstance(layout, BlockMask):
-        return flex(q[None], k[None], v[None], layout)[0]
+        q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
+        return flex(q, k, v, layout)[0].transpose(0, 1)
     sizes = [length * n for length, n in layout]
-    per_doc = q.shape[1] != k.shape[1]  # (all documents of one token: the same either way)
+    per_doc = q.shape[0] != k.shape[0]  # (all documents of one token: the same either way)
     out = []
-    for (length, n), qg, kg, vg in zip(layout, q.split([n for _, n in layout] if per_doc else sizes, dim=1),
-                                       k.split(sizes, dim=1), v.split(sizes, dim=1)):  # one backward
-        qg, kg, vg = qg.unflatten(1, (n, -1)), kg.unflatten(1, (n, length)), vg.unflatten(1, (n, length))
-        out.append(vg if length == 1 else F.scaled_dot_product_attention(qg, kg, vg))
-    return torch.cat([o.flatten(1, 2) for o in out], dim=1)
+    for (length, n), qg, kg, vg in zip(layout, q.split([n for _, n in layout] if per_doc else sizes),
+                                       k.split(sizes), v.split(sizes)):  # one backward
+        if length == 1:  # softmax over one key is that key's value
+            out.append(vg)
+            continue
+        o = F.scaled_dot_product_attention(*(t.unflatten(0, (n, -1)).transpose(1, 2) for t in (qg, kg, vg)))
+        out.append(o.transpose(1, 2).flatten(0, 1))
+    return torch.cat(out)
 
 
 # -----------------------------------------------------------------------------
@@ -470,13 +477,12 @@ class Block(nn.Module):
         N, C = x.shape
         H, h = self.n_head, self.ln1(x)
         if queries is None:
-            q, k, v = self.qkv(h).view(N, 3, H, C // H).permute(1, 2, 0, 3).contiguous()  # (H, N, hd) each
+            q, k, v = self.qkv(h).view(N, 3, H, C // H).unbind(1)  # (N, H, hd) each, views
         else:
             x = take(x, queries)
-            # (1, H, n, hd) made contiguous, then [0]: inductor's CPU flex kernel wants a 4-d buffer, as k's and v's are
-            q = F.linear(take(h, queries), self.qkv.weight[:C]).view(-1, 1, H, C // H).permute(1, 2, 0, 3).contiguous()[0]
-            k, v = F.linear(h, self.qkv.weight[C:]).view(N, 2, H, C // H).permute(1, 2, 0, 3).contiguous()
-        x = x + self.proj(attend(q, k, v, layout).transpose(0, 1).reshape(x.shape[0], C))
+            q = F.linear(take(h, queries), self.qkv.weight[:C]).view(-1, H, C // H)
+            k, v = F.linear(h, self.qkv.weight[C:]).view(N, 2, H, C // H).unbind(1)
+        x = x + self.proj(attend(q, k, v, layout).reshape(x.shape[0], C))
         return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
 
 

@@ -161,7 +161,8 @@ def test_attention_paths_agree(compiled, monkeypatch):
     qh, kh, vh = (t[:n].transpose(0, 1) for t in (q, k, v))
     ref = (torch.softmax((qh @ kh.transpose(-1, -2)) / 4.0 + torch.where(mask, 0.0, -math.inf), -1) @ vh).transpose(0, 1)
     for path, (src, doc, layout) in streams(lengths).items():
-        out = M.attend(*torch.stack([q[src], k[src], v[src]]).transpose(1, 2).contiguous(), layout).transpose(0, 1)
+        # q, k and v as Block gives them: strided views of one (N, 3, H, hd) projection
+        out = M.attend(*torch.stack([q[src], k[src], v[src]], 1).unbind(1), layout)
         real = src < n
         diff = (out[real] - ref[src[real]]).abs().max().item()
         print(f"attention {path} (compiled flex={compiled}): max abs diff from the dense reference {diff:.2e}")
@@ -169,8 +170,7 @@ def test_attention_paths_agree(compiled, monkeypatch):
         if path == 'sdpa':  # queries at each document's first token alone (T2's last block: the CLS tokens)
             lens = np.repeat(*zip(*layout))
             first = torch.from_numpy(np.cumsum(lens) - lens)
-            qkv = torch.stack([q[src], k[src], v[src]]).transpose(1, 2).contiguous()
-            out = M.attend(qkv[0][:, first], qkv[1], qkv[2], layout).transpose(0, 1)
+            out = M.attend(q[src][first], *torch.stack([k[src], v[src]], 1).unbind(1), layout)
             assert out.shape[0] == len(lengths) and (out - ref[src[first]]).abs().max() < 1e-5
 
 
@@ -642,9 +642,9 @@ def test_cuda_flex_kernel_per_layout(data, monkeypatch):
     failed = []
     for name, layout in zip(('t1', 't2', 'cls'), M.attention_layouts(t)):
         n_q, n_kv = layout.seq_lengths
-        q = torch.randn(2, n_q, 16, device='cuda', requires_grad=True)
-        k, v = (torch.randn(2, n_kv, 16, device='cuda', requires_grad=True) for _ in range(2))
-        w = torch.randn(2, n_q, 16, device='cuda')
+        q = torch.randn(n_q, 2, 16, device='cuda', requires_grad=True)
+        k, v = (torch.randn(n_kv, 2, 16, device='cuda', requires_grad=True) for _ in range(2))
+        w = torch.randn(n_q, 2, 16, device='cuda')
         res = {}
         for kernel in ('compiled', 'unfused'):
             with monkeypatch.context() as mp:
