@@ -237,9 +237,9 @@ def attend(q, k, v, layout):
     q, k and v may be strided views (Block's slices of its qkv projection), which sdpa reads as they are: a group's
     tokens are one (n_docs, H, length, hd) view, and the CPU flash kernel, which takes any strides with hd's at 1,
     writes its output token-major, so that neither the inputs nor the output are copied (a head-major stream cost a
-    copy of q, k and v and two of the output: sample.py's model runs 1.07-1.13x faster without them, the training
-    step 1.0-1.02x; notes section 36). FlexAttention gets contiguous head-major (1, H, N, hd) buffers, as checked on
-    the H200 (4-d buffers of their own: inductor's CPU flex kernel wants them)."""
+    copy of q, k and v and two of the output: without them sample.py's model runs 1.07-1.13x faster on one thread,
+    1.03x on two, the training step 1.0-1.02x; notes section 36). FlexAttention gets contiguous head-major
+    (1, H, N, hd) buffers, as checked on the H200 (4-d buffers of their own: inductor's CPU flex kernel wants them)."""
     if isinstance(layout, BlockMask):
         q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
         return flex(q, k, v, layout)[0].transpose(0, 1)
