@@ -69,6 +69,8 @@ import prepare
 import simulate
 from configurator import read_config
 
+_HERE = os.path.dirname(os.path.abspath(__file__))  # this repository: train.py, sample.py, config/, git's history
+
 # -----------------------------------------------------------------------------
 device = 'cpu'
 compile = False
@@ -90,9 +92,8 @@ def train_config(name):
     """The settings train.py runs with under a config file: its name in config/ ('toy_cpu') or a path to one
     ('config/my.py'), over train.py's defaults where the file leaves a setting out (those written as plain literals,
     read from train.py's source, a script that cannot be imported)."""
-    here = os.path.dirname(os.path.abspath(__file__))
     defaults = {}
-    with open(os.path.join(here, 'train.py')) as f:
+    with open(os.path.join(_HERE, 'train.py')) as f:
         for node in ast.parse(f.read()).body:
             if isinstance(node, ast.ImportFrom) and node.module == 'configurator':
                 break  # the end of the settings
@@ -101,7 +102,7 @@ def train_config(name):
                     defaults[node.targets[0].id] = ast.literal_eval(node.value)
                 except ValueError:  # device = 'cuda' if ... else 'cpu': not a literal
                     pass
-    return {**defaults, **read_config(name if name.endswith('.py') else os.path.join(here, 'config', f'{name}.py'))}
+    return {**defaults, **read_config(name if name.endswith('.py') else os.path.join(_HERE, 'config', f'{name}.py'))}
 
 
 # the model and the training budgets of config/toy_cpu.py, read from it, so the rows measure what the toy
@@ -465,7 +466,7 @@ def loader_rate(split, budgets, transform):
 def git(*args):
     """git run in this repository's folder, its output captured (the comparison's older commit)."""
     import subprocess
-    return subprocess.run(['git', *args], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(['git', *args], capture_output=True, text=True, cwd=_HERE)
 
 
 def source_at(commit, path):
@@ -634,8 +635,7 @@ def bench_efficiency(name, split):
         say(f"{out['compare']['step_ratio']:.2f}x {compare_commit}'s step, median of {len(old_rate)} A B passes")
         # sample.py's model: the forward alone (no gradients) on the same events, each commit's at the budgets its
         # sample.py packs (bfe73ee's training's, the present INFER_BUDGET times them), uncompiled as sample.py runs
-        here = os.path.dirname(os.path.abspath(__file__))
-        with open(os.path.join(here, 'sample.py')) as f:
+        with open(os.path.join(_HERE, 'sample.py')) as f:
             factors = {'new': inference_budget(f.read()), 'old': inference_budget(source_at(compare_commit, 'sample.py'))}
         scaled = {side: [b * f for b in budgets[:3]] + [budgets[3]] for side, f in factors.items()}
         # whole micro-batches up to compare_events events, which the old side packs too
