@@ -239,19 +239,24 @@ def attend(q, k, v, layout):
     writes its output token-major, so that neither the inputs nor the output are copied (a head-major stream cost a
     copy of q, k and v and two of the output: without them sample.py's model runs 1.07-1.13x faster on one thread,
     1.03x on two, the training step 1.0-1.02x; notes section 36). FlexAttention gets contiguous head-major
-    (1, H, N, hd) buffers, as checked on the H200 (4-d buffers of their own: inductor's CPU flex kernel wants them)."""
+    (1, H, N, hd) buffers, as checked on the H200 (4-d buffers of their own: inductor's CPU flex kernel wants them).
+    The loop over the groups calls only torch's C methods (view, split_with_sizes): Tensor.unflatten and Tensor.split
+    are Python functions, and the interpreter's time per call, a few hundred calls a micro-batch, is time in which
+    train.py's other micro-batch thread waits for the lock (the step 1.02x on one thread, 1.04x on two; section 37)."""
     if isinstance(layout, BlockMask):
         q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
         return flex(q, k, v, layout)[0].transpose(0, 1)
+    H, hd = k.shape[1:]
     sizes = [length * n for length, n in layout]
     per_doc = q.shape[0] != k.shape[0]  # (all documents of one token: the same either way)
     out = []
-    for (length, n), qg, kg, vg in zip(layout, q.split([n for _, n in layout] if per_doc else sizes),
-                                       k.split(sizes), v.split(sizes)):  # one backward
+    for (length, n), qg, kg, vg in zip(layout, q.split_with_sizes([n for _, n in layout] if per_doc else sizes),
+                                       k.split_with_sizes(sizes), v.split_with_sizes(sizes)):  # one backward
         if length == 1:  # softmax over one key is that key's value
             out.append(vg)
             continue
-        o = F.scaled_dot_product_attention(*(t.unflatten(0, (n, -1)).transpose(1, 2) for t in (qg, kg, vg)))
+        o = F.scaled_dot_product_attention(qg.view(n, -1, H, hd).transpose(1, 2), kg.view(n, length, H, hd).transpose(1, 2),
+                                           vg.view(n, length, H, hd).transpose(1, 2))
         out.append(o.transpose(1, 2).flatten(0, 1))
     return torch.cat(out)
 
