@@ -240,12 +240,21 @@ def attend(q, k, v, layout):
     copy of q, k and v and two of the output: without them sample.py's model runs 1.07-1.13x faster on one thread,
     1.03x on two, the training step 1.0-1.02x; notes section 36). FlexAttention gets contiguous head-major
     (1, H, N, hd) buffers, as checked on the H200 (4-d buffers of their own: inductor's CPU flex kernel wants them).
-    The loop over the groups calls only torch's C methods (view, split_with_sizes): Tensor.unflatten and Tensor.split
-    are Python functions, and the interpreter's time per call, a few hundred calls a micro-batch, is time in which
-    train.py's other micro-batch thread waits for the lock (the step 1.02x on one thread, 1.04x on two; section 37)."""
+    On the CPU, eager, the groups are one autograd node (GroupAttention); elsewhere (CUDA's sdpa path, torch.compile)
+    sdpa_groups, the same function through F.scaled_dot_product_attention."""
     if isinstance(layout, BlockMask):
         q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
         return flex(q, k, v, layout)[0].transpose(0, 1)
+    if q.device.type == 'cpu' and not torch.compiler.is_compiling():
+        return GroupAttention.apply(q, k, v, layout)
+    return sdpa_groups(q, k, v, layout)
+
+
+def sdpa_groups(q, k, v, layout):
+    """attend's sdpa path, a scaled_dot_product_attention call per group. The loop calls only torch's C methods
+    (view, split_with_sizes): Tensor.unflatten and Tensor.split are Python functions, and the interpreter's time per
+    call, a few hundred calls a micro-batch, is time in which train.py's other micro-batch thread waits for the lock
+    (the step 1.02x on one thread, 1.04x on two; section 37)."""
     H, hd = k.shape[1:]
     sizes = [length * n for length, n in layout]
     per_doc = q.shape[0] != k.shape[0]  # (all documents of one token: the same either way)
@@ -259,6 +268,64 @@ def attend(q, k, v, layout):
                                            vg.view(n, length, H, hd).transpose(1, 2))
         out.append(o.transpose(1, 2).flatten(0, 1))
     return torch.cat(out)
+
+
+def _docs(t, start, n, length):
+    """The (n, H, length, hd) view of rows start.. of a token-major (N, H, hd) tensor, n documents of length tokens
+    each: one call where split, view and transpose are three."""
+    s0, s1, s2 = t.stride()
+    return t.as_strided((n, t.shape[1], length, t.shape[2]), (length * s0, s1, s0, s2), t.storage_offset() + start * s0)
+
+
+def _rows(x):
+    """The (n * length, H, hd) token rows of an (n, H, length, hd) output of the flash kernel, which writes it
+    token-major: one call where transpose and reshape are two (and a copy, should a kernel write it otherwise)."""
+    n, H, length, hd = x.shape
+    if x.stride() != (length * H * hd, hd, H * hd, 1):
+        return x.transpose(1, 2).reshape(-1, H, hd)
+    return x.as_strided((n * length, H, hd), (H * hd, hd, 1), x.storage_offset())
+
+
+class GroupAttention(torch.autograd.Function):
+    """sdpa_groups on the CPU as one autograd node: the flash kernel's forward and backward, the two aten ops that
+    F.scaled_dot_product_attention and its gradient call there, applied group by group. The same kernels on the same
+    views, so the same floats (tests/test_model.py checks outputs and gradients bitwise), without the autograd nodes
+    that the views around each call cost: some nine a group, about 90 groups a micro-batch. The step 1.06x on one
+    thread (notes section 38), also under torchrun; train.py's two micro-batch threads gain nothing, the backward's
+    loop being Python, which holds the lock that autograd's own nodes do not."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout):
+        per_doc = q.shape[0] != k.shape[0]
+        out, ctx.saved, ctx.first = [], [], layout[0]
+        start_q = start = 0
+        for length, n in layout:
+            length_q = 1 if per_doc else length
+            if length == 1:  # softmax over one key is that key's value (the first group: they are sorted by length)
+                assert start == 0, "GroupAttention: groups not sorted by length"
+                out.append(v[:n])
+            else:  # the views and the kernel's outputs kept for the backward (none an output of this node: no cycle)
+                qg, kg, vg = _docs(q, start_q, n, length_q), _docs(k, start, n, length), _docs(v, start, n, length)
+                o, lse = GroupAttention.flash(qg, kg, vg)
+                out.append(_rows(o))
+                ctx.saved.append((start_q, n, length_q, qg, kg, vg, o, lse))
+            start_q, start = start_q + n * length_q, start + n * length
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad, (H, hd) = grad.contiguous(), grad.shape[1:]
+        groups, ctx.saved = ctx.saved, None  # freed now, not when the graph goes (as save_for_backward's would be)
+        grads = [GroupAttention.flash_backward(_docs(grad, start_q, n, length_q), *saved, 0.0, False)
+                 for start_q, n, length_q, *saved in groups]
+        dq, dk, dv = ([_rows(g[i]) for g in grads] for i in range(3))
+        length, n = ctx.first
+        if length == 1:
+            zeros = grad.new_zeros(n, H, hd)
+            dq, dk, dv = [zeros] + dq, [zeros] + dk, [grad[:n]] + dv
+        return torch.cat(dq), torch.cat(dk), torch.cat(dv), None
 
 
 # -----------------------------------------------------------------------------

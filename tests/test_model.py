@@ -174,6 +174,32 @@ def test_attention_paths_agree(compiled, monkeypatch):
             assert out.shape[0] == len(lengths) and (out - ref[src[first]]).abs().max() < 1e-5
 
 
+def test_group_attention_node_equals_sdpa_calls():
+    """attend's CPU path (GroupAttention: the flash kernel's forward and backward called group by group, one autograd
+    node) computes what the same groups through F.scaled_dot_product_attention compute: the output and the gradients
+    of q, k and v bitwise, for every token's queries and for each document's first token alone (T2's last block),
+    with a group of one-token documents (which skip the kernel)."""
+    lengths = [1, 1, 300, 5, 128, 1, 2, 256, 17, 1, 3, 40, 5]
+    layout = streams(lengths)['sdpa'][2]
+    n = sum(lengths)
+    lens = np.repeat(*zip(*layout))
+    first = torch.from_numpy(np.cumsum(lens) - lens)
+    weight = torch.randn(n, 2, 16)
+    for per_doc in (False, True):
+        results = []
+        for attention in (M.GroupAttention.apply, M.sdpa_groups):
+            torch.manual_seed(0)
+            qkv = torch.randn(n, 3, 2, 16, requires_grad=True)
+            q, k, v = qkv.unbind(1)  # strided views, as Block gives them
+            out = attention(q[first] if per_doc else q, k, v, layout)
+            (out * weight[:out.shape[0]]).sum().backward()
+            results.append((out.detach(), qkv.grad))
+        (out_a, grad_a), (out_b, grad_b) = results
+        assert out_a.shape == (len(lengths) if per_doc else n, 2, 16)
+        assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b), per_doc
+        assert grad_a[:, 0].abs().sum() > 0 and grad_a[:, 1].abs().sum() > 0  # q and k reached, not only v
+
+
 def dense_flex(monkeypatch):
     """FlexAttention's unfused reference (eager: it materialises the scores and differentiates the dense math) in
     place of the compiled kernel. torch refuses its backward on the CPU at the door (_validate_device); the dense
