@@ -300,13 +300,14 @@ class GroupAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout):
         per_doc = q.shape[0] != k.shape[0]
-        out, ctx.saved, ctx.first = [], [], layout[0]
+        out, ctx.saved, ctx.ones = [], [], 0  # ones: one-token documents, whose output was their value
         start_q = start = 0
         for length, n in layout:
             length_q = 1 if per_doc else length
             if length == 1:  # softmax over one key is that key's value (the first group: they are sorted by length)
                 assert start == 0, "GroupAttention: groups not sorted by length"
                 out.append(v[:n])
+                ctx.ones = n
             else:  # the views and the kernel's outputs kept for the backward (none an output of this node: no cycle)
                 qg, kg, vg = _docs(q, start_q, n, length_q), _docs(k, start, n, length), _docs(v, start, n, length)
                 o, lse = GroupAttention.flash(qg, kg, vg)
@@ -322,10 +323,9 @@ class GroupAttention(torch.autograd.Function):
         grads = [GroupAttention.flash_backward(_docs(grad, start_q, n, length_q), *saved, 0.0, False)
                  for start_q, n, length_q, *saved in groups]
         dq, dk, dv = ([_rows(g[i]) for g in grads] for i in range(3))
-        length, n = ctx.first
-        if length == 1:
-            zeros = grad.new_zeros(n, H, hd)
-            dq, dk, dv = [zeros] + dq, [zeros] + dk, [grad[:n]] + dv
+        if ctx.ones:
+            zeros = grad.new_zeros(ctx.ones, H, hd)
+            dq, dk, dv = [zeros] + dq, [zeros] + dk, [grad[:ctx.ones]] + dv
         return torch.cat(dq), torch.cat(dk), torch.cat(dv), None
 
 
