@@ -251,10 +251,10 @@ def attend(q, k, v, layout):
 
 
 def sdpa_groups(q, k, v, layout):
-    """attend's sdpa path, a scaled_dot_product_attention call per group. The loop calls only torch's C methods
-    (view, split_with_sizes): Tensor.unflatten and Tensor.split are Python functions, and the interpreter's time per
-    call, a few hundred calls a micro-batch, is time in which train.py's other micro-batch thread waits for the lock
-    (the step 1.02x on one thread, 1.04x on two; section 37)."""
+    """attend's sdpa path where GroupAttention does not run (CUDA's sdpa path, and torch.compile, which traces these
+    ops), a scaled_dot_product_attention call per group. The loop calls only torch's C methods (view,
+    split_with_sizes), not the Python functions Tensor.unflatten and Tensor.split: while this loop was the CPU's eager
+    path, that made the step 1.02x on one thread and 1.04x in train.py's two threads (section 37)."""
     H, hd = k.shape[1:]
     sizes = [length * n for length, n in layout]
     per_doc = q.shape[0] != k.shape[0]  # (all documents of one token: the same either way)
