@@ -41,6 +41,7 @@ and together (a run stopped before or while it writes leaves the files of the ru
 
 import errno
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -640,13 +641,26 @@ def load_checkpoint(path):
     """train.py's checkpoint, or one line naming the file and what to do when it is missing or damaged."""
     if not os.path.exists(path):
         raise SystemExit(f"sample: error: {path}: no checkpoint there; train.py writes best.pt and ckpt.pt into "
-                         f"its out_dir: choose them with --out_dir and --ckpt")
+                         f"its out_dir: choose them with --out_dir and --ckpt{checkpoints_near(path)}")
     try:
         ck = M.read_checkpoint(path, ('config', 'model', 'model_args', 'iter_num', 'max_pulses_per_dom', 'data_dir'))
     except ValueError as e:  # truncated zip, garbage, no permission, not a train.py checkpoint, foreign objects
         raise SystemExit(f"sample: error: {path}: unreadable checkpoint ({e}); "
                          f"try --ckpt=ckpt.pt or --ckpt=ckpt.prev.pt (train.py keeps the one before ckpt.pt)") from None
     return ck
+
+
+def checkpoints_near(path, most=4):
+    """' (found: ...)': the checkpoints in path's folder and, of path's name, in the folders beside it. A plain
+    `python sample.py` after the quick start looks in out/, where the run wrote out-toy-cpu/."""
+    folder = os.path.dirname(path) or '.'
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), '*.pt')))
+    beside = os.path.join(glob.escape(os.path.dirname(os.path.normpath(folder))), '*', glob.escape(os.path.basename(path)))
+    found += sorted(set(map(os.path.normpath, glob.glob(beside))) - set(map(os.path.normpath, found)))
+    if not found:
+        return ''
+    more = f" and {len(found) - most} more" if len(found) > most else ''
+    return f" (found: {', '.join(map(os.path.normpath, found[:most]))}{more})"
 
 
 def batches(loader):

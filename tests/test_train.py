@@ -706,10 +706,18 @@ def test_paths_typed_from_another_folder(data_dir, tmp_path):
 
 def test_sample_on_a_missing_or_damaged_checkpoint(preempted, tmp_path):
     root = preempted[0]
-    p = run(['sample.py', f'--out_dir={tmp_path}'], check=False)
+    runs = tmp_path / 'runs'
+    for folder in ('new', 'toy'):
+        os.makedirs(runs / folder)
+    p = run(['sample.py', f'--out_dir={runs}/new'], check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
-        f"sample: error: {tmp_path}/best.pt: no checkpoint there; train.py writes best.pt and ckpt.pt into its out_dir: "
+        f"sample: error: {runs}/new/best.pt: no checkpoint there; train.py writes best.pt and ckpt.pt into its out_dir: "
         "choose them with --out_dir and --ckpt"]
+    # the checkpoints it could have meant are named: the folder's own, and those of that name beside it
+    for name in ('toy/best.pt', 'toy/ckpt.pt', 'new/ckpt.pt'):
+        shutil.copy(f'{root}/whole/best.pt', runs / name)
+    p = run(['sample.py', f'--out_dir={runs}/new'], check=False)
+    assert p.returncode == 1 and p.stderr.strip().endswith(f"(found: {runs}/new/ckpt.pt, {runs}/toy/best.pt)")
     shutil.copy(f'{root}/whole/best.pt', tmp_path / 'best.pt')
     _truncate(tmp_path / 'best.pt')
     p = run(['sample.py', f'--out_dir={tmp_path}'], check=False)
