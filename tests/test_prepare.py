@@ -1281,3 +1281,20 @@ def test_a_read_only_out_dir_is_named_in_one_line(clean_raw, tmp_path, monkeypat
                                          f"system\\); prepare.py writes there: give an out_dir you can write$"):
         prepare.run(clean_raw, out, num_proc=1, log=lambda *a: None)
     assert sorted(os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs) == before
+
+
+def test_a_changed_fit_ice_rebuilds_the_shards(tmp_path, clean_raw):
+    """A re-run with the same fit_steps in another ice (fit_ice='toy' after 'bulk', or another table file) refits every
+    shard: the quick fit, the model's second seed, depends on the ice, and a shard kept from before would hold the old
+    ice's fits under a manifest that records the new one."""
+    out = str(tmp_path / 'out')
+    prepare.run(clean_raw, out, num_proc=1, log=lambda *a: None, fit_steps=1, fit_ice='bulk')
+    bulk = open_split(f"{out}/val")._column('fit_rlogl')
+    logs = []
+    prepare.run(clean_raw, out, num_proc=1, log=logs.append, fit_steps=1, fit_ice='toy')
+    assert sum("its quick fit was made with {'steps': 1, 'ice': 'bulk'}, this run asks for {'steps': 1, 'ice': 'toy'}: "
+               "rebuilding it" in line for line in logs) == 4, logs
+    for d in glob.glob(f"{out}/*/batch_*"):
+        with open(f"{d}/shard.json") as f:
+            assert json.load(f)['fit'] == {'steps': 1, 'ice': 'toy'}, d
+    assert not np.array_equal(open_split(f"{out}/val")._column('fit_rlogl'), bulk)
