@@ -1338,3 +1338,16 @@ def test_manifest_log10_charge_statistics(prepared):
     _, want = _raw_statistics(prepared)
     for k in ('log10_charge_mean', 'log10_charge_std'):
         assert m['stats'][k] == pytest.approx(float(want[k]), rel=1e-4), k
+
+
+def test_loader_with_max_events_total_draws_only_the_first_events(prepared):
+    """max_events_total=n (train.py's train_events and eval_events, sample.py's n): every epoch draws the split's first
+    n events, each once across the ranks, shuffled or in order, and none past them."""
+    s = open_split(f"{prepared}/out/train")
+    for shuffle in (False, True):
+        seen = []
+        for rank in range(2):
+            loader = BatchLoader(s, 3000, 3000, 16, 64, shuffle=shuffle, seed=2, rank=rank, world_size=2, epochs=1,
+                                 max_events_total=30)
+            seen += [i for b in loader for i in b['event_index'][:b['n_events']]]
+        assert sorted(seen) == list(range(30)), shuffle
