@@ -1351,3 +1351,23 @@ def test_loader_with_max_events_total_draws_only_the_first_events(prepared):
                                  max_events_total=30)
             seen += [i for b in loader for i in b['event_index'][:b['n_events']]]
         assert sorted(seen) == list(range(30)), shuffle
+
+
+def test_fit_steps_0_takes_the_plain_linefit_where_the_improved_one_has_no_velocity(tmp_path):
+    """With fit_steps=0 the stored quick fit is the improved LineFit, or where it found no velocity (its kept pulses all
+    at one time) the plain LineFit's direction: where the neutrino comes from, minus its velocity. Here the three
+    non-auxiliary hits share a time and only the auxiliary pulses (weight 1e-3 in the plain fit) move along +x."""
+    geometry = np.array([[0, 0, 0], [20, 0, 0], [0, 20, 0], [100, 0, 0], [200, 0, 0], [300, 0, 0]], np.float32)
+    rows = [(0, 10000, False), (1, 10000, False), (2, 10000, False), (3, 10400, True), (4, 10800, True), (5, 11200, True)]
+    sensor, t, aux = (np.array(c) for c in zip(*rows))
+    src = str(tmp_path / 'batch_1.parquet')
+    pq.write_table(pa.table({'event_id': np.full(6, 7), 'sensor_id': sensor.astype(np.int16), 'time': t,
+                             'charge': np.ones(6), 'auxiliary': aux}), src)
+    meta = {'event_id': np.array([7]), 'first_pulse_index': np.array([0]), 'last_pulse_index': np.array([5])}
+    _, _, events, _ = prepare.pack_file(src, meta, None, geometry, False, {'steps': 0, 'ice': None})
+    assert all(events[f'ilf_{c}'][0] == 0 for c in 'xyz')  # the case: no improved LineFit
+    lf_v = np.array([[events[f'lf_v{c}'][0] for c in 'xyz']])
+    assert lf_v[0, 0] > 0  # the plain fit's velocity along +x
+    stored = prepare.angles_to_dir(events['fit_azimuth'], events['fit_zenith'])
+    assert classical.angular_error(stored, -lf_v)[0] < 1e-4
+    assert events['fit_rlogl'][0] == classical.TIME_FIT_FAILED
