@@ -1371,3 +1371,24 @@ def test_fit_steps_0_takes_the_plain_linefit_where_the_improved_one_has_no_veloc
     stored = prepare.angles_to_dir(events['fit_azimuth'], events['fit_zenith'])
     assert classical.angular_error(stored, -lf_v)[0] < 1e-4
     assert events['fit_rlogl'][0] == classical.TIME_FIT_FAILED
+
+
+def test_each_event_carries_its_own_truth_whatever_the_truth_file_s_order(tmp_path, clean_raw):
+    """events.npy's truth columns are each event's row of the truth file, matched by event_id (not by position: here
+    its rows are shuffled), kind coded as KIND_NAMES lists it (0 track, 1 cascade): the kind and energy heads learn
+    them, and sample.py's figures group by them."""
+    shutil.copytree(clean_raw, tmp_path / 'raw')
+    raw = str(tmp_path / 'raw')
+    truth = pq.read_table(f"{raw}/train_truth.parquet")
+    truth = truth.take(np.random.default_rng(0).permutation(len(truth)))
+    pq.write_table(truth, f"{raw}/train_truth.parquet")
+    prepare.run(raw, str(tmp_path / 'out'), num_proc=1, log=lambda *a: None, fit_steps=0)
+    row = {e: i for i, e in enumerate(truth['event_id'].to_pylist())}
+    for split in ('train', 'val'):
+        s = open_split(str(tmp_path / 'out' / split))
+        at = np.array([row[e] for e in s.event_id.tolist()])
+        kind = np.array(truth['kind'].to_pylist())[at]
+        assert set(kind) == set(prepare.KIND_NAMES)
+        np.testing.assert_array_equal(s.truth['kind'], (kind == 'cascade').astype(np.uint8))
+        for name in ('energy', 'vertex_x', 'vertex_y', 'vertex_z'):
+            np.testing.assert_array_equal(s.truth[name], truth[name].to_numpy()[at].astype(np.float32), name)
