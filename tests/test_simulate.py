@@ -254,3 +254,14 @@ def test_cascade_direction_in_charge_and_time():
     assert ahead.sum() >= 20 and back.sum() >= 20
     light = mu * r * np.exp(r / 60.0)  # the fall with distance divided out, roughly
     assert np.median(light[ahead]) > 1.3 * np.median(light[back])
+
+
+def test_a_set_made_with_a_constant_this_version_lacks_is_refused(tiny, tmp_path):
+    """simulation.json recording a physics constant that this simulate.py does not have (a forker removed or renamed
+    one) is a set made with other physics: refused, naming it, not taken as complete and reused."""
+    out = str(tmp_path / 'other')
+    os.makedirs(out)
+    info = json.load(open(f'{tiny}/simulation.json'))
+    json.dump({**info, 'physics': {**info['physics'], 'OLD_YIELD': 2.0}}, open(f'{out}/simulation.json', 'w'))
+    with pytest.raises(SystemExit, match=r'made otherwise \(.*simulation.json: OLD_YIELD=2.0 \(now none\)\); delete'):
+        simulate.simulate(out_dir=out, **TINY)
