@@ -290,3 +290,38 @@ def test_mpe_fit_with_light_emitted_beyond_the_ice_table():
     for refine in (None, near):  # the time fit, then with the charge refinement too
         direction, ll = C.mpe_fit(pos, time, np.full(41, 3.0), np.array([0, 41]), seeds, steps=5, near=refine)
         assert np.isfinite(direction).all() and np.isfinite(ll).all()
+
+
+def test_the_likelihood_fits_time_each_dom_by_its_first_pulse():
+    """The quick fit is a first-photon likelihood: each DOM's time is its first pulse's. Later pulses on the DOMs
+    (auxiliary here, so that the LineFit seeds are the same, and with the DOM's total charge unchanged) change
+    nothing; a fit timed by a DOM's last pulse would move."""
+    torch.manual_seed(0)
+    ev, _ = track_events(3, np.random.default_rng(5))
+    n = len(ev['time'])
+    dom = np.repeat(np.arange(n), 2)  # each DOM: its pulse, then one 50-1000 ns later with half a pe of its charge
+    late = np.tile([0, 1], n).astype(bool)
+    charge = np.where(late, 0.5, ev['charge'][dom] - 0.5)
+    delay = np.random.default_rng(7).integers(50, 1000, 2 * n) * late
+    ev2 = {'sensor_id': ev['sensor_id'][dom], 'time': ev['time'][dom] + delay, 'charge': charge, 'auxiliary': late,
+           'pulse_offsets': 2 * ev['pulse_offsets'], 'event_dom_offsets': ev['event_dom_offsets'],
+           'dom_offsets': 2 * ev['dom_offsets']}
+    one, two = C.time_fit(ev, make_geometry(), steps=10), C.time_fit(ev2, make_geometry(), steps=10)
+    assert C.angular_error(one[0], two[0]).max() < 1e-6
+    np.testing.assert_allclose(one[1], two[1], rtol=1e-5)
+
+
+def test_the_fits_over_chunks_of_events_are_those_of_one_call(monkeypatch):
+    """The quick fit runs its LineFit seeds over chunks of CHUNK_PULSES pulses and the likelihood over chunks of
+    MPE_CHUNK_DOMS DOMs (a prepare.py call holds up to a million pulses): each event's fit is the same whichever chunk
+    it falls in, none dropped or read with another chunk's offsets."""
+    torch.manual_seed(0)
+    ev, _ = track_events(5, np.random.default_rng(6))
+    whole = C.time_fit(ev, make_geometry(), steps=10)
+    monkeypatch.setattr(C, 'CHUNK_PULSES', 250)  # one pulse per DOM here
+    monkeypatch.setattr(C, 'MPE_CHUNK_DOMS', 250)
+    doms = np.diff(ev['event_dom_offsets'])
+    assert doms.max() > 250 and doms.min() < 125, doms  # an event over a chunk alone, and chunks of several
+    chunked = C.time_fit(ev, make_geometry(), steps=10)
+    assert C.angular_error(whole[0], chunked[0]).max() < 1e-5
+    np.testing.assert_allclose(whole[1], chunked[1], rtol=1e-4)
