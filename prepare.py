@@ -628,19 +628,20 @@ def write_manifest(split_dir, split, shard_infos, geometry, has_labels, has_trut
     tmp = f"{split_dir}/geometry.npy.tmp.npy"
     np.save(tmp, geometry)
     os.replace(tmp, f"{split_dir}/geometry.npy")
-    total = lambda k: int(sum(info[k] for info in infos))
-    n_pulses = total('n_pulses')
+    total = lambda k: sum(info[k] for info in infos)
+    count = lambda k: int(total(k))  # (not total's: the log10 charge's sums are floats, which an int() cut short)
+    n_pulses = count('n_pulses')
     mean_q = total('sum_log10_charge') / max(n_pulses, 1)
     manifest = {
         'format_version': FORMAT_VERSION, 'split': split, 'shards': names,
-        'n_events': total('n_events'), 'n_pulses': n_pulses, 'n_doms': total('n_doms'),
+        'n_events': count('n_events'), 'n_pulses': n_pulses, 'n_doms': count('n_doms'),
         'has_labels': has_labels, 'has_truth': has_truth, 'kind_names': KIND_NAMES,
         'pulse_dtype': PULSE_DTYPE.descr, 'n_sensors': len(geometry),
         'made_by': made_by,  # the settings that made it: the reader's message names the command that remakes it
         'stats': {
-            'aux_fraction': total('n_aux') / max(n_pulses, 1),
-            'single_pulse_dom_fraction': total('n_single_pulse_doms') / max(total('n_doms'), 1),
-            'mean_pulses_per_event': n_pulses / max(total('n_events'), 1),
+            'aux_fraction': count('n_aux') / max(n_pulses, 1),
+            'single_pulse_dom_fraction': count('n_single_pulse_doms') / max(count('n_doms'), 1),
+            'mean_pulses_per_event': n_pulses / max(count('n_events'), 1),
             'max_pulses_per_event': max(i['max_pulses_per_event'] for i in infos),
             'max_doms_per_event': max(i['max_doms_per_event'] for i in infos),
             'max_pulses_per_dom': max(i['max_pulses_per_dom'] for i in infos),
