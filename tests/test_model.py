@@ -741,3 +741,22 @@ def test_heads_that_do_not_split_the_width_are_named():
         M.IceModel(t2_dim=64, t2_heads=3)
     with pytest.raises(ValueError, match=r"t1_dim=32 is not a multiple of t1_heads=0"):
         M.IceModel(t1_dim=32, t1_heads=0)
+
+
+def test_pulses_cut_by_the_per_dom_cap_are_seen_only_as_a_count(data):
+    """pack_batch keeps each DOM's first max_pulses_per_dom pulses and records how many it had before the cap in
+    dom_n_pulses: a DOM's T1 embedding is the mean over the pulses it kept (not its pulses before the cap: the
+    cut ones have no output to sum), and of the DOM features only the count itself may change; the improved
+    LineFit's share of direct pulses is a share of the kept ones. The batches built here (and the stored step's)
+    keep every pulse, where dom_n_pulses equals the kept count and such a mix-up changed no output."""
+    _, b = data
+    capped = {**b, 'dom_n_pulses': b['dom_n_pulses'].copy()}
+    capped['dom_n_pulses'][:b['n_doms']:2] += 7  # as if every other DOM had 7 more pulses cut by the cap
+    m = small_model()
+    with torch.no_grad():
+        t, tc = M.model_inputs(b, 'sdpa', with_features=True), M.model_inputs(capped, 'sdpa', with_features=True)
+        dom_emb, dom_emb_capped = (m.embed_doms(x, M.attention_layouts(x)[0]) for x in (t, tc))
+    torch.testing.assert_close(dom_emb_capped, dom_emb, rtol=0, atol=1e-6)
+    changed = ((t['dom_feats'] - tc['dom_feats']).abs() > 1e-6).any(0)
+    assert int(changed.sum()) == 1, f"DOM feature columns that changed with the count before the cap: {changed.nonzero().flatten().tolist()}"
+    torch.testing.assert_close(tc['event_feats'], t['event_feats'])
