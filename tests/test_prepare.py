@@ -307,6 +307,56 @@ def test_an_event_over_the_budget_keeps_exactly_its_earliest_pulses(prepared):
         np.testing.assert_array_equal(b['pulse_aux'][:n_p], e['auxiliary'][want])
 
 
+def test_a_truncated_event_keeps_each_pulse_with_its_own_values():
+    """An event over a budget (pack_events, as pack_batch packs it): each kept pulse brings its own charge, auxiliary
+    flag and direct flag, its time counts from the first pulse the batch kept, its rank from the first kept pulse of
+    its DOM, and the event's pulse and DOM counts are those before the cut (as dom_n_pulses is the DOM's). Every
+    other packing test keeps the event's first pulse and its DOMs' first pulses, where the source's first n_p values,
+    the time from the event's first raw pulse, the raw rank or the count of kept DOMs passed."""
+    # (sensor, time, auxiliary) in (sensor, time) order; a distinct charge and a direct flag per pulse
+    pulses = [(3, 100, 1), (3, 200, 0), (3, 300, 0), (3, 400, 0), (7, 50, 1), (7, 500, 0), (9, 600, 0), (9, 700, 0),
+              (9, 800, 1), (12, 900, 1)]
+    sensor, time, aux = (np.array(c) for c in zip(*pulses))
+    dom_offsets = np.r_[0, np.flatnonzero(np.diff(sensor)) + 1, len(sensor)]
+    e = {'sensor_id': sensor.astype(np.int16), 'time': time.astype(np.int64), 'auxiliary': aux.astype(bool),
+         'charge': np.arange(1, 11, dtype=np.float32) * 0.25, 'direct': np.arange(10) % 3 == 0,
+         'pulse_offsets': np.array([0, 10]), 'event_dom_offsets': np.array([0, 4]), 'dom_offsets': dom_offsets}
+    ev = {name: np.array([0.5]) for name in ('azimuth', 'zenith', 'fit_azimuth', 'fit_zenith', 'fit_rlogl', 'lf_vx',
+                                              'lf_vy', 'lf_vz', 'ilf_x', 'ilf_y', 'ilf_z')}
+    geometry = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+    # a cap of 3 per DOM, then 5 pulses: the non-auxiliary ones of the first 3 in each DOM, earliest first
+    b = prepare.pack_events(e, ev, np.array([0]), geometry, max_pulses=5, max_doms=8, max_events=2, max_pulses_per_dom=3)
+    want = np.array([1, 2, 5, 6, 7])  # the 50 ns (auxiliary) pulse and sensor 12's are cut
+    assert b['n_pulses'] == 5 and b['n_doms'] == 3
+    np.testing.assert_array_equal(b['dom_sensor'][b['pulse_dom'][:5]], sensor[want])
+    np.testing.assert_array_equal(b['pulse_time'][:5], time[want] - 200)
+    np.testing.assert_array_equal(b['pulse_charge'][:5], e['charge'][want])
+    np.testing.assert_array_equal(b['pulse_aux'][:5], aux[want])
+    np.testing.assert_array_equal(b['pulse_direct'][:5], e['direct'][want])
+    np.testing.assert_array_equal(b['pulse_rank'][:5], [0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(b['dom_n_pulses'][:3], [4, 2, 3])
+    assert (b['event_n_pulses'][0], b['event_n_doms'][0]) == (10, 4)
+
+
+def test_a_batch_takes_every_event_that_fits(prepared):
+    """plan_batch takes events while their pulses after the per-DOM cap, their DOMs and their count fit the budgets:
+    with a budget exactly filled by the first k events it takes k, one pulse or DOM short k - 1. Counting pulses
+    before the cap, or a budget reached as if exceeded, still gives batches within budget, only fewer events each
+    (event 0 has DOMs of hundreds of pulses), which no other test noticed."""
+    s = open_split(f"{prepared}/out/train")
+    idx, cap = np.arange(len(s)), 4
+    ev = s.events(idx[:12])
+    capped = np.minimum(np.diff(ev['dom_offsets']), cap)
+    for k in (1, 5, 12):
+        pulses, doms = int(capped[:ev['event_dom_offsets'][k]].sum()), int(ev['event_dom_offsets'][k])
+        assert pulses < ev['pulse_offsets'][k], "the case needs DOMs over the cap"
+        assert pack_batch(s, idx, pulses, doms, k, cap)[1] == k
+        assert pack_batch(s, idx, pulses, doms, 64, cap)[1] == k
+        if k > 1:
+            assert pack_batch(s, idx, pulses - 1, doms, 64, cap)[1] == k - 1
+            assert pack_batch(s, idx, pulses, doms - 1, 64, cap)[1] == k - 1
+
+
 def test_loader_covers_split_once_and_ranks_differ(prepared):
     s = open_split(f"{prepared}/out/train")
     seen = []
