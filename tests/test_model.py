@@ -760,3 +760,21 @@ def test_pulses_cut_by_the_per_dom_cap_are_seen_only_as_a_count(data):
     changed = ((t['dom_feats'] - tc['dom_feats']).abs() > 1e-6).any(0)
     assert int(changed.sum()) == 1, f"DOM feature columns that changed with the count before the cap: {changed.nonzero().flatten().tolist()}"
     torch.testing.assert_close(tc['event_feats'], t['event_feats'])
+
+
+def test_cls_queries_reach_a_document_whose_last_token_opens_a_block():
+    """T2's last block on the flex path: each block of CLS queries attends the key blocks up to the one holding its
+    last document's last token. An event of BLOCK DOMs (the CLS token and 128 DOM tokens) ends on the first token of
+    the next block: a range computed one token short left that block and the event's last DOM out of the CLS
+    token's attention, on CUDA only; the random batches above never end a document there."""
+    events = [[(int(s), np.array([0.0, 0.0, 10.0 * s], np.float32), np.array([s], np.float32), np.array([1.0], np.float32),
+                np.zeros(1, np.float32)) for s in range(M.BLOCK)]]
+    b = pack(events, P=M.BLOCK + 8, D=M.BLOCK + 8, E=4)
+    t = M.model_inputs(b, 'flex')
+    cls = M.attention_layouts(t)[2]
+    event_doc = np.r_[b['dom_event'], np.arange(4), -1][t['t2_src'].numpy()]
+    dense = event_doc[t['t2_query'].numpy()][:, None] == event_doc[None, :]
+    nq, nkv = dense.shape[0] // M.BLOCK, dense.shape[1] // M.BLOCK
+    assert dense[:, M.BLOCK:].any(), "the case needs the event to reach the second key block"
+    listed = _block_rows(cls.kv_num_blocks, cls.kv_indices, nkv) | _block_rows(cls.full_kv_num_blocks, cls.full_kv_indices, nkv)
+    np.testing.assert_array_equal(listed, dense.reshape(nq, M.BLOCK, nkv, M.BLOCK).any((1, 3)))
