@@ -767,7 +767,7 @@ def test_cls_queries_reach_a_document_whose_last_token_opens_a_block():
     last document's last token. An event of BLOCK DOMs (the CLS token and 128 DOM tokens) ends on the first token of
     the next block: a range computed one token short left that block and the event's last DOM out of the CLS
     token's attention, on CUDA only; the random batches above never end a document there."""
-    events = [[(int(s), np.array([0.0, 0.0, 10.0 * s], np.float32), np.array([s], np.float32), np.array([1.0], np.float32),
+    events = [[(int(s), np.array([0.0, 0.0, 10.0 * s + 5.0], np.float32), np.array([s], np.float32), np.array([1.0], np.float32),
                 np.zeros(1, np.float32)) for s in range(M.BLOCK)]]
     b = pack(events, P=M.BLOCK + 8, D=M.BLOCK + 8, E=4)
     t = M.model_inputs(b, 'flex')
