@@ -1045,3 +1045,54 @@ def test_an_optimizer_state_of_other_parameters_is_named(data_dir, tmp_path):
     names[i], names[k] = names[k], names[i]
     torch.save({**ck, 'optimizer_params': names}, path)
     assert 'resuming at iter 2' in run(resume).stdout
+
+
+# -- what the loop computes: the logged loss, the averaged weights, the clipping, the clock ----------------------
+
+def test_a_log_point_gives_the_mean_loss_per_event_of_its_window(data_dir, tmp_path):
+    """log.jsonl's train_loss is the mean loss per event over the iterations since the last log point, as val_loss is
+    over val's events, whatever the log_interval. The first iteration's, of the initial weights on all 40 train events,
+    is the val_loss that the same initial weights get at iteration 0 on a val split that holds those same events; and
+    a window of 3 iterations logs the mean of the 3 losses that log_interval=1 logs one by one (8 events in each
+    micro-batch, so they weigh the same). A loss divided by the iterations, or a window's sums not started anew at each
+    log point, gives curves that change with the batch size or log_interval and do not compare with val_loss."""
+    same = tmp_path / 'same'  # a val split of the train split's events
+    shutil.copytree(data_dir, same)
+    shutil.rmtree(same / 'val')
+    shutil.copytree(same / 'train', same / 'val')
+    first = [f'--data_dir={same}', '--eval_events=0', '--max_minutes=0'] + [a for a in TINY if not a.startswith('--eval_events')]
+    run(['train.py', f'--out_dir={tmp_path / "at0"}', '--max_iters=0'] + first)
+    run(['train.py', f'--out_dir={tmp_path / "at1"}', '--max_iters=1', '--eval_interval=1000'] + first)
+    (val,), (train,) = ([r for r in map(json.loads, open(tmp_path / d / 'log.jsonl')) if key in r]
+                        for d, key in (('at0', 'val_loss'), ('at1', 'train_loss')))
+    assert train['iter'] == 1 and train['train_loss'] == pytest.approx(val['val_loss'], rel=1e-4), (train, val)
+
+    args = [f'--data_dir={data_dir}', '--max_iters=6', '--eval_interval=1000', '--max_events=8', '--max_minutes=0'] + [
+        a for a in TINY if not a.startswith(('--max_events', '--log_interval'))]
+    for interval in (1, 3):
+        run(['train.py', f'--out_dir={tmp_path / str(interval)}', f'--log_interval={interval}'] + args)
+    one, three = ({r['iter']: r['train_loss'] for r in map(json.loads, open(tmp_path / d / 'log.jsonl')) if 'train_loss' in r}
+                  for d in ('1', '3'))
+    assert sorted(one) == list(range(1, 7)) and sorted(three) == [3, 6]
+    for end in (3, 6):
+        assert three[end] == pytest.approx(sum(one[i] for i in range(end - 2, end + 1)) / 3, rel=1e-5), (one, three)
+
+
+@pytest.mark.parametrize('ema_decay', [0.999, 0.1])
+def test_the_averaged_weights_move_by_the_warmed_up_decay(data_dir, tmp_path, ema_decay):
+    """The averaged weights (ckpt 'model', which sample.py evaluates) move towards the training weights after each
+    iteration k (from 0) by 1 - decay, the decay min(ema_decay, (1 + k) / (10 + k)): 0.1 at first, so the random
+    initial weights fade fast, then ema_decay. Checked at iteration 1 from the checkpoints of iterations 1 and 2
+    (ckpt.prev.pt, ckpt.pt): decay 2/11 under the default ema_decay, 0.1 where ema_decay is below the warm-up's.
+    An inverted warm-up (or none) leaves the average at the training weights, or at the initial ones."""
+    out = tmp_path / 'out'
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=1',
+         f'--ema_decay={ema_decay}'] + TINY)
+    before, after = (torch.load(out / f, weights_only=False) for f in ('ckpt.prev.pt', 'ckpt.pt'))
+    assert (before['iter_num'], after['iter_num']) == (1, 2)
+    decay = min(ema_decay, 2 / 11)
+    for k, w in after['train_model'].items():
+        if k in after['optimizer_params']:  # the parameters (buffers are not averaged)
+            expected = before['model'][k] + (1 - decay) * (w - before['model'][k])
+            assert torch.allclose(after['model'][k], expected, rtol=1e-5, atol=1e-6), k
+
