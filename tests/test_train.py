@@ -1096,3 +1096,86 @@ def test_the_averaged_weights_move_by_the_warmed_up_decay(data_dir, tmp_path, em
             expected = before['model'][k] + (1 - decay) * (w - before['model'][k])
             assert torch.allclose(after['model'][k], expected, rtol=1e-5, atol=1e-6), k
 
+
+def fake_clock(monkeypatch, seconds_per_batch, train):
+    """time.time() runs seconds_per_batch ahead for each batch the training loader (train) or the evaluation's loader
+    (not train) serves: a slow step or evaluation without the wait, so that the test asserts no real timing."""
+    ahead, real, nxt = [0.0], time.time, prepare.BatchLoader.__next__
+
+    def served(self):
+        if self.shuffle == train:
+            ahead[0] += seconds_per_batch
+        return nxt(self)
+    monkeypatch.setattr(prepare.BatchLoader, '__next__', served)
+    monkeypatch.setattr(time, 'time', lambda: real() + ahead[0])
+
+
+def test_a_resume_goes_on_with_the_training_time_of_its_checkpoint(data_dir, tmp_path):
+    """max_minutes counts the training time of a run and its resumptions together: a preempted job resumed with its
+    budget spent stops at once, not after max_minutes more (and the cosine that follows the clock goes on from where it
+    was, not from its start)."""
+    out = str(tmp_path / 'out')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3', '--eval_interval=3'] + TINY)
+    trained = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['train_seconds']
+    assert trained > 0
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=3',
+             f'--max_minutes={trained / 2 / 60!r}', '--init_from=resume'] + TINY)
+    assert 'train: done, 0 iterations' in p.stdout, p.stdout[-2000:]
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['iter_num'] == 3
+
+
+def test_evaluations_are_not_training_time(data_dir, tmp_path, monkeypatch):
+    """The clock that max_minutes and the learning rate follow counts training alone: evaluations (here each takes
+    100 s on a clock made to run ahead while the val batches are read) are left out, so that eval_interval and
+    eval_events do not shorten the training a budget buys."""
+    fake_clock(monkeypatch, 100.0, train=False)
+    out = tmp_path / 'out'
+    train_here([f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3', '--eval_interval=1'] + TINY)
+    assert [r['iter'] for r in map(json.loads, open(out / 'log.jsonl')) if 'val_error' in r] == [1, 2, 3]
+    assert torch.load(out / 'ckpt.pt', weights_only=False)['train_seconds'] < 100
+
+
+def test_a_run_that_the_clock_ends_follows_the_clock_to_min_lr(data_dir, tmp_path, monkeypatch):
+    """Where max_minutes ends the run (the main job: max_iters far away), the cosine follows the training clock and
+    reaches min_lr as the budget runs out: the learning rate falls all along, not only with the iterations' ratio. Each
+    training batch takes 1 s on a clock made to run ahead, so the 30 s budget is about 30 iterations."""
+    fake_clock(monkeypatch, 1.0, train=True)
+    out = tmp_path / 'out'
+    train_here([f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000',
+                '--max_minutes=0.5', '--eval_events=20'] + TINY)
+    lrs = [r['lr'] for r in map(json.loads, open(out / 'log.jsonl')) if 'lr' in r]
+    lr0, lr_min = 3e-3, 3e-4  # TINY's
+    assert 20 <= len(lrs) <= 40, lrs
+    after_warmup = lrs[2:]
+    assert all(b <= a for a, b in zip(after_warmup, after_warmup[1:])), lrs
+    assert lrs[len(lrs) // 2] < 0.75 * lr0 and lrs[-1] < lr_min + 0.05 * (lr0 - lr_min), lrs
+
+
+def test_each_weight_set_is_clipped_on_its_own(data_dir, tmp_path, monkeypatch):
+    """grad_clip applies to the network's gradient and to the seed weights' (IceModel.with_seed: model.combine) each
+    on its own, as the first step's gradients show against the same step unclipped: each set scaled by
+    min(1, grad_clip / its norm). Clipped together, a large seed gradient (a bright track's seed weight wrong)
+    shrank the network's step."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    grads = {}
+
+    def first_step(opt, args, kwargs):
+        grads.setdefault(run_id[0], [p.grad.clone() for g in opt.param_groups for p in g['params']])
+    run_id = [None]
+    handle = register_optimizer_step_pre_hook(first_step)
+    clip = 1e-3
+    try:
+        for c in (0.0, clip):
+            run_id[0] = c
+            train_here([f'--data_dir={data_dir}', f'--out_dir={tmp_path / str(c)}', '--max_iters=1', '--eval_interval=1',
+                        f'--grad_clip={c}', '--eval_events=20'] + TINY)
+    finally:
+        handle.remove()
+    names = torch.load(tmp_path / str(clip) / 'ckpt.pt', weights_only=False)['optimizer_params']
+    for seed_set in (True, False):
+        i = [k for k, n in enumerate(names) if n.startswith('combine.') == seed_set]
+        raw, clipped = ([grads[c][k] for k in i] for c in (0.0, clip))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in raw])).item()
+        assert norm > clip  # the test's point: both sets clipped
+        for a, b in zip(raw, clipped):
+            assert torch.allclose(b, a * (clip / norm), rtol=1e-3, atol=1e-12), seed_set
