@@ -1179,3 +1179,22 @@ def test_each_weight_set_is_clipped_on_its_own(data_dir, tmp_path, monkeypatch):
         assert norm > clip  # the test's point: both sets clipped
         for a, b in zip(raw, clipped):
             assert torch.allclose(b, a * (clip / norm), rtol=1e-3, atol=1e-12), seed_set
+
+
+def test_best_pt_holds_the_evaluation_with_the_lowest_val_error(data_dir, tmp_path, monkeypatch):
+    """best.pt (sample.py's default checkpoint) is the evaluation of the lowest val error, also across a resume: the
+    val errors are made to be 1, 0.5, 2 and 3 times the real ones at the four evaluations (two before the resume, two
+    after it), so best.pt must stay at the second. A resume that forgot its checkpoint's best_val, or a best.pt written
+    at the last evaluation, handed sample.py worse weights than the run had."""
+    import model
+    factors, direction_error = iter([1.0, 0.5, 2.0, 3.0]), model.direction_error
+    monkeypatch.setattr(model, 'direction_error', lambda *a, **k: direction_error(*a, **k) * next(factors))
+    out = tmp_path / 'out'
+    args = [f'--data_dir={data_dir}', f'--out_dir={out}', '--eval_interval=1'] + TINY + ['--eval_events=10']  # one batch
+    train_here(args + ['--max_iters=2'])
+    train_here(args + ['--max_iters=4', '--init_from=resume'])
+    val = {r['iter']: r['val_error'] for r in map(json.loads, open(out / 'log.jsonl')) if 'val_error' in r}
+    assert sorted(val) == [1, 2, 3, 4] and min(val, key=val.get) == 2, val
+    best = torch.load(out / 'best.pt', weights_only=False)
+    assert best['iter_num'] == 2 and best['best_val'] == val[2]
+    assert torch.load(out / 'ckpt.pt', weights_only=False)['best_val'] == val[2]
