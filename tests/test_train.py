@@ -1138,11 +1138,11 @@ def test_evaluations_are_not_training_time(data_dir, tmp_path, monkeypatch):
 def test_a_run_that_the_clock_ends_follows_the_clock_to_min_lr(data_dir, tmp_path, monkeypatch):
     """Where max_minutes ends the run (the main job: max_iters far away), the cosine follows the training clock and
     reaches min_lr as the budget runs out: the learning rate falls all along, not only with the iterations' ratio. Each
-    training batch takes 1 s on a clock made to run ahead, so the 30 s budget is about 30 iterations."""
-    fake_clock(monkeypatch, 1.0, train=True)
+    training batch takes 10 s on a clock made to run ahead, so the 300 s budget is about 30 iterations."""
+    fake_clock(monkeypatch, 10.0, train=True)
     out = tmp_path / 'out'
     train_here([f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000',
-                '--max_minutes=0.5', '--eval_events=20'] + TINY)
+                '--max_minutes=5', '--eval_events=20'] + TINY)
     lrs = [r['lr'] for r in map(json.loads, open(out / 'log.jsonl')) if 'lr' in r]
     lr0, lr_min = 3e-3, 3e-4  # TINY's
     assert 20 <= len(lrs) <= 40, lrs
@@ -1198,3 +1198,27 @@ def test_best_pt_holds_the_evaluation_with_the_lowest_val_error(data_dir, tmp_pa
     best = torch.load(out / 'best.pt', weights_only=False)
     assert best['iter_num'] == 2 and best['best_val'] == val[2]
     assert torch.load(out / 'ckpt.pt', weights_only=False)['best_val'] == val[2]
+
+
+def test_ddp_ranks_count_the_training_time_once(data_dir, tmp_path):
+    """Under torchrun the agreed clock is the ranks' mean training time, not their sum: each rank's step takes 10 s on a
+    clock made to run ahead, so a 150 s budget is about 15 iterations, where the sum of two ranks' seconds stopped the
+    job at half its budget (an 8-GPU main job at an eighth)."""
+    wrapper = tmp_path / 'slow_steps.py'
+    wrapper.write_text(
+        "import os, runpy, sys, time\n"
+        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
+        "import prepare\n"
+        "ahead, real, nxt = [0.0], time.time, prepare.BatchLoader.__next__\n"
+        "def served(self):\n"
+        "    ahead[0] += 10 * self.shuffle  # a training batch: 10 s\n"
+        "    return nxt(self)\n"
+        "prepare.BatchLoader.__next__ = served\n"
+        "time.time = lambda: real() + ahead[0]\n"
+        "sys.argv = ['train.py'] + sys.argv[1:]\n"
+        "runpy.run_path('train.py', run_name='__main__')\n")
+    out = tmp_path / 'out'
+    run([str(wrapper), f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000',
+         '--max_minutes=2.5', '--device=cpu'] + TINY + ['--eval_events=10'], torchrun=True)
+    ck = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert 11 <= ck['iter_num'] <= 17 and 140 <= ck['train_seconds'] < 180, (ck['iter_num'], ck['train_seconds'])
