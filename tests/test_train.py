@@ -1222,3 +1222,16 @@ def test_ddp_ranks_count_the_training_time_once(data_dir, tmp_path):
          '--max_minutes=2.5', '--device=cpu'] + TINY + ['--eval_events=10'], torchrun=True)
     ck = torch.load(out / 'ckpt.pt', weights_only=False)
     assert 11 <= ck['iter_num'] <= 17 and 140 <= ck['train_seconds'] < 180, (ck['iter_num'], ck['train_seconds'])
+
+
+def test_the_logged_val_error_is_that_of_the_weights_saved_to_use(data_dir, tmp_path):
+    """An evaluation measures the averaged weights, those a checkpoint holds as 'model' and sample.py evaluates: the
+    val error logged at the last evaluation is sample.py's mean angular error of ckpt.pt on the same 40 val events.
+    Measured on the training weights, the val error that picks best.pt would be of other weights than the ones it
+    holds."""
+    out = str(tmp_path / 'out')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4', '--eval_interval=4'] + TINY)
+    logged = [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'val_error' in r][-1]
+    run(['sample.py', f'--out_dir={out}', '--ckpt=ckpt.pt', '--split=val', '--plots=False', '--baselines='])
+    ev = json.load(open(os.path.join(out, 'eval_val.json')))
+    assert ev['n_events'] == 40 and ev['mean_angular_error'] == pytest.approx(logged['val_error'], rel=2e-5), (ev, logged)
