@@ -1097,14 +1097,16 @@ def test_the_averaged_weights_move_by_the_warmed_up_decay(data_dir, tmp_path, em
             assert torch.allclose(after['model'][k], expected, rtol=1e-5, atol=1e-6), k
 
 
-def fake_clock(monkeypatch, seconds_per_batch, train):
+def fake_clock(monkeypatch, seconds_per_batch, train, batches=None):
     """time.time() runs seconds_per_batch ahead for each batch the training loader (train) or the evaluation's loader
-    (not train) serves: a slow step or evaluation without the wait, so that the test asserts no real timing."""
-    ahead, real, nxt = [0.0], time.time, prepare.BatchLoader.__next__
+    (not train) serves (the first batches only, if given): a slow step or evaluation without the wait, so that the
+    test asserts no real timing."""
+    ahead, real, nxt, served_n = [0.0], time.time, prepare.BatchLoader.__next__, [0]
 
     def served(self):
         if self.shuffle == train:
-            ahead[0] += seconds_per_batch
+            served_n[0] += 1
+            ahead[0] += seconds_per_batch if batches is None or served_n[0] <= batches else 0.0
         return nxt(self)
     monkeypatch.setattr(prepare.BatchLoader, '__next__', served)
     monkeypatch.setattr(time, 'time', lambda: real() + ahead[0])
@@ -1149,6 +1151,21 @@ def test_a_run_that_the_clock_ends_follows_the_clock_to_min_lr(data_dir, tmp_pat
     after_warmup = lrs[2:]
     assert all(b <= a for a, b in zip(after_warmup, after_warmup[1:])), lrs
     assert lrs[len(lrs) // 2] < 0.75 * lr0 and lrs[-1] < lr_min + 0.05 * (lr0 - lr_min), lrs
+
+
+
+def test_once_the_clock_leads_the_cosine_it_never_turns_back(data_dir, tmp_path, monkeypatch):
+    """Once the time budget is to end the run before max_iters, the cosine follows the clock from then on, even if
+    the iterations then speed up so that max_iters would come first: the learning rate never rises again after the
+    warmup. Here the first 6 steps take 10 s on a clock made to run ahead (at that rate 20 iterations overrun the
+    120 s budget) and the rest no time; falling back to the iterations' ratio raised the learning rate mid-run."""
+    fake_clock(monkeypatch, 10.0, train=True, batches=6)
+    out = tmp_path / 'out'
+    train_here([f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--eval_interval=100000',
+                '--max_minutes=2', '--eval_events=20'] + TINY)
+    lrs = [r['lr'] for r in map(json.loads, open(out / 'log.jsonl')) if 'lr' in r]
+    assert len(lrs) == 20, lrs
+    assert all(b <= a for a, b in zip(lrs[2:], lrs[3:])), lrs
 
 
 def test_each_weight_set_is_clipped_on_its_own(data_dir, tmp_path, monkeypatch):
