@@ -42,6 +42,7 @@ def test_a_path_in_the_home_folder_is_expanded(tmp_path, monkeypatch):
     (['--batch_size=0.5'], r"setting 'batch_size' from override --batch_size=0.5 is float 0.5, expected int"),
     (['--compile=1'], r"setting 'compile' .* is int 1, expected bool"),
     (['--learning_rate=True'], r"setting 'learning_rate' .* is bool True, expected float"),  # int -> float only
+    (['--batch_size=True'], r"setting 'batch_size' .* is bool True, expected int"),  # a bool is an int to isinstance
     (['--batch_size'], r"must look like --key=value"),
     (['no_such_config.py'], r"cannot read config file no_such_config.py"),
 ])
@@ -79,6 +80,8 @@ def test_ranges_are_checked_after_configure():
         check_ranges('x', g, at_least={'lr': 0.0})
     with pytest.raises(SystemExit, match=r"beta1=1.0 \(below 1\)$"):  # the bound itself is out: Adam's beta1 = 1 never moves
         check_ranges('x', {'beta1': 1.0}, below={'beta1': 1})
+    with pytest.raises(SystemExit, match=r"E_MIN=0.0 \(above 0\)$"):  # nor for above (simulate.py: E_MIN over 0)
+        check_ranges('x', {'E_MIN': 0.0}, above={'E_MIN': 0})
 
 
 def test_config_builds_on_the_one_beside_it(tmp_path):
