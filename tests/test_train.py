@@ -1252,3 +1252,24 @@ def test_the_logged_val_error_is_that_of_the_weights_saved_to_use(data_dir, tmp_
     run(['sample.py', f'--out_dir={out}', '--ckpt=ckpt.pt', '--split=val', '--plots=False', '--baselines='])
     ev = json.load(open(os.path.join(out, 'eval_val.json')))
     assert ev['n_events'] == 40 and ev['mean_angular_error'] == pytest.approx(logged['val_error'], rel=2e-5), (ev, logged)
+
+
+def test_a_resume_keeps_the_pulses_per_dom_its_model_learned_from(data_dir, tmp_path, monkeypatch):
+    """A resumed run keeps its checkpoint's max_pulses_per_dom, as it keeps its model: the weights learned from DOMs
+    cut to that many pulses, and a resume with another value (a config edited since) trained and evaluated them on
+    other inputs. Its loaders (training and evaluation) read 16 pulses per DOM, and the next checkpoint, which
+    sample.py follows, records 16."""
+    out = str(tmp_path / 'out')
+    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'] + TINY)
+    per_dom, init = [], prepare.BatchLoader.__init__
+
+    def recorded(self, split, max_pulses, max_doms, max_events, max_pulses_per_dom, *a, **k):
+        per_dom.append(max_pulses_per_dom)
+        init(self, split, max_pulses, max_doms, max_events, max_pulses_per_dom, *a, **k)
+    monkeypatch.setattr(prepare.BatchLoader, '__init__', recorded)
+    p = train_here([f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3', '--eval_interval=3',
+                    '--init_from=resume'] + TINY + ['--max_pulses_per_dom=8'])
+    assert "keeps its checkpoint's model and max_pulses_per_dom: max_pulses_per_dom=16 (not 8)" in p.stdout
+    assert per_dom == [16, 16], per_dom  # the training loader and the evaluation's
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    assert ck['iter_num'] == 3 and ck['max_pulses_per_dom'] == ck['config']['max_pulses_per_dom'] == 16
