@@ -1273,3 +1273,17 @@ def test_a_resume_keeps_the_pulses_per_dom_its_model_learned_from(data_dir, tmp_
     assert per_dom == [16, 16], per_dom  # the training loader and the evaluation's
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert ck['iter_num'] == 3 and ck['max_pulses_per_dom'] == ck['config']['max_pulses_per_dom'] == 16
+
+
+def test_previous_keeps_the_last_run_that_trained_something(data_dir, tmp_path):
+    """A fresh run moves what an out_dir holds into previous/, replacing the run kept there only when it moves a
+    trained one (a checkpoint): results without a checkpoint (sample.py's eval json, written into a new out_dir beside a
+    checkpoint given by its full path) join previous/ and leave the trained run kept there as it was."""
+    out = tmp_path / 'out'
+    os.makedirs(out / 'previous')
+    (out / 'previous' / 'ckpt.pt').write_bytes(b'the run that trained')
+    (out / 'eval_val.json').write_text('{}\n')
+    p = run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=1', '--eval_interval=1'] + TINY)
+    assert "the previous run's eval_val.json moved to" in p.stdout
+    assert sorted(os.listdir(out / 'previous')) == ['ckpt.pt', 'eval_val.json']
+    assert (out / 'previous' / 'ckpt.pt').read_bytes() == b'the run that trained'
