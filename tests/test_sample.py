@@ -208,6 +208,8 @@ def test_standard_errors_match_the_spread_of_repeated_evaluations():
     assert np.median(ratio_se) < 0.5 * np.median(se) / base_err.mean()  # unpaired it would be about as large
     assert sample.mean_ratio(2 * base_err[0], base_err[0]) == pytest.approx((2.0, 0.0), abs=1e-12)
     assert sample.standard_error(np.array([0.3])) is None  # one event: no spread to measure
+    # the spread's unbiased estimate (n - 1 in the variance): of few events the n form's is too small, 0.35 here
+    assert sample.standard_error(np.array([0.0, 1.0])) == pytest.approx(0.5)
 
 
 def test_track_auc_counts_a_tie_half():
