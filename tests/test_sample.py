@@ -192,6 +192,19 @@ def test_an_unknown_energy_is_in_no_bin(capsys):
     assert table['kinds']['cascade']['model'][-1] == pytest.approx(np.degrees(0.2))
 
 
+
+def test_the_end_bins_take_the_values_beyond_the_edges(capsys):
+    """The tables' and figures' first and last bins take the events below and above their edges, as resolution_table
+    says: a 10^9 GeV event is in the highest energy bin of the figure, not left out of it, and so is a zenith of
+    exactly 180 deg in the last row of the zenith table."""
+    table = sample.resolution_table(np.array([1.0, 9.0]), np.arange(2.0, 8.01, 0.5), {'model': np.array([0.1, 0.2])},
+                                    min_events=1)
+    n = table['kinds']['all']['n']
+    assert n[0] == 1 and n[-1] == 1 and sum(n) == 2
+    rows = sample.breakdown('true zenith (deg)', np.array([0.0, 180.0]), np.arange(0, 181, 30.0), lambda a, b: f"{a}-{b}",
+                            {'model': np.array([0.1, 0.2])})
+    assert [(r['bin'], r['n']) for r in rows] == [('0.0-30.0', 1), ('150.0-180.0', 1)]
+
 def test_standard_errors_match_the_spread_of_repeated_evaluations():
     """The mean's standard error and the paired ratio's are the spread that 2,000 evaluations on fresh events give:
     the ratio's pairing (a second method whose errors follow the first's) makes it far smaller than unpaired."""
