@@ -1241,19 +1241,6 @@ def test_ddp_ranks_count_the_training_time_once(data_dir, tmp_path):
     assert 11 <= ck['iter_num'] <= 17 and 140 <= ck['train_seconds'] < 180, (ck['iter_num'], ck['train_seconds'])
 
 
-def test_the_logged_val_error_is_that_of_the_weights_saved_to_use(data_dir, tmp_path):
-    """An evaluation measures the averaged weights, those a checkpoint holds as 'model' and sample.py evaluates: the
-    val error logged at the last evaluation is sample.py's mean angular error of ckpt.pt on the same 40 val events.
-    Measured on the training weights, the val error that picks best.pt would be of other weights than the ones it
-    holds."""
-    out = str(tmp_path / 'out')
-    run(['train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4', '--eval_interval=4'] + TINY)
-    logged = [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'val_error' in r][-1]
-    run(['sample.py', f'--out_dir={out}', '--ckpt=ckpt.pt', '--split=val', '--plots=False', '--baselines='])
-    ev = json.load(open(os.path.join(out, 'eval_val.json')))
-    assert ev['n_events'] == 40 and ev['mean_angular_error'] == pytest.approx(logged['val_error'], rel=2e-5), (ev, logged)
-
-
 def test_a_resume_keeps_the_pulses_per_dom_its_model_learned_from(data_dir, tmp_path, monkeypatch):
     """A resumed run keeps its checkpoint's max_pulses_per_dom, as it keeps its model: the weights learned from DOMs
     cut to that many pulses, and a resume with another value (a config edited since) trained and evaluated them on
