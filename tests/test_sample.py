@@ -14,7 +14,7 @@ import torch
 
 import model as M
 import sample
-from prepare import open_split
+from prepare import open_split, pack_batch
 from test_train import TINY, data_dir, run  # noqa: F401 (data_dir is the tiny data set fixture)
 
 
@@ -376,6 +376,22 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
             x, y = drawn[(kname, method)]
             assert len(y) >= 2 and list(y) == [v for v in table['kinds'][kname][method] if v is not None]
             assert list(x) == [(lo + hi) / 2 for lo, hi, v in zip(edges, edges[1:], want) if v is not None]
+    # the json's figures are those of the csv's errors and heads, and the heads' columns are the model's own outputs
+    # (its kind logit through the sigmoid, its log10 energy): a column swapped or a sign lost has no other witness
+    assert ev['mean_angular_error'] == pytest.approx(pr['angular_error'].mean(), abs=1e-6)
+    assert ev['median_angular_error'] == pytest.approx(np.median(pr['angular_error']), abs=1e-6)
+    assert ev['truth_heads']['kind_accuracy'] == pytest.approx(((pr['track_probability'] >= 0.5) == (truth['kind'] == 0)).mean())
+    ck = torch.load(os.path.join(out, 'best.pt'), weights_only=False)
+    net = M.IceModel(**{**ck['model_args'], 'attn': 'sdpa'})
+    net.load_state_dict(ck['model'])
+    val = open_split(os.path.join(data_dir, 'val'))
+    b = M.model_inputs(pack_batch(val, np.arange(len(val)), 4 * 8192, 4 * 4096, 4 * 64, 16)[0], path='sdpa')
+    assert b['n_events'] == len(val) == len(pr['event_id'])
+    with torch.no_grad():
+        heads = net.eval()(b)[:len(val), 6:8].double().numpy()
+    order = np.asarray(b['event_index'][:len(val)])
+    assert np.allclose(pr['track_probability'][order], 1 / (1 + np.exp(-heads[:, 0])), atol=2e-6)
+    assert np.allclose(pr['log10_energy'][order], heads[:, 1], atol=2e-6)
     drawn = sample.plot_coverage(cov['curves'], str(tmp_path / 'c.png'))
     assert np.allclose(drawn[('all', 'predicted')][1], sample.coverage(pr['angular_error'][odd], sample.vmf_radii(pr['kappa'][odd], sample.CURVE_LEVELS)))
     assert ('all', 'calibrated') in drawn
