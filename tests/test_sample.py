@@ -442,6 +442,12 @@ def test_sample_writes_error_circles_and_figures(data_dir, tmp_path):  # noqa: F
     assert 'kept: fit on 40 val events for these weights, more than this run\'s 10' in p.stdout
     assert 'kappa_calibrated' in read_csv(os.path.join(out, 'predictions_val.csv'))
     assert open(os.path.join(out, 'calibration.json')).read() == stored
+    # but not maps fit for other weights (a new run into the same out_dir): those are fit again on this run's events
+    json.dump({**json.loads(stored), 'weights_sha1': '0' * 40}, open(os.path.join(out, 'calibration.json'), 'w'))
+    p = run(['sample.py', f'--out_dir={out}', '--split=val', '--max_events=30', '--baselines=', '--plots=False',
+             '--calibration_min_events=20'])
+    refit = json.load(open(os.path.join(out, 'calibration.json')))
+    assert 'kept' not in p.stdout and refit['n_events'] == 30 and refit['weights_sha1'] == json.loads(stored)['weights_sha1'] != '0' * 40
 
     # a model whose heads did not learn (truth_weight=0; the Kaggle data, which has no truth file, likewise): no
     # kind or energy in the csv, and the calibration groups by hit DOMs
