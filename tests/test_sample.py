@@ -164,7 +164,6 @@ def test_a_higher_level_never_gets_a_smaller_circle():
     np.testing.assert_array_equal(radii[1], radii[0])
 
 
-
 def test_a_small_group_is_merged_into_its_smaller_neighbour():
     """The calibration's groups: a bin of too few events joins the smaller of its neighbours, so the groups stay as
     even as the bins allow (here 10-20's 100 events join 20-40's 500, not the 2,000 below 10)."""
@@ -192,7 +191,6 @@ def test_an_unknown_energy_is_in_no_bin(capsys):
     assert table['kinds']['cascade']['model'][-1] == pytest.approx(np.degrees(0.2))
 
 
-
 def test_the_end_bins_take_the_values_beyond_the_edges(capsys):
     """The tables' and figures' first and last bins take the events below and above their edges, as resolution_table
     says: a 10^9 GeV event is in the highest energy bin of the figure, not left out of it, and so is a zenith of
@@ -204,6 +202,7 @@ def test_the_end_bins_take_the_values_beyond_the_edges(capsys):
     rows = sample.breakdown('true zenith (deg)', np.array([0.0, 180.0]), np.arange(0, 181, 30.0), lambda a, b: f"{a}-{b}",
                             {'model': np.array([0.1, 0.2])})
     assert [(r['bin'], r['n']) for r in rows] == [('0.0-30.0', 1), ('150.0-180.0', 1)]
+
 
 def test_standard_errors_match_the_spread_of_repeated_evaluations():
     """The mean's standard error and the paired ratio's are the spread that 2,000 evaluations on fresh events give:

@@ -1153,7 +1153,6 @@ def test_a_run_that_the_clock_ends_follows_the_clock_to_min_lr(data_dir, tmp_pat
     assert lrs[len(lrs) // 2] < 0.75 * lr0 and lrs[-1] < lr_min + 0.05 * (lr0 - lr_min), lrs
 
 
-
 def test_once_the_clock_leads_the_cosine_it_never_turns_back(data_dir, tmp_path, monkeypatch):
     """Once the time budget is to end the run before max_iters, the cosine follows the clock from then on, even if
     the iterations then speed up so that max_iters would come first: the learning rate never rises again after the
