@@ -629,7 +629,7 @@ def write_manifest(split_dir, split, shard_infos, geometry, has_labels, has_trut
     np.save(tmp, geometry)
     os.replace(tmp, f"{split_dir}/geometry.npy")
     total = lambda k: sum(info[k] for info in infos)
-    count = lambda k: int(total(k))  # (not total's: the log10 charge's sums are floats, which an int() cut short)
+    count = lambda k: int(total(k))  # the counts; the log10 charge's sums are floats (an int() cut them short)
     n_pulses = count('n_pulses')
     mean_q = total('sum_log10_charge') / max(n_pulses, 1)
     manifest = {
