@@ -381,3 +381,262 @@ def test_a_stopped_efficiency_row_leaves_the_figures_it_measured(tmp_path):
             if line.startswith('bench: efficiency toy_cpu: ')]
     assert [w.split()[0] for w in said] == ['budgets', 'step', 'matmul'], p.stdout
     assert 'the first two' in said[0] and said[1].endswith('events/s') and float(said[1].split()[1].replace(',', '')) > 0
+
+
+def test_step_flops_are_the_matmuls_plus_attention_forward_and_backward(monkeypatch):
+    """step_flops is FlopCounterMode's own count (the matmuls) plus, for each call of the CPU flash kernel, torch's
+    attention formulas on its q, k, v: forward and backward alike. A kernel left out of the mapping, or a factor on
+    either, moves every MFLOP/event and share of the matmul rate of the efficiency row without a word."""
+    import numpy as np
+    import torch
+    import torch.utils.flop_counter as fc
+    import bench
+    import model as M
+    from test_model import fake_events, pack
+    torch.manual_seed(0)
+    model = M.IceModel(t1_dim=16, t1_heads=2, t1_layers=1, t2_dim=32, t2_heads=2, t2_layers=1)
+    b = M.model_inputs(pack(fake_events(np.random.default_rng(1), 4, 8), 512, 64, 8), 'sdpa')
+    with fc.FlopCounterMode(display=False) as plain:  # torch has no formula for the CPU kernel: the matmuls alone
+        bench.train_step(model, b)
+    calls = []
+    monkeypatch.setattr(fc, 'sdpa_flop_count', lambda q, k, v: calls.append(('fwd', q, k, v)) or 1000)
+    monkeypatch.setattr(fc, 'sdpa_backward_flop_count', lambda g, q, k, v: calls.append(('bwd', q, k, v)) or 10**6)
+    total = bench.step_flops(model, b)
+    fwd = [c[1:] for c in calls if c[0] == 'fwd']
+    bwd = [c[1:] for c in calls if c[0] == 'bwd']
+    assert fwd and sorted(fwd) == sorted(bwd) and all(len(q) == 4 for q, _, _ in fwd), calls
+    assert plain.get_total_flops() > 0 and total == plain.get_total_flops() + 1000 * len(fwd) + 10**6 * len(bwd)
+
+
+def test_matmul_rate_counts_every_linear_forward_and_both_backward_matmuls(monkeypatch):
+    """The roofline's FLOPs, by hand: per stream (T1's tokens at t1_dim, T2's at t2_dim) qkv, proj, fc and fc_out, each
+    forward (n, k) @ (k, m) and its two backward matmuls of the same 2 n k m FLOPs, over the timed seconds."""
+    import torch
+    import bench
+    import model as M
+    monkeypatch.setattr(bench, 'timed', lambda fn, repeat=1: (0.5, fn()))
+    model = M.IceModel(t1_dim=16, t1_heads=2, t1_layers=1, t2_dim=32, t2_heads=2, t2_layers=1, mlp_ratio=3)
+    b = {'t1_src': torch.zeros(70, dtype=torch.long), 't2_src': torch.zeros(24, dtype=torch.long)}
+    want = sum(3 * 2 * n * (d * 3 * d + d * d + d * 3 * d + 3 * d * d) for n, d in ((70, 16), (24, 32)))
+    assert bench.matmul_rate(model, b) == pytest.approx(want / 0.5, rel=1e-12)
+
+
+def test_rates_count_the_batches_events_not_their_padding(monkeypatch):
+    """steps_per_s, forward_rate and loader_rate divide the events the batches hold (n_events, not the padded
+    event_index) by the time measured; the loader's two first batches (its thread's start) are left off both."""
+    import types
+    import torch
+    import bench
+    monkeypatch.setattr(bench, 'timed', lambda fn, repeat=1: (2.0, fn()))
+    monkeypatch.setattr(bench, 'train_step', lambda model, b: None)
+    batches = [{'n_events': torch.tensor(n), 'event_index': torch.tensor([0] * n + [-1] * (8 - n))} for n in (3, 5)]
+    assert bench.steps_per_s(None, batches) == 4.0
+    assert bench.forward_rate(lambda b: None, batches, repeat=3) == 4.0
+
+    class Loader:
+        def __init__(self, *a, **kw):
+            self.n = 0
+
+        def __next__(self):
+            self.n += 1
+            return {'n_events': 100 * self.n, 'event_index': [0] * 1000}
+
+        def close(self):
+            pass
+    monkeypatch.setattr(bench.prepare, 'BatchLoader', Loader)
+    monkeypatch.setattr(bench, 'loader_batches', 3)
+    monkeypatch.setattr(bench, 'time', types.SimpleNamespace(perf_counter=iter([10.0, 14.0]).__next__))
+    assert bench.loader_rate(None, (1, 1, 1, 1), None) == (300 + 400 + 500) / 4.0
+
+
+def test_ratio_at_is_flat_over_hier_at_the_size_asked():
+    """ratio_at: the flat model's time and memory over the hierarchical one's (how many times faster, how many times
+    less memory), at n_want, else at the largest size both ran; none where the flat model ran none."""
+    import bench
+    sc = [{'n_pulses': n, 'hier': {'s': h, 'peak_mb': hm}, 'flat': f} for n, h, hm, f in (
+        (100, 0.1, 10.0, {'s': 0.2, 'peak_mb': 30.0}), (1000, 0.5, 20.0, {'s': 4.0, 'peak_mb': 100.0}),
+        (10000, 2.0, 50.0, {'skipped': 'estimated'}))]
+    assert bench.ratio_at(sc, 100) == (100, 2.0, 3.0)
+    assert bench.ratio_at(sc, 10000) == (1000, 8.0, 5.0)  # flat skipped there: the largest it ran
+    n, t, m = bench.ratio_at(sc[2:], 10000)
+    assert n is None and math.isnan(t) and math.isnan(m)
+
+
+def test_scaling_estimates_the_flat_model_from_its_largest_size(tiny_data, monkeypatch):
+    """The scaling row's flat model skips a size whose time, estimated as n^2 from the largest size it ran, or memory
+    (~ n), passes flat_max_s or flat_max_gb, and runs it otherwise. Each side's time is its measured best, its memory
+    the larger peak of its two calls."""
+    import torch
+    import bench
+    import model as M
+    torch.manual_seed(0)
+    hier = M.IceModel(t1_dim=16, t1_heads=2, t1_layers=1, t2_dim=32, t2_heads=2, t2_layers=1)
+    monkeypatch.setattr(bench, 'scaling_sizes', '100,1000')
+    for name, v in (('t1_layers', 1), ('t2_layers', 1), ('t2_dim', 32), ('t2_heads', 2)):
+        monkeypatch.setattr(bench, name, v)
+    geometry = tiny_data[1].geometry
+    for max_s, max_gb, skipped in ((39.0, 8.0, True), (120.0, 4.9, True), (41.0, 5.1, False)):
+        calls = []
+
+        def measured(fn, repeat):  # the first call of each size and model: 0.5 s, 512 MB; the second 0.4 s, 256 MB
+            calls.append(1)
+            return (0.5, 2**29, None) if len(calls) % 2 else (0.4, 2**28, None)
+        monkeypatch.setattr(bench, 'measured', measured)
+        monkeypatch.setattr(bench, 'flat_max_s', max_s)
+        monkeypatch.setattr(bench, 'flat_max_gb', max_gb)
+        small, big = bench.bench_scaling(hier, geometry)
+        assert small['hier'] == small['flat'] == {'s': 0.4, 'peak_mb': 512.0}
+        if skipped:  # from 100 pulses at 0.4 s and 0.5 GB: 1,000 at 0.4 x 10^2 = 40 s, 0.5 x 10 = 5 GB
+            f = big['flat']
+            assert 'skipped' in f and f['estimated_s'] == pytest.approx(40.0) and f['estimated_gb'] == pytest.approx(5.0)
+            assert f['time_exponent'] == 2.0
+        else:
+            assert big['flat'] == {'s': 0.4, 'peak_mb': 512.0}
+
+
+def test_efficiency_row_arithmetic_and_its_a_b_comparison(tiny_data, tmp_path, monkeypatch):
+    """The efficiency row's figures from its measurements: the CPU budget divisor applied once (a config for another
+    device), FLOP/s = FLOP/event x events/s and its share of the matmul rate; with compare_commit the medians of each
+    A B pass's ratio (new over old; not of the best passes, nor of the medians), the old side first in each pass."""
+    import types
+    import bench
+    import model as M
+    cfg = tmp_path / 'gpu.py'  # no device: train.py's default, 'cuda', so reduced on the CPU
+    cfg.write_text("t1_dim = 16\nt1_heads = 2\nt1_layers = 1\nt2_dim = 32\nt2_heads = 2\nt2_layers = 1\n"
+                   "max_pulses = 1024\nmax_doms = 128\nmax_events = 32\nmax_pulses_per_dom = 8\n")
+
+    class Old(M.IceModel):
+        pass
+    for name, value in (('step_batches', 2), ('step_repeat', 1), ('cpu_budget_divisor', 2), ('compare_events', 40),
+                        ('compare_commit', 'abc1234'), ('profile', False)):
+        monkeypatch.setattr(bench, name, value)
+    monkeypatch.setattr(bench, 'old_model_module', lambda commit: types.SimpleNamespace(IceModel=Old, model_inputs=M.model_inputs))
+    monkeypatch.setattr(bench, 'source_at', lambda commit, path: 'INFER_BUDGET = 1\n')
+    monkeypatch.setattr(bench, 'step_flops', lambda model, b: 1e6 * int(b['n_events']))
+    monkeypatch.setattr(bench, 'matmul_rate', lambda model, b: 1e9)
+    monkeypatch.setattr(bench, 'loader_rate', lambda split, budgets, transform: 500.0)
+    # each side's rates in the order measured: the step's own, then the network's, then three A B passes
+    rates = {'new': [50.0, 10.0, 30.0, 20.0], 'network': [70.0, 40.0, 90.0, 60.0], 'old': [5.0, 20.0, 8.0],
+             'fwd_old': [0.0, 10.0, 40.0, 20.0], 'fwd_new': [0.0, 30.0, 20.0, 80.0]}  # (the forward's first: warm-up)
+    order, seen = [], []
+
+    def steps(model, batches):
+        if isinstance(model, Old):
+            side = 'old'
+        else:
+            seen.append(id(batches)) if id(batches) not in seen else None
+            side = ('new', 'network')[seen.index(id(batches))]
+        order.append(side)
+        return rates[side].pop(0)
+
+    def forward(model, batches, repeat=1):
+        side = 'fwd_old' if isinstance(model, Old) else 'fwd_new'
+        order.append(side)
+        return rates[side].pop(0)
+    monkeypatch.setattr(bench, 'steps_per_s', steps)
+    monkeypatch.setattr(bench, 'forward_rate', forward)
+    e = bench.bench_efficiency(str(cfg), tiny_data[1])
+    assert e['budgets'] == [512, 64, 16, 8] and e['budget_divisor'] == 2 and e['loader_budgets'] == [1024, 128, 32, 8]
+    assert e['events_per_s'] == 50 and e['network_events_per_s'] == 70 and e['loader_events_per_s'] == 500
+    assert e['flops_per_event'] == pytest.approx(1e6) and e['flops_per_s'] == pytest.approx(5e7)
+    assert e['matmul_flops_per_s'] == 1e9 and e['share_of_matmul'] == pytest.approx(0.05)
+    c = e['compare']
+    assert order == ['new', 'network'] + ['old', 'new', 'network'] * 3 + ['fwd_new', 'fwd_old'] + ['fwd_old', 'fwd_new'] * 3
+    assert (c['old'], c['new'], c['new_network'], c['passes']) == (20, 30, 90, 3)
+    # per pass 10/5, 30/20, 20/8 = 2, 1.5, 2.5; network 8, 4.5, 7.5; forward 3, 0.5, 4 (the medians' ratio 1.5)
+    assert c['step_ratio'] == pytest.approx(2.0) and c['network_ratio'] == pytest.approx(7.5)
+    assert c['inference_ratio'] == pytest.approx(3.0)
+    assert c['inference_old_events_per_s'] == 40 and c['inference_events_per_s'] == 80
+    from sample import INFER_BUDGET
+    assert c['inference_budget_factors'] == [1, INFER_BUDGET] and c['inference_events'] >= 40 // 2
+
+
+def test_the_table_and_ratios_are_the_rows_own_figures(tmp_path, monkeypatch, capsys):
+    """main's ratios and table from the rows' figures (the rows themselves stubbed): each ratio the right way up (x
+    faster, x less memory, x the read time), the scaling row's memory exponent between its two largest sizes."""
+    import types
+    import bench
+    for name in ('work_dir', 'out', 'efficiency_configs', 'rows', 'compare_commit'):
+        monkeypatch.setattr(bench, name, getattr(bench, name))
+    monkeypatch.setattr(sys, 'argv', ['bench.py', f'--work_dir={tmp_path}', f'--out={tmp_path / "b.json"}',
+                                      '--efficiency_configs=toy_cpu'])
+    monkeypatch.setattr(bench, 'make_data', lambda: ('raw', 'packed'))
+    monkeypatch.setattr(bench.prepare, 'open_split', lambda path: types.SimpleNamespace(geometry=None))
+    monkeypatch.setattr(bench, 'bench_prepare', lambda raw: {
+        'pulses': 1000, 'pyarrow_read_s': 0.5, 'prepare_s': 4.0, 'packing_s': 1.0, 'prepare_pulses_per_s': 250.0,
+        'packing_pulses_per_s': 1000.0, 'pyarrow_read_pulses_per_s': 2000.0})
+    monkeypatch.setattr(bench, 'bench_reading', lambda raw, split: {
+        'events': 100, 'packed_events_per_s': 3000.0, 'parquet_events_per_s': 100.0})
+    monkeypatch.setattr(bench, 'step_batches_of', lambda split: ([], None))
+    monkeypatch.setattr(bench, 'bench_step', lambda batches: ({
+        'hier': {'s': 1.0, 'events_per_s': 400.0, 'peak_mb': 50.0}, 'flat': {'s': 8.0, 'events_per_s': 50.0, 'peak_mb': 150.0},
+        'padded_t1': {'s': 2.0, 'events_per_s': 100.0, 'peak_mb': 200.0}}, None))
+    monkeypatch.setattr(bench, 'bench_scaling', lambda hier, geometry: [
+        {'n_pulses': n, 'n_doms': 1, 'hier': {'s': h, 'peak_mb': hm}, 'flat': f} for n, h, hm, f in (
+            (1000, 0.01, 10.0, {'s': 0.03, 'peak_mb': 20.0}), (10000, 0.1, 40.0, {'s': 1.2, 'peak_mb': 160.0}),
+            (100000, 1.0, 1000.0, {'skipped': 'estimated'}))])
+    monkeypatch.setattr(bench, 'bench_inference', lambda split, batches, idx, hier: {
+        'events': 10, 'model_events_per_s': 600.0, 'linefit_events_per_s': 2000.0,
+        'linefit_improved': {'skipped': 'x'}, 'mpe': {'skipped': 'x'}})
+    monkeypatch.setattr(bench, 'bench_efficiency', lambda name, split: {
+        'events_per_s': 200.0, 'network_events_per_s': 250.0, 'flops_per_event': 5e6, 'flops_per_s': 1e9, 'matmul_flops_per_s': 4e9,
+        'share_of_matmul': 0.25, 'budgets': [1, 2, 3, 4], 'budget_divisor': 1, 'loader_events_per_s': 1000.0,
+        'loader_budgets': [1, 2, 3, 4], 'loader_path': 'sdpa'})
+    bench.main()
+    q = json.loads((tmp_path / 'b.json').read_text())['ratios']
+    assert q['prepare_over_pyarrow_read'] == 8.0 and q['packing_over_pyarrow_read'] == 2.0
+    assert q['reading_vs_parquet'] == 30.0
+    assert q['step_vs_flat_realistic'] == 8.0 and q['step_vs_padded_t1_realistic'] == 4.0
+    assert q['step_memory_flat_over_hier_realistic'] == 3.0 and q['step_memory_padded_t1_over_hier_realistic'] == 4.0
+    assert (q['step_vs_flat_10k_pulses'], q['step_vs_flat_10k'], q['memory_flat_over_hier_10k']) == (10000, pytest.approx(12.0), 4.0)
+    assert q['hier_memory_exponent'] == pytest.approx(math.log(25) / math.log(10))
+    assert q['inference_vs_linefit'] == 0.3
+    table = capsys.readouterr().out
+    for said in ('2.00x the read time for the packing', '8.0x with the LineFits', '30.0x faster', '8.0x faster (goal >= 1), 3.0x less memory',
+                 '4.0x faster, 4.0x less memory', '3.0x faster\n', '12.0x faster (goal >= 10)', '0.300x LineFit',
+                 'toy_cpu: 200 events/s, 5 MFLOP/event, 1.0 GFLOP/s', '25% of it', '5.0x the step', 'pulses^1.40'):
+        assert said in table, said
+
+
+def test_step_and_inference_rows_divide_their_events_by_their_times(tiny_data, monkeypatch):
+    """The step row's events/s: the batches' events (not their padding) over the sum of each batch's measured time, its
+    memory the largest batch's peak; the inference row's rates each over its own events (the likelihood fits over
+    likelihood_events, LineFit over all)."""
+    import numpy as np
+    import torch
+    import bench
+    import model as M
+    from test_model import fake_events, pack
+    for name, value in (('t1_dim', 16), ('t1_heads', 2), ('t1_layers', 1), ('t2_dim', 32), ('t2_heads', 2), ('t2_layers', 1),
+                        ('step_repeat', 1), ('likelihood_events', 4), ('compile', False)):
+        monkeypatch.setattr(bench, name, value)
+    batches = [M.model_inputs(pack(fake_events(np.random.default_rng(s), 3, 8), 512, 64, 8), 'sdpa') for s in (1, 2)]
+    calls = []
+
+    def measured(fn, repeat):  # per model: 0.25 s and 40 MB, then 0.5 s and 10 MB
+        calls.append(1)
+        return (0.25, 40 * 2**20, None) if len(calls) % 2 else (0.5, 10 * 2**20, None)
+    monkeypatch.setattr(bench, 'measured', measured)
+    monkeypatch.setattr(bench, 'train_step', lambda model, b: None)
+    st, _ = bench.bench_step(batches)
+    assert st['events'] == 6 and all(st[m] == {'s': 0.75, 'events_per_s': 8.0, 'peak_mb': 40.0} for m in ('hier', 'flat', 'padded_t1'))
+    monkeypatch.setattr(bench, 'timed', lambda fn, repeat=1: (2.0, fn()))
+    monkeypatch.setattr(bench.classical, 'reconstruct', lambda method, ev, geometry: None)
+    inf = bench.bench_inference(tiny_data[1], batches, np.arange(10), torch.nn.Identity())
+    assert inf['events'] == 6 and inf['model_events_per_s'] == 3.0 and inf['linefit_events_per_s'] == 5.0
+    for method in ('linefit_improved', 'mpe'):
+        assert inf[method] == {'events': 4, 'events_per_s': 2.0}, inf
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='Linux only')
+def test_peak_memory_sees_what_the_call_freed_again():
+    """peak_memory's bytes are the call's peak (VmHWM), also of what it frees before it returns, as a step frees its
+    activations: the resident set after the call would read close to nothing."""
+    import numpy as np
+    import bench
+
+    def call():
+        a = np.ones(64 * 2**20, np.uint8)  # 64 MB, touched, freed before the call returns
+        return int(a[-1])
+    peak, result = bench.peak_memory(call)
+    assert result == 1 and peak >= 48 * 2**20, peak
