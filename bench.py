@@ -679,11 +679,12 @@ def bench_step(batches):
            'padded_t1_max_abs_diff': diff}
     for name, m in models.items():
         train_step(m, batches[0])  # warm-up
-        t_sum, peak = 0.0, 0
+        t_sum, peaks = 0.0, []
         for b in batches:
             t, p, _ = measured(lambda: train_step(m, b), step_repeat)
-            t_sum, peak = t_sum + t, max(peak, p)
-        out[name] = {'s': t_sum, 'events_per_s': n_events / t_sum, 'peak_mb': peak / 2**20}
+            t_sum, peaks = t_sum + t, peaks + [p]
+        # np.max keeps peak_memory's NaN where no /proc measures it (max(0, nan) was 0 MB)
+        out[name] = {'s': t_sum, 'events_per_s': n_events / t_sum, 'peak_mb': float(np.max(peaks)) / 2**20}
     return out, hier
 
 
@@ -709,7 +710,7 @@ def bench_scaling(hier, geometry):
     flat = FlatModel(t2_dim, t1_layers + t2_layers, t2_heads, mlp_ratio).to(device)
     rng = np.random.default_rng(seed + 2)
     rows, flat_done = [], []  # (pulses, seconds, peak bytes) of the flat sizes that ran
-    for n in [int(s) for s in str(scaling_sizes).split(',') if s.strip()]:
+    for n in sorted({int(s) for s in str(scaling_sizes).split(',') if s.strip()}):  # the estimates read the largest last
         e, sizes = scaling_event(n, rng, geometry)
         columns, e['direct'] = prepare.linefit_seeds(e, geometry)  # prepare.py's work, stored with an event
         labels = {'azimuth': [1.0], 'zenith': [1.0], 'fit_azimuth': [1.0], 'fit_zenith': [1.0], 'fit_rlogl': [1.0], **columns}
@@ -809,6 +810,9 @@ def main():
     if compare_commit and 'efficiency' not in todo:
         raise SystemExit(f"bench: error: compare_commit={compare_commit!r} compares in the efficiency row, which "
                          f"rows={rows!r} leaves out")
+    if compare_commit and compile:  # the older commit's step runs eager, and its ratio would mean compiled vs eager
+        raise SystemExit(f"bench: error: compare_commit={compare_commit!r} times that commit's step eager: with "
+                         f"compile=True its ratio would compare a compiled step with an eager one; run it with compile=False")
     if compare_commit:
         check_compare_commit(compare_commit)
     try:  # named now in one line: out was a traceback after all the rows' minutes, work_dir one at once

@@ -109,6 +109,10 @@ def test_bench_rows_setting(tmp_path):
     p = subprocess.run(args + ['--rows=step', '--compare_commit=HEAD'], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 1 and "compares in the efficiency row, which rows='step' leaves out" in p.stderr
+    # nor compiled: the older commit's step runs eager, so the ratio would be compiled against eager
+    p = subprocess.run(args + ['--rows=efficiency', '--compare_commit=HEAD', '--compile=True'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "its ratio would compare a compiled step with an eager one" in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.skipif(subprocess.run(['git', 'cat-file', '-e', '482f1ab'], cwd=ROOT, capture_output=True).returncode,
@@ -471,7 +475,7 @@ def test_scaling_estimates_the_flat_model_from_its_largest_size(tiny_data, monke
     import model as M
     torch.manual_seed(0)
     hier = M.IceModel(t1_dim=16, t1_heads=2, t1_layers=1, t2_dim=32, t2_heads=2, t2_layers=1)
-    monkeypatch.setattr(bench, 'scaling_sizes', '100,1000')
+    monkeypatch.setattr(bench, 'scaling_sizes', '1000,100')  # out of order: the estimates read the largest last
     for name, v in (('t1_layers', 1), ('t2_layers', 1), ('t2_dim', 32), ('t2_heads', 2)):
         monkeypatch.setattr(bench, name, v)
     geometry = tiny_data[1].geometry
@@ -620,6 +624,10 @@ def test_step_and_inference_rows_divide_their_events_by_their_times(tiny_data, m
     monkeypatch.setattr(bench, 'train_step', lambda model, b: None)
     st, _ = bench.bench_step(batches)
     assert st['events'] == 6 and all(st[m] == {'s': 0.75, 'events_per_s': 8.0, 'peak_mb': 40.0} for m in ('hier', 'flat', 'padded_t1'))
+    # where no /proc measures memory (peak_memory's NaN: not Linux) the row says so, not 0 MB
+    monkeypatch.setattr(bench, 'measured', lambda fn, repeat: (0.25, float('nan'), None))
+    st, _ = bench.bench_step(batches)
+    assert all(math.isnan(st[m]['peak_mb']) for m in ('hier', 'flat', 'padded_t1')), st
     monkeypatch.setattr(bench, 'timed', lambda fn, repeat=1: (2.0, fn()))
     monkeypatch.setattr(bench.classical, 'reconstruct', lambda method, ev, geometry: None)
     inf = bench.bench_inference(tiny_data[1], batches, np.arange(10), torch.nn.Identity())
