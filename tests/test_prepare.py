@@ -1352,18 +1352,15 @@ def test_a_changed_fit_ice_rebuilds_the_shards(tmp_path, clean_raw):
 
 def _raw_statistics(prepared):
     """The train split's statistics (batch files 1 and 2) computed from the raw pulses."""
-    cols = [pq.read_table(f"{prepared}/raw/train/batch_{b}.parquet").to_pydict() for b in (1, 2)]
-    cols = {k: np.concatenate([np.asarray(c[k]) for c in cols]) for k in cols[0]}
-    event, sensor = cols['event_id'], cols['sensor_id']
-    doms, dom_size = np.unique(np.c_[event, sensor], axis=0, return_counts=True)
-    _, per_event = np.unique(event, return_counts=True)
-    span = max(np.ptp(cols['time'][event == e]) for e in np.unique(event))
-    log_q = np.log10(np.maximum(cols['charge'], float(np.float16(1e-3))))
-    return {'n_pulses': len(event), 'n_doms': len(doms), 'n_events': len(per_event)}, {
-        'aux_fraction': cols['auxiliary'].mean(), 'single_pulse_dom_fraction': (dom_size == 1).mean(),
-        'mean_pulses_per_event': len(event) / len(per_event), 'max_pulses_per_event': per_event.max(),
-        'max_doms_per_event': np.unique(doms[:, 0], return_counts=True)[1].max(), 'max_pulses_per_dom': dom_size.max(),
-        'max_time_span': span, 'log10_charge_mean': log_q.mean(), 'log10_charge_std': log_q.std()}
+    events = list(read_raw_events(f"{prepared}/raw", 'train', (1, 2)).values())  # (sensor, time, charge, aux) each
+    dom_sizes = [np.unique(e['f0'], return_counts=True)[1] for e in events]
+    dom_size, charge = np.concatenate(dom_sizes), np.concatenate([e['f2'] for e in events])
+    log_q = np.log10(np.maximum(charge, float(np.float16(1e-3))))
+    return {'n_pulses': len(charge), 'n_doms': len(dom_size), 'n_events': len(events)}, {
+        'aux_fraction': np.concatenate([e['f3'] for e in events]).mean(), 'single_pulse_dom_fraction': (dom_size == 1).mean(),
+        'mean_pulses_per_event': len(charge) / len(events), 'max_pulses_per_event': max(map(len, events)),
+        'max_doms_per_event': max(map(len, dom_sizes)), 'max_pulses_per_dom': dom_size.max(),
+        'max_time_span': max(np.ptp(e['f1']) for e in events), 'log10_charge_mean': log_q.mean(), 'log10_charge_std': log_q.std()}
 
 
 def test_manifest_statistics_describe_the_split_s_pulses(prepared):

@@ -543,25 +543,35 @@ def _same_state(a, b):
     assert a['iter_num'] == b['iter_num']
 
 
-def signalled_train(tmp_path, rank, at, times=1):
-    """A wrapper script that runs train.py and sends its own process SIGTERM (times times) while the given torchrun
-    rank (0 alone without torchrun) takes its at-th batch: a preemption at a known point, whatever the machine's
-    speed."""
-    wrapper = tmp_path / 'signalled_train.py'
+def wrapped_train(tmp_path, name, served):
+    """A wrapper script tmp_path/name that runs train.py (alone or as each torchrun rank) with the loader's __next__
+    replaced by served, the source of a function served(self) that may call nxt(self), the loader's own: something
+    done at a known batch, whatever the machine's speed."""
+    wrapper = tmp_path / name
     wrapper.write_text(
         "import os, runpy, signal, sys, time\n"
         f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
         "import prepare\n"
-        "nxt, taken = prepare.BatchLoader.__next__, [0]\n"
-        "def signalled(self):\n"
-        "    taken[0] += 1\n"
-        f"    if os.environ.get('RANK', '0') == '{rank}' and taken[0] == {at}:\n"
-        f"        for _ in range({times}): os.kill(os.getpid(), signal.SIGTERM); time.sleep(1.5)  # handled one by one\n"
-        "    return nxt(self)\n"
-        "prepare.BatchLoader.__next__ = signalled\n"
+        "nxt = prepare.BatchLoader.__next__\n"
+        + served +
+        "prepare.BatchLoader.__next__ = served\n"
         "sys.argv = ['train.py'] + sys.argv[1:]\n"
         "runpy.run_path('train.py', run_name='__main__')\n")
     return str(wrapper)
+
+
+def signalled_train(tmp_path, rank, at, times=1):
+    """A wrapper script that runs train.py and sends its own process SIGTERM (times times) while the given torchrun
+    rank (0 alone without torchrun) takes its at-th batch: a preemption at a known point, whatever the machine's
+    speed."""
+    return wrapped_train(tmp_path, 'signalled_train.py',
+                         "taken = [0]\n"
+                         "def served(self):\n"
+                         "    taken[0] += 1\n"
+                         f"    if os.environ.get('RANK', '0') == '{rank}' and taken[0] == {at}:\n"
+                         f"        for _ in range({times}):  # handled one by one\n"
+                         "            os.kill(os.getpid(), signal.SIGTERM); time.sleep(1.5)\n"
+                         "    return nxt(self)\n")
 
 
 @pytest.fixture(scope='module')
@@ -1220,21 +1230,14 @@ def test_ddp_ranks_count_the_training_time_once(data_dir, tmp_path):
     """Under torchrun the agreed clock is the ranks' mean training time, not their sum: each rank's step takes 10 s on a
     clock made to run ahead, so a 150 s budget is about 15 iterations, where the sum of two ranks' seconds stopped the
     job at half its budget (an 8-GPU main job at an eighth)."""
-    wrapper = tmp_path / 'slow_steps.py'
-    wrapper.write_text(
-        "import os, runpy, sys, time\n"
-        f"sys.path.insert(0, {ROOT!r}); os.chdir({ROOT!r})\n"
-        "import prepare\n"
-        "ahead, real, nxt = [0.0], time.time, prepare.BatchLoader.__next__\n"
-        "def served(self):\n"
-        "    ahead[0] += 10 * self.shuffle  # a training batch: 10 s\n"
-        "    return nxt(self)\n"
-        "prepare.BatchLoader.__next__ = served\n"
-        "time.time = lambda: real() + ahead[0]\n"
-        "sys.argv = ['train.py'] + sys.argv[1:]\n"
-        "runpy.run_path('train.py', run_name='__main__')\n")
+    wrapper = wrapped_train(tmp_path, 'slow_steps.py',
+                            "ahead, real = [0.0], time.time\n"
+                            "time.time = lambda: real() + ahead[0]\n"
+                            "def served(self):\n"
+                            "    ahead[0] += 10 * self.shuffle  # a training batch: 10 s\n"
+                            "    return nxt(self)\n")
     out = tmp_path / 'out'
-    run([str(wrapper), f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000',
+    run([wrapper, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000',
          '--max_minutes=2.5', '--device=cpu'] + TINY + ['--eval_events=10'], torchrun=True)
     ck = torch.load(out / 'ckpt.pt', weights_only=False)
     assert 11 <= ck['iter_num'] <= 17 and 140 <= ck['train_seconds'] < 180, (ck['iter_num'], ck['train_seconds'])
