@@ -653,14 +653,14 @@ def load_checkpoint(path):
 def checkpoints_near(path, most=4):
     """' (found: ...)': the checkpoints in path's folder and, of path's name, in the folders beside it. A plain
     `python sample.py` after the quick start looks in out/, where the run wrote out-toy-cpu/."""
-    folder = os.path.dirname(path) or '.'
-    found = sorted(glob.glob(os.path.join(glob.escape(folder), '*.pt')))
-    beside = os.path.join(glob.escape(os.path.dirname(os.path.normpath(folder))), '*', glob.escape(os.path.basename(path)))
-    found += sorted(set(map(os.path.normpath, glob.glob(beside))) - set(map(os.path.normpath, found)))
+    folder = os.path.normpath(os.path.dirname(path) or '.')
+    found = sorted(map(os.path.normpath, glob.glob(os.path.join(glob.escape(folder), '*.pt'))))
+    beside = os.path.join(glob.escape(os.path.dirname(folder)), '*', glob.escape(os.path.basename(path)))
+    found += sorted(set(map(os.path.normpath, glob.glob(beside))) - set(found))
     if not found:
         return ''
     more = f" and {len(found) - most} more" if len(found) > most else ''
-    return f" (found: {', '.join(map(os.path.normpath, found[:most]))}{more})"
+    return f" (found: {', '.join(found[:most])}{more})"
 
 
 def batches(loader):
